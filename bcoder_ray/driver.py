@@ -1,0 +1,596 @@
+"""The iteration loop: seed the buffer, then per iteration rollout -> targets -> stage φ / stage θ -> publish ->
+evaluate -> record; `experiments/run.py` is a thin command line over `prepare_run` and `run`.
+
+    plan = prepare_run(config_path=None, overrides=["--run.iterations", "3"], run_dir=None, resume=None)
+    summary = run(plan)          # RunSummary: .table (markdown), .state (RunState), .run_dir
+    print(summary.table)
+
+One iteration (issue 6):
+1. (once per run) the train split's human programs are executed and appended (source "human"), with prompts.
+2. Rollout: the policy actors sample m programs per training problem (iteration 0 from θ_ckpt, later from the
+   latest θ), score them with `envs.scoring.score_programs`, and append them under keys `it<k>-t<j>`.
+3. Targets: rows lacking cached targets for the current fingerprint get them from a Ray Data `map_batches` job.
+4. Learn: stage φ (first iteration, or every `phi.retrain_every` iterations; then V_φ targets are refilled
+   under a new fingerprint) then stage θ, each a Ray Train `TorchTrainer` run with its own name.
+5. Publish: the actors are handed the new checkpoint path; they load it on their next task.
+6. Evaluate on the held-out split: pass@k unranked and ranked by R̃ (E's `metrics_from_candidates`).
+7. Record: state.json (atomic) says which iterations are complete and where their checkpoints are;
+   metrics.jsonl, TensorBoard scalars, table.md.
+
+Run folder:
+    config.yaml        the resolved config (a resume reads it back)
+    state.json         completed iterations, checkpoints, per-iteration records
+    buffer/            the replay buffer (unless buffer.uri points elsewhere)
+    train/             Ray Train runs: phi-iter0-<id>/, theta-iter<k>-<id>/ (checkpoints inside)
+    eval/<label>/      candidates.jsonl + metrics.json per evaluation (warm-start, iter0, ...)
+    tensorboard/       scalars
+    metrics.jsonl      one line per completed iteration
+    table.md           the final table
+
+Resume (`--resume RUN_DIR`): iterations listed complete in state.json are skipped; the interrupted iteration is
+redone from its start. Its rollout tasks have the same keys and seeds, so the buffer's idempotent `append`
+writes nothing for a task that already landed (no row lost or duplicated); target writes are keyed the same
+way; Ray Train runs get fresh names (an old partial run is never silently resumed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bcoder_ray.config import Config, ConfigError, config_from_dict, load_config, read_yaml, apply_overrides, \
+    validate
+
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+TABLE_FILE = "table.md"
+METRICS_FILE = "metrics.jsonl"
+# Sections a resume may change; the rest define the run and must stay as recorded.
+RESUME_MUTABLE = ("run.iterations", "run.progress", "run.tensorboard", "ray.", "executor.", "evaluation.every")
+
+
+# ------------------------------------------------------------------------------------------ run folder state
+
+
+@dataclass
+class RunState:
+    completed_iterations: int = 0
+    seeded: bool = False
+    theta_ckpt: str | None = None  # θ_ckpt path (given or warm-started)
+    phi: str | None = None  # latest φ checkpoint
+    phi_iteration: int | None = None
+    theta: str | None = None  # latest θ checkpoint (the published policy)
+    programs_executed: int = 0  # cumulative, generated programs run in the sandbox
+    human_rows: int = 0
+    baseline: dict | None = None  # evaluation of θ_ckpt (warm start) before the first iteration
+    iterations: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunState":
+        path = run_dir / STATE_FILE
+        if not path.exists():
+            return cls()
+        data = json.loads(path.read_text())
+        return cls(**data)
+
+    def save(self, run_dir: Path) -> None:
+        tmp = run_dir / f".{STATE_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2, default=str) + "\n")
+        os.replace(tmp, run_dir / STATE_FILE)
+
+
+@dataclass
+class RunPlan:
+    cfg: Config
+    run_dir: Path
+    resumed: bool = False
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    state: RunState
+    table: str
+
+
+def _default_run_dir(cfg: Config) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.run.name}-{stamp}-{uuid.uuid4().hex[:4]}"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v) and not key.endswith("options"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def prepare_run(config_path: str | None = None, overrides: list[str] | None = None, run_dir: str | None = None,
+                resume: str | None = None) -> RunPlan:
+    """Load and validate the config and choose the run folder; no work is started (errors: ConfigError)."""
+    overrides = list(overrides or [])
+    if resume is not None:
+        folder = Path(resume)
+        if not (folder / CONFIG_FILE).is_file():
+            raise ConfigError(f"--resume {resume}: not a run folder (no {CONFIG_FILE})")
+        if config_path is not None:
+            raise ConfigError("--resume uses the run's own config.yaml; give only overrides, not --config")
+        if run_dir is not None and Path(run_dir).resolve() != folder.resolve():
+            raise ConfigError("--resume and --run-dir name different folders")
+        recorded = config_from_dict(read_yaml(folder / CONFIG_FILE), where=str(folder / CONFIG_FILE))
+        cfg = apply_overrides(recorded, overrides)
+        validate(cfg)
+        before, after = _flatten(recorded.to_dict()), _flatten(cfg.to_dict())
+        changed = [k for k in after if before.get(k) != after[k] and not k.startswith(RESUME_MUTABLE)]
+        if changed:
+            raise ConfigError(f"--resume cannot change {changed}: they define the run (may change: "
+                              f"{list(RESUME_MUTABLE)})")
+        return RunPlan(cfg, folder, resumed=True)
+    cfg = load_config(config_path, overrides)
+    folder = Path(run_dir or cfg.run.run_dir or _default_run_dir(cfg))
+    if (folder / STATE_FILE).exists():
+        raise ConfigError(f"run folder {folder} already holds a run; continue it with --resume {folder}")
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_dir=str(folder)))
+    return RunPlan(cfg, folder, resumed=False)
+
+
+# ------------------------------------------------------------------------------------------ Ray
+
+
+@contextlib.contextmanager
+def ray_session(cfg: Config):
+    """Join RAY_ADDRESS / ray.address when given (ray job submit), else start a local instance with a capped
+    object store; shut down only what this function started."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
+                 object_store_memory=cfg.ray.object_store_mb * 1024 ** 2,
+                 include_dashboard=cfg.ray.include_dashboard)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def _threads(cpus: float) -> int:
+    return max(1, math.ceil(cpus))
+
+
+class Run:
+    """One run of the loop (state in the run folder; this object only holds handles for its lifetime)."""
+
+    def __init__(self, plan: RunPlan):
+        self.cfg = plan.cfg
+        self.run_dir = plan.run_dir
+        self.state = RunState.load(self.run_dir)
+        self.writer = None
+        self.pool = None
+        self.log_lines: list[str] = []
+
+    # -- small helpers
+    def log(self, msg: str) -> None:
+        line = f"[bcoder {time.strftime('%H:%M:%S')}] {msg}"
+        print(line, file=sys.stderr, flush=True)
+
+    def scalar(self, tag: str, value: float | None, step: int) -> None:
+        if self.writer is not None and value is not None and not (isinstance(value, float) and math.isnan(value)):
+            self.writer.add_scalar(tag, value, step)
+
+    def bar(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, disable=not self.cfg.run.progress, file=sys.stderr, leave=False)
+
+    # -- setup
+    def load_problems(self):
+        import envs  # noqa: F401  (registers the suites)
+        from envs.registry import load_suite
+
+        s = self.cfg.suite
+        train = load_suite(s.name, s.train_split, **s.options)
+        held_out = load_suite(s.name, s.eval_split, **s.options)
+        if s.max_train_problems is not None:
+            train = train[: s.max_train_problems]
+        if s.max_eval_problems is not None:
+            held_out = held_out[: s.max_eval_problems]
+        if not train:
+            raise ConfigError(f"suite {s.name!r} split {s.train_split!r} has no problems")
+        return train, held_out
+
+    def resolve_checkpoint(self, train_problems) -> str:
+        m = self.cfg.model
+        if m.checkpoint is not None:
+            return m.checkpoint
+        if self.state.theta_ckpt and os.path.isdir(self.state.theta_ckpt):
+            return self.state.theta_ckpt
+        from bcoder_ray.warm_start import WarmStartConfig, warm_start
+
+        options = dict(m.warm_start.options)
+        for key, value in (("max_prompt_len", m.source_len), ("max_program_len", m.target_len)):
+            if options.setdefault(key, value) != value:
+                raise ConfigError(f"model.warm_start.options.{key} = {options[key]} differs from the run's "
+                                  f"length {value}; leave it out")
+        options.setdefault("seed", self.cfg.run.seed)
+        try:
+            ws_cfg = WarmStartConfig(**options)
+        except TypeError as e:
+            raise ConfigError(f"model.warm_start.options: {e}") from None
+        cache = m.warm_start.cache_dir or os.environ.get("BCODER_CACHE") or \
+            os.path.join(os.path.expanduser("~"), ".cache", "bcoder-ray", "warm_start")
+        self.log(f"warm start: {len(train_problems)} problems, cache {cache}")
+        started = time.time()
+        path = str(warm_start(train_problems, ws_cfg, cache, progress=self.cfg.run.progress))
+        self.log(f"warm start ready in {time.time() - started:.0f}s: {path}")
+        return path
+
+    def buffer_uri(self) -> str:
+        return self.cfg.buffer.uri or str((self.run_dir / "buffer").resolve())
+
+    def seed_buffer(self, buffer, tokenizer, tokenizer_hash: str, train_problems) -> None:
+        """Prompts of every problem (train and held-out), and the train split's human programs (executed)."""
+        from bcoder_ray.replay_buffer import make_row, prompt_rows
+        from bcoder_ray.tokenization import encode_program
+        from envs.execute import Executor
+        from envs.scoring import score_programs
+
+        m = self.cfg.model
+        buffer.put_prompts(prompt_rows(train_problems, tokenizer, max_len=m.source_len))
+        pairs = [(p, ref) for p in train_problems for ref in p.references]
+        if not pairs:
+            raise ConfigError(f"suite {self.cfg.suite.name!r}: the train problems have no human programs")
+        with Executor(workers=self.cfg.executor.workers, **self.cfg.executor.options) as ex:
+            results = score_programs(ex, [p for p, _ in pairs], [r for _, r in pairs])
+        rows = [make_row(p, ref, encode_program(tokenizer, ref, m.target_len), res, source="human",
+                         tokenizer_hash=tokenizer_hash, iteration=0, policy_version=0, actor="seed",
+                         sampling="{}")
+                for (p, ref), res in zip(pairs, results)]
+        buffer.append(rows, batch_key="human-seed")
+        passed = sum(r.passed for r in results)
+        self.state.human_rows = len(rows)
+        self.log(f"buffer seeded: {len(rows)} human programs ({passed} pass their tests)")
+
+    # -- pieces of an iteration
+    def policy(self, version: int, theta_dir: str | None, label: str):
+        from bcoder_ray.rollout import PolicySpec
+
+        a = self.cfg.algorithm
+        return PolicySpec(checkpoint=self.state.theta_ckpt, version=version, theta_dir=theta_dir,
+                          phi_dir=self.state.phi, alpha=a.alpha, r_max=a.r_max, init_from_lm=a.init_from_lm,
+                          label=label)
+
+    def sampling(self, section) -> Any:
+        from bcoder_ray.rollout import SamplingSpec
+
+        return SamplingSpec(n=section.samples_per_problem, temperature=section.temperature, top_p=section.top_p,
+                            max_new_tokens=section.max_new_tokens or self.cfg.model.target_len,
+                            prompts_per_call=section.prompts_per_call)
+
+    def rollout(self, iteration: int, policy, n_train: int) -> dict:
+        from bcoder_ray.rollout import make_tasks
+
+        r = self.cfg.rollout
+        sampling = self.sampling(r)
+        tasks = make_tasks(f"it{iteration}", n_train, r.problems_per_task, iteration, self.cfg.run.seed)
+        started = time.time()
+        bar = self.bar(n_train * sampling.n, f"rollout it{iteration} (sample+execute)")
+        summaries = self.pool.map("rollout", tasks, policy, sampling, "train",
+                                  on_result=lambda task, s: bar.update(s["programs"]))
+        bar.close()
+        wall = time.time() - started
+        out = {"programs": sum(s["programs"] for s in summaries), "written": sum(s["written"] for s in summaries),
+               "passed": sum(s["passed"] for s in summaries), "executed": sum(s["executed"] for s in summaries),
+               "reward_mean": sum(s["reward_sum"] for s in summaries) / max(1, sum(s["programs"] for s in summaries)),
+               "sample_s": sum(s["sample_s"] for s in summaries), "exec_s": sum(s["exec_s"] for s in summaries),
+               "wall_s": wall}
+        out["pass_rate"] = out["passed"] / max(1, out["programs"])
+        out["programs_per_s"] = out["programs"] / max(wall, 1e-9)
+        return out
+
+    def targets_fingerprint(self, tokenizer, with_phi: bool) -> str:
+        from bcoder_ray.targets import targets_fingerprint
+
+        m, a = self.cfg.model, self.cfg.algorithm
+        return targets_fingerprint(self.state.theta_ckpt, tokenizer, max_prompt_len=m.source_len,
+                                   max_program_len=m.target_len, alpha=a.alpha,
+                                   phi_checkpoint=self.state.phi if with_phi else None, dtype=m.dtype)
+
+    def fill_targets(self, buffer, fingerprint: str, with_phi: bool) -> int:
+        from bcoder_ray.learner import TargetSpec, fill_targets
+
+        b, a = self.cfg.buffer, self.cfg.algorithm
+        spec = TargetSpec(checkpoint=self.state.theta_ckpt, tokenizer_path=self.state.theta_ckpt,
+                          phi_dir=self.state.phi if with_phi else None, alpha=a.alpha, r_max=a.r_max,
+                          batch_size=b.targets_batch_size, threads=_threads(b.targets_cpus))
+        started = time.time()
+        n = fill_targets(buffer, fingerprint, spec, num_cpus=b.targets_cpus, num_gpus=b.targets_gpus)
+        self.log(f"targets: {n} rows filled ({'with' if with_phi else 'without'} V_φ) in "
+                 f"{time.time() - started:.0f}s")
+        return n
+
+    def train(self, stage: str, iteration: int, buffer, fingerprint: str, start_dir: str | None):
+        from bcoder_ray.learner import ScalingSpec, StageJob, train_stage
+
+        st = self.cfg.phi if stage == "phi" else self.cfg.theta
+        a = self.cfg.algorithm
+        job = StageJob(stage=stage, checkpoint=self.state.theta_ckpt, tokenizer_path=self.state.theta_ckpt,
+                       theta_dir=start_dir if stage == "theta" else None,
+                       phi_dir=start_dir if stage == "phi" else None,
+                       alpha=a.alpha, r_max=a.r_max, gamma=a.gamma, beta_adv=a.beta_adv, beta_ce=a.beta_ce,
+                       operator=a.operator, aux_reduction=a.aux_reduction, init_from_lm=a.init_from_lm,
+                       steps=st.steps, lr=st.lr, schedule=st.schedule, warmup_steps=st.warmup_steps,
+                       weight_decay=st.weight_decay, adam_betas=tuple(st.adam_betas),
+                       batch_size_per_worker=st.batch_size_per_worker, grad_accum=st.grad_accum,
+                       mixed_precision=st.mixed_precision, grad_clip=st.grad_clip, report_every=st.report_every,
+                       threads_per_worker=_threads(st.cpus_per_worker), seed=self.cfg.run.seed + iteration,
+                       progress=self.cfg.run.progress)
+        dataset = buffer.ray_dataset(st.batch_size_per_worker, job.batches_needed(st.num_workers),
+                                     rho_real=a.rho_real, seed=self.cfg.run.seed * 1000 + iteration,
+                                     targets_fingerprint=fingerprint)
+        scaling = ScalingSpec(num_workers=st.num_workers, use_gpu=st.use_gpu, cpus_per_worker=st.cpus_per_worker,
+                              gpus_per_worker=st.gpus_per_worker)
+        name = f"{stage}-iter{iteration}-{uuid.uuid4().hex[:6]}"
+        self.log(f"stage {stage}: {st.steps} steps × {st.batch_size_per_worker}×{st.num_workers}×{st.grad_accum} "
+                 f"programs ({name})")
+        result = train_stage(job, dataset, scaling, storage_path=str((self.run_dir / "train").resolve()),
+                             name=name)
+        base = iteration * st.steps
+        for entry in result.history:
+            for k, v in entry.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.scalar(f"{stage}/{k}", float(v), base + int(entry["step"]))
+        last = result.history[-1] if result.history else {}
+        self.log(f"stage {stage} done in {result.wall_s:.0f}s: " +
+                 ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
+        return result
+
+    def evaluate(self, policy, held_out, label: str, rank: bool) -> dict:
+        from bcoder_ray.metrics import metrics_from_candidates, write_candidates
+        from bcoder_ray.report import write_json
+        from bcoder_ray.rollout import make_tasks
+
+        ev = self.cfg.evaluation
+        sampling = self.sampling(ev)
+        tasks = make_tasks(f"eval-{label}", len(held_out), self.cfg.rollout.problems_per_task, -1,
+                           self.cfg.run.seed + 7)
+        started = time.time()
+        bar = self.bar(len(held_out) * sampling.n, f"evaluate {label}")
+        parts = self.pool.map("candidates", tasks, policy, sampling, self.cfg.suite.eval_split, rank,
+                              self.cfg.algorithm.gamma, ev.filtered,
+                              on_result=lambda task, recs: bar.update(len(recs)))
+        bar.close()
+        records = [r for part in parts for r in part]
+        folder = self.run_dir / "eval" / label
+        folder.mkdir(parents=True, exist_ok=True)
+        write_candidates(folder / "candidates.jsonl", records)
+        metrics = metrics_from_candidates(folder / "candidates.jsonl", ks=ev.ks, ci_level=ev.confidence,
+                                          seed=self.cfg.run.seed)
+        write_json(folder / "metrics.json", metrics)
+        o = metrics["overall"]
+        self.log(f"evaluation {label} ({time.time() - started:.0f}s): {o['n_problems']} problems × "
+                 f"{sampling.n} samples: pass@1 {_pct(_get(o, 'pass', 1))}"
+                 + (f", ranked pass@1 {_pct(_get(o, 'ranked_pass', 1))}" if rank else ""))
+        return {"label": label, "dir": str(folder), "overall": o, "by_difficulty": metrics.get("by_difficulty", {}),
+                "wall_s": time.time() - started}
+
+    def buffer_rows(self, buffer) -> int | None:
+        try:
+            stats = buffer.stats()
+        except Exception:  # noqa: BLE001 - stats are informational
+            return None
+        for name in ("rows", "sample_rows", "n_rows", "train_rows"):
+            if hasattr(stats, name):
+                return int(getattr(stats, name))
+        return None
+
+    # -- the loop
+    def iteration(self, it: int, buffer, tokenizer, train, held_out) -> dict:
+        cfg, st = self.cfg, self.state
+        record: dict[str, Any] = {"iteration": it, "started": time.time()}
+        from_ckpt = st.theta is None or (it == 0 and cfg.rollout.sample_iteration_zero_from == "ckpt")
+        policy = self.policy(0 if from_ckpt else it, None if from_ckpt else st.theta,
+                             "warm-start" if from_ckpt else f"theta-iter{it - 1}")
+        roll = self.rollout(it, policy, len(train))
+        st.programs_executed += roll["executed"]
+        record["rollout"] = roll
+        self.log(f"rollout it{it}: {roll['programs']} programs ({roll['written']} new rows), pass rate "
+                 f"{roll['pass_rate']:.3f}, {roll['programs_per_s']:.1f} programs/s")
+
+        # stage φ: once (first iteration), or every phi.retrain_every iterations; not used without LM init
+        a = cfg.algorithm
+        if a.init_from_lm and (st.phi is None or (cfg.phi.retrain_every and it % cfg.phi.retrain_every == 0
+                                                  and st.phi_iteration != it)):
+            fp = self.targets_fingerprint(tokenizer, with_phi=False)
+            record["targets_phi"] = self.fill_targets(buffer, fp, with_phi=False)
+            phi = self.train("phi", it, buffer, fp, start_dir=None)
+            st.phi, st.phi_iteration = phi.checkpoint_dir, it
+            record["phi"] = {"checkpoint": phi.checkpoint_dir, "wall_s": phi.wall_s,
+                             **{k: v for k, v in phi.metrics.items() if isinstance(v, (int, float))}}
+
+        # stage θ, continuing from the previous θ
+        fp = self.targets_fingerprint(tokenizer, with_phi=a.init_from_lm)
+        record["targets_theta"] = self.fill_targets(buffer, fp, with_phi=a.init_from_lm)
+        start = st.theta if cfg.theta.continue_across_iterations else None
+        theta = self.train("theta", it, buffer, fp, start_dir=start)
+        record["theta"] = {"checkpoint": theta.checkpoint_dir, "wall_s": theta.wall_s,
+                           **{k: v for k, v in theta.metrics.items() if isinstance(v, (int, float))}}
+        new_theta = theta.checkpoint_dir  # published: the actors load it by path on their next task
+
+        # evaluation of the new θ on held-out problems
+        last = it == cfg.run.iterations - 1
+        if held_out and (last or (it + 1) % cfg.evaluation.every == 0):
+            pol = dataclasses.replace(self.policy(it + 1, new_theta, f"theta-iter{it}"))
+            record["eval"] = self.evaluate(pol, held_out, f"iter{it}", rank=cfg.evaluation.rank)
+
+        st.theta = new_theta
+        record["buffer_rows"] = self.buffer_rows(buffer)
+        record["programs_executed_total"] = st.programs_executed
+        record["wall_s"] = time.time() - record.pop("started")
+        self.record_scalars(it, record)
+        return record
+
+    def record_scalars(self, it: int, record: dict) -> None:
+        roll = record["rollout"]
+        self.scalar("buffer/rows", record.get("buffer_rows"), it)
+        self.scalar("rollout/pass_rate", roll["pass_rate"], it)
+        self.scalar("rollout/reward_mean", roll["reward_mean"], it)
+        self.scalar("rollout/programs_per_s", roll["programs_per_s"], it)
+        self.scalar("rollout/programs_executed_total", record["programs_executed_total"], it)
+        if "eval" in record:
+            o = record["eval"]["overall"]
+            for k in self.cfg.evaluation.ks:
+                self.scalar(f"eval/pass@{k}", _get(o, "pass", k), it)
+                self.scalar(f"eval/ranked_pass@{k}", _get(o, "ranked_pass", k), it)
+        self.scalar("time/iteration_s", record["wall_s"], it)
+
+    def execute(self) -> RunSummary:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
+        from transformers import AutoTokenizer
+
+        from bcoder_ray.replay_buffer import ReplayBuffer
+        from bcoder_ray.rollout import ActorPool, ActorSettings, PolicyWorker, WorkerArgs
+        from bcoder_ray.tokenization import tokenizer_fingerprint
+
+        train, held_out = self.load_problems()
+        self.state.theta_ckpt = self.resolve_checkpoint(train)
+        self.state.save(self.run_dir)
+        tokenizer_path = cfg.model.tokenizer or self.state.theta_ckpt
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        buffer = ReplayBuffer(self.buffer_uri())
+        if not self.state.seeded:
+            self.seed_buffer(buffer, tokenizer, tokenizer_fingerprint(tokenizer), train)
+            self.state.seeded = True
+            self.state.save(self.run_dir)
+        if cfg.run.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        with ray_session(cfg):
+            r = cfg.rollout
+            args = WorkerArgs(problems={"train": train, cfg.suite.eval_split: held_out},
+                              tokenizer_path=tokenizer_path, source_len=cfg.model.source_len,
+                              target_len=cfg.model.target_len, buffer_uri=self.buffer_uri(),
+                              executor_workers=cfg.executor.workers, executor_options=cfg.executor.options,
+                              num_threads=_threads(r.cpus_per_actor), dtype=cfg.model.dtype)
+            self.pool = ActorPool(PolicyWorker, ActorSettings(num_actors=r.num_actors, num_cpus=r.cpus_per_actor,
+                                                              num_gpus=r.gpus_per_actor,
+                                                              max_restarts=r.max_restarts,
+                                                              max_task_retries=r.max_restarts),
+                                  args, executor_actors=cfg.executor.num_actors,
+                                  executor_cpus=cfg.executor.cpus_per_actor)
+            try:
+                if cfg.evaluation.warm_start_baseline and self.state.baseline is None and held_out:
+                    self.state.baseline = self.evaluate(self.policy(0, None, "warm-start"), held_out,
+                                                        "warm-start", rank=False)
+                    self.state.save(self.run_dir)
+                for it in range(self.state.completed_iterations, cfg.run.iterations):
+                    self.log(f"iteration {it + 1}/{cfg.run.iterations}")
+                    record = self.iteration(it, buffer, tokenizer, train, held_out)
+                    self.state.iterations.append(record)
+                    self.state.completed_iterations = it + 1
+                    self.state.save(self.run_dir)
+                    with open(self.run_dir / METRICS_FILE, "a") as f:
+                        f.write(json.dumps(record, default=str) + "\n")
+            finally:
+                self.pool.shutdown()
+                if self.writer is not None:
+                    self.writer.close()
+        table = final_table(self.state, cfg)
+        (self.run_dir / TABLE_FILE).write_text(table)
+        return RunSummary(self.run_dir, self.state, table)
+
+
+def run(plan: RunPlan) -> RunSummary:
+    """Run (or resume) the loop described by `plan`; returns the final table and state."""
+    return Run(plan).execute()
+
+
+# ------------------------------------------------------------------------------------------ the final table
+
+
+def _get(group: dict, variant: str, k: int) -> float | None:
+    return (group.get(f"{variant}@k") or {}).get(str(k))
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def paired_difference(dir_a: str, variant_a: str, dir_b: str, variant_b: str, k: int, level: float,
+                      seed: int = 0) -> dict:
+    """Mean over the problems both evaluations share of (a's variant@k - b's variant@k), with a percentile
+    bootstrap interval over problems (E's per-problem values and bootstrap)."""
+    from bcoder_ray.metrics import bootstrap_ci, group_by_problem, problem_variant_value, read_candidates
+
+    a = group_by_problem(read_candidates(Path(dir_a) / "candidates.jsonl"))
+    b = group_by_problem(read_candidates(Path(dir_b) / "candidates.jsonl"))
+    diffs = []
+    for key in sorted(set(a) & set(b)):
+        va, vb = problem_variant_value(a[key], variant_a, k), problem_variant_value(b[key], variant_b, k)
+        if va is not None and vb is not None:
+            diffs.append(va - vb)
+    if not diffs:
+        return {"n_problems": 0, "mean": None, "low": None, "high": None}
+    ci = bootstrap_ci(diffs, level=level, seed=seed)
+    low, high = (ci.get("low"), ci.get("high")) if isinstance(ci, dict) else (ci[0], ci[1])
+    return {"n_problems": len(diffs), "mean": sum(diffs) / len(diffs), "low": low, "high": high}
+
+
+def final_table(state: RunState, cfg: Config) -> str:
+    """The markdown table per iteration, and the two comparisons of the last iteration against the warm start."""
+    ev = cfg.evaluation
+    lines = [f"# {cfg.run.name}: {cfg.suite.name} ({cfg.suite.train_split} → held-out {cfg.suite.eval_split})", "",
+             "| iteration | buffer rows | programs executed (total) | rollout pass rate | held-out pass@1 "
+             "| held-out ranked pass@1 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    if state.baseline:
+        o = state.baseline["overall"]
+        lines.append(f"| warm start (θ_ckpt) | {state.human_rows} | 0 | – | {_pct(_get(o, 'pass', 1))} | – |")
+    for rec in state.iterations:
+        o = (rec.get("eval") or {}).get("overall") or {}
+        lines.append(f"| {rec['iteration']} | {rec.get('buffer_rows', '–')} | {rec['programs_executed_total']} | "
+                     f"{rec['rollout']['pass_rate']:.3f} | {_pct(_get(o, 'pass', 1))} | "
+                     f"{_pct(_get(o, 'ranked_pass', 1))} |")
+    last = next((r for r in reversed(state.iterations) if r.get("eval")), None)
+    if state.baseline and last is not None:
+        o_last, o_base = last["eval"]["overall"], state.baseline["overall"]
+        lines += ["", f"Held-out split: {o_last.get('n_problems')} problems × {ev.samples_per_problem} samples "
+                  f"(temperature {ev.temperature}, top-p {ev.top_p}); {int(ev.confidence * 100)}% percentile "
+                  f"bootstrap intervals over problems of the paired difference.", "",
+                  "| comparison (pass@1) | last iteration | warm start | difference | interval |",
+                  "| --- | ---: | ---: | ---: | --- |"]
+        for name, variant in (("ranked (last) vs unranked (warm start)", "ranked_pass"),
+                              ("unranked (last) vs unranked (warm start)", "pass")):
+            d = paired_difference(last["eval"]["dir"], variant, state.baseline["dir"], "pass", 1, ev.confidence,
+                                  seed=cfg.run.seed)
+            interval = "–" if d["low"] is None else f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] pts"
+            diff = "–" if d["mean"] is None else f"{100 * d['mean']:+.1f} pts"
+            lines.append(f"| {name} | {_pct(_get(o_last, variant, 1))} | {_pct(_get(o_base, 'pass', 1))} | "
+                         f"{diff} | {interval} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,555 @@
+"""The dueling Q over a pretrained LM, with the three parameter sets of Figure 2 (θ_ckpt, φ, θ).
+
+Public API
+----------
+- ``load_lm(name_or_path, *, dtype=None, device=None) -> PreTrainedModel``: a Hugging Face checkpoint (name or local
+  path), encoder-decoder (T5 / CodeT5 family) or decoder-only (GPT-2, Llama-style), frozen and in eval mode. It checks
+  that ``hidden -> logits`` as this module computes it matches the model's own forward (raises otherwise).
+- ``lm_kind(lm_or_config) -> "encoder-decoder" | "decoder-only"``.
+- ``softabs(x)``, ``capped_value(raw, r_max)``: G.1, V = R_max - softabs(v) with softabs(x) = ln cosh(x/2) ≥ 0.
+- ``QModel.create(checkpoint, *, parts, phi_dir=None, theta_dir=None, alpha=None, r_max=None, init_from_lm=True,
+  dtype=None, device=None, seed=0) -> QModel``. ``parts`` ⊆ {"ckpt", "phi", "theta"}: which networks to hold.
+  "phi"/"theta" come from ``phi_dir``/``theta_dir`` when given (saved by ``save_phi``/``save_theta``), else are
+  freshly initialised from ``checkpoint``: φ = decoder copy + new V head; θ = LM copy + h1 = h2 (so V^r_θ = 0 and
+  Q_θ = Q_φ exactly). ``init_from_lm=False`` (plain dueling DQN ablation): θ's LM head is re-initialised at random
+  (N(0, σ²), σ = std of the checkpoint's output embedding) and θ does not use φ (v_φ := 0).
+  ``alpha``/``r_max`` default to the saved values (θ/φ dirs) or 1.0.
+- ``QModel`` attributes: ``kind``, ``alpha``, ``r_max``, ``encoder`` (``SharedEncoder`` | None; encoder-decoder only),
+  ``ckpt`` (``PolicyLM`` | None), ``phi`` (``ValueNet`` | None), ``theta`` (``QNet`` | None), ``pad_id``,
+  ``decoder_start_id``.
+- ``QModel`` methods:
+    ``freeze_for_stage("phi" | "theta" | "none") -> list[nn.Parameter]``: the parameters that stage trains (give
+      exactly these to the optimiser); every other parameter gets ``requires_grad=False``. φ: φ's decoder (not the
+      shared input embedding of an encoder-decoder) + V head. θ: θ's decoder + LM head + h1 (not h2).
+    ``encode(batch) -> Encoded | None``: the frozen shared encoder's output (None for decoder-only).
+    ``ckpt_logits(batch, encoded) -> [B,T,V]``: ℓ_ckpt(s_t, ·) for t = 0 … T-1 (no grad).
+    ``phi_raw_values(batch, encoded) -> [B,T]``: raw v_φ(s_t) (V_φ = capped_value(v_φ, r_max)).
+    ``theta_outputs(batch, encoded, v_phi) -> ThetaOutputs``: ℓ_θ, max ℓ_θ, A_θ(s_t,a_t), V_θ(s_t), Q_θ(s_t,a_t) for
+      every state of the teacher-forced program (eq. 16 with the G.1/G.2 value head).
+    ``save_theta(dir, tokenizer=None)``: ``dir`` loads as a plain LM with ``transformers``' ``from_pretrained``;
+      ``value_heads.safetensors`` (h1, h2) and ``bcoder_q.json`` sit beside it.
+    ``save_phi(dir, tokenizer=None)``: φ's body as the model's plain base model (``AutoModel.from_pretrained``;
+      for encoder-decoder a base model with the shared encoder) + ``value_head.safetensors`` + ``bcoder_q.json``.
+    ``train(mode)``: only the network of the current stage (``freeze_for_stage``) follows ``mode``; frozen
+      networks stay in eval mode (no dropout in targets).
+
+States and positions: for a program w_0 … w_{T-1} (EOS last unless cut at the length limit) the teacher-forced pass
+gives the hidden state of s_t = (prompt, w_<t) for t = 0 … T-1 at index t. Encoder-decoder: the decoder reads
+[decoder_start, w_0 … w_{T-2}]. Decoder-only: the model reads [left-padded prompt, w_0 … w_{T-2}] with position
+ids from the attention mask, and s_t is read at index S-1+t.
+
+What stays on the device, per stage (nothing else is loaded):
+- stage φ with cached targets (``parts=("phi",)``): the frozen encoder (encoder-decoder only) + φ's decoder + V head.
+  θ_ckpt's decoder and LM head are not held (A_ckpt comes from the cache).
+- stage θ with cached targets (``parts=("theta",)``): the frozen encoder + θ's decoder + LM head + h1, h2. Neither
+  θ_ckpt nor φ is held (â_{t+1} and v_φ come from the cache).
+- computing the cached targets (``bcoder_ray.targets``): θ_ckpt (+ φ when v_φ is wanted), no gradients.
+- live targets (no cache): add θ_ckpt (and φ for stage θ) to the stage's networks, run without gradients.
+- Q-sampling (``bcoder_ray.sampling``): the frozen encoder + θ's decoder + LM head (h1, h2 are unused).
+- ranking (``bcoder_ray.ranking``): the frozen encoder + θ (decoder, LM head, h1, h2) + φ's decoder + V head.
+For encoder-decoder models the encoder (and the input embedding it shares with the decoders) is one object shared
+by every network held; for decoder-only models nothing is shared, so each network held is one full model copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig,
+                          PreTrainedModel)
+
+from bcoder_ray.batch import Batch
+
+ENCODER_DECODER = "encoder-decoder"
+DECODER_ONLY = "decoder-only"
+PARTS = ("ckpt", "phi", "theta")
+STAGES = ("phi", "theta", "none")
+THETA_HEADS_FILE = "value_heads.safetensors"
+PHI_HEAD_FILE = "value_head.safetensors"
+META_FILE = "bcoder_q.json"
+LN2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------------------------------------- value cap (G.1)
+def softabs(x: torch.Tensor) -> torch.Tensor:
+    """softabs(x) = [softplus(x) + softplus(-x)]/2 - ln 2 = ln cosh(x/2) ≥ 0, zero at 0 (G.1, read with "- ln 2")."""
+    a = x.abs()
+    return (a / 2 + torch.log1p(torch.exp(-a)) - LN2).clamp_min(0.0)
+
+
+def capped_value(raw: torch.Tensor, r_max: float) -> torch.Tensor:
+    """V = R_max - softabs(v) ≤ R_max (G.1); for θ, ``raw`` is v_φ + v^r_θ (the sum of the raw heads)."""
+    return r_max - softabs(raw)
+
+
+# ---------------------------------------------------------------------------------------------- loading an LM
+def lm_kind(lm_or_config: PreTrainedModel | PretrainedConfig) -> str:
+    config = lm_or_config.config if isinstance(lm_or_config, PreTrainedModel) else lm_or_config
+    return ENCODER_DECODER if getattr(config, "is_encoder_decoder", False) else DECODER_ONLY
+
+
+def _decoder_body(lm: PreTrainedModel) -> nn.Module:
+    """The network whose last hidden state feeds the LM head (the decoder stack, or the decoder-only base model)."""
+    if lm_kind(lm) == ENCODER_DECODER:
+        return lm.get_decoder()
+    body = lm.base_model
+    if body is lm:
+        raise NotImplementedError(f"{type(lm).__name__}: no separate base model under the LM head")
+    return body
+
+
+def _lm_head_logits(lm: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    if lm_kind(lm) == ENCODER_DECODER and getattr(lm.config, "scale_decoder_outputs", False):
+        hidden = hidden * (lm.config.d_model ** -0.5)  # T5 v1.0 scales the decoder output before its tied head
+    return lm.get_output_embeddings()(hidden)
+
+
+def _check_logit_path(lm: PreTrainedModel, where: str) -> None:
+    """Refuse models whose forward does more than ``head(decoder hidden)`` (e.g. logit soft-capping)."""
+    vocab = lm.get_output_embeddings().weight.shape[0]
+    device = lm.get_output_embeddings().weight.device
+    ids = torch.tensor([[min(3, vocab - 1), min(5, vocab - 1), min(7, vocab - 1)]], device=device)
+    with torch.no_grad():
+        if lm_kind(lm) == ENCODER_DECODER:
+            start = lm.config.decoder_start_token_id
+            dec = torch.tensor([[start, int(ids[0, 0])]], device=device)
+            ref = lm(input_ids=ids, decoder_input_ids=dec).logits
+            enc = lm.get_encoder()(input_ids=ids).last_hidden_state
+            hidden = _decoder_body(lm)(input_ids=dec, encoder_hidden_states=enc).last_hidden_state
+        else:
+            ref = lm(input_ids=ids).logits
+            hidden = _decoder_body(lm)(input_ids=ids).last_hidden_state
+        mine = _lm_head_logits(lm, hidden)
+    if not torch.allclose(mine.float(), ref.float(), atol=1e-4, rtol=1e-3):
+        raise NotImplementedError(f"{where}: {type(lm).__name__} computes logits other than head(decoder hidden "
+                                  f"state); this model family is not supported")
+
+
+def load_lm(name_or_path: str, *, dtype: torch.dtype | None = None,
+            device: torch.device | str | None = None) -> PreTrainedModel:
+    """Load a causal or seq2seq LM, frozen (no parameter requires grad) and in eval mode."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    cls = AutoModelForSeq2SeqLM if lm_kind(config) == ENCODER_DECODER else AutoModelForCausalLM
+    lm = cls.from_pretrained(name_or_path, dtype=dtype)
+    if lm_kind(lm) == ENCODER_DECODER and lm.config.decoder_start_token_id is None:
+        raise ValueError(f"{name_or_path}: encoder-decoder config has no decoder_start_token_id")
+    lm.requires_grad_(False)
+    lm.eval()
+    if device is not None:
+        lm.to(device)
+    _check_logit_path(lm, str(name_or_path))
+    return lm
+
+
+# ---------------------------------------------------------------------------------------------- network parts
+@dataclass
+class Encoded:
+    """The frozen shared encoder's output for a batch of prompts (encoder-decoder models)."""
+    hidden: torch.Tensor  # [B, S, d]
+    mask: torch.Tensor    # [B, S]
+
+    def repeat_interleave(self, n: int) -> "Encoded":
+        return Encoded(self.hidden.repeat_interleave(n, dim=0), self.mask.repeat_interleave(n, dim=0))
+
+    def select(self, index: torch.Tensor) -> "Encoded":
+        return Encoded(self.hidden[index], self.mask[index])
+
+
+class SharedEncoder(nn.Module):
+    """The encoder (and the input embedding it shares with the decoders) of an encoder-decoder: frozen, run once."""
+
+    def __init__(self, stack: nn.Module, embedding: nn.Embedding):
+        super().__init__()
+        self.stack = stack
+        self.embedding = embedding
+
+    def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Encoded:
+        with torch.no_grad():
+            hidden = self.stack(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
+        return Encoded(hidden, prompt_mask)
+
+    def train(self, mode: bool = True) -> "SharedEncoder":
+        return super().train(False)
+
+
+class _Trunk(nn.Module):
+    """A decoder body run teacher-forced over programs (all states at once) or step by step with a KV cache."""
+
+    def __init__(self, body: nn.Module, kind: str, decoder_start_id: int | None):
+        super().__init__()
+        self.body = body
+        self.kind = kind
+        self.decoder_start_id = decoder_start_id
+
+    def decode(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, encoded: Encoded | None = None,
+               past_key_values=None, use_cache: bool = False):
+        """One call of the body: returns (last hidden states [B, L, d], cache)."""
+        if self.kind == ENCODER_DECODER:
+            if encoded is None:
+                raise ValueError("encoder-decoder decode needs the encoder output")
+            out = self.body(input_ids=input_ids, encoder_hidden_states=encoded.hidden,
+                            encoder_attention_mask=encoded.mask, past_key_values=past_key_values,
+                            use_cache=use_cache)
+        else:
+            out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, use_cache=use_cache)
+        return out.last_hidden_state, (out.past_key_values if use_cache else None)
+
+    def states(self, batch: Batch, encoded: Encoded | None) -> torch.Tensor:
+        """Teacher-forced hidden states of s_0 … s_{T-1}: [B, T, d] (see the module docstring for positions)."""
+        program = batch.program_ids[:, :-1]
+        if self.kind == ENCODER_DECODER:
+            start = torch.full_like(batch.program_ids[:, :1], self.decoder_start_id)
+            hidden, _ = self.decode(torch.cat([start, program], dim=1), encoded=encoded)
+            return hidden
+        ids = torch.cat([batch.prompt_ids, program], dim=1)
+        mask = torch.cat([batch.prompt_mask, batch.program_mask[:, :-1]], dim=1)
+        hidden, _ = self.decode(ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+        return hidden[:, batch.prompt_ids.shape[1] - 1:]
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded row: 0 at its first real token (as ``generate`` computes them)."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class PolicyLM(_Trunk):
+    """Decoder + LM head: θ_ckpt (frozen) or the LM part of θ. ``lm`` is the whole HF model (saved as is)."""
+
+    def __init__(self, lm: PreTrainedModel):
+        super().__init__(_decoder_body(lm), lm_kind(lm), getattr(lm.config, "decoder_start_token_id", None))
+        self.lm = lm
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _lm_head_logits(self.lm, hidden)
+
+
+class ValueNet(_Trunk):
+    """φ: a decoder body + the V head; ``raw_values`` is v_φ(s_t), V_φ = R_max - softabs(v_φ) (G.1)."""
+
+    def __init__(self, body: nn.Module, kind: str, decoder_start_id: int | None, v_head: nn.Linear):
+        super().__init__(body, kind, decoder_start_id)
+        self.v_head = v_head
+
+    def raw_values(self, batch: Batch, encoded: Encoded | None) -> torch.Tensor:
+        return self.v_head(self.states(batch, encoded)).squeeze(-1)
+
+
+class QNet(PolicyLM):
+    """θ: decoder + LM head + residual value head V^r_θ = h1 - h2 (G.2; h2 frozen, equal to h1 at initialisation)."""
+
+    def __init__(self, lm: PreTrainedModel, h1: nn.Linear, h2: nn.Linear, uses_phi: bool):
+        super().__init__(lm)
+        self.h1 = h1
+        self.h2 = h2
+        self.uses_phi = uses_phi
+
+    def residual_value(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (self.h1(hidden) - self.h2(hidden)).squeeze(-1)
+
+
+@dataclass
+class ThetaOutputs:
+    """Per-state outputs of θ over a teacher-forced batch (all [B, T] except ``logits`` [B, T, V])."""
+    logits: torch.Tensor      # ℓ_θ(s_t, ·)
+    max_logit: torch.Tensor   # max_a ℓ_θ(s_t, a)
+    advantage: torch.Tensor   # A_θ(s_t, a_t) = α(ℓ_θ(s_t, a_t) - max_a ℓ_θ(s_t, a)) ≤ 0 (eq. 7, 16)
+    value: torch.Tensor       # V_θ(s_t) = R_max - softabs(v_φ(s_t) + v^r_θ(s_t))
+    q: torch.Tensor           # Q_θ(s_t, a_t) = A + V
+
+    def q_of(self, actions: torch.Tensor, alpha: float) -> torch.Tensor:
+        """Q_θ(s_t, actions[:, t]) for any actions [B, T] (entries < 0 read as action 0; mask them yourself)."""
+        picked = self.logits.gather(-1, actions.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return alpha * (picked - self.max_logit).float() + self.value
+
+
+def _new_head(d_model: int, out: int, like: torch.Tensor, generator: torch.Generator) -> nn.Linear:
+    head = nn.Linear(d_model, out, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.02)
+        head.bias.zero_()
+    return head.to(device=like.device, dtype=like.dtype)
+
+
+def _hidden_size(lm_or_config: PreTrainedModel | PretrainedConfig) -> int:
+    config = lm_or_config.config if isinstance(lm_or_config, PreTrainedModel) else lm_or_config
+    return int(config.get_text_config().hidden_size)
+
+
+def _copy_sharing(module: nn.Module, shared: Iterable[nn.Parameter]) -> nn.Module:
+    """Deep copy of ``module`` in which the parameters ``shared`` (the frozen encoder's) stay the same objects."""
+    memo = {id(p): p for p in shared}
+    return copy.deepcopy(module, memo)
+
+
+def _untie_head(lm: PreTrainedModel, frozen: set[int]) -> None:
+    """Give θ its own LM-head weight where the head is tied to a frozen (shared) embedding."""
+    head = lm.get_output_embeddings()
+    if id(head.weight) in frozen:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+
+
+def _reinit_head(lm: PreTrainedModel, generator: torch.Generator) -> None:
+    """Plain dueling DQN ablation: a fresh, untied advantage head (N(0, σ²), σ = std of the checkpoint's head)."""
+    head = lm.get_output_embeddings()
+    std = float(head.weight.detach().float().std())
+    fresh = torch.randn(head.weight.shape, generator=generator) * std
+    head.weight = nn.Parameter(fresh.to(device=head.weight.device, dtype=head.weight.dtype), requires_grad=False)
+    if lm_kind(lm) == DECODER_ONLY:
+        lm.config.tie_word_embeddings = False
+
+
+def _adopt_encoder(lm_or_base: PreTrainedModel, encoder: SharedEncoder, where: str) -> None:
+    """Point a freshly loaded encoder-decoder at the one shared frozen encoder (checking it is the same one)."""
+    own_embedding = lm_or_base.get_input_embeddings()
+    if not torch.equal(own_embedding.weight.to(encoder.embedding.weight.device), encoder.embedding.weight):
+        raise ValueError(f"{where}: its input embedding differs from the checkpoint's; it was trained from another "
+                         f"checkpoint")
+    old = id(own_embedding.weight)
+    if hasattr(lm_or_base, "shared"):
+        lm_or_base.shared = encoder.embedding
+    lm_or_base.encoder = encoder.stack
+    decoder = lm_or_base.get_decoder()
+    decoder.embed_tokens.weight = encoder.embedding.weight
+    head = lm_or_base.get_output_embeddings() if hasattr(lm_or_base, "lm_head") else None
+    if head is not None and id(head.weight) == old:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+
+
+def _read_meta(directory: str, expected_format: str) -> dict:
+    path = os.path.join(directory, META_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: missing; {directory} was not saved by QModel.save_{expected_format}")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != expected_format:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {expected_format!r}")
+    return meta
+
+
+def _pick(name: str, given: float | None, saved: list[float]) -> float:
+    if given is not None:
+        for value in saved:
+            if value != given:
+                raise ValueError(f"{name}={given} differs from the saved {name}={value}")
+        return float(given)
+    return float(saved[0]) if saved else 1.0
+
+
+# ---------------------------------------------------------------------------------------------- the Q model
+class QModel(nn.Module):
+    """The networks one stage holds (see the module docstring); any of ckpt, phi, theta may be None."""
+
+    def __init__(self, *, kind: str, config: PretrainedConfig, alpha: float, r_max: float, pad_id: int,
+                 decoder_start_id: int | None, encoder: SharedEncoder | None, ckpt: PolicyLM | None, phi: ValueNet | None, theta: QNet | None):
+        super().__init__()
+        self.kind, self.alpha, self.r_max, self.config = kind, float(alpha), float(r_max), config
+        self.pad_id, self.decoder_start_id = pad_id, decoder_start_id
+        self.encoder, self.ckpt, self.phi, self.theta = encoder, ckpt, phi, theta
+        self.stage = "none"
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, checkpoint: str, *, parts: Iterable[str] = PARTS, phi_dir: str | None = None,
+               theta_dir: str | None = None, alpha: float | None = None, r_max: float | None = None,
+               init_from_lm: bool = True, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None, seed: int = 0) -> "QModel":
+        parts = tuple(parts)
+        unknown = set(parts) - set(PARTS)
+        if unknown or not parts:
+            raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {parts}")
+        config = AutoConfig.from_pretrained(checkpoint)
+        kind = lm_kind(config)
+        generator = torch.Generator().manual_seed(seed)
+        phi_meta = _read_meta(phi_dir, "phi") if ("phi" in parts and phi_dir) else None
+        theta_meta = _read_meta(theta_dir, "theta") if ("theta" in parts and theta_dir) else None
+        alpha = _pick("alpha", alpha, [m["alpha"] for m in (theta_meta,) if m])
+        r_max = _pick("r_max", r_max, [m["r_max"] for m in (theta_meta, phi_meta) if m])
+
+        fresh = [p for p in parts if p == "ckpt" or (p == "phi" and not phi_dir) or (p == "theta" and not theta_dir)]
+        base = load_lm(checkpoint, dtype=dtype) if (fresh or kind == ENCODER_DECODER) else None
+        encoder = None
+        shared: list[nn.Parameter] = []
+        if kind == ENCODER_DECODER:
+            encoder = SharedEncoder(base.get_encoder(), base.get_input_embeddings())
+            shared = list(encoder.parameters())
+        frozen_ids = {id(p) for p in shared}
+        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        start = getattr(config, "decoder_start_token_id", None)
+
+        def take(part: str) -> PreTrainedModel:
+            # the last fresh part takes the loaded model itself; earlier ones take copies (sharing the encoder)
+            return base if part == fresh[-1] else _copy_sharing(base, shared)
+
+        ckpt = phi = theta = None
+        if "ckpt" in parts:
+            ckpt = PolicyLM(take("ckpt"))
+        if "phi" in parts:
+            if phi_dir:
+                phi = cls._load_phi(phi_dir, kind, encoder, dtype)
+            else:
+                lm = take("phi")
+                like = lm.get_output_embeddings().weight
+                phi = ValueNet(_decoder_body(lm), kind, start, _new_head(_hidden_size(lm), 1, like, generator))
+        if "theta" in parts:
+            if theta_dir:
+                theta = cls._load_theta(theta_dir, theta_meta, encoder, dtype)
+            else:
+                lm = take("theta")
+                _untie_head(lm, frozen_ids)
+                if not init_from_lm:
+                    _reinit_head(lm, generator)
+                like = lm.get_output_embeddings().weight
+                h1 = _new_head(_hidden_size(lm), 1, like, generator)
+                theta = QNet(lm, h1, copy.deepcopy(h1), uses_phi=init_from_lm)
+        del base
+        model = cls(kind=kind, config=config, alpha=alpha, r_max=r_max, pad_id=int(pad), decoder_start_id=start,
+                    encoder=encoder, ckpt=ckpt, phi=phi, theta=theta)
+        model.requires_grad_(False)
+        model.eval()
+        if device is not None:
+            model.to(device)
+        return model
+
+    @staticmethod
+    def _load_theta(directory: str, meta: dict, encoder: SharedEncoder | None, dtype) -> QNet:
+        from safetensors.torch import load_file
+        lm = load_lm(directory, dtype=dtype)
+        if encoder is not None:
+            _adopt_encoder(lm, encoder, directory)
+        heads = load_file(os.path.join(directory, THETA_HEADS_FILE))
+        like = lm.get_output_embeddings().weight
+        h1, h2 = (nn.Linear(_hidden_size(lm), 1).to(device=like.device, dtype=like.dtype) for _ in range(2))
+        h1.load_state_dict({k[3:]: v for k, v in heads.items() if k.startswith("h1.")})
+        h2.load_state_dict({k[3:]: v for k, v in heads.items() if k.startswith("h2.")})
+        return QNet(lm, h1, h2, uses_phi=bool(meta["uses_phi"]))
+
+    @staticmethod
+    def _load_phi(directory: str, kind: str, encoder: SharedEncoder | None, dtype) -> ValueNet:
+        from safetensors.torch import load_file
+        base = AutoModel.from_pretrained(directory, dtype=dtype)
+        if kind == ENCODER_DECODER:
+            _adopt_encoder(base, encoder, directory)
+            body = base.get_decoder()
+        else:
+            body = base
+        head_state = load_file(os.path.join(directory, PHI_HEAD_FILE))
+        like = head_state["weight"]
+        v_head = nn.Linear(_hidden_size(base), 1).to(dtype=like.dtype)
+        v_head.load_state_dict(head_state)
+        return ValueNet(body, kind, getattr(base.config, "decoder_start_token_id", None), v_head)
+
+    # ------------------------------------------------------------------ saving
+    def save_theta(self, directory: str, tokenizer=None) -> None:
+        from safetensors.torch import save_file
+        if self.theta is None:
+            raise ValueError("save_theta: this QModel holds no θ")
+        os.makedirs(directory, exist_ok=True)
+        self.theta.lm.save_pretrained(directory)
+        heads = {f"h1.{k}": v.detach().contiguous() for k, v in self.theta.h1.state_dict().items()}
+        heads.update({f"h2.{k}": v.detach().contiguous() for k, v in self.theta.h2.state_dict().items()})
+        save_file(heads, os.path.join(directory, THETA_HEADS_FILE))
+        self._write_meta(directory, "theta", uses_phi=self.theta.uses_phi)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+
+    def save_phi(self, directory: str, tokenizer=None) -> None:
+        from safetensors.torch import save_file
+        if self.phi is None:
+            raise ValueError("save_phi: this QModel holds no φ")
+        os.makedirs(directory, exist_ok=True)
+        if self.kind == ENCODER_DECODER:
+            with torch.device("meta"):
+                base = AutoModel.from_config(copy.deepcopy(self.config))
+            base.shared = self.encoder.embedding
+            base.encoder = self.encoder.stack
+            base.decoder = self.phi.body
+            base.save_pretrained(directory)
+        else:
+            self.phi.body.save_pretrained(directory)
+        save_file({k: v.detach().contiguous() for k, v in self.phi.v_head.state_dict().items()},
+                  os.path.join(directory, PHI_HEAD_FILE))
+        self._write_meta(directory, "phi")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+
+    def _write_meta(self, directory: str, fmt: str, **extra) -> None:
+        meta = {"format": fmt, "kind": self.kind, "alpha": self.alpha, "r_max": self.r_max, **extra}
+        with open(os.path.join(directory, META_FILE), "w") as f:
+            json.dump(meta, f, indent=1)
+
+    # ------------------------------------------------------------------ stages
+    def _frozen_ids(self) -> set[int]:
+        return {id(p) for p in self.encoder.parameters()} if self.encoder is not None else set()
+
+    def freeze_for_stage(self, stage: str) -> list[nn.Parameter]:
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.requires_grad_(False)
+        self.stage = stage
+        if stage == "none":
+            return []
+        part = self.phi if stage == "phi" else self.theta
+        if part is None:
+            raise ValueError(f"stage {stage}: this QModel holds no {stage}")
+        frozen = self._frozen_ids()
+        if stage == "theta":
+            frozen |= {id(p) for p in self.theta.h2.parameters()}
+        params, seen = [], set()
+        for p in part.parameters():
+            if id(p) in frozen or id(p) in seen:
+                continue
+            seen.add(id(p))
+            p.requires_grad_(True)
+            params.append(p)
+        self.train(self.training)
+        return params
+
+    def train(self, mode: bool = True) -> "QModel":
+        nn.Module.train(self, False)
+        self.training = mode
+        trained = {"phi": self.phi, "theta": self.theta}.get(self.stage)
+        if trained is not None:
+            trained.train(mode)
+            if self.encoder is not None:
+                self.encoder.train(False)
+        return self
+
+    # ------------------------------------------------------------------ forward pieces
+    def encode(self, batch: Batch) -> Encoded | None:
+        return self.encoder(batch.prompt_ids, batch.prompt_mask) if self.encoder is not None else None
+
+    def ckpt_logits(self, batch: Batch, encoded: Encoded | None) -> torch.Tensor:
+        if self.ckpt is None:
+            raise ValueError("this QModel holds no θ_ckpt (create it with 'ckpt' in parts, or use cached targets)")
+        with torch.no_grad():
+            return self.ckpt.logits(self.ckpt.states(batch, encoded))
+
+    def phi_raw_values(self, batch: Batch, encoded: Encoded | None) -> torch.Tensor:
+        if self.phi is None:
+            raise ValueError("this QModel holds no φ (create it with 'phi' in parts, or use cached v_phi)")
+        return self.phi.raw_values(batch, encoded).float()
+
+    def theta_outputs(self, batch: Batch, encoded: Encoded | None, v_phi: torch.Tensor | None) -> ThetaOutputs:
+        if self.theta is None:
+            raise ValueError("this QModel holds no θ")
+        hidden = self.theta.states(batch, encoded)
+        logits = self.theta.logits(hidden)
+        max_logit = logits.max(dim=-1).values
+        taken = logits.gather(-1, batch.program_ids.unsqueeze(-1)).squeeze(-1)
+        advantage = self.alpha * (taken - max_logit).float()                       # eq. 7 / 16
+        raw = self.theta.residual_value(hidden).float()                            # V^r_θ = h1 - h2 (G.2)
+        if self.theta.uses_phi:
+            if v_phi is None:
+                raise ValueError("θ needs v_φ(s_t): pass cached v_phi or hold φ")
+            raw = raw + v_phi.float()
+        value = capped_value(raw, self.r_max)                                      # G.1 on the summed raw heads
+        return ThetaOutputs(logits, max_logit, advantage, value, advantage + value)

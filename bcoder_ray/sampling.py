@@ -1,0 +1,126 @@
+"""Q-sampling (Algorithm 2): batched temperature / nucleus sampling over Q_θ/α with the KV cache.
+
+Public API
+----------
+- ``sample_programs(model, prompts, n, *, max_new_tokens, eos_id, pad_id, temperature=1.0, top_p=1.0, seed=0,
+  batch_size=None, network="theta") -> list[list[list[int]]]``: ``prompts`` are prompt token ids (list of lists,
+  as ``tokenization.encode_prompt`` makes them); returns, per prompt, ``n`` programs as token-id lists, each ending
+  at its first EOS (included) or cut at ``max_new_tokens`` tokens (no EOS) — the same convention as
+  ``tokenization.encode_program``. ``temperature=0`` is greedy decoding. ``network="ckpt"`` samples from θ_ckpt
+  instead of θ. Rows are prompt-major (prompt 0's n samples first), processed ``batch_size`` rows at a time
+  (default: all), with one ``torch.Generator`` seeded by ``seed`` for the whole call, so a call is reproducible for
+  the same inputs, settings and ``batch_size``.
+- ``warp_scores(scores, temperature, top_p) -> scores``: the sampler's processing of one step's scores
+  (temperature, then top-p), the same operations and order as ``transformers``' ``generate``.
+
+Why θ alone: Q_θ(s, ·)/α = ℓ_θ(s, ·) - max_a ℓ_θ(s, a) + V_θ(s)/α is ℓ_θ plus a per-state constant, and
+temperature, top-p and softmax are all invariant to such a constant. So Algorithm 2's distribution is exactly the
+one obtained from ℓ_θ; the sampler uses ℓ_θ (no V head, no φ; per-token Q and V for ranking come from one
+teacher-forced pass afterwards, ``bcoder_ray.ranking``). At initialisation ℓ_θ = ℓ_ckpt, so this draws the same
+tokens as ``generate`` on the checkpoint with the same seed and settings.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from bcoder_ray.q_model import ENCODER_DECODER, PolicyLM, QModel, positions_from_mask
+
+
+def warp_scores(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_p < 1.0:
+        sorted_scores, sorted_index = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - top_p)
+        remove_sorted[..., -1:] = False                      # keep at least the most likely token
+        remove = remove_sorted.scatter(1, sorted_index, remove_sorted)
+        scores = scores.masked_fill(remove, -float("inf"))
+    return scores
+
+
+def _pad_left(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def _sample_rows(model: QModel, policy: PolicyLM, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 eos_id: int, pad_id: int, temperature: float, top_p: float,
+                 generator: torch.Generator) -> list[list[int]]:
+    device = policy.lm.get_output_embeddings().weight.device
+    ids, mask = _pad_left(rows, pad_id, device)
+    encoded = None
+    if policy.kind == ENCODER_DECODER:
+        encoded = model.encoder(ids, mask)
+        step_ids = torch.full((len(rows), 1), policy.decoder_start_id, dtype=torch.long, device=device)
+        hidden, cache = policy.decode(step_ids, encoded=encoded, use_cache=True)
+    else:
+        positions = positions_from_mask(mask)
+        hidden, cache = policy.decode(ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        last_position = positions[:, -1:]
+    out = torch.empty((len(rows), 0), dtype=torch.long, device=device)
+    finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        scores = policy.logits(hidden[:, -1]).float()          # ℓ_θ(s, ·): Q_θ(s, ·)/α up to a per-state shift
+        if temperature == 0:
+            tokens = scores.argmax(dim=-1)
+        else:
+            probs = warp_scores(scores, temperature, top_p).softmax(dim=-1)
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        tokens = tokens.masked_fill(finished, pad_id)
+        out = torch.cat([out, tokens[:, None]], dim=1)
+        finished |= tokens == eos_id
+        if bool(finished.all()) or out.shape[1] == max_new_tokens:
+            break
+        if policy.kind == ENCODER_DECODER:
+            hidden, cache = policy.decode(tokens[:, None], encoded=encoded, past_key_values=cache, use_cache=True)
+        else:
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+            last_position = last_position + 1
+            hidden, cache = policy.decode(tokens[:, None], attention_mask=mask, position_ids=last_position,
+                                          past_key_values=cache, use_cache=True)
+    programs = []
+    for row in out.tolist():
+        programs.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+    return programs
+
+
+def sample_programs(model: QModel, prompts: Sequence[Sequence[int]], n: int, *, max_new_tokens: int, eos_id: int,
+                    pad_id: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                    batch_size: int | None = None, network: str = "theta") -> list[list[list[int]]]:
+    """Algorithm 2 for every prompt, ``n`` samples each (see the module docstring)."""
+    policy = {"theta": model.theta, "ckpt": model.ckpt}.get(network)
+    if policy is None:
+        raise ValueError(f"sample_programs: network {network!r} is not held by this QModel (theta or ckpt)")
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"sample_programs: n={n} and max_new_tokens={max_new_tokens} must be ≥ 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"sample_programs: temperature={temperature} must be ≥ 0 and top_p={top_p} in (0, 1]")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"sample_programs: prompt {i} is empty")
+    rows = [list(p) for p in prompts for _ in range(n)]
+    device = policy.lm.get_output_embeddings().weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    step = batch_size or max(len(rows), 1)
+    programs: list[list[int]] = []
+    was_training = policy.training
+    policy.eval()                                           # no dropout while sampling
+    try:
+        for start in range(0, len(rows), step):
+            programs += _sample_rows(model, policy, rows[start:start + step], max_new_tokens=max_new_tokens,
+                                     eos_id=eos_id, pad_id=pad_id, temperature=temperature, top_p=top_p,
+                                     generator=generator)
+    finally:
+        policy.train(was_training)
+    return [programs[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -1,0 +1,214 @@
+"""The wire format between the sandbox's processes: frames and strictly typed values.
+
+Stdlib only: this file is also loaded by path inside the sandbox's worker ("zygote") process, which must not
+import the `envs` package (it would pull in the suites and their dependencies).
+
+Frames: a 4-byte big-endian length, then that many bytes of UTF-8 JSON. Every reader caps the length.
+
+Values (what a program's call returns, shipped from the untrusted child to the parent for judging) are plain
+Python data only: `type(x)` is exactly one of int, float, complex, str, bytes, bool, NoneType, list, tuple,
+set, frozenset, dict (recursively), plus fractions.Fraction and decimal.Decimal. They travel as tagged JSON:
+
+    None, bool, int (< 4000 digits), float (NaN and ±Infinity allowed), str, list -> JSON as is
+    {"t": [...]} tuple    {"s": [...]} set     {"f": [...]} frozenset    {"d": [[k, v], ...]} dict
+    {"i": "hex"} big int  {"c": [re, im]} complex  {"b": "base64"} bytes  {"q": [n, d]} Fraction
+    {"D": "str"} Decimal
+
+`canonical` (run in the child) turns honest look-alikes (a numpy integer, a Counter, a namedtuple, a str
+subclass) into these plain types through the base types' own methods, and refuses anything else.
+`decode_value` (run in the parent) rebuilds plain values from untrusted JSON and rejects anything malformed,
+so an object with a forged `__eq__` can never reach the parent's comparison.
+"""
+
+from __future__ import annotations
+
+import base64
+import decimal
+import fractions
+import json
+import numbers
+import os
+import struct
+
+MAX_FRAME = 64 * 1024 * 1024
+MAX_VALUE_NODES = 1_000_000
+MAX_VALUE_DEPTH = 200
+_BIG = 10 ** 3999
+
+
+class WireError(ValueError):
+    """A malformed frame or value: treated as tampering (the test is not passed)."""
+
+
+class Unshippable(TypeError):
+    """A value that is not plain data (or is too large) and so cannot be judged outside the child."""
+
+
+# ---------------------------------------------------------------------------------------------- frames
+
+def write_frame(fd: int, obj: object) -> None:
+    data = json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    buf = struct.pack(">I", len(data)) + data
+    view = memoryview(buf)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def split_frames(buf: bytearray, max_frame: int = MAX_FRAME) -> list[bytes]:
+    """Remove and return the complete frames at the start of `buf` (raw JSON bytes)."""
+    out = []
+    while len(buf) >= 4:
+        (n,) = struct.unpack(">I", bytes(buf[:4]))
+        if n > max_frame:
+            raise WireError(f"frame of {n} bytes exceeds the {max_frame}-byte cap")
+        if len(buf) < 4 + n:
+            break
+        out.append(bytes(buf[4:4 + n]))
+        del buf[:4 + n]
+    return out
+
+
+def read_frame(fd: int, max_frame: int = MAX_FRAME) -> object | None:
+    """Blocking read of one frame from `fd`; None at end of file."""
+    head = _read_exact(fd, 4)
+    if head is None:
+        return None
+    (n,) = struct.unpack(">I", head)
+    if n > max_frame:
+        raise WireError(f"frame of {n} bytes exceeds the {max_frame}-byte cap")
+    body = _read_exact(fd, n)
+    if body is None:
+        raise WireError("end of file inside a frame")
+    return json.loads(body)
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    chunks, got = [], 0
+    while got < n:
+        b = os.read(fd, min(n - got, 1 << 20))
+        if not b:
+            if got == 0:
+                return None
+            raise WireError("end of file inside a frame")
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks)
+
+
+# ---------------------------------------------------------------------------------------------- values
+
+def canonical(x: object, _state: list | None = None, _depth: int = 0) -> object:
+    """Encode `x` as tagged JSON data, converting look-alikes to plain types; raise Unshippable otherwise."""
+    state = _state if _state is not None else [0]
+    state[0] += 1
+    if state[0] > MAX_VALUE_NODES:
+        raise Unshippable(f"value has more than {MAX_VALUE_NODES} elements")
+    if _depth > MAX_VALUE_DEPTH:
+        raise Unshippable(f"value nested deeper than {MAX_VALUE_DEPTH}")
+    t = type(x)
+    if x is None or t is bool or t is str:
+        return x
+    if t is int:
+        return x if -_BIG < x < _BIG else {"i": int.__format__(x, "x")}
+    if t is float:
+        return x
+    d = _depth + 1
+    if t is list:
+        return [canonical(v, state, d) for v in list.__iter__(x)]
+    if t is tuple:
+        return {"t": [canonical(v, state, d) for v in tuple.__iter__(x)]}
+    if t is dict:
+        return {"d": [[canonical(k, state, d), canonical(v, state, d)] for k, v in dict.items(x)]}
+    if t is set:
+        return {"s": [canonical(v, state, d) for v in set.__iter__(x)]}
+    if t is frozenset:
+        return {"f": [canonical(v, state, d) for v in frozenset.__iter__(x)]}
+    if t is complex:
+        return {"c": [complex.__getattribute__(x, "real"), complex.__getattribute__(x, "imag")]}
+    if t is bytes:
+        return {"b": base64.b64encode(x).decode("ascii")}
+    if t is fractions.Fraction:
+        return {"q": [canonical(int(x.numerator), state, d), canonical(int(x.denominator), state, d)]}
+    if t is decimal.Decimal:
+        return {"D": decimal.Decimal.__str__(x)}
+    # Look-alikes: converted through the base types' own methods, then checked again.
+    if isinstance(x, str):
+        return str.__str__(x)
+    if isinstance(x, int):
+        return canonical(int.__index__(x), state, d)
+    if isinstance(x, float):
+        return float.__float__(x)
+    if isinstance(x, dict):
+        return {"d": [[canonical(k, state, d), canonical(v, state, d)] for k, v in dict.items(x)]}
+    if isinstance(x, tuple):
+        return {"t": [canonical(v, state, d) for v in tuple.__iter__(x)]}
+    if isinstance(x, list):
+        return [canonical(v, state, d) for v in list.__iter__(x)]
+    if isinstance(x, frozenset):
+        return {"f": [canonical(v, state, d) for v in frozenset.__iter__(x)]}
+    if isinstance(x, set):
+        return {"s": [canonical(v, state, d) for v in set.__iter__(x)]}
+    if isinstance(x, numbers.Integral):  # e.g. numpy.int64
+        v = int(x)
+        if type(v) is not int:
+            raise Unshippable(f"int() of a {t.__name__} is not an int")
+        return canonical(v, state, d)
+    if isinstance(x, numbers.Real) and not isinstance(x, numbers.Rational):  # e.g. numpy.float64
+        v = float(x)
+        if type(v) is not float:
+            raise Unshippable(f"float() of a {t.__name__} is not a float")
+        return v
+    raise Unshippable(f"a value of type {t.__module__}.{t.__qualname__} is not plain data")
+
+
+def decode_value(j: object, _depth: int = 0) -> object:
+    """Rebuild a plain value from the untrusted tagged JSON `j` (parent side)."""
+    if _depth > MAX_VALUE_DEPTH + 2:
+        raise WireError("value nested too deeply")
+    t = type(j)
+    if j is None or t in (bool, int, float, str):
+        return j
+    d = _depth + 1
+    if t is list:
+        return [decode_value(v, d) for v in j]
+    if t is not dict or len(j) != 1:
+        raise WireError(f"malformed value: {type(j).__name__}")
+    ((tag, v),) = j.items()
+    try:
+        if tag == "t":
+            return tuple(decode_value(e, d) for e in _as_list(v))
+        if tag == "s":
+            return {decode_value(e, d) for e in _as_list(v)}
+        if tag == "f":
+            return frozenset(decode_value(e, d) for e in _as_list(v))
+        if tag == "d":
+            out = {}
+            for kv in _as_list(v):
+                if type(kv) is not list or len(kv) != 2:
+                    raise WireError("malformed dict item")
+                out[decode_value(kv[0], d)] = decode_value(kv[1], d)
+            return out
+        if tag == "i" and type(v) is str:
+            return int(v, 16)
+        if tag == "c" and type(v) is list and len(v) == 2 and all(type(e) in (int, float) for e in v):
+            return complex(v[0], v[1])
+        if tag == "b" and type(v) is str:
+            return base64.b64decode(v.encode("ascii"), validate=True)
+        if tag == "q" and type(v) is list and len(v) == 2:
+            n, m = decode_value(v[0], d), decode_value(v[1], d)
+            if type(n) is int and type(m) is int and m != 0:
+                return fractions.Fraction(n, m)
+        if tag == "D" and type(v) is str and len(v) < 10_000:
+            return decimal.Decimal(v)
+    except WireError:
+        raise
+    except (TypeError, ValueError, ArithmeticError) as e:  # e.g. an unhashable set element
+        raise WireError(f"malformed {tag!r} value: {e}") from None
+    raise WireError(f"malformed value tag {tag!r}")
+
+
+def _as_list(v: object) -> list:
+    if type(v) is not list:
+        raise WireError("malformed container")
+    return v

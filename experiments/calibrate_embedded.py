@@ -1,0 +1,147 @@
+"""Calibrate the embedded suite: train the warm-start LM, then measure its held-out pass@1 and pass@k.
+
+    python experiments/calibrate_embedded.py                      # the defaults of WarmStartConfig
+    python experiments/calibrate_embedded.py --steps 300 --eval-problems 50 --threads 2
+
+Samples `--samples` programs per held-out problem with HF `model.generate(do_sample=True, temperature, top_p)`,
+scores them with the real executor (`envs.scoring.score_programs` -> `Executor.run_batch`), and prints pass@1,
+pass@k (unbiased estimator, `bcoder_ray.metrics.pass_at_k`) overall and per difficulty, greedy pass@1, the
+fraction of problems with both passing and failing samples (the ones RL can learn from), the outcome mix and the
+wall times of the warm start and of the evaluation. The warm start is cached (`--cache-root`); pass
+`--fresh` to retrain into a temporary folder and time it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bcoder_ray.metrics import bootstrap_ci, pass_at_k  # noqa: E402
+from bcoder_ray.tokenization import decode_program, encode_prompt, pad_id  # noqa: E402
+from bcoder_ray.warm_start import WarmStartConfig, warm_start  # noqa: E402
+from envs.problem import Problem  # noqa: E402
+from envs.registry import load_suite  # noqa: E402
+from envs.scoring import BatchExecutor, score_programs  # noqa: E402
+
+
+@torch.no_grad()
+def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], n: int,
+           max_prompt_len: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+           prompts_per_call: int = 8, greedy: bool = False) -> list[list[str]]:
+    """`n` programs per problem (1 if greedy), generated from left-padded batches of prompts."""
+    torch.manual_seed(seed)
+    pad = pad_id(tokenizer)
+    out: list[list[str]] = []
+    for start in tqdm(range(0, len(problems), prompts_per_call), desc="sampling" if not greedy else "greedy",
+                      mininterval=2.0):
+        prompts = [encode_prompt(tokenizer, p.prompt, max_prompt_len) for p in problems[start:start + prompts_per_call]]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p,
+                                                           top_k=0, num_return_sequences=n)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **kwargs)
+        programs = [decode_program(tokenizer, row[width:].tolist()) for row in gen]
+        per = 1 if greedy else n
+        out.extend(programs[i * per:(i + 1) * per] for i in range(len(prompts)))
+    return out
+
+
+def summarize(problems: Sequence[Problem], passed: Sequence[Sequence[bool]], ks: Sequence[int]) -> dict:
+    """pass@k overall and per difficulty, with a bootstrap interval for pass@1, and the mixed-outcome fraction."""
+    n = len(passed[0])
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(problems):
+        groups["all"].append(i)
+        groups[p.difficulty or "none"].append(i)
+    report: dict = {}
+    for name, idx in groups.items():
+        row: dict = {"problems": len(idx)}
+        for k in ks:
+            values = [pass_at_k(n, sum(passed[i]), k) for i in idx]
+            row[f"pass@{k}"] = sum(values) / len(values)
+            if k == 1:
+                row["pass@1_ci95"] = bootstrap_ci(values)
+        row["mixed"] = sum(0 < sum(passed[i]) < n for i in idx) / len(idx)
+        report[name] = row
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    defaults = WarmStartConfig()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(WarmStartConfig):
+        kind = {"int | None": int}.get(str(f.type), {"int": int, "float": float}.get(str(f.type), None))
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind or int, default=getattr(defaults, f.name))
+    parser.add_argument("--suite-seed", type=int, default=0)
+    parser.add_argument("--train-problems", type=int, default=None, help="first N train problems (default: all)")
+    parser.add_argument("--eval-problems", type=int, default=200, help="first N test problems")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--executor-workers", type=int, default=2)
+    parser.add_argument("--cache-root", default=str(Path.home() / ".cache" / "bcoder-ray" / "warm_start"))
+    parser.add_argument("--fresh", action="store_true", help="train into a temporary cache (always retrains)")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    cfg = WarmStartConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WarmStartConfig)})
+
+    from envs.execute import Executor
+
+    train = load_suite("embedded", "train", seed=args.suite_seed)[: args.train_problems]
+    test = load_suite("embedded", "test", seed=args.suite_seed, limit=args.eval_problems)
+    cache_root = tempfile.mkdtemp(prefix="warm-calibration-") if args.fresh else args.cache_root
+    started = time.time()
+    path = warm_start(train, cfg, cache_root)
+    warm_wall = time.time() - started
+    record = json.loads((path / "warm_start.json").read_text())
+    torch.set_num_threads(cfg.num_threads or torch.get_num_threads())
+    model = GPT2LMHeadModel.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+
+    started = time.time()
+    samples = sample(model, tokenizer, test, args.samples, cfg.max_prompt_len, cfg.max_program_len,
+                     args.temperature, args.top_p, cfg.seed)
+    greedy = sample(model, tokenizer, test, 1, cfg.max_prompt_len, cfg.max_program_len, 1.0, 1.0, cfg.seed,
+                    greedy=True)
+    flat_problems = [p for p, progs in zip(test, samples) for _ in progs] + list(test)
+    flat_programs = [prog for progs in samples for prog in progs] + [g[0] for g in greedy]
+    with Executor(workers=args.executor_workers) as executor:
+        results = score_programs(executor, flat_problems, flat_programs)
+    eval_wall = time.time() - started
+    sampled, greedy_results = results[: -len(test)], results[-len(test):]
+    passed = [[r.passed for r in sampled[i * args.samples:(i + 1) * args.samples]] for i in range(len(test))]
+
+    figures = {
+        "command": " ".join(["python experiments/calibrate_embedded.py"] + (argv if argv is not None else sys.argv[1:])),
+        "config": dataclasses.asdict(cfg), "warm_start_path": str(path), "parameters": record["parameters"],
+        "train_problems": len(train), "eval_problems": len(test), "samples": args.samples,
+        "temperature": args.temperature, "top_p": args.top_p,
+        "final_train_loss": record["final_loss"], "warm_start_train_wall_s": record["wall_time_s"],
+        "warm_start_call_wall_s": round(warm_wall, 1), "evaluation_wall_s": round(eval_wall, 1),
+        "greedy_pass@1": sum(r.passed for r in greedy_results) / len(test),
+        "outcomes": dict(Counter(r.outcome.value for r in sampled)),
+        "metrics": summarize(test, passed, [k for k in (1, 5, args.samples) if k <= args.samples]),
+    }
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+if __name__ == "__main__":
+    main()

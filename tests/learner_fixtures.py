@@ -1,0 +1,38 @@
+"""Tiny checkpoints for the learner-core tests (helper module, not a test file): built from configs, saved locally."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+
+KINDS = ("decoder-only", "encoder-decoder")
+EOS = 1
+PAD = 0
+
+
+def tiny_checkpoint(kind: str, directory: str, *, vocab_size: int = 48, seed: int = 0, eos: int = EOS,
+                    pad: int = PAD) -> str:
+    """A 2-layer GPT-2 (decoder-only) or T5 (encoder-decoder) with d_model 32, random weights, no dropout."""
+    torch.manual_seed(seed)
+    if kind == "decoder-only":
+        config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                            bos_token_id=eos, eos_token_id=eos, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            initializer_range=0.2)
+        model = GPT2LMHeadModel(config)
+    elif kind == "encoder-decoder":
+        config = T5Config(vocab_size=vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                          dropout_rate=0.0, decoder_start_token_id=pad, pad_token_id=pad, eos_token_id=eos,
+                          initializer_factor=1.5)
+        model = T5ForConditionalGeneration(config)
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(directory)
+    return directory
+
+
+def perturb(params, scale: float = 0.05, seed: int = 1) -> None:
+    """Move the given parameters off their initial values (stands in for a trained network)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * scale * (p.abs().mean() + 0.1))
