@@ -184,7 +184,8 @@ def _threads(cpus: float) -> int:
 class Run:
     """One run of the loop (state in the run folder; this object only holds handles for its lifetime)."""
 
-    def __init__(self, plan: RunPlan):
+    def __init__(self, plan: RunPlan, worker_cls: type | None = None):
+        self.worker_cls = worker_cls
         self.cfg = plan.cfg
         self.run_dir = plan.run_dir
         self.state = RunState.load(self.run_dir)
@@ -291,13 +292,14 @@ class Run:
                             prompts_per_call=section.prompts_per_call)
 
     def rollout(self, iteration: int, policy, n_train: int) -> dict:
-        from bcoder_ray.rollout import make_tasks
+        from bcoder_ray.rollout import iteration_slice, make_tasks
 
         r = self.cfg.rollout
         sampling = self.sampling(r)
-        tasks = make_tasks(f"it{iteration}", n_train, r.problems_per_task, iteration, self.cfg.run.seed)
+        indices = iteration_slice(n_train, r.problems_per_iteration, iteration)
+        tasks = make_tasks(f"it{iteration}", indices, r.problems_per_task, iteration, self.cfg.run.seed)
         started = time.time()
-        bar = self.bar(n_train * sampling.n, f"rollout it{iteration} (sample+execute)")
+        bar = self.bar(len(indices) * sampling.n, f"rollout it{iteration} (sample+execute)")
         summaries = self.pool.map("rollout", tasks, policy, sampling, "train",
                                   on_result=lambda task, s: bar.update(s["programs"]))
         bar.close()
@@ -375,7 +377,7 @@ class Run:
 
         ev = self.cfg.evaluation
         sampling = self.sampling(ev)
-        tasks = make_tasks(f"eval-{label}", len(held_out), self.cfg.rollout.problems_per_task, -1,
+        tasks = make_tasks(f"eval-{label}", range(len(held_out)), self.cfg.rollout.problems_per_task, -1,
                            self.cfg.run.seed + 7)
         started = time.time()
         bar = self.bar(len(held_out) * sampling.n, f"evaluate {label}")
@@ -498,7 +500,7 @@ class Run:
                               target_len=cfg.model.target_len, buffer_uri=self.buffer_uri(),
                               executor_workers=cfg.executor.workers, executor_options=cfg.executor.options,
                               num_threads=_threads(r.cpus_per_actor), dtype=cfg.model.dtype)
-            self.pool = ActorPool(PolicyWorker, ActorSettings(num_actors=r.num_actors, num_cpus=r.cpus_per_actor,
+            self.pool = ActorPool(self.worker_cls or PolicyWorker, ActorSettings(num_actors=r.num_actors, num_cpus=r.cpus_per_actor,
                                                               num_gpus=r.gpus_per_actor,
                                                               max_restarts=r.max_restarts,
                                                               max_task_retries=r.max_restarts),
@@ -526,9 +528,10 @@ class Run:
         return RunSummary(self.run_dir, self.state, table)
 
 
-def run(plan: RunPlan) -> RunSummary:
-    """Run (or resume) the loop described by `plan`; returns the final table and state."""
-    return Run(plan).execute()
+def run(plan: RunPlan, worker_cls: type | None = None) -> RunSummary:
+    """Run (or resume) the loop described by `plan`; returns the final table and state. `worker_cls`: a
+    `rollout.PolicyWorker` subclass for the actors (tests inject faults with it)."""
+    return Run(plan, worker_cls).execute()
 
 
 # ------------------------------------------------------------------------------------------ the final table

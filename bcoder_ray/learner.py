@@ -170,7 +170,10 @@ def train_loop_per_worker(config: dict) -> None:
     from bcoder_ray.replay_buffer import rows_from_batch
     from bcoder_ray.tokenization import pad_id
 
+    from bcoder_ray.rollout import quiet_libraries
+
     job = StageJob(**config["job"])
+    quiet_libraries()
     torch.set_num_threads(max(1, job.threads_per_worker))
     torch.manual_seed(job.seed)
     ctx = ray.train.get_context()
@@ -311,7 +314,10 @@ class TargetComputer:
         from bcoder_ray.q_model import QModel
         from bcoder_ray.tokenization import pad_id
 
+        from bcoder_ray.rollout import quiet_libraries
+
         torch.set_num_threads(max(1, spec.threads))
+        quiet_libraries()
         self.spec = spec
         parts = ("ckpt", "phi") if spec.phi_dir else ("ckpt",)
         self.model = QModel.create(spec.checkpoint, parts=parts, phi_dir=spec.phi_dir, alpha=spec.alpha,

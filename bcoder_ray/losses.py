@@ -5,6 +5,8 @@ Public API
 - ``phi_loss(model, batch, *, gamma, encoded=None) -> (loss, metrics)``: L_V of eq. 12 for φ.
 - ``theta_loss(model, batch, *, gamma, beta_adv=0.1, beta_ce=0.5, operator="conservative", aux_reduction="sum",
   encoded=None) -> (loss, metrics)``: L_ft of eq. 17 for θ.
+- ``StageLoss(model, stage, **loss_kwargs)``: an ``nn.Module`` whose ``forward(batch)`` returns ``phi_loss`` or
+  ``theta_loss`` of ``model`` — the thing to wrap in ``DistributedDataParallel`` (DDP needs a forward call).
 - ``OPERATORS = ("conservative", "optimality")``; ``AUX_REDUCTIONS = ("sum", "mean")``.
 ``loss`` is a scalar tensor (backward it); ``metrics`` is a dict of floats: phi — ``l_v``, ``td_error`` (mean |TD|
 over valid tokens), ``v_mean``, ``q_mean``; theta — ``l_q``, ``l_adv``, ``l_ce``, ``loss``, ``td_error``,
@@ -33,7 +35,7 @@ Conventions (program w_0 … w_{T-1}, state s_t, action a_t = w_t, reward r at t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from bcoder_ray.batch import Batch
 from bcoder_ray.q_model import Encoded, QModel, capped_value
@@ -109,7 +111,8 @@ def theta_loss(model: QModel, batch: Batch, *, gamma: float, beta_adv: float = 0
         target_actions = target_actions if target_actions is not None else live.target_actions
         v_phi = v_phi if v_phi is not None else live.v_phi
 
-    out = model.theta_outputs(batch, encoded, v_phi if needs_v_phi else None)
+    human = batch.is_human
+    out = model.theta_outputs(batch, encoded, v_phi if needs_v_phi else None, lse_rows=human)
     mask = batch.program_mask.bool()
     if needs_actions:
         # target_actions[:, t] = â_{t+1} is an action in state s_{t+1}: read Q_θ(s_{t+1}, â_{t+1}) at index t+1
@@ -121,14 +124,12 @@ def theta_loss(model: QModel, batch: Batch, *, gamma: float, beta_adv: float = 0
     td = td_targets(bootstrap, batch, gamma) - out.q
     l_q = _per_program_mean(td.pow(2), mask)                               # eq. 15
 
-    human = batch.is_human
     n_human = int(human.sum())
     l_adv = l_ce = out.q.new_zeros(())
     if n_human:
         h_mask = mask[human].float()
         per_token_adv = out.advantage[human].abs()                          # eq. 8: |A_θ(s*_t, a*_t)|
-        per_token_ce = F.cross_entropy(out.logits[human].float().transpose(1, 2), batch.program_ids[human],
-                                       reduction="none")                   # -log π_θ(a*_t | s*_t)
+        per_token_ce = (out.log_z - out.taken_logit).float()[human]         # -log π_θ(a*_t | s*_t)
         norm = h_mask.sum(1).clamp_min(1.0) if aux_reduction == "mean" else torch.ones_like(h_mask[:, 0])
         l_adv = ((per_token_adv * h_mask).sum(1) / norm).mean()
         l_ce = ((per_token_ce * h_mask).sum(1) / norm).mean()
@@ -139,3 +140,17 @@ def theta_loss(model: QModel, batch: Batch, *, gamma: float, beta_adv: float = 0
                "q_mean": _masked_mean(out.q.detach(), mask), "adv_mean": _masked_mean(out.advantage.detach(), mask),
                "n_human": float(n_human)}
     return loss, metrics
+
+
+class StageLoss(nn.Module):
+    """``forward(batch) -> (loss, metrics)`` of one stage, so that DDP (Ray Train) can wrap the learner."""
+
+    def __init__(self, model: QModel, stage: str, **loss_kwargs):
+        super().__init__()
+        if stage not in ("phi", "theta"):
+            raise ValueError(f"StageLoss: stage must be 'phi' or 'theta', got {stage!r}")
+        self.model, self.stage, self.loss_kwargs = model, stage, loss_kwargs
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        fn = phi_loss if self.stage == "phi" else theta_loss
+        return fn(self.model, batch, **self.loss_kwargs)

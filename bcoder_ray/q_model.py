@@ -24,8 +24,10 @@ Public API
     ``encode(batch) -> Encoded | None``: the frozen shared encoder's output (None for decoder-only).
     ``ckpt_logits(batch, encoded) -> [B,T,V]``: ℓ_ckpt(s_t, ·) for t = 0 … T-1 (no grad).
     ``phi_raw_values(batch, encoded) -> [B,T]``: raw v_φ(s_t) (V_φ = capped_value(v_φ, r_max)).
-    ``theta_outputs(batch, encoded, v_phi) -> ThetaOutputs``: ℓ_θ, max ℓ_θ, A_θ(s_t,a_t), V_θ(s_t), Q_θ(s_t,a_t) for
-      every state of the teacher-forced program (eq. 16 with the G.1/G.2 value head).
+    ``theta_outputs(batch, encoded, v_phi, lse_rows=None) -> ThetaOutputs``: ℓ_θ, max ℓ_θ, ℓ_θ(s_t,a_t), log Z
+      (rows in ``lse_rows``), A_θ(s_t,a_t), V_θ(s_t), Q_θ(s_t,a_t) for every state of the teacher-forced program
+      (eq. 16 with the G.1/G.2 value head).
+- ``token_logit_stats(logits, actions, lse_rows=None) -> (max ℓ, ℓ[a_t], log Z)``: one fused autograd op.
     ``save_theta(dir, tokenizer=None)``: ``dir`` loads as a plain LM with ``transformers``' ``from_pretrained``;
       ``value_heads.safetensors`` (h1, h2) and ``bcoder_q.json`` sit beside it.
     ``save_phi(dir, tokenizer=None)``: φ's body as the model's plain base model (``AutoModel.from_pretrained``;
@@ -256,19 +258,62 @@ class QNet(PolicyLM):
         return (self.h1(hidden) - self.h2(hidden)).squeeze(-1)
 
 
+class _TokenLogitStats(torch.autograd.Function):
+    """max_a ℓ, ℓ[a_t] and (on chosen rows) log Σ_a exp ℓ from one [N, V] logits tensor, with a backward that
+    writes one [N, V] gradient (two scatters + a softmax on the chosen rows) instead of one dense tensor per op."""
+
+    @staticmethod
+    def forward(ctx, logits, actions, lse_rows):
+        max_logit, argmax = logits.max(dim=-1)
+        taken = logits.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        log_z = torch.zeros(max_logit.shape, dtype=torch.float32, device=logits.device)
+        if lse_rows.numel():
+            log_z[lse_rows] = torch.logsumexp(logits[lse_rows].float(), dim=-1)
+        ctx.save_for_backward(logits, actions, argmax, lse_rows, log_z)
+        ctx.mark_non_differentiable(argmax)
+        return max_logit, taken, log_z, argmax
+
+    @staticmethod
+    def backward(ctx, g_max, g_taken, g_log_z, _):
+        logits, actions, argmax, lse_rows, log_z = ctx.saved_tensors
+        grad = torch.zeros_like(logits)
+        if lse_rows.numel() and g_log_z is not None:
+            softmax = (logits[lse_rows].float() - log_z[lse_rows].unsqueeze(-1)).exp()
+            grad[lse_rows] = (softmax * g_log_z[lse_rows].unsqueeze(-1)).to(grad.dtype)
+        if g_max is not None:
+            grad.scatter_add_(-1, argmax.unsqueeze(-1), g_max.unsqueeze(-1).to(grad.dtype))
+        if g_taken is not None:
+            grad.scatter_add_(-1, actions.unsqueeze(-1), g_taken.unsqueeze(-1).to(grad.dtype))
+        return grad, None, None
+
+
+def token_logit_stats(logits: torch.Tensor, actions: torch.Tensor, lse_rows: torch.Tensor | None = None):
+    """(max_a ℓ [B,T], ℓ[a_t] [B,T], log Z [B,T] (0 outside ``lse_rows``)) for logits [B,T,V], actions [B,T];
+    ``lse_rows`` is a bool [B] of the rows that need log Z (the cross-entropy's programs)."""
+    b, t, v = logits.shape
+    rows = torch.zeros(0, dtype=torch.long, device=logits.device)
+    if lse_rows is not None:
+        rows = torch.nonzero(lse_rows.repeat_interleave(t)).flatten()
+    max_logit, taken, log_z, _ = _TokenLogitStats.apply(logits.reshape(b * t, v), actions.reshape(b * t), rows)
+    return max_logit.view(b, t), taken.view(b, t), log_z.view(b, t)
+
+
 @dataclass
 class ThetaOutputs:
     """Per-state outputs of θ over a teacher-forced batch (all [B, T] except ``logits`` [B, T, V])."""
     logits: torch.Tensor      # ℓ_θ(s_t, ·)
     max_logit: torch.Tensor   # max_a ℓ_θ(s_t, a)
+    taken_logit: torch.Tensor  # ℓ_θ(s_t, a_t)
+    log_z: torch.Tensor       # log Σ_a exp ℓ_θ(s_t, a) on the rows asked for (``lse_rows``), else 0
     advantage: torch.Tensor   # A_θ(s_t, a_t) = α(ℓ_θ(s_t, a_t) - max_a ℓ_θ(s_t, a)) ≤ 0 (eq. 7, 16)
     value: torch.Tensor       # V_θ(s_t) = R_max - softabs(v_φ(s_t) + v^r_θ(s_t))
     q: torch.Tensor           # Q_θ(s_t, a_t) = A + V
 
     def q_of(self, actions: torch.Tensor, alpha: float) -> torch.Tensor:
-        """Q_θ(s_t, actions[:, t]) for any actions [B, T] (entries < 0 read as action 0; mask them yourself)."""
-        picked = self.logits.gather(-1, actions.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        return alpha * (picked - self.max_logit).float() + self.value
+        """Q_θ(s_t, actions[:, t]) for any actions [B, T], detached (entries < 0 read as action 0; mask them)."""
+        with torch.no_grad():
+            picked = self.logits.gather(-1, actions.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            return alpha * (picked - self.max_logit).float() + self.value
 
 
 def _new_head(d_model: int, out: int, like: torch.Tensor, generator: torch.Generator) -> nn.Linear:
@@ -349,7 +394,8 @@ class QModel(nn.Module):
     """The networks one stage holds (see the module docstring); any of ckpt, phi, theta may be None."""
 
     def __init__(self, *, kind: str, config: PretrainedConfig, alpha: float, r_max: float, pad_id: int,
-                 decoder_start_id: int | None, encoder: SharedEncoder | None, ckpt: PolicyLM | None, phi: ValueNet | None, theta: QNet | None):
+                 decoder_start_id: int | None, encoder: SharedEncoder | None, ckpt: PolicyLM | None,
+                 phi: ValueNet | None, theta: QNet | None):
         super().__init__()
         self.kind, self.alpha, self.r_max, self.config = kind, float(alpha), float(r_max), config
         self.pad_id, self.decoder_start_id = pad_id, decoder_start_id
@@ -538,13 +584,14 @@ class QModel(nn.Module):
             raise ValueError("this QModel holds no φ (create it with 'phi' in parts, or use cached v_phi)")
         return self.phi.raw_values(batch, encoded).float()
 
-    def theta_outputs(self, batch: Batch, encoded: Encoded | None, v_phi: torch.Tensor | None) -> ThetaOutputs:
+    def theta_outputs(self, batch: Batch, encoded: Encoded | None, v_phi: torch.Tensor | None,
+                      lse_rows: torch.Tensor | None = None) -> ThetaOutputs:
+        """``lse_rows`` (bool [B]): rows whose log Z is wanted (for the cross-entropy of π_θ)."""
         if self.theta is None:
             raise ValueError("this QModel holds no θ")
         hidden = self.theta.states(batch, encoded)
         logits = self.theta.logits(hidden)
-        max_logit = logits.max(dim=-1).values
-        taken = logits.gather(-1, batch.program_ids.unsqueeze(-1)).squeeze(-1)
+        max_logit, taken, log_z = token_logit_stats(logits, batch.program_ids, lse_rows)
         advantage = self.alpha * (taken - max_logit).float()                       # eq. 7 / 16
         raw = self.theta.residual_value(hidden).float()                            # V^r_θ = h1 - h2 (G.2)
         if self.theta.uses_phi:
@@ -552,4 +599,4 @@ class QModel(nn.Module):
                 raise ValueError("θ needs v_φ(s_t): pass cached v_phi or hold φ")
             raw = raw + v_phi.float()
         value = capped_value(raw, self.r_max)                                      # G.1 on the summed raw heads
-        return ThetaOutputs(logits, max_logit, advantage, value, advantage + value)
+        return ThetaOutputs(logits, max_logit, taken, log_z, advantage, value, advantage + value)

@@ -97,20 +97,38 @@ class ActorSettings:
     max_task_retries: int = 3
 
 
+def quiet_libraries() -> None:
+    """No per-load progress bars from transformers inside actors and workers (they would flood the driver)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def stable_seed(*parts: Any) -> int:
     """A 31-bit seed from any JSON-able parts (run seed, iteration, task index)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big") & 0x7FFFFFFF
 
 
-def make_tasks(prefix: str, n_problems: int, per_task: int, iteration: int, seed: int) -> list[Task]:
-    """Split problem indices 0..n-1 into tasks of `per_task` problems with keys `<prefix>-t<k>`."""
+def make_tasks(prefix: str, indices: Sequence[int], per_task: int, iteration: int, seed: int) -> list[Task]:
+    """Split problem indices into tasks of `per_task` problems with keys `<prefix>-t<k>` (stable: the same
+    arguments give the same keys and seeds, so a redone task writes nothing new)."""
+    indices = list(indices)
     tasks = []
-    for k, start in enumerate(range(0, n_problems, per_task)):
-        key = f"{prefix}-t{k:04d}"
-        tasks.append(Task(key=key, problem_indices=tuple(range(start, min(start + per_task, n_problems))),
+    for k, start in enumerate(range(0, len(indices), per_task)):
+        tasks.append(Task(key=f"{prefix}-t{k:04d}", problem_indices=tuple(indices[start:start + per_task]),
                           iteration=iteration, seed=stable_seed(seed, prefix, k)))
     return tasks
+
+
+def iteration_slice(n_problems: int, per_iteration: int | None, iteration: int) -> list[int]:
+    """The train problems an iteration rolls out on: all, or the iteration-th window of `per_iteration`
+    (wrapping around), so successive iterations see new problems."""
+    if per_iteration is None or per_iteration >= n_problems:
+        return list(range(n_problems))
+    start = (iteration * per_iteration) % n_problems
+    return [(start + j) % n_problems for j in range(per_iteration)]
 
 
 # ---------------------------------------------------------------------------------------------- executors
@@ -165,6 +183,7 @@ class PolicyWorker:
         from bcoder_ray.tokenization import encode_prompt, tokenizer_fingerprint
 
         torch.set_num_threads(max(1, args.num_threads))
+        quiet_libraries()
         self.args = args
         self.actor_name = actor_name or f"actor-{os.getpid()}"
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)

@@ -6,7 +6,7 @@ Public API
   (no gradient) — ``target_actions`` (int64), ``a_ckpt`` (float32), ``v_phi`` (float32 or None). Needs ``model.ckpt``
   (θ_ckpt), and ``model.phi`` for ``v_phi``. The losses call this for live targets.
 - ``compute_frozen_targets(model, batch, *, with_v_phi=None) -> list[dict]``: the same, one dict per program of the
-  batch, each value a list as long as that program's ``program_ids`` — the replay buffer's columns
+  batch (a ``Batch``, or buffer rows with ``prompt_ids`` and ``program_ids``, collated with ``model.pad_id``), each value a list as long as that program's ``program_ids`` — the replay buffer's columns
   ``target_actions`` (list[int]), ``a_ckpt`` (list[float]) and, when φ is held, ``v_phi`` (list[float]).
   ``with_v_phi`` defaults to "when the model holds φ".
 - ``targets_fingerprint(checkpoint, tokenizer, *, max_prompt_len, max_program_len, alpha, phi_checkpoint=None,
@@ -31,10 +31,11 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import torch
 
-from bcoder_ray.batch import NO_ACTION, Batch
+from bcoder_ray.batch import NO_ACTION, Batch, collate
 from bcoder_ray.q_model import Encoded, QModel
 from bcoder_ray.tokenization import tokenizer_fingerprint
 
@@ -71,7 +72,14 @@ def frozen_target_tensors(model: QModel, batch: Batch, encoded: Encoded | None =
     return FrozenTargets(target_actions, a_ckpt, v_phi)
 
 
-def compute_frozen_targets(model: QModel, batch: Batch, *, with_v_phi: bool | None = None) -> list[dict]:
+def compute_frozen_targets(model: QModel, batch: Batch | Sequence[Mapping], *,
+                           with_v_phi: bool | None = None) -> list[dict]:
+    if not isinstance(batch, Batch):
+        rows = [{"reward": 0.0, "is_human": False, **{k: r[k] for k in ("prompt_ids", "program_ids")}}
+                for r in batch]
+        batch = collate(rows, model.pad_id)
+    device = next(model.parameters()).device
+    batch = batch.to(device)
     targets = frozen_target_tensors(model, batch, with_v_phi=with_v_phi)
     lengths = batch.lengths.tolist()
     rows = []

@@ -230,7 +230,6 @@ def warm_start(problems: list[Problem], cfg: WarmStartConfig, cache_root: str | 
     try:
         torch.manual_seed(cfg.seed)
         tokenizer = train_tokenizer([text for pair in pairs for text in pair], cfg.vocab_size)
-        tokenizer.model_max_length = cfg.max_prompt_len + cfg.max_program_len
         examples = encode_pairs(tokenizer, pairs, cfg.max_prompt_len, cfg.max_program_len)
         model = build_model(cfg, tokenizer)
         losses = train_model(model, examples, cfg, pad_id(tokenizer), progress=progress)

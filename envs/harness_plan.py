@@ -10,8 +10,9 @@ test's shape allows: expected values never enter the program's process.
   the arguments of the program's own calls, e.g. `f(1, 2)` or `sorted(candidate([3, 1]))`. The child
   evaluates only the holes and ships their plain values; the parent evaluates the rest of `E` (the
   comparison, `abs(... - 0.5) < 1e-6`, `math.isclose(..., 1.5)`, literals) with `compare.evaluate`.
+  A builtin name the program redefines (MBPP 126 defines `sum`) counts as the program's.
   Shapes this cannot express (loops, local variables, helper functions of the test, `and`/`or` around the
-  program's calls, a test name the program redefines) are run whole in the child, and their TestResult is
+  program's calls) are run whole in the child, and their TestResult is
   marked `judged_in_parent=False`.
 """
 
@@ -144,10 +145,7 @@ def _plan_assert_source(src: str, shadowed: frozenset[str]) -> tuple[Item, list[
 
 def _plan_expr(test: ast.expr, shadowed: frozenset[str]) -> tuple[Item, list[str]]:
     """Split `test` into holes (source texts, evaluated in the child) and a parent-side expression."""
-    names = {n.id for n in ast.walk(test) if isinstance(n, ast.Name)}
-    if names & shadowed:
-        return Item(None), []
-    trusted = TRUSTED_NAMES
+    trusted = TRUSTED_NAMES - shadowed  # a builtin the program redefines is the program's (as in Python)
     holes: list[str] = []
 
     def untrusted(n: ast.AST) -> bool:
@@ -230,7 +228,7 @@ _BIND = r"(?:\bdef\s+{0}\b|\bclass\s+{0}\b|^[ \t]*{0}\s*(?:=[^=]|:|,)|\bimport\b
 
 def shadowed_names(program: str) -> frozenset[str]:
     """Trusted names (builtins the parent evaluates itself) that the program may rebind: a conservative
-    textual check; a test using such a name is run in the child instead."""
+    textual check; in a test, such a name is the program's and is evaluated in the child."""
     present = {name for name in TRUSTED_NAMES if name in program}
     out = set()
     for n in present:

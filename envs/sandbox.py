@@ -69,6 +69,7 @@ class SandboxOptions:
     drop_privileges: bool = True
     uid_base: int = 61000
     tmp_mb: int = 512
+    user_namespace: bool | None = None  # None: only when not root (True as root tests the ordinary-user path)
 
 
 class WorkerError(RuntimeError):
@@ -104,14 +105,16 @@ class Worker:
 
     def _start(self, use_ns: bool, timeout: float) -> None:
         root = os.geteuid() == 0
-        cfg = {"uid": self.options.uid_base + self.index if root and self.options.drop_privileges else None,
-               "drop_caps": bool(use_ns and not root and self.options.drop_privileges),
+        userns = use_ns and (not root if self.options.user_namespace is None else self.options.user_namespace)
+        drop = self.options.drop_privileges
+        cfg = {"uid": self.options.uid_base + self.index if root and not userns and drop else None,
+               "drop_caps": bool(userns and drop),
                "filesystem": bool(use_ns and self.options.filesystem),
                "binds": _binds(), "masks": _masks(), "tmp_mb": self.options.tmp_mb,
                "host_mnt_ns": _mnt_ns()}
         cmd = [sys.executable, "-I", "-c", _BOOT.format(path=_ZYGOTE), json.dumps(cfg)]
         if use_ns:
-            ns = ["--user", "--map-root-user"] if not root else []
+            ns = ["--user", "--map-root-user"] if userns else []
             cmd = [shutil.which("unshare"), *ns, "--mount", "--net", "--pid", "--fork", "--kill-child",
                    "--mount-proc", "--", *cmd]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(_ENV),
@@ -120,7 +123,7 @@ class Worker:
         if hello is None or hello.get("k") != "hello":
             raise WorkerError(f"worker {'in namespaces ' if use_ns else ''}did not start "
                               f"(exit status {self.proc.poll()})")
-        self.isolation = {"namespaces": use_ns, "user_namespace": use_ns and not root, **hello["isolation"]}
+        self.isolation = {"namespaces": use_ns, "user_namespace": userns, **hello["isolation"]}
 
     def kill(self) -> None:
         p = self.proc

@@ -221,14 +221,32 @@ def _run_job(job: dict, cfg: dict, work_base: str) -> dict:
     os.close(rfd)
     harness.kill_descendants()
     shutil.rmtree(workdir, ignore_errors=True)
+    for scratch in cfg.get("scratch", ()):  # the private root's /tmp and /dev/shm: nothing carries over
+        _empty_dir(scratch)
     return {"frames": frames, "timeout": timeout, "status": status, "wall": time.monotonic() - t0}
+
+
+def _empty_dir(path: str) -> None:
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return
+    for name in names:
+        p = os.path.join(path, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
 
 
 def _relay(pid: int, rfd: int, lim: dict, t0: float) -> tuple[list, bool, int | None]:
     """Collect the child's frames until it exits, enforcing the wall clocks; SIGKILL on a timeout."""
     per_test = float(lim["timeout_per_test"])
     # stdio children time each test themselves and report the timeout; this is the backstop.
-    slack = 1.0 if job_style(lim) == "stdio" else 0.0
+    slack = 1.0 if lim.get("style") == "stdio" else 0.0
     program_deadline = t0 + float(lim["timeout_per_program"])
     test_deadline = t0 + per_test + slack + float(lim.get("startup_grace", 0.5))
     pidfd = os.pidfd_open(pid)
@@ -270,10 +288,6 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float) -> tuple[list, bool, int | 
     return [_decode(f) for f in frames], timeout, status
 
 
-def job_style(lim: dict) -> str:
-    return lim.get("style", "")
-
-
 def _drain(rfd: int, buf: bytearray, frames: list, budget: int) -> None:
     os.set_blocking(rfd, False)
     try:
@@ -305,6 +319,29 @@ def _network_isolated() -> bool:
         return False
 
 
+def _own_mount_namespace(host: str) -> bool:
+    """Never touch mounts unless this process is in a mount namespace of its own."""
+    try:
+        return bool(host) and os.readlink("/proc/self/ns/mnt") != host
+    except OSError:
+        return False
+
+
+def _world_accessible(*paths: str) -> bool:
+    for path in paths:
+        p = os.path.realpath(path)
+        while True:
+            try:
+                if not os.stat(p).st_mode & 0o001:
+                    return False
+            except OSError:
+                return False
+            if p == "/":
+                break
+            p = os.path.dirname(p)
+    return True
+
+
 def main(cfg: dict) -> None:
     pid1 = os.getpid() == 1
     if not pid1:
@@ -318,16 +355,21 @@ def main(cfg: dict) -> None:
     report = {"pid_namespace": pid1, "network_namespace": _network_isolated(), "filesystem": "host",
               "uid": cfg.get("uid"), "drop_caps": bool(cfg.get("drop_caps")), "subreaper": not pid1}
     work_base = None
-    if cfg.get("filesystem"):
+    if cfg.get("filesystem") and _own_mount_namespace(cfg.get("host_mnt_ns", "")):
         try:
             build_root(cfg["binds"], cfg.get("masks", []), int(cfg.get("tmp_mb", 512)))
             report["filesystem"] = "private read-only root"
             work_base = "/tmp"
+            cfg["scratch"] = ["/tmp", "/dev/shm"]
         except OSError as e:
             report["filesystem_error"] = str(e)
     if work_base is None:
         work_base = tempfile.mkdtemp(prefix="bcoder-sandbox-")
         os.chmod(work_base, 0o711)
+        if cfg.get("uid") is not None and not _world_accessible(sys.base_prefix, sys.prefix, work_base):
+            cfg["uid"] = None  # an unprivileged uid could not even import the standard library here
+            report["uid"] = None
+            report["uid_drop_skipped"] = "the Python installation is not readable by other users"
     os.environ.clear()
     os.environ.update(SAFE_ENV)
     wire.write_frame(1, {"k": "hello", "isolation": report})

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from bcoder_ray.batch import collate
 from bcoder_ray.losses import phi_loss, theta_loss
-from bcoder_ray.q_model import QModel, capped_value, load_lm, softabs
+from bcoder_ray.q_model import QModel, capped_value, load_lm, softabs, token_logit_stats
 from learner_fixtures import EOS, KINDS, PAD, perturb, tiny_checkpoint
 
 torch.set_num_threads(1)
@@ -191,3 +191,22 @@ def test_stage_holds_only_what_it_needs(checkpoint):
     n_theta = sum(p.numel() for p in theta_only.parameters())
     n_all = sum(p.numel() for p in QModel.create(checkpoint).parameters())
     assert n_theta < n_all
+
+
+def test_fused_logit_statistics_match_plain_autograd():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    actions = torch.randint(0, 11, (3, 5), generator=g)
+    rows = torch.tensor([True, False, True])
+    weights = torch.randn(3, 3, 5, generator=g, dtype=torch.float64)
+    max_logit, taken, log_z = token_logit_stats(logits, actions, rows)
+    (weights[0] * max_logit + weights[1] * taken + weights[2] * log_z).sum().backward()
+    fused = logits.grad.clone()
+    logits.grad = None
+    ref_max = logits.max(-1).values
+    ref_taken = logits.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    ref_log_z = torch.logsumexp(logits, -1) * rows.unsqueeze(1)
+    assert torch.allclose(max_logit, ref_max) and torch.allclose(taken, ref_taken)
+    assert torch.allclose(log_z.double(), ref_log_z.detach(), atol=1e-6)
+    (weights[0] * ref_max + weights[1] * ref_taken + weights[2] * ref_log_z).sum().backward()
+    assert torch.allclose(fused, logits.grad, atol=1e-6)

@@ -1,0 +1,222 @@
+"""Benchmark of the learner core against plain LM baselines, measured side by side in one run (CPU by default).
+
+Prints, per model kind:
+- ``theta_step_vs_ce``: a stage-θ step (eq. 17, cached targets) / a plain cross-entropy step of the same model
+  (``transformers`` forward with labels). Goal ≤ 1.15.
+- ``phi_step_vs_ce``: a stage-φ step (eq. 12, cached A_ckpt) / the same cross-entropy step (φ's decoder with an LM
+  head is that model). Goal ≤ 1.05.
+- ``qsample_vs_generate``: Q-sampling tokens/s / ``model.generate`` tokens/s, same prompts and settings.
+  Goal ≥ 0.95.
+- ``rank_vs_sample``: the ranking pass's time per candidate / the sampling time per candidate.
+Both sides of each ratio train the same parameters and freeze the same parts (the shared encoder of an
+encoder-decoder); each side has its own AdamW. Timings alternate A, B, A, B … and the ratio is of the medians, so
+load from other processes hits both sides alike. The last line is ``theta_step_vs_ce: X``, the worst (largest)
+over the kinds run.
+
+    python experiments/bench_learner.py                       # small random GPT-2 and T5, built from configs
+    python experiments/bench_learner.py --checkpoint PATH     # a local checkpoint instead
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+
+from bcoder_ray.batch import Batch, collate
+from bcoder_ray.losses import phi_loss, theta_loss
+from bcoder_ray.q_model import ENCODER_DECODER, QModel, lm_kind, positions_from_mask
+from bcoder_ray.ranking import token_scores
+from bcoder_ray.sampling import sample_programs
+from bcoder_ray.targets import compute_frozen_targets
+
+EOS, PAD = 1, 0
+
+
+def build_small(kind: str, directory: str, vocab: int, d_model: int, layers: int) -> str:
+    torch.manual_seed(0)
+    if kind == ENCODER_DECODER:
+        config = T5Config(vocab_size=vocab, d_model=d_model, d_kv=d_model // 4, d_ff=4 * d_model, num_layers=layers,
+                          num_heads=4, decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS)
+        model = T5ForConditionalGeneration(config)
+    else:
+        config = GPT2Config(vocab_size=vocab, n_embd=d_model, n_layer=layers, n_head=4, n_positions=1024,
+                            bos_token_id=EOS, eos_token_id=EOS)
+        model = GPT2LMHeadModel(config)
+    model.save_pretrained(directory)
+    return directory
+
+
+def make_examples(n: int, prompt_len: int, program_len: int, vocab: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for i in range(n):
+        p = torch.randint(2, vocab, (prompt_len - (i % 3) * 4,), generator=g).tolist()
+        w = torch.randint(2, vocab, (program_len - (i % 4) * 8 - 1,), generator=g).tolist() + [EOS]
+        examples.append({"prompt_ids": p, "program_ids": w, "reward": [1.0, -0.3, -0.6, -1.0][i % 4],
+                         "is_human": i % 2 == 0})
+    return examples
+
+
+def ce_step(model: QModel, batch: Batch, optimiser: torch.optim.Optimizer) -> None:
+    """The plain baseline: transformers' forward with labels (mean CE over program tokens), encoder frozen."""
+    lm = model.theta.lm
+    optimiser.zero_grad(set_to_none=True)
+    if model.kind == ENCODER_DECODER:
+        encoded = model.encode(batch)
+        labels = batch.program_ids.masked_fill(batch.program_mask == 0, -100)
+        loss = lm(encoder_outputs=(encoded.hidden,), attention_mask=batch.prompt_mask, labels=labels).loss
+    else:
+        ids = torch.cat([batch.prompt_ids, batch.program_ids], 1)
+        mask = torch.cat([batch.prompt_mask, batch.program_mask], 1)
+        # logits only where the program's tokens are predicted (as the learner does): a fair baseline
+        logits = lm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                    position_ids=positions_from_mask(mask[:, :-1]), logits_to_keep=batch.program_ids.shape[1]).logits
+        labels = batch.program_ids.masked_fill(batch.program_mask == 0, -100)
+        loss = F.cross_entropy(logits.transpose(1, 2), labels)
+    loss.backward()
+    optimiser.step()
+
+
+def learner_step(loss_fn: Callable, model: QModel, batch: Batch, optimiser: torch.optim.Optimizer) -> None:
+    optimiser.zero_grad(set_to_none=True)
+    loss, _ = loss_fn(model, batch)
+    loss.backward()
+    optimiser.step()
+
+
+def side_by_side(a: Callable[[], object], b: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median seconds of a and of b, alternating, after one warm-up call each."""
+    a(), b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        for fn, times in ((a, times_a), (b, times_b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times_a), statistics.median(times_b)
+
+
+def generate_reference(lm, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float,
+                       top_p: float, seed: int) -> list[list[int]]:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width).unsqueeze(0) >= torch.tensor([[width - len(p)] for p in prompts])).long()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = lm.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p,
+                          top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=n, pad_token_id=PAD,
+                          eos_token_id=EOS)
+    out = out[:, 1:] if lm.config.is_encoder_decoder else out[:, width:]
+    return [row[: row.index(EOS) + 1] if EOS in row else row for row in out.tolist()]
+
+
+def bench_kind(checkpoint: str, args) -> dict[str, float]:
+    config = AutoConfig.from_pretrained(checkpoint)
+    kind, vocab = lm_kind(config), int(config.vocab_size)
+    examples = make_examples(args.batch, args.prompt_len, args.program_len, vocab, seed=0)
+
+    frozen = QModel.create(checkpoint, parts=("ckpt", "phi"))              # the cache writer
+    rows = compute_frozen_targets(frozen, collate(examples, PAD))
+    del frozen
+    batch = collate([{**ex, **row} for ex, row in zip(examples, rows)], PAD)
+
+    results: dict[str, float] = {}
+    theta_model = QModel.create(checkpoint, parts=("theta",))             # stage θ holds θ alone
+    theta_params = theta_model.freeze_for_stage("theta")
+    theta_model.train()
+    opt_q, opt_ce = torch.optim.AdamW(theta_params, lr=1e-5), torch.optim.AdamW(theta_params, lr=1e-5)
+    t_theta, t_ce = side_by_side(
+        lambda: learner_step(lambda m, b: theta_loss(m, b, gamma=0.999), theta_model, batch, opt_q),
+        lambda: ce_step(theta_model, batch, opt_ce), args.repeats)
+    results["theta_step_vs_ce"] = t_theta / t_ce
+
+    phi_model = QModel.create(checkpoint, parts=("phi",))                 # stage φ holds φ alone
+    phi_params = phi_model.freeze_for_stage("phi")
+    phi_model.train()
+    opt_phi = torch.optim.AdamW(phi_params, lr=1e-5)
+    t_phi, t_ce2 = side_by_side(
+        lambda: learner_step(lambda m, b: phi_loss(m, b, gamma=0.999), phi_model, batch, opt_phi),
+        lambda: ce_step(theta_model, batch, opt_ce), args.repeats)
+    results["phi_step_vs_ce"] = t_phi / t_ce2
+    del phi_model, opt_phi
+
+    theta_model.freeze_for_stage("none")
+    theta_model.eval()
+    prompts = [ex["prompt_ids"] for ex in examples[: args.prompts]]
+    settings = dict(max_new_tokens=args.new_tokens, temperature=0.6, top_p=0.95, seed=0)
+    produced: dict[str, list] = {}
+
+    def ours():
+        produced["ours"] = [w for per in sample_programs(theta_model, prompts, args.samples, eos_id=EOS, pad_id=PAD,
+                                                         **settings) for w in per]
+
+    def theirs():
+        produced["theirs"] = generate_reference(theta_model.theta.lm, prompts, args.samples, **settings)
+
+    t_ours, t_theirs = side_by_side(ours, theirs, args.repeats)
+    tokens_ours = sum(len(w) for w in produced["ours"])
+    tokens_theirs = sum(len(w) for w in produced["theirs"])
+    results["qsample_vs_generate"] = (tokens_ours / t_ours) / (tokens_theirs / t_theirs)
+    results["same_tokens_as_generate"] = float(produced["ours"] == produced["theirs"])
+    results["qsample_tokens_per_s"] = tokens_ours / t_ours
+    del theta_model, opt_q, opt_ce
+
+    ranker = QModel.create(checkpoint, parts=("phi", "theta"))            # ranking holds θ and φ
+    candidates = produced["ours"]
+    candidate_prompts = [p for p in prompts for _ in range(args.samples)]
+    start = time.perf_counter()
+    for _ in range(2):
+        token_scores(ranker, candidate_prompts, candidates, gamma=0.999, pad_id=PAD, batch_size=len(candidates))
+    t_rank = (time.perf_counter() - start) / 2
+    results["rank_vs_sample"] = (t_rank / len(candidates)) / (t_ours / len(candidates))
+    results["kind"] = kind
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", help="a local checkpoint (default: small random GPT-2 and T5)")
+    parser.add_argument("--kinds", default="encoder-decoder,decoder-only")
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--program-len", type=int, default=128)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    checkpoints = []
+    if args.checkpoint:
+        checkpoints.append(args.checkpoint)
+    else:
+        for kind in args.kinds.split(","):
+            checkpoints.append(build_small(kind, tempfile.mkdtemp(prefix="bench_learner_"), args.vocab,
+                                           args.d_model, args.layers))
+    worst = 0.0
+    for checkpoint in checkpoints:
+        r = bench_kind(checkpoint, args)
+        print(f"[{r['kind']}] theta_step_vs_ce={r['theta_step_vs_ce']:.3f} (goal <= 1.15)  "
+              f"phi_step_vs_ce={r['phi_step_vs_ce']:.3f} (goal <= 1.05)  "
+              f"qsample_vs_generate={r['qsample_vs_generate']:.3f} (goal >= 0.95; same tokens: "
+              f"{bool(r['same_tokens_as_generate'])}; {r['qsample_tokens_per_s']:.0f} tok/s)  "
+              f"rank_vs_sample={r['rank_vs_sample']:.3f} (ranking time per candidate / sampling time per candidate)",
+              flush=True)
+        worst = max(worst, r["theta_step_vs_ce"])
+    print(f"theta_step_vs_ce: {worst:.3f}")
+
+
+if __name__ == "__main__":
+    main()
