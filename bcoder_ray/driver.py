@@ -267,7 +267,7 @@ class Run:
         with Executor(workers=self.cfg.executor.workers, **self.cfg.executor.options) as ex:
             results = score_programs(ex, [p for p, _ in pairs], [r for _, r in pairs])
         rows = [make_row(p, ref, encode_program(tokenizer, ref, m.target_len), res, source="human",
-                         tokenizer_hash=tokenizer_hash, iteration=0, policy_version=0, actor="seed",
+                         tokenizer_hash=tokenizer_hash, iteration=0, policy_version="human", actor="seed",
                          sampling="{}")
                 for (p, ref), res in zip(pairs, results)]
         buffer.append(rows, batch_key="human-seed")
@@ -399,15 +399,9 @@ class Run:
         return {"label": label, "dir": str(folder), "overall": o, "by_difficulty": metrics.get("by_difficulty", {}),
                 "wall_s": time.time() - started}
 
-    def buffer_rows(self, buffer) -> int | None:
-        try:
-            stats = buffer.stats()
-        except Exception:  # noqa: BLE001 - stats are informational
-            return None
-        for name in ("rows", "sample_rows", "n_rows", "train_rows"):
-            if hasattr(stats, name):
-                return int(getattr(stats, name))
-        return None
+    def buffer_rows(self, buffer) -> int:
+        """Rows the learners read (train split: human + generated)."""
+        return int(buffer.stats().samples.rows)
 
     # -- the loop
     def iteration(self, it: int, buffer, tokenizer, train, held_out) -> dict:

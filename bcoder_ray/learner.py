@@ -332,12 +332,18 @@ class TargetComputer:
         from bcoder_ray.targets import compute_frozen_targets
 
         rows = rows_from_batch(batch)
-        targets = compute_frozen_targets(self.model, collate(rows, self.pad), with_v_phi=self.spec.phi_dir is not None)
+        for row in rows:
+            row.setdefault("reward", 0.0)  # collate wants one; the frozen targets do not depend on it
+        with_v_phi = self.spec.phi_dir is not None
+        targets = compute_frozen_targets(self.model, collate(rows, self.pad), with_v_phi=with_v_phi)
         columns = {name: batch.column(name) for name in batch.column_names
                    if name not in ("prompt_ids", "program_ids", "target_actions", "a_ckpt", "v_phi")}
         columns["target_actions"] = pa.array([t["target_actions"] for t in targets], type=pa.list_(pa.int32()))
         columns["a_ckpt"] = pa.array([t["a_ckpt"] for t in targets], type=pa.list_(pa.float32()))
-        columns["v_phi"] = pa.array([t.get("v_phi") for t in targets], type=pa.list_(pa.float32()))
+        # stage φ's targets have no V_φ (φ is what it trains); the buffer stores a value per token, so NaN
+        # marks "not computed under this fingerprint" (stage φ's loss never reads it)
+        columns["v_phi"] = pa.array([t["v_phi"] if with_v_phi else [math.nan] * len(t["a_ckpt"]) for t in targets],
+                                    type=pa.list_(pa.float32()))
         return pa.table(columns)
 
 

@@ -5,8 +5,6 @@ Public API
 - ``phi_loss(model, batch, *, gamma, encoded=None) -> (loss, metrics)``: L_V of eq. 12 for φ.
 - ``theta_loss(model, batch, *, gamma, beta_adv=0.1, beta_ce=0.5, operator="conservative", aux_reduction="sum",
   encoded=None) -> (loss, metrics)``: L_ft of eq. 17 for θ.
-- ``StageLoss(model, stage, **loss_kwargs)``: an ``nn.Module`` whose ``forward(batch)`` returns ``phi_loss`` or
-  ``theta_loss`` of ``model`` — the thing to wrap in ``DistributedDataParallel`` (DDP needs a forward call).
 - ``OPERATORS = ("conservative", "optimality")``; ``AUX_REDUCTIONS = ("sum", "mean")``.
 ``loss`` is a scalar tensor (backward it); ``metrics`` is a dict of floats: phi — ``l_v``, ``td_error`` (mean |TD|
 over valid tokens), ``v_mean``, ``q_mean``; theta — ``l_q``, ``l_adv``, ``l_ce``, ``loss``, ``td_error``,
@@ -35,7 +33,6 @@ Conventions (program w_0 … w_{T-1}, state s_t, action a_t = w_t, reward r at t
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from bcoder_ray.batch import Batch
 from bcoder_ray.q_model import Encoded, QModel, capped_value
@@ -141,16 +138,3 @@ def theta_loss(model: QModel, batch: Batch, *, gamma: float, beta_adv: float = 0
                "n_human": float(n_human)}
     return loss, metrics
 
-
-class StageLoss(nn.Module):
-    """``forward(batch) -> (loss, metrics)`` of one stage, so that DDP (Ray Train) can wrap the learner."""
-
-    def __init__(self, model: QModel, stage: str, **loss_kwargs):
-        super().__init__()
-        if stage not in ("phi", "theta"):
-            raise ValueError(f"StageLoss: stage must be 'phi' or 'theta', got {stage!r}")
-        self.model, self.stage, self.loss_kwargs = model, stage, loss_kwargs
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        fn = phi_loss if self.stage == "phi" else theta_loss
-        return fn(self.model, batch, **self.loss_kwargs)

@@ -56,3 +56,401 @@ with a warning; pages carry CRC checksums, so damage inside a page is caught (an
 """
 
 from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from bcoder_ray.buffer.compaction import CompactionReport, compact
+from bcoder_ray.buffer.filters import Filters
+from bcoder_ray.buffer.ledger import Ledger
+from bcoder_ray.buffer.sampler import MixedSampler, PromptIndex, rows_from_batch
+from bcoder_ray.buffer.schema import (LEARNER_COLUMNS, PROMPT_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION,
+                                      TARGET_COLUMNS, TRAIN_SPLIT, BufferError, make_row, prompt_keys,
+                                      prompt_rows, prompts_to_table, rows_to_table)
+from bcoder_ray.buffer.stats import BufferStats, compute_stats, to_json_text
+from bcoder_ray.buffer.storage import BufferWarning, DamagedFileError, FileEntry, Store
+from bcoder_ray.buffer.targets import (SIDECAR_ROW_GROUP, SIDECAR_SCHEMA, TARGETS_DIR, check_target_lengths,
+                                       fingerprint_dir, sample_stem_of, sidecar_name)
+from envs.result import ExecResult, Outcome
+
+__all__ = ["ReplayBuffer", "Filters", "MixedSampler", "BufferError", "BufferWarning", "CompactionReport",
+           "BufferStats", "make_row", "prompt_rows", "rows_from_batch", "exec_result", "LEARNER_COLUMNS",
+           "SAMPLE_SCHEMA", "PROMPT_SCHEMA", "SCHEMA_VERSION"]
+
+SAMPLES, EVAL, PROMPTS = "samples", "eval", "prompts"
+RESULT_COLUMNS = ("outcome", "reward", "tests_passed", "tests_total", "error", "timeout", "exec_time")
+_REQUIRED = {SAMPLES: SAMPLE_SCHEMA.names, EVAL: SAMPLE_SCHEMA.names, PROMPTS: PROMPT_SCHEMA.names}
+
+
+def part_name(batch_key: str) -> str:
+    """The file a writer's batch goes to: a retried batch maps to the same name."""
+    if not isinstance(batch_key, str) or not batch_key:
+        raise BufferError(f"batch_key must be a non-empty string, got {batch_key!r}")
+    return "part-" + hashlib.sha256(batch_key.encode("utf-8")).hexdigest()[:32] + ".parquet"
+
+
+def exec_result(row: dict[str, Any]) -> ExecResult:
+    """A `lookup_results` row as a cached `ExecResult` (per-test verdicts are not stored, only counts)."""
+    return ExecResult(outcome=Outcome(row["outcome"]), reward=float(row["reward"]), tests=[],
+                      timeout=bool(row["timeout"]), error=row["error"], wall_time=0.0, cached=True)
+
+
+class ReplayBuffer:
+    """A directory of Parquet files on any pyarrow filesystem (see the module docstring)."""
+
+    def __init__(self, uri: str, filesystem: pafs.FileSystem | None = None, *, compression: str = "snappy",
+                 row_group_size: int = 2048, validate: bool = True):
+        self.uri = uri
+        self.filesystem = filesystem
+        self.store = Store(uri, filesystem, compression)
+        self.ledger = Ledger(self.store)
+        self.row_group_size = row_group_size
+        self._footers: dict[str, tuple[int, pq.FileMetaData]] = {}
+        if validate:
+            self.check()
+
+    def __repr__(self) -> str:
+        return f"ReplayBuffer({self.uri!r})"
+
+    # ---- files ---------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Validate every file not seen yet (footer and columns); damaged ones go to quarantine/."""
+        for area in (SAMPLES, EVAL, PROMPTS):
+            self.files(area)
+        for d in self.store.list_dirs(TARGETS_DIR):
+            self.files(f"{TARGETS_DIR}/{d}")
+
+    def files(self, area: str) -> list[FileEntry]:
+        """Live, validated Parquet files of an area, sorted by name (sources of a visible merged file hidden)."""
+        required = _REQUIRED.get(area, SIDECAR_SCHEMA.names)
+        entries = []
+        for info in self.store.list(area):
+            cached = self._footers.get(info.path)
+            if cached is None or cached[0] != info.size:
+                try:
+                    meta = self.store.footer(info.path, required)
+                except FileNotFoundError:
+                    continue  # compacted away since the listing
+                except DamagedFileError as e:
+                    self.store.quarantine(f"{area}/{info.base_name}", str(e))
+                    continue
+                self._footers[info.path] = cached = (info.size, meta)
+            entries.append(FileEntry(info.base_name, info.path, info.size, cached[1].num_rows))
+        if area in (SAMPLES, EVAL):
+            self.ledger.refresh()
+            hidden = self.ledger.hidden(area, {e.name for e in entries})
+            entries = [e for e in entries if e.name not in hidden]
+        return entries
+
+    def metadata(self, entry: FileEntry) -> pq.FileMetaData:
+        cached = self._footers.get(entry.path)
+        return cached[1] if cached else self.store.footer(entry.path, ())
+
+    def parquet_file(self, entry: FileEntry) -> pq.ParquetFile:
+        return pq.ParquetFile(self.store.fs.open_input_file(entry.path), metadata=self.metadata(entry),
+                              page_checksum_verification=True)
+
+    def quarantine_file(self, entry: FileEntry, reason: str) -> None:
+        area = entry.path[len(self.store.root) + 1:].rsplit("/", 1)[0]
+        self.store.quarantine(f"{area}/{entry.name}", reason)
+        self._footers.pop(entry.path, None)
+
+    def scan(self, area: str = SAMPLES, columns: Sequence[str] | None = None,
+             filters: Filters | dict | None = None) -> Iterator[tuple[FileEntry, pa.Table]]:
+        """(file, rows) per live file of `area`, optionally projected and filtered; damaged files quarantined."""
+        expr = Filters.coerce(filters).expression()
+        for entry in self.files(area):
+            try:
+                t = self.parquet_file(entry).read(columns=list(columns) if columns is not None else None)
+            except FileNotFoundError:
+                continue
+            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+                self.quarantine_file(entry, f"reading failed: {e}")
+                continue
+            yield entry, (t.filter(expr) if expr is not None else t)
+
+    def read(self, area: str = SAMPLES, columns: Sequence[str] | None = None,
+             filters: Filters | dict | None = None) -> pa.Table:
+        """A whole area as one table: for tests and small buffers (the sampler streams instead)."""
+        needed = None if columns is None else sorted(set(columns) | set(_filter_columns(filters)))
+        parts = [t for _, t in self.scan(area, needed, filters)]
+        schema = SAMPLE_SCHEMA if area in (SAMPLES, EVAL) else PROMPT_SCHEMA
+        table = pa.concat_tables(parts) if parts else schema.empty_table()
+        return table.select(list(columns)) if columns is not None else table
+
+    def clean_tmp(self, older_than_s: float = 3600.0) -> int:
+        """Delete temporary files of killed writers older than `older_than_s` (they are never visible)."""
+        dirs = [SAMPLES, EVAL, PROMPTS, "_meta/compactions"]
+        dirs += [f"{TARGETS_DIR}/{d}" for d in self.store.list_dirs(TARGETS_DIR)]
+        return self.store.clean_tmp(dirs, older_than_s)
+
+    # ---- writing --------------------------------------------------------------------------------------------
+    def _write_batch(self, area: str, table: pa.Table, batch_key: str) -> int:
+        name = part_name(batch_key)
+        if table.num_rows == 0:
+            return 0
+        self.ledger.refresh()
+        if self.store.exists(f"{area}/{name}") or name in self.ledger.replaced(area):
+            return 0  # a retried batch: already written (perhaps since compacted)
+        self.store.write_parquet(f"{area}/{name}", table, SAMPLE_SCHEMA, self.row_group_size)
+        return table.num_rows
+
+    def append(self, rows: Any, batch_key: str) -> int:
+        """Append train-split rows as one new file named after `batch_key`; 0 when that batch exists already."""
+        table = rows_to_table(rows, batch_key, "append")
+        bad = pc.fill_null(pc.not_equal(table["split"], TRAIN_SPLIT), True)
+        if pc.any(bad).as_py():
+            i = pc.index(bad, True).as_py()
+            raise BufferError(f"append: row {i} ({table['suite'][i]}/{table['problem_id'][i]}) has split "
+                              f"{table['split'][i].as_py()!r}: only train-split rows enter the learners' buffer; "
+                              f"use append_eval() for evaluation candidates")
+        return self._write_batch(SAMPLES, table, batch_key)
+
+    def append_eval(self, rows: Any, batch_key: str) -> int:
+        """Append rows of any split to eval/, which no learner-facing reader (sampler, ray_dataset) reads."""
+        return self._write_batch(EVAL, rows_to_table(rows, batch_key, "append_eval"), batch_key)
+
+    def put_prompts(self, rows: Any) -> int:
+        """Store prompts once per (suite, problem_id, tokenizer_hash); identical repeats are skipped, a
+        different prompt under an existing key is an error."""
+        table = prompts_to_table(rows)
+        if table.num_rows == 0:
+            return 0
+        keys = prompt_keys(table).to_pylist()
+        first = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        table = table.take(sorted(first.values()))
+        keys = prompt_keys(table)
+        existing = self.prompts()
+        if existing.num_rows:
+            idx = pc.index_in(keys, value_set=prompt_keys(existing).combine_chunks())
+            known = pc.is_valid(idx)
+            if pc.any(known).as_py():
+                old = existing.take(pc.filter(idx, known))
+                new = table.filter(known)
+                for i in range(new.num_rows):
+                    if old["prompt"][i] != new["prompt"][i] or old["prompt_ids"][i] != new["prompt_ids"][i]:
+                        key = tuple(new[c][i].as_py() for c in ("suite", "problem_id", "tokenizer_hash"))
+                        raise BufferError(f"put_prompts: (suite, problem_id, tokenizer_hash) = {key} is stored "
+                                          f"with a different prompt; a changed prompt needs a new tokenizer_hash "
+                                          f"or a new buffer")
+                table = table.filter(pc.invert(known))
+        if table.num_rows == 0:
+            return 0
+        digest = hashlib.sha256("\n".join(prompt_keys(table).to_pylist()).encode()).hexdigest()[:32]
+        rel = f"{PROMPTS}/part-{digest}.parquet"
+        if not self.store.exists(rel):
+            self.store.write_parquet(rel, table, PROMPT_SCHEMA, self.row_group_size)
+        return table.num_rows
+
+    def prompts(self, suite: str | None = None, tokenizer_hash: str | None = None) -> pa.Table:
+        """The prompts table (one row per key; the first file in name order wins a duplicate)."""
+        parts = [t for _, t in self.scan(PROMPTS)]
+        table = pa.concat_tables(parts) if parts else PROMPT_SCHEMA.empty_table()
+        if table.num_rows:
+            _, first = np.unique(prompt_keys(table).to_numpy(zero_copy_only=False), return_index=True)
+            table = table.take(np.sort(first))
+        if suite is not None:
+            table = table.filter(pc.equal(table["suite"], suite))
+        if tokenizer_hash is not None:
+            table = table.filter(pc.equal(table["tokenizer_hash"], tokenizer_hash))
+        return table
+
+    # ---- the executor's cache -------------------------------------------------------------------------------
+    def lookup_results(self, keys: Iterable[tuple[str, str]], include_eval: bool = True
+                       ) -> dict[tuple[str, str], dict[str, Any]]:
+        """Results already recorded for (program_hash, tests_hash) pairs (the executor's cache key), from any
+        iteration or run: {key: {outcome, reward, tests_passed, tests_total, error, timeout, exec_time}}.
+        Keys never executed are absent. Cost: one scan of the two hash columns (plus the hits)."""
+        wanted = {(str(p), str(t)) for p, t in keys}
+        if not wanted:
+            return {}
+        programs = pa.array(sorted({p for p, _ in wanted}), pa.string())
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        for area in (SAMPLES, EVAL) if include_eval else (SAMPLES,):
+            for entry, t in self.scan(area, columns=["program_hash", "tests_hash"]):
+                hit = pc.is_in(t["program_hash"], value_set=programs)
+                if not pc.any(hit).as_py():
+                    continue
+                rows = np.flatnonzero(hit.to_numpy(zero_copy_only=False))
+                full = self.parquet_file(entry).read(columns=["program_hash", "tests_hash", *RESULT_COLUMNS])
+                for row in full.take(pa.array(rows)).to_pylist():
+                    key = (row.pop("program_hash"), row.pop("tests_hash"))
+                    if key in wanted and key not in found:
+                        found[key] = row
+        return found
+
+    # ---- cached targets --------------------------------------------------------------------------------------
+    def missing_targets(self, fingerprint: str, filters: Filters | dict | None = None,
+                        max_rows: int = 4096) -> Iterator[pa.Table]:
+        """Learner rows without targets for `fingerprint`, as tables of at most `max_rows` rows with
+        sample_file, row_index, sample_id, suite, problem_id, tokenizer_hash, source, prompt_ids, program_ids:
+        compute the targets and hand them (with sample_file, row_index, sample_id) to `write_targets`."""
+        fdir = fingerprint_dir(fingerprint)
+        sidecars: dict[str, list[FileEntry]] = {}
+        for side in self.files(fdir):
+            sidecars.setdefault(sample_stem_of(side.name), []).append(side)
+        expr = Filters.coerce(filters).expression()
+        prompts = PromptIndex(self)
+        columns = ["sample_id", "suite", "problem_id", "tokenizer_hash", "source", "split", "outcome",
+                   "iteration", "program_ids", "targets_fingerprint"]
+        for entry in self.files(SAMPLES):
+            t = self.parquet_file(entry).read(columns=columns)
+            covered = pc.fill_null(pc.equal(t["targets_fingerprint"], fingerprint), False).to_numpy(
+                zero_copy_only=False).copy()
+            for side in sidecars.get(entry.stem, ()):
+                covered[self.parquet_file(side).read(columns=["row_index"])["row_index"].to_numpy()] = True
+            t = t.append_column("row_index", pa.array(np.arange(t.num_rows, dtype=np.int64)))
+            t = t.filter(pa.array(~covered))
+            if expr is not None:
+                t = t.filter(expr)
+            if t.num_rows == 0:
+                continue
+            prompt_ids = prompts.prompt_ids.take(prompts.indices(t, entry.name))
+            out = pa.table({"sample_file": pa.array([entry.name] * t.num_rows), "row_index": t["row_index"],
+                            "sample_id": t["sample_id"], "suite": t["suite"], "problem_id": t["problem_id"],
+                            "tokenizer_hash": t["tokenizer_hash"], "source": t["source"],
+                            "prompt_ids": prompt_ids, "program_ids": t["program_ids"]})
+            for start in range(0, out.num_rows, max_rows):
+                yield out.slice(start, max_rows)
+
+    def _locate(self, sample_ids: pa.Array) -> tuple[pa.Array, pa.Array]:
+        """(sample_file, row_index) of each id, by scanning the sample_id column (when a caller lacks them)."""
+        files = np.full(len(sample_ids), None, object)
+        rows = np.full(len(sample_ids), -1, np.int64)
+        for entry, t in self.scan(SAMPLES, columns=["sample_id"]):
+            pos = pc.index_in(sample_ids, value_set=t["sample_id"].combine_chunks()).to_numpy(zero_copy_only=False)
+            hit = ~np.isnan(pos.astype(float))
+            files[hit], rows[hit] = entry.name, pos[hit].astype(np.int64)
+        if (rows < 0).any():
+            i = int(np.flatnonzero(rows < 0)[0])
+            raise BufferError(f"write_targets: sample_id {sample_ids[i].as_py()} is not in the buffer")
+        return pa.array(files.tolist(), pa.string()), pa.array(rows)
+
+    def write_targets(self, table: Any, fingerprint: str, batch_key: str) -> int:
+        """Store targets computed for `fingerprint`: a table (or list of dicts) with sample_id, target_actions,
+        a_ckpt, v_phi and, as `missing_targets` gives them, sample_file and row_index (else located by
+        sample_id). One sidecar per sample file, named after `batch_key`: a retry writes nothing."""
+        fdir = fingerprint_dir(fingerprint)
+        if not isinstance(table, pa.Table):
+            table = pa.Table.from_pylist(list(table)) if not isinstance(table, dict) else pa.table(table)
+        missing = [c for c in ("sample_id",) + TARGET_COLUMNS if c not in table.column_names]
+        if missing:
+            raise BufferError(f"write_targets: missing column(s) {missing}")
+        if "sample_file" not in table.column_names or "row_index" not in table.column_names:
+            files, rows = self._locate(table["sample_id"].combine_chunks())
+            table = table.append_column("sample_file", files).append_column("row_index", rows)
+        table = table.select(["sample_file", "row_index", "sample_id", *TARGET_COLUMNS])
+        table = table.cast(pa.schema([pa.field("sample_file", pa.string()), *SIDECAR_SCHEMA]))
+        live = {e.name: e for e in self.files(SAMPLES)}
+        written = 0
+        for name in pc.unique(table["sample_file"]).to_pylist():
+            part = table.filter(pc.equal(table["sample_file"], name))
+            where = self.ledger.resolve(SAMPLES, name, set(live))
+            if where is None:
+                raise BufferError(f"write_targets: sample file {name!r} is not in the buffer {self.uri}")
+            entry, offset = live[where[0]], where[1]
+            rel = f"{fdir}/{sidecar_name(entry.stem, batch_key, name)}"
+            if self.store.exists(rel):
+                continue
+            rows = pc.add(part["row_index"], offset)
+            if pc.any(pc.greater_equal(rows, entry.num_rows)).as_py() or pc.any(pc.less(rows, 0)).as_py():
+                raise BufferError(f"write_targets: row_index out of range for {name} ({entry.num_rows} rows)")
+            sample = self.parquet_file(entry).read(columns=["sample_id", "program_ids"]).take(rows)
+            bad = pc.not_equal(sample["sample_id"], part["sample_id"])
+            if pc.any(bad).as_py():
+                i = pc.index(bad, True).as_py()
+                raise BufferError(f"write_targets: {name} row {part['row_index'][i]} holds sample_id "
+                                  f"{sample['sample_id'][i]}, not {part['sample_id'][i]}")
+            check_target_lengths(part, sample["program_ids"], f"write_targets fp={fingerprint}")
+            side = part.drop_columns(["sample_file"]).set_column(0, "row_index", rows)
+            side = side.take(pc.sort_indices(side["row_index"]))
+            self.store.write_parquet(rel, side, SIDECAR_SCHEMA, SIDECAR_ROW_GROUP)
+            written += side.num_rows
+        return written
+
+    # ---- reading for learners -------------------------------------------------------------------------------
+    def sampler(self, batch_size: int, rho_real: float = 0.5, filters: Filters | dict | None = None,
+                seed: int = 0, targets_fingerprint: str | None = None, require_targets: bool = True,
+                num_batches: int | None = None, extra_columns: Sequence[str] = (),
+                window_rows: int = 16384) -> MixedSampler:
+        """Endless (or `num_batches`) ρ_real-mixed mini-batches as pyarrow Tables; see MixedSampler."""
+        return MixedSampler(self, batch_size, rho_real, filters, seed, targets_fingerprint, require_targets,
+                            num_batches, extra_columns, window_rows)
+
+    def ray_dataset(self, batch_size: int, num_batches: int, rho_real: float = 0.5,
+                    filters: Filters | dict | None = None, seed: int = 0,
+                    targets_fingerprint: str | None = None, require_targets: bool = True,
+                    parallelism: int | None = None):
+        """A `ray.data.Dataset` of `num_batches` ρ_real-mixed blocks of `batch_size` rows (bcoder_ray.buffer.ray_data)."""
+        import ray.data
+
+        from bcoder_ray.buffer.ray_data import MixedBatchDatasource
+
+        source = MixedBatchDatasource(self.uri, self.filesystem, batch_size, num_batches, seed, {
+            "rho_real": rho_real, "filters": Filters.coerce(filters), "targets_fingerprint": targets_fingerprint,
+            "require_targets": require_targets})
+        kwargs = {"override_num_blocks": parallelism} if parallelism else {}
+        return ray.data.read_datasource(source, **kwargs)
+
+    # ---- maintenance ----------------------------------------------------------------------------------------
+    def compact(self, target_rows: int = 65536, inline_targets: str | None = None, min_files: int = 2,
+                clean_tmp_older_than_s: float = 3600.0) -> list[CompactionReport]:
+        """Merge small files of samples/ and eval/ (see bcoder_ray.buffer.compaction); one compactor at a time."""
+        self.clean_tmp(clean_tmp_older_than_s)
+        return [compact(self, SAMPLES, target_rows, min_files, inline_targets),
+                compact(self, EVAL, target_rows, min_files, None)]
+
+    def stats(self) -> BufferStats:
+        return compute_stats(self)
+
+
+def _filter_columns(filters: Filters | dict | None) -> list[str]:
+    f = Filters.coerce(filters)
+    cols = []
+    if f.suites is not None:
+        cols.append("suite")
+    if f.splits is not None:
+        cols.append("split")
+    if f.outcomes is not None:
+        cols.append("outcome")
+    if f.iteration_min is not None or f.iteration_max is not None:
+        cols += ["iteration", "source"]
+    if f.tokenizer_hash is not None:
+        cols.append("tokenizer_hash")
+    return cols
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bcoder_ray.replay_buffer",
+                                     description="Inspect or maintain a bcoder-ray replay buffer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_stats = sub.add_parser("stats", help="rows by suite, source, outcome, iteration; pass rate; size on disk")
+    p_stats.add_argument("path", help="buffer location: a path or a pyarrow.fs URI (s3://bucket/prefix?...)")
+    p_stats.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p_compact = sub.add_parser("compact", help="merge small files (run one compactor at a time)")
+    p_compact.add_argument("path")
+    p_compact.add_argument("--target-rows", type=int, default=65536)
+    p_compact.add_argument("--inline-targets", default=None, help="fold this fingerprint's targets inline")
+    args = parser.parse_args(argv)
+    buffer = ReplayBuffer(args.path)
+    if args.command == "stats":
+        stats = buffer.stats()
+        print(to_json_text(stats) if args.json else stats.format())
+    else:
+        for r in buffer.compact(args.target_rows, args.inline_targets):
+            print(f"{r.area}: {r.files_before} -> {r.files_after} files, {r.rows_moved} rows merged")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -277,7 +277,7 @@ class PolicyWorker:
         problems, texts, ids, results = self._score(split, task, program_ids)
         t2 = time.time()
         rows = [make_row(p, text, prog, res, source="generated", tokenizer_hash=self.tokenizer_hash,
-                         iteration=task.iteration, policy_version=policy.version, actor=self.actor_name,
+                         iteration=task.iteration, policy_version=str(policy.version), actor=self.actor_name,
                          sampling=sampling.as_json())
                 for p, text, prog, res in zip(problems, texts, ids, results)]
         written = self._get_buffer().append(rows, batch_key=task.key)

@@ -36,13 +36,16 @@ import weakref
 from typing import Iterable, Mapping, Sequence
 
 from .harness_judge import crashed, judge
-from .harness_plan import Plan, make_plan
+from .harness_plan import make_plan
+from .harness_wire import encode_frame
 from .problem import SpecError, TestSpec, program_hash
 from .result import ExecResult
 from .sandbox import Limits, SandboxOptions, Worker, WorkerError, describe
 
 CacheKey = tuple[str, str]
 WATCHDOG_SLACK = 10.0  # seconds past timeout_per_program before the parent kills a silent worker
+PIPELINE = 2  # jobs a worker holds: the one it runs and the next
+PIPELINE_MAX_FRAME = 32 * 1024  # larger jobs are sent only to an idle worker (a pipe holds 64 KiB)
 
 
 def cache_key(program: str, tests: TestSpec) -> CacheKey:
@@ -162,47 +165,66 @@ class Executor:
                 self._workers[i] = Worker(i, self.options)
 
     def _execute(self, pending: collections.deque, bar) -> Iterable[tuple[CacheKey, ExecResult]]:
+        """Keep every worker busy. A worker holds up to PIPELINE jobs: the next small job waits in its
+        stdin while the current one runs, so the worker never idles on a round trip to this process.
+        The parent's watchdog times the job a worker is running (the head of its queue)."""
         self._ensure_workers(min(self.n_workers, len(pending)))
-        idle = [w for w in self._workers[:self.n_workers] if w is not None]
-        busy: dict[Worker, tuple[CacheKey, Plan, float, float]] = {}
-        while pending or busy:
-            while pending and idle:
-                key, program, tests = pending.popleft()
-                plan = make_plan(program, tests)
-                w = idle.pop()
-                job = {"id": next(self._job_ids), "payload": plan.payload,
-                       "limits": self.limits.for_style(plan.style)}
-                t0 = time.monotonic()
-                try:
-                    w.submit(job)
-                except WorkerError:
-                    w = self._replace(w)
-                    w.submit(job)
-                busy[w] = (key, plan, t0, t0 + self.limits.timeout_per_program + WATCHDOG_SLACK)
-            now = time.monotonic()
-            wait = max(0.0, min(d for _, _, _, d in busy.values()) - now)
-            ready, _, _ = select.select(list(busy), [], [], wait)
+        workers = [w for w in self._workers[:self.n_workers] if w is not None]
+        queues: dict[Worker, collections.deque] = {w: collections.deque() for w in workers}
+        deadline: dict[Worker, float] = {}
+        limit = self.limits.timeout_per_program + WATCHDOG_SLACK
+        while pending or any(queues.values()):
+            for w in list(queues):
+                while pending and len(queues[w]) < PIPELINE:
+                    key, program, tests = pending[0]
+                    plan = make_plan(program, tests)
+                    frame = encode_frame({"id": next(self._job_ids), "payload": plan.payload,
+                                          "limits": self.limits.for_style(plan.style)})
+                    if queues[w] and len(frame) > PIPELINE_MAX_FRAME:
+                        break  # a large job would block on the pipe: send it when the worker is free
+                    pending.popleft()
+                    try:
+                        w.submit(frame)
+                    except WorkerError:
+                        pending.appendleft((key, program, tests))
+                        yield from self._fail_worker(w, queues, deadline, pending, "the sandbox worker died")
+                        break
+                    queues[w].append((key, program, tests, plan, time.monotonic()))
+                    if len(queues[w]) == 1:
+                        deadline[w] = time.monotonic() + limit
+            busy = [w for w in queues if queues[w]]
+            if not busy:
+                continue
+            wait = max(0.0, min(deadline[w] for w in busy) - time.monotonic())
+            ready, _, _ = select.select(busy, [], [], wait)
             for w in ready:
-                key, plan, t0, _ = busy[w]
                 replies = w.read_replies()
-                if replies is None:  # the worker died: the program killed it or it crashed
-                    del busy[w]
-                    idle.append(self._replace(w))
-                    yield key, crashed(plan, "the sandbox worker died", time.monotonic() - t0)
-                elif replies:
-                    del busy[w]
-                    idle.append(w)
-                    yield key, judge(plan, replies[-1])
-                if bar is not None and w not in busy:
-                    bar.update(1)
+                if replies is None:  # the worker died: the program killed it, or it crashed
+                    yield from self._fail_worker(w, queues, deadline, pending, "the sandbox worker died")
+                    continue
+                for reply in replies:
+                    key, _, _, plan, _ = queues[w].popleft()
+                    deadline[w] = time.monotonic() + limit
+                    if bar is not None:
+                        bar.update(1)
+                    yield key, judge(plan, reply)
             now = time.monotonic()
-            for w in [w for w, (_, _, _, d) in busy.items() if d <= now]:
-                key, plan, t0, _ = busy.pop(w)
-                idle.append(self._replace(w))
-                yield key, crashed(plan, "wall-clock limit exceeded (sandbox worker unresponsive)",
-                                   now - t0, timeout=True)
-                if bar is not None:
-                    bar.update(1)
+            for w in [w for w in busy if w in queues and queues[w] and deadline[w] <= now]:
+                yield from self._fail_worker(w, queues, deadline, pending,
+                                             "wall-clock limit exceeded (sandbox worker unresponsive)", True)
+
+    def _fail_worker(self, w: Worker, queues: dict, deadline: dict, pending: collections.deque, message: str,
+                     timeout: bool = False) -> Iterable[tuple[CacheKey, ExecResult]]:
+        """Replace a dead or hung worker: its running job gets `message`; its queued jobs go back to
+        `pending` (they never started)."""
+        jobs = queues.pop(w)
+        deadline.pop(w, None)
+        queues[self._replace(w)] = collections.deque()
+        if jobs:
+            key, program, tests, plan, t0 = jobs.popleft()
+            yield key, crashed(plan, message, time.monotonic() - t0, timeout=timeout)
+        for key, program, tests, _, _ in reversed(jobs):
+            pending.appendleft((key, program, tests))
 
     def _replace(self, w: Worker) -> Worker:
         w.kill()

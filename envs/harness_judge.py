@@ -35,7 +35,7 @@ def judge(plan: Plan, reply: dict) -> ExecResult:
     status = reply.get("status")
     try:
         return _judge(plan, frames, timed_out, status, wall)
-    except (Tampered, WireError, KeyError, TypeError, ValueError, IndexError) as e:
+    except (Tampered, WireError, KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as e:
         tests = [TestResult(RUNTIME, f"malformed report from the program's process: {e}")] + \
                 [TestResult("not_run") for _ in range(plan.n_tests - 1)]
         return _result(tests, wall, error=tests[0].error)

@@ -19,6 +19,7 @@ test's shape allows: expected values never enter the program's process.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -60,28 +61,59 @@ def make_plan(program: str, tests: TestSpec) -> Plan:
                     len(tests.cases), expected=tuple(c["expected"] for c in tests.cases))
     shadowed = shadowed_names(program)
     if tests.style == "assert":
-        items, wire_items = [], []
-        for src in tests.asserts:
-            item, holes = _plan_assert_source(src, shadowed)
-            items.append(item)
-            wire_items.append({"stmt": src} if item.child_judged else {"holes": holes})
+        items, wire_items = _plan_asserts(tests.asserts, shadowed)
         return Plan("assert", {"style": "assert", "program": program, "setup": tests.setup,
-                               "items": wire_items}, len(tests.asserts), items=tuple(items))
-    return _plan_check(program, tests, shadowed)
+                               "items": wire_items}, len(tests.asserts), items=items)
+    entry = tests.entry_point
+    planned = _plan_check(tests.check, shadowed)
+    if planned is None:
+        return Plan("check", {"style": "check", "program": program, "entry_point": entry,
+                              "check_source": tests.check}, 1, child_judged_check=True)
+    imports, param, items, wire_items = planned
+    return Plan("check", {"style": "check", "program": program, "entry_point": entry, "imports": imports,
+                          "param": param, "items": wire_items}, 1, items=items)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_asserts(asserts: tuple[str, ...], shadowed: frozenset[str]) -> tuple[tuple[Item, ...], list[dict]]:
+    """Memoised per test set (the plan depends on the program only through `shadowed`); callers never
+    mutate the result."""
+    items, wire_items = [], []
+    for src, stmt in zip(asserts, _parse_asserts(asserts)):
+        if isinstance(stmt, ast.Assert):
+            item, holes = _plan_expr(stmt.test, shadowed, src.strip())
+        else:
+            item, holes = Item(None), []
+        items.append(item)
+        wire_items.append({"stmt": src} if item.child_judged else {"holes": holes})
+    return tuple(items), wire_items
+
+
+def _parse_asserts(asserts: tuple[str, ...]) -> list[ast.stmt | None]:
+    """Each line's single statement (None if it is not exactly one), parsed one by one."""
+    out = []
+    for src in asserts:
+        try:
+            body = ast.parse(src.strip()).body
+        except (SyntaxError, ValueError):
+            body = []
+        out.append(body[0] if len(body) == 1 else None)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- check
 
-def _plan_check(program: str, tests: TestSpec, shadowed: frozenset[str]) -> Plan:
-    whole = Plan("check", {"style": "check", "program": program, "entry_point": tests.entry_point,
-                           "check_source": tests.check}, 1, child_judged_check=True)
+@functools.lru_cache(maxsize=4096)
+def _plan_check(check: str, shadowed: frozenset[str]) -> tuple[list[str], str, tuple[Item, ...], list[dict]] | None:
+    """(imports, parameter name, items, wire items) of a check the parent can judge; None to run it whole in
+    the child. The child evaluates the holes with the check's parameter bound to the candidate."""
     try:
-        module = ast.parse(tests.check)
+        module = ast.parse(check)
     except SyntaxError:
-        return whole
+        return None
     checks = [s for s in module.body if isinstance(s, ast.FunctionDef) and s.name == "check"]
     if len(checks) != 1 or len(checks[0].args.args) != 1 or checks[0].decorator_list:
-        return whole
+        return None
     fn = checks[0]
     imports, module_names = [], set()
     for s in module.body:
@@ -94,68 +126,55 @@ def _plan_check(program: str, tests: TestSpec, shadowed: frozenset[str]) -> Plan
             if isinstance(s, (ast.FunctionDef, ast.ClassDef)):
                 module_names.add(s.name)
         else:
-            return whole
+            return None
     param = fn.args.args[0].arg
     items, wire_items = [], []
     for s in fn.body:
         if _is_docstring(s):
             continue
         if not isinstance(s, ast.Assert):
-            return whole
+            return None
         used = {n.id for n in ast.walk(s.test) if isinstance(n, ast.Name)}
         if used & module_names:
-            return whole
-        test = _rename(s.test, param, "candidate")
-        item, holes = _plan_expr(test, shadowed)
+            return None
+        item, holes = _plan_expr(s.test, shadowed, check)
         if item.child_judged:
-            return whole
+            return None
         items.append(item)
         wire_items.append({"holes": holes})
-    payload = {"style": "check", "program": program, "entry_point": tests.entry_point,
-               "imports": imports, "items": wire_items}
-    return Plan("check", payload, 1, items=tuple(items))
+    return imports, param, tuple(items), wire_items
 
 
 def _is_docstring(s: ast.stmt) -> bool:
     return isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str)
 
 
-def _rename(node: ast.expr, old: str, new: str) -> ast.expr:
-    class R(ast.NodeTransformer):
-        def visit_Name(self, n: ast.Name) -> ast.Name:
-            return ast.copy_location(ast.Name(new, n.ctx), n) if n.id == old else n
-    return R().visit(_copy(node))
-
-
-def _copy(node: ast.AST) -> ast.AST:
-    return ast.parse(ast.unparse(node), mode="eval").body
-
-
-# ---------------------------------------------------------------------------------------------- asserts
-
-def _plan_assert_source(src: str, shadowed: frozenset[str]) -> tuple[Item, list[str]]:
-    try:
-        module = ast.parse(src.strip())
-    except SyntaxError:
-        return Item(None), []
-    if len(module.body) != 1 or not isinstance(module.body[0], ast.Assert):
-        return Item(None), []
-    return _plan_expr(module.body[0].test, shadowed)
-
-
-def _plan_expr(test: ast.expr, shadowed: frozenset[str]) -> tuple[Item, list[str]]:
-    """Split `test` into holes (source texts, evaluated in the child) and a parent-side expression."""
+def _plan_expr(test: ast.expr, shadowed: frozenset[str], source: str) -> tuple[Item, list[str]]:
+    """Split `test` (parsed from `source`) into holes (source texts, evaluated in the child) and a
+    parent-side expression."""
     trusted = TRUSTED_NAMES - shadowed  # a builtin the program redefines is the program's (as in Python)
     holes: list[str] = []
 
+    marked: set[int] = set()  # ids of the nodes that mention a name outside `trusted`
+
+    def mark(n: ast.AST) -> bool:
+        hit = isinstance(n, ast.Name) and n.id not in trusted
+        for c in ast.iter_child_nodes(n):
+            hit = mark(c) or hit
+        if hit:
+            marked.add(id(n))
+        return hit
+
+    mark(test)
+
     def untrusted(n: ast.AST) -> bool:
-        return any(isinstance(m, ast.Name) and m.id not in trusted for m in ast.walk(n))
+        return id(n) in marked
 
     def split(n: ast.expr) -> ast.expr | None:
         if not untrusted(n):
-            return n if evaluable(n) else None
+            return n  # checked by `evaluable` below, once for the whole expression
         if _is_hole(n, trusted):
-            holes.append(ast.unparse(n))
+            holes.append("(" + (ast.get_source_segment(source, n) or ast.unparse(n)) + ")")
             return ast.Name(f"__hole_{len(holes) - 1}", ast.Load())
         if isinstance(n, ast.Compare):
             if any(untrusted(c) for c in n.comparators[1:]):
@@ -191,7 +210,6 @@ def _plan_expr(test: ast.expr, shadowed: frozenset[str]) -> tuple[Item, list[str
     expr = split(test)
     if expr is None:
         return Item(None), []
-    expr = ast.fix_missing_locations(ast.Expression(expr)).body
     if not evaluable(expr, holes=len(holes)):
         return Item(None), []
     return Item(expr, len(holes)), holes
@@ -222,19 +240,30 @@ def _is_hole(n: ast.expr, trusted: frozenset[str]) -> bool:
     return clean(n)
 
 
-_BIND = r"(?:\bdef\s+{0}\b|\bclass\s+{0}\b|^[ \t]*{0}\s*(?:=[^=]|:|,)|\bimport\b[^\n]*\b{0}\b|" \
-        r"\bas\s+{0}\b|\bglobal\b[^\n]*\b{0}\b|\bfor\s+{0}\s+in\b|\blambda\b[^:\n]*\b{0}\b|\b{0}\s*:=)"
+# Where a name gets bound: def/class NAME, NAME = / NAME: / NAME, (at a line start), import lines,
+# `as NAME`, global lines, `for NAME in`, lambda parameters, NAME :=.
+_BINDING = re.compile(
+    r"\b(?:def|class)\s+(\w+)|^[ \t]*(\w+)\s*(?:=(?!=)|:|,)|^[ \t]*((?:from\s+\S+\s+)?import\b[^\n]*)"
+    r"|\bas\s+(\w+)|\bglobal\b([^\n]*)|\bfor\s+(\w+)\s+in\b|\blambda\b([^:\n]*):|\b(\w+)\s*:=", re.M)
+_PLAIN_MODULE_IMPORT = re.compile(r"import\s+([\w\s,]+)")
 
 
 def shadowed_names(program: str) -> frozenset[str]:
     """Trusted names (builtins the parent evaluates itself) that the program may rebind: a conservative
     textual check; in a test, such a name is the program's and is evaluated in the child."""
-    present = {name for name in TRUSTED_NAMES if name in program}
-    out = set()
-    for n in present:
-        for m in re.finditer(_BIND.format(re.escape(n)), program, re.M):
-            if n in TRUSTED_MODULES and re.fullmatch(rf"import\s+(\w+\s*,\s*)*{n}", m.group(0).strip()):
-                continue  # `import math` binds the very module the parent uses
-            out.add(n)
-            break
+    if not any(name in program for name in TRUSTED_NAMES):
+        return frozenset()
+    out: set[str] = set()
+    for m in _BINDING.finditer(program):
+        imp = m.group(3)
+        if imp is not None:
+            names = set(re.findall(r"\w+", imp.split("import", 1)[1] if imp.startswith("from") else imp))
+            plain = _PLAIN_MODULE_IMPORT.fullmatch(imp.strip())
+            if plain:  # `import math` binds the very module the parent uses
+                names -= TRUSTED_MODULES
+            out |= names & TRUSTED_NAMES
+            continue
+        for g in m.groups():
+            if g:
+                out |= set(re.findall(r"\w+", g)) & TRUSTED_NAMES
     return frozenset(out)

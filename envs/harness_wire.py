@@ -23,13 +23,19 @@ so an object with a forged `__eq__` can never reach the parent's comparison.
 from __future__ import annotations
 
 import base64
+# Bound here so that a program replacing builtins (it runs in the same process) cannot bend the codec.
+from builtins import (BaseException, TypeError, ValueError, bool, bytes, complex, dict, float, frozenset,  # noqa
+                      int, isinstance, len, list, set, str, tuple, type)
 import decimal
 import fractions
 import json
 import numbers
+from json.encoder import encode_basestring_ascii
 import os
 import struct
 
+_quote = encode_basestring_ascii  # the C implementation when available
+_INF = float("inf")
 MAX_FRAME = 64 * 1024 * 1024
 MAX_VALUE_NODES = 1_000_000
 MAX_VALUE_DEPTH = 200
@@ -46,9 +52,43 @@ class Unshippable(TypeError):
 
 # ---------------------------------------------------------------------------------------------- frames
 
+def encode_frame(obj: object) -> bytes:
+    data = _dumps(obj).encode("ascii")
+    return struct.pack(">I", len(data)) + data
+
+
+def _dumps(obj: object) -> str:
+    """JSON text of plain frame data, without the json module's Python-level code (whose calls to
+    builtins a program could have replaced)."""
+    t = type(obj)
+    if t is str:
+        return _quote(obj)
+    if obj is None:
+        return "null"
+    if obj is True:
+        return "true"
+    if obj is False:
+        return "false"
+    if t is int:
+        return int.__repr__(obj)
+    if t is float:
+        if obj != obj:
+            return "NaN"
+        if obj in (_INF, -_INF):
+            return "Infinity" if obj > 0 else "-Infinity"
+        return float.__repr__(obj)
+    if t is list or t is tuple:
+        return "[" + ",".join([_dumps(v) for v in obj]) + "]"
+    if t is dict:
+        return "{" + ",".join([_quote(k) + ":" + _dumps(v) for k, v in dict.items(obj)]) + "}"
+    raise TypeError(f"cannot encode {t.__name__} in a frame")
+
+
 def write_frame(fd: int, obj: object) -> None:
-    data = json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")
-    buf = struct.pack(">I", len(data)) + data
+    write_all(fd, encode_frame(obj))
+
+
+def write_all(fd: int, buf: bytes) -> None:
     view = memoryview(buf)
     while view:
         n = os.write(fd, view)

@@ -20,6 +20,7 @@ and available as `Worker.isolation`):
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -32,7 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from .harness_wire import WireError, split_frames, write_frame
+from .harness_wire import WireError, split_frames, write_all
 
 log = logging.getLogger(__name__)
 _ZYGOTE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_zygote.py")
@@ -57,7 +58,12 @@ class Limits:
     max_report_bytes: int = 256 * 1024 * 1024
 
     def for_style(self, style: str) -> dict:
-        return {**asdict(self), "style": style}
+        return {**_asdict_cached(self), "style": style}
+
+
+@functools.lru_cache(maxsize=64)
+def _asdict_cached(limits: Limits) -> dict:
+    return asdict(limits)
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,7 @@ class SandboxOptions:
     filesystem: bool = True
     drop_privileges: bool = True
     uid_base: int = 61000
-    tmp_mb: int = 512
+    tmp_mb: int = 128  # the private /tmp (work dirs), in memory
     user_namespace: bool | None = None  # None: only when not root (True as root tests the ordinary-user path)
 
 
@@ -165,9 +171,10 @@ class Worker:
     def fileno(self) -> int:
         return self.proc.stdout.fileno()
 
-    def submit(self, job: dict) -> None:
+    def submit(self, frame: bytes) -> None:
+        """Send an encoded job frame (`harness_wire.encode_frame`); it queues behind the current job."""
         try:
-            write_frame(self.proc.stdin.fileno(), job)
+            write_all(self.proc.stdin.fileno(), frame)
         except (OSError, ValueError, AttributeError) as e:
             raise WorkerError(f"worker {self.index} is gone: {e}") from None
 
@@ -182,7 +189,7 @@ class Worker:
         self._buf += chunk
         try:
             return [json.loads(f) for f in split_frames(self._buf, max_frame=1 << 30)]
-        except (WireError, ValueError):
+        except (WireError, ValueError, RecursionError):
             return None
 
     def _wait_reply(self, deadline: float) -> dict | None:
@@ -211,7 +218,7 @@ def describe(iso: dict) -> str:
     fs = iso.get("filesystem", "host")
     parts.append(f"filesystem: {fs}" + (f" ({iso['filesystem_error']})" if iso.get("filesystem_error") else ""))
     if iso.get("uid") is not None:
-        parts.append(f"unprivileged uid {iso['uid']} (RLIMIT_NPROC effective)")
+        parts.append("an unprivileged uid per worker (RLIMIT_NPROC effective)")
     elif iso.get("drop_caps"):
         parts.append("all capabilities dropped")
     else:

@@ -27,6 +27,7 @@ makes the kernel kill whatever is left in the namespace.
 from __future__ import annotations
 
 import ctypes
+import gc
 import importlib.util
 import json
 import os
@@ -199,6 +200,7 @@ def _child_setup(job: dict, cfg: dict, workdir: str, wfd: int) -> None:
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGALRM):
         signal.signal(sig, signal.SIG_DFL)
+    gc.enable()
 
 
 def _run_job(job: dict, cfg: dict, work_base: str) -> dict:
@@ -208,6 +210,7 @@ def _run_job(job: dict, cfg: dict, work_base: str) -> dict:
         os.chown(workdir, cfg["uid"], cfg["uid"])
     rfd, wfd = os.pipe()
     t0 = time.monotonic()
+    gc.freeze()  # children never scan (and so never copy) the worker's objects
     pid = os.fork()
     if pid == 0:
         try:
@@ -305,11 +308,29 @@ def _drain(rfd: int, buf: bytearray, frames: list, budget: int) -> None:
         pass
 
 
+MAX_FRAME_DEPTH = 220  # a value may nest 200 deep; a frame adds a few levels
+
+
 def _decode(raw: bytes) -> object:
+    """Parse one of the child's frames; anything malformed or absurdly nested becomes a garbage frame,
+    which the parent judges as tampering (never a pass)."""
     try:
-        return json.loads(raw)
-    except ValueError:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError, MemoryError):
         return {"k": "garbage"}
+    return obj if _depth(obj) <= MAX_FRAME_DEPTH else {"k": "garbage"}
+
+
+def _depth(obj: object) -> int:
+    deepest, todo = 0, [(obj, 1)]
+    while todo:
+        o, d = todo.pop()
+        deepest = max(deepest, d)
+        if type(o) is list:
+            todo.extend((v, d + 1) for v in o)
+        elif type(o) is dict:
+            todo.extend((v, d + 1) for v in o.values())
+    return deepest
 
 
 def _network_isolated() -> bool:
@@ -352,6 +373,8 @@ def main(cfg: dict) -> None:
             __import__(name)
         except ImportError:
             pass
+    gc.collect()
+    gc.disable()  # the worker makes no garbage cycles worth collecting; children re-enable it
     report = {"pid_namespace": pid1, "network_namespace": _network_isolated(), "filesystem": "host",
               "uid": cfg.get("uid"), "drop_caps": bool(cfg.get("drop_caps")), "subreaper": not pid1}
     work_base = None

@@ -24,7 +24,7 @@ class BatchExecutor(Protocol):
     def run_batch(self, jobs: Sequence[tuple[str, TestSpec]]) -> list[ExecResult]: ...
 
 
-def tests_of(problem: Problem, which: str = "hidden") -> TestSpec | None:
+def select_tests(problem: Problem, which: str = "hidden") -> TestSpec | None:
     """The problem's hidden tests (the reward) or its example tests (None where the statement shows none)."""
     if which == "hidden":
         return problem.hidden_tests
@@ -40,7 +40,7 @@ def score_programs(executor: BatchExecutor, problems: Sequence[Problem], program
         raise ValueError(f"score_programs: {len(problems)} problems but {len(programs)} programs")
     jobs = []
     for problem, program in zip(problems, programs):
-        tests = tests_of(problem, which)
+        tests = select_tests(problem, which)
         if tests is None:
             raise ValueError(f"{problem.key}: has no {which} tests; use score_examples for the filtered setting")
         jobs.append((program, tests))

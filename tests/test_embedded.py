@@ -49,15 +49,19 @@ def test_registered_and_sized(train: list[Problem], test: list[Problem]) -> None
         load_embedded("validation")
 
 
-def test_deterministic_from_seed_across_processes(test: list[Problem]) -> None:
-    code = ("import hashlib, json, sys; sys.path.insert(0, sys.argv[1]); from envs.suites.embedded import "
-            "load_embedded; from tests.test_embedded import _digest; print(_digest(load_embedded('test')))")
+def test_deterministic_from_seed_across_processes() -> None:
+    small = dict(n_train=300, n_test=30)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from envs.suites.embedded import load_embedded; "
+            "from tests.test_embedded import _digest; "
+            "print(_digest(load_embedded('train', n_train=300, n_test=30) + load_embedded('test', n_train=300, n_test=30)))")
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT)], env=env, capture_output=True, text=True,
                          check=True, cwd=ROOT)
-    assert out.stdout.strip() == _digest(test)
-    other = load_embedded("test", seed=1, n_train=300, n_test=30)
-    assert _digest(other) != _digest(test[:30])
+    here = load_embedded("train", **small) + load_embedded("test", **small)
+    assert out.stdout.strip() == _digest(here)
+    assert load_embedded("train", **small) == load_embedded("train")[:300]  # a prefix of the full split
+    other = load_embedded("test", seed=1, **small)
+    assert _digest(other) != _digest(load_embedded("test", **small))
 
 
 def test_problem_shape(train: list[Problem], test: list[Problem]) -> None:

@@ -14,7 +14,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
 from bcoder_ray.batch import NO_ACTION, collate
-from bcoder_ray.losses import StageLoss, phi_loss, td_targets, theta_loss
+from bcoder_ray.losses import phi_loss, td_targets, theta_loss
 from bcoder_ray.q_model import QModel
 from bcoder_ray.targets import compute_frozen_targets, targets_fingerprint
 from learner_fixtures import EOS, KINDS, PAD, perturb, tiny_checkpoint
@@ -244,14 +244,6 @@ def test_targets_fingerprint_tracks_everything_targets_depend_on(tmp_path):
     assert ref not in variants and len(set(variants)) == len(variants)
 
 
-def test_stage_loss_module_and_row_input(checkpoint):
+def test_targets_from_buffer_rows_equal_targets_from_a_batch(checkpoint):
     model = _trained_model(checkpoint)
-    batch = collate(_examples(), PAD)
-    assert compute_frozen_targets(model, _examples()) == compute_frozen_targets(model, batch)
-    model.freeze_for_stage("theta")
-    wrapped = StageLoss(model, "theta", gamma=GAMMA, operator="optimality")
-    loss, metrics = wrapped(batch)
-    direct, _ = theta_loss(model, batch, gamma=GAMMA, operator="optimality")
-    assert torch.equal(loss, direct) and "l_q" in metrics
-    with pytest.raises(ValueError, match="stage"):
-        StageLoss(model, "none")
+    assert compute_frozen_targets(model, _examples()) == compute_frozen_targets(model, collate(_examples(), PAD))

@@ -78,8 +78,9 @@ def test_mbpp_problem_prompt_and_tests():
 
 def test_mbpp_setup_code_becomes_the_assert_setup():
     by_id = {p.problem_id: p for p in load_suite("mbpp", "train")}
-    # task 927 defines a class in test_setup_code (which the executor runs after the program)
-    assert "class Node" in by_id["927"].hidden_tests.setup
+    # task 927's test_setup_code builds trees of the class its reference defines (so it runs after the program)
+    assert by_id["927"].hidden_tests.setup.startswith("root = Node(1)")
+    assert "class Node" in by_id["927"].references[0]
 
 
 def test_mbpp_ships_inside_the_package_with_its_notice():
@@ -117,16 +118,9 @@ def test_mbpp_bad_rows_name_suite_file_row_and_field(tmp_path, bad, message):
         load_suite("mbpp", "train", path=path)
 
 
-def test_mbpp_reads_another_copy():
-    problems = load_suite("mbpp", "train", path=_write_jsonl_tmp_good())
+def test_mbpp_reads_another_copy(tmp_path):
+    problems = load_suite("mbpp", "train", path=_write_jsonl(tmp_path / "m.jsonl", [GOOD_MBPP]))
     assert [p.references for p in problems] == [("def f():\n  return 1",)]
-
-
-def _write_jsonl_tmp_good(_cache={}):
-    import tempfile
-    if "p" not in _cache:
-        _cache["p"] = _write_jsonl(Path(tempfile.mkdtemp()) / "m.jsonl", [GOOD_MBPP])
-    return _cache["p"]
 
 
 # -- HumanEval -------------------------------------------------------------------------------------------

@@ -75,22 +75,35 @@ MAX_LENGTH = 16  # longest list or string a pipeline may produce along the way
 POOL_DRAWS = 200  # inputs drawn at most per problem to find its hidden tests
 MAX_VALID_INPUTS = 30  # valid inputs tried at most before the pipeline is given up
 
-# Names: the train split draws from the first pool of each pair, the test split from the second.
+# Names: the train split draws from the first pool of each pair, the test split from the second. A train problem
+# also gets made-up names (random syllables) with probability MADE_UP_NAMES, so that the model must learn to copy
+# names from the statement rather than recall them.
 FUNCTION_VERBS = (
-    ("process", "transform", "compute", "convert", "handle", "apply", "build", "make", "calc", "get",
-     "solve", "run", "evaluate", "reshape", "refine", "derive", "prepare", "update", "render", "produce"),
-    ("crunch", "massage", "tweak", "morph", "distill", "wrangle"),
+    ("process", "transform", "compute", "convert", "handle", "apply", "build", "make", "calc", "get", "solve", "run",
+     "evaluate", "reshape", "refine", "derive", "prepare", "update", "render", "produce", "adjust", "shape", "clean",
+     "fold", "mix", "scan", "pack", "parse", "trim", "bake", "cook", "craft", "forge", "grind", "mold", "tune",
+     "polish", "sift", "sculpt", "brew"),
+    ("crunch", "massage", "tweak", "morph", "distill", "wrangle", "juggle", "stir", "knead", "whisk"),
 )
 FUNCTION_NOUNS = (
-    ("values", "data", "items", "numbers", "input", "result", "sequence", "entries", "records", "output",
-     "things", "elements", "parts", "batch", "series", "group"),
-    ("stuff", "bundle", "payload", "cargo", "heap"),
+    ("values", "data", "items", "numbers", "input", "result", "sequence", "entries", "records", "output", "things",
+     "elements", "parts", "batch", "series", "group", "array", "block", "chunk", "stream", "signal", "sample",
+     "points", "scores", "counts", "marks", "levels", "codes", "keys", "tags", "digits", "words", "letters", "bits",
+     "row", "column", "frame", "packet", "queue", "state"),
+    ("stuff", "bundle", "payload", "cargo", "heap", "crate", "parcel", "basket", "pile", "hoard"),
 )
-ARG_NAMES = {
-    "list": (("nums", "numbers", "values", "arr", "lst", "data", "items", "xs"), ("seq", "vals", "ints", "elems")),
-    "str": (("s", "text", "word", "string", "chars"), ("phrase", "line", "token")),
-    "int": (("n", "num", "value", "number", "count"), ("m", "val", "amount")),
+ARG_NAMES = {  # never x, c, d or i: the references use them as loop variables
+    "list": (("nums", "numbers", "values", "arr", "lst", "data", "items", "xs", "vec", "ys", "array", "entries"),
+             ("seq", "vals", "ints", "elems")),
+    "str": (("s", "text", "word", "string", "chars", "msg", "name", "label", "sentence", "txt", "st", "w"),
+            ("phrase", "line", "token")),
+    "int": (("n", "num", "value", "number", "count", "y", "z", "total", "size", "limit", "q", "p"),
+            ("m", "val", "amount")),
 }
+MADE_UP_NAMES = 0.3
+_TEST_WORDS = frozenset(FUNCTION_VERBS[1] + FUNCTION_NOUNS[1] + sum((pools[1] for pools in ARG_NAMES.values()), ()))
+CONSONANTS = "bfglmnprstvz"
+VOWELS = "aeiou"
 TYPE_DESCRIPTIONS = {"list": "a list of integers", "str": "a string", "int": "an integer"}
 FRAMES = (
     "Write a function `{sig}`. Given {tdesc} `{arg}`, {steps}. Return the result.",
@@ -374,6 +387,24 @@ class _Generator:
         self.nouns = FUNCTION_NOUNS[pool]
         self.args = {family: names[pool] for family, names in ARG_NAMES.items()}
 
+    # -- names ----------------------------------------------------------------------------------------------
+    def _made_up(self) -> str:
+        while True:
+            word = "".join(self.rng.choice(CONSONANTS) + self.rng.choice(VOWELS) for _ in range(self.rng.randint(2, 3)))
+            if word not in _TEST_WORDS:
+                return word
+
+    def names(self, family: str) -> tuple[str, str]:
+        """(function name, argument name)."""
+        rng = self.rng
+        if not self.test and rng.random() < MADE_UP_NAMES:
+            name = f"{self._made_up()}_{self._made_up()}"
+        else:
+            name = f"{rng.choice(self.verbs)}_{rng.choice(self.nouns)}"
+        if not self.test and rng.random() < MADE_UP_NAMES:
+            return name, self._made_up()
+        return name, rng.choice(self.args[family])
+
     # -- pipeline ---------------------------------------------------------------------------------------------
     def _consts(self, op: Operation) -> tuple[tuple[str, Any], ...]:
         rng = self.rng
@@ -519,11 +550,10 @@ def _draw_problems(split: str, n: int, seed: int, exclude: set[tuple]) -> tuple[
         cases = gen.tests(family, steps)
         if cases is None:
             continue
-        name = f"{rng.choice(gen.verbs)}_{rng.choice(gen.nouns)}"
-        if name in names_used and rng.random() < 0.5:
+        name, arg = gen.names(family)
+        if name in names_used:
             name = f"{name}_{rng.randint(2, 9)}"
         names_used.add(name)
-        arg = rng.choice(gen.args[family])
         asserts = tuple(f"assert {name}({v!r}) == {out!r}" for v, out in cases)
         statement = statement_text(name, arg, family, steps, rng.randrange(len(FRAMES)))
         examples = asserts[:N_EXAMPLES]

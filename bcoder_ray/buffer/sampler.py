@@ -1,0 +1,277 @@
+"""Mini-batches mixing human and generated programs at ρ_real (Appendix H), streamed from the buffer.
+
+Each source (human, generated) is an endless stream: every epoch lists the live sample files again (so new
+appends and compactions are picked up), keeps the row groups whose statistics may match the filters, shuffles
+them, and reads them one at a time into a window of about `window_rows` rows that is permuted and emitted. Memory
+is one window per source plus one batch, whatever the size of the buffer. A batch is round(ρ_real·B) human rows
+followed by B - round(ρ_real·B) generated rows.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bcoder_ray.buffer.filters import Filters
+from bcoder_ray.buffer.schema import PROMPT_KEY, TARGET_COLUMNS, BufferError, prompt_keys
+from bcoder_ray.buffer.storage import DamagedFileError, FileEntry
+from bcoder_ray.buffer.targets import TargetsJoin
+
+if TYPE_CHECKING:
+    from bcoder_ray.replay_buffer import ReplayBuffer
+
+_READ_ERRORS = (pa.ArrowInvalid, pa.ArrowIOError, OSError, DamagedFileError)
+
+
+class PromptIndex:
+    """The prompts table in memory (one row per problem and tokenizer, small) and the join onto rows."""
+
+    def __init__(self, buffer: "ReplayBuffer"):
+        self.buffer = buffer
+        self._load()
+
+    def _load(self) -> None:
+        table = self.buffer.prompts()
+        self.keys = prompt_keys(table).combine_chunks() if table.num_rows else pa.array([], pa.string())
+        self.prompt_ids = table["prompt_ids"].combine_chunks()
+
+    def indices(self, rows: pa.Table, where: str) -> pa.Array:
+        """Row -> prompt row; reloads once for prompts written since, then names the first missing key."""
+        keys = prompt_keys(rows)
+        idx = pc.index_in(keys, value_set=self.keys)
+        if idx.null_count:
+            self._load()
+            idx = pc.index_in(keys, value_set=self.keys)
+        if idx.null_count:
+            i = pc.index(pc.is_null(idx), True).as_py()
+            key = tuple(rows[c][i].as_py() for c in PROMPT_KEY)
+            raise BufferError(f"{where}: no prompt for (suite, problem_id, tokenizer_hash) = {key}; "
+                              f"put_prompts() it before sampling")
+        return idx.cast(pa.int32())
+
+
+@dataclass(frozen=True)
+class Unit:
+    file: FileEntry
+    row_group: int
+    row_start: int  # index of the row group's first row in the file
+
+
+class SourceStream:
+    """Endless shuffled rows of one source, prepared for the learner (see module docstring).
+
+    The shuffle window is a set of open row groups, each permuted once when opened (the one copy of a row);
+    a draw of n rows splits n over the open groups as n draws without replacement from their pooled remaining
+    rows would (multivariate hypergeometric) and takes zero-copy slices of them.
+    """
+
+    def __init__(self, buffer: "ReplayBuffer", source: str, filters: Filters, rng: np.random.Generator,
+                 prompts: PromptIndex, targets_fingerprint: str | None, require_targets: bool,
+                 extra_columns: Sequence[str], window_rows: int):
+        self.buffer, self.source, self.filters, self.rng = buffer, source, filters, rng
+        self.prompts, self.fp, self.require_targets = prompts, targets_fingerprint, require_targets
+        self.extra_columns = tuple(extra_columns)
+        self.window_rows = window_rows
+        read = {"source", "program_ids", "reward", *PROMPT_KEY, *self.extra_columns,
+                *_filter_columns(filters)}
+        if self.fp is not None:
+            read |= {"sample_id", "targets_fingerprint", *TARGET_COLUMNS}
+        self.read_columns = sorted(read)
+        self._open: list[list] = []  # [permuted table, next position]
+        self._open_rows = 0
+        self._epoch: Iterator[Unit] = iter(())
+        self._epoch_rows = 0
+        self._epoch_started = False
+        self._join: TargetsJoin | None = None
+
+    def _new_epoch(self) -> None:
+        if self._epoch_started and self._epoch_rows == 0:
+            raise BufferError(f"replay buffer {self.buffer.uri}: no {self.source} rows match {self.filters}"
+                              + (f" with targets fp={self.fp}" if self.fp and self.require_targets else ""))
+        units = []
+        for entry in self.buffer.files("samples"):
+            meta = self.buffer.metadata(entry)
+            start = 0
+            for g in range(meta.num_row_groups):
+                rg = meta.row_group(g)
+                if self.filters.row_group_may_match(_stats(rg), self.source):
+                    units.append(Unit(entry, g, start))
+                start += rg.num_rows
+        order = self.rng.permutation(len(units))
+        self._epoch = iter([units[i] for i in order])
+        self._epoch_rows = 0
+        self._epoch_started = True
+        self._join = TargetsJoin.open(self.buffer.store, self.fp) if self.fp is not None else None
+
+    def _read_unit(self, unit: Unit) -> pa.Table | None:
+        try:
+            pf = self.buffer.parquet_file(unit.file)
+            t = pf.read_row_group(unit.row_group, columns=self.read_columns, use_threads=False)
+        except FileNotFoundError:
+            return None  # compacted away since the epoch began: its rows are in the merged file next epoch
+        except _READ_ERRORS as e:
+            self.buffer.quarantine_file(unit.file, f"reading row group {unit.row_group} failed: {e}")
+            return None
+        keep = pc.equal(t["source"], self.source)
+        if self._join is not None:
+            t, has_targets = self._join.attach(t, unit.file.stem, unit.row_start)
+            if self.require_targets:
+                keep = pc.and_(keep, has_targets)
+        user = self.filters.mask(t)
+        if user is not None:
+            keep = pc.and_(keep, user)
+        if not pc.all(keep).as_py():
+            t = t.filter(keep)
+        if t.num_rows == 0:
+            return None
+        cols = {
+            "_prompt": self.prompts.indices(t, f"{unit.file.name} row group {unit.row_group}"),
+            "program_ids": t["program_ids"],
+            "reward": t["reward"].cast(pa.float32()),
+            "is_human": pc.equal(t["source"], "human"),
+        }
+        if self.fp is not None:
+            for c in TARGET_COLUMNS:
+                cols[c] = t[c]
+        for c in self.extra_columns:
+            cols[c] = t[c]
+        return pa.table(cols).combine_chunks()
+
+    def _fill(self) -> None:
+        """Open row groups until the window holds `window_rows` rows (or the epoch ends with some open)."""
+        while self._open_rows < self.window_rows:
+            unit = next(self._epoch, None)
+            if unit is None:
+                if self._open_rows:
+                    return
+                self._new_epoch()
+                continue
+            t = self._read_unit(unit)
+            if t is not None:
+                self._open.append([t.take(pa.array(self.rng.permutation(t.num_rows))), 0])
+                self._open_rows += t.num_rows
+                self._epoch_rows += t.num_rows
+
+    def take(self, n: int) -> list[pa.Table]:
+        parts: list[pa.Table] = []
+        need = n
+        while need:
+            self._fill()
+            left = np.array([t.num_rows - pos for t, pos in self._open], np.int64)
+            k = min(need, int(left.sum()))
+            counts = self.rng.multivariate_hypergeometric(left, k)
+            for slot, c in zip(self._open, counts):
+                if c:
+                    t, pos = slot
+                    parts.append(t.slice(pos, c))  # zero-copy: the group was permuted when opened
+                    slot[1] = pos + c
+            self._open = [s for s in self._open if s[1] < s[0].num_rows]
+            self._open_rows -= k
+            need -= k
+        return parts
+
+
+def _filter_columns(filters: Filters) -> list[str]:
+    cols = []
+    for name, used in (("suite", filters.suites), ("split", filters.splits), ("outcome", filters.outcomes),
+                       ("tokenizer_hash", filters.tokenizer_hash)):
+        if used is not None:
+            cols.append(name)
+    if filters.iteration_min is not None or filters.iteration_max is not None:
+        cols += ["iteration", "source"]
+    return cols
+
+
+def _stats(rg) -> dict[str, tuple]:
+    out = {}
+    for i in range(rg.num_columns):
+        col = rg.column(i)
+        st = col.statistics
+        if st is not None and st.has_min_max and "." not in col.path_in_schema:
+            out[col.path_in_schema] = (st.min, st.max)
+    return out
+
+
+class MixedSampler:
+    """Iterator of `pyarrow.Table` mini-batches (see module docstring); `num_batches=None` is endless."""
+
+    def __init__(self, buffer: "ReplayBuffer", batch_size: int, rho_real: float = 0.5,
+                 filters: Filters | dict | None = None, seed: int = 0, targets_fingerprint: str | None = None,
+                 require_targets: bool = True, num_batches: int | None = None,
+                 extra_columns: Sequence[str] = (), window_rows: int = 16384):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 <= rho_real <= 1.0:
+            raise ValueError(f"rho_real must be in [0, 1], got {rho_real}")
+        self.batch_size = batch_size
+        self.n_human = int(round(rho_real * batch_size))  # Appendix H: ρ_real·B ground-truth programs
+        self.n_generated = batch_size - self.n_human
+        self.num_batches = num_batches
+        self.fp = targets_fingerprint
+        self.extra_columns = tuple(extra_columns)
+        filters = Filters.coerce(filters)
+        prompts = PromptIndex(buffer)
+
+        def stream(source: str, k: int) -> SourceStream:
+            return SourceStream(buffer, source, filters, np.random.default_rng([seed, k]), prompts,
+                                targets_fingerprint, require_targets, self.extra_columns, window_rows)
+
+        self.human = stream("human", 0) if self.n_human else None
+        self.generated = stream("generated", 1) if self.n_generated else None
+        self.prompts = prompts
+
+    def columns(self) -> list[str]:
+        return ["prompt_ids", "program_ids", "reward", "is_human"] + \
+            (list(TARGET_COLUMNS) if self.fp is not None else []) + list(self.extra_columns)
+
+    def next_batch(self) -> pa.Table:
+        parts = []
+        if self.human is not None:
+            parts += self.human.take(self.n_human)
+        if self.generated is not None:
+            parts += self.generated.take(self.n_generated)
+        rows = pa.concat_tables(parts)  # chunked: one chunk per row group drawn from, no copy
+        out = {"prompt_ids": self.prompts.prompt_ids.take(rows["_prompt"])}
+        for c in self.columns()[1:]:
+            out[c] = rows[c]
+        return pa.table(out)
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        produced = 0
+        while self.num_batches is None or produced < self.num_batches:
+            yield self.next_batch()
+            produced += 1
+
+
+def rows_from_batch(batch) -> list[dict]:
+    """A sampler / Ray Data batch (pyarrow Table, or dict of numpy columns) as the list of dicts that
+    `bcoder_ray.batch.collate` takes; list columns become numpy arrays (zero-copy views of the batch)."""
+    if isinstance(batch, dict):
+        names = list(batch)
+        cols = [_numpy_column(batch[c]) for c in names]
+    else:
+        names = batch.column_names
+        cols = [_numpy_column(batch[c]) for c in names]
+    n = len(cols[0]) if cols else 0
+    return [{name: col[i] for name, col in zip(names, cols)} for i in range(n)]
+
+
+def _numpy_column(col) -> Sequence:
+    if isinstance(col, np.ndarray):
+        return col if col.dtype != object else list(col)
+    if isinstance(col, pa.ChunkedArray):
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            return [x for chunk in col.chunks for x in _numpy_column(chunk)]
+        return col.to_numpy()
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        if col.null_count:
+            return [None if v is None else np.asarray(v) for v in col.to_pylist()]
+        values = col.values.to_numpy(zero_copy_only=False)
+        offsets = col.offsets.to_numpy()
+        return [values[offsets[i]:offsets[i + 1]] for i in range(len(col))]
+    return col.to_numpy(zero_copy_only=False)

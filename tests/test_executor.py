@@ -1,0 +1,354 @@
+"""The executor: every test style and outcome class, the APPS conventions, the comparison rules, parent-side
+judging, the cache and batch API, the shell interface, and the degraded isolation paths."""
+
+from __future__ import annotations
+
+import ast
+import gc
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from envs import compare
+from envs.execute import Executor, cache_key, execute
+from envs.harness_plan import make_plan, shadowed_names
+from envs.harness_wire import WireError, canonical, decode_value
+from envs.problem import TestSpec
+from envs.result import ExecResult, Outcome
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+STDIO = TestSpec("stdio", cases=({"input": "2 3\n", "output": "5\n"}, {"input": "1 1\n", "output": "2\n"}))
+CALL = TestSpec("call", fn_name="f", cases=({"args": [1], "expected": 2}, {"args": [5], "expected": 6}))
+ASSERT = TestSpec("assert", setup="K = 1", asserts=("assert f(1) == 2", "assert f(5) == 6"))
+CHECK = TestSpec("check", entry_point="f",
+                 check="def check(candidate):\n    assert candidate(1) == 2\n    assert candidate(5) == 6\n")
+
+GOOD = {"stdio": "a, b = map(int, input().split())\nprint(a + b)\n", "call": "def f(x):\n    return x + 1\n"}
+GOOD["assert"] = GOOD["check"] = GOOD["call"]
+SPECS = {"stdio": STDIO, "call": CALL, "assert": ASSERT, "check": CHECK}
+WRONG = {"stdio": "a, b = map(int, input().split())\nprint(a * b + 1 if a == 2 else a + b)\n",
+         "call": "def f(x):\n    return x + 1 if x == 1 else 0\n"}
+WRONG["assert"] = WRONG["check"] = WRONG["call"]
+RAISES = {"stdio": "a, b = map(int, input().split())\nprint(a + b)\nif a == 1:\n    raise ValueError('boom')\n",
+          "call": "def f(x):\n    if x == 5:\n        raise ValueError('boom')\n    return x + 1\n"}
+RAISES["assert"] = RAISES["check"] = RAISES["call"]
+SLOW = {"stdio": "import time\ntime.sleep(60)\n", "call": "import time\ndef f(x):\n    time.sleep(60)\n"}
+SLOW["assert"] = SLOW["check"] = SLOW["call"]
+
+
+@pytest.fixture(scope="module")
+def ex():
+    with Executor(workers=2, timeout_per_test=1.5, timeout_per_program=4.0) as e:
+        yield e
+
+
+# ---------------------------------------------------------------------------------------------- styles x outcomes
+
+@pytest.mark.parametrize("style", ["stdio", "call", "assert", "check"])
+def test_every_outcome_class_in_every_style(ex, style):
+    spec = SPECS[style]
+    programs = [GOOD[style], WRONG[style], RAISES[style], "def f(x) return 1\n", SLOW[style]]
+    passed, failed, raised, broken, slow = ex.run_batch([(p, spec) for p in programs])
+    assert (passed.outcome, passed.reward, passed.error) == (Outcome.PASSED, 1.0, None)
+    assert [t.status for t in passed.tests] == ["passed"] * len(spec)
+    assert (failed.outcome, failed.reward) == (Outcome.FAILED, -0.3)
+    assert (raised.outcome, raised.reward, raised.timeout) == (Outcome.RUNTIME_ERROR, -0.6, False)
+    assert "boom" in raised.error
+    assert (broken.outcome, broken.reward) == (Outcome.COMPILE_ERROR, -1.0)
+    assert "SyntaxError" in broken.error
+    assert (slow.outcome, slow.reward, slow.timeout) == (Outcome.RUNTIME_ERROR, -0.6, True)
+    assert slow.tests[0].status == "timeout"
+    for r in (passed, failed, raised, broken, slow):
+        assert len(r.tests) == len(spec) and r.wall_time > 0 and not r.cached
+
+
+def test_per_test_verdicts_and_runtime_error_dominates(ex):
+    spec = TestSpec("call", fn_name="f", cases=tuple({"args": [i], "expected": i} for i in range(4)))
+    r = ex.run("def f(x):\n    if x == 1:\n        return -1\n    if x == 2:\n        raise KeyError(x)\n    return x\n",
+               spec)
+    assert [t.status for t in r.tests] == ["passed", "failed", "runtime_error", "passed"]
+    assert r.outcome == Outcome.RUNTIME_ERROR
+
+
+def test_program_timeout_stops_remaining_tests(ex):
+    spec = TestSpec("call", fn_name="f", cases=tuple({"args": [i], "expected": i} for i in range(12)))
+    with Executor(workers=1, timeout_per_test=3.0, timeout_per_program=1.0) as one:
+        r = one.run("import time\ndef f(x):\n    time.sleep(0.4)\n    return x\n", spec)
+    statuses = [t.status for t in r.tests]
+    assert r.timeout and r.outcome == Outcome.RUNTIME_ERROR
+    assert "timeout" in statuses and statuses[-1] == "not_run"
+
+
+def test_memory_cap(ex):
+    spec = TestSpec("call", fn_name="f", cases=({"args": [1], "expected": 1},))
+    r = ex.run("def f(x):\n    b = bytearray(2 * 1024 ** 3)\n    return x\n", spec)
+    assert r.outcome == Outcome.RUNTIME_ERROR and "MemoryError" in r.error
+
+
+# ---------------------------------------------------------------------------------------------- APPS conventions
+
+def test_stdio_top_level_return_is_wrapped(ex):
+    prog = "n = int(input())\nif n == 0:\n    print('zero')\n    return\nprint('s = \"x\"\\n  y')\n"
+    spec = TestSpec("stdio", cases=({"input": "0\n", "output": "zero\n"},
+                                    {"input": "1\n", "output": 's = "x"\n  y\n'}))
+    assert ex.run(prog, spec).outcome == Outcome.PASSED
+
+
+def test_call_style_has_typing_names_and_solution_class(ex):
+    spec = TestSpec("call", fn_name="kth", cases=({"args": [[2, 3, 4, 7, 11], 5], "expected": 9},))
+    prog = ("class Solution:\n    def kth(self, arr: List[int], k: int) -> int:\n"
+            "        s = set(arr)\n        n = 0\n        while k:\n            n += 1\n"
+            "            k -= n not in s\n        return n\n")
+    assert ex.run(prog, spec).outcome == Outcome.PASSED
+
+
+def test_call_style_one_element_list_and_tuples(ex):
+    spec = TestSpec("call", fn_name="f", cases=({"args": [1], "expected": [False]}, {"args": [2], "expected": [1, 2]}))
+    assert ex.run("def f(x):\n    return False if x == 1 else (1, 2)\n", spec).outcome == Outcome.PASSED
+    assert ex.run("def f(x):\n    return False if x == 1 else 1\n", spec).outcome == Outcome.FAILED
+
+
+def test_assert_program_runs_before_setup(ex):
+    spec = TestSpec("assert", setup="p = Pair(1, 2)", asserts=("assert total(p) == 3",))
+    prog = "class Pair:\n    def __init__(self, a, b):\n        self.a, self.b = a, b\ndef total(p):\n    return p.a + p.b\n"
+    assert ex.run(prog, spec).outcome == Outcome.PASSED
+
+
+# ---------------------------------------------------------------------------------------------- comparison rules
+
+@pytest.mark.parametrize("actual,expected,ok", [
+    ("5\n", "5\n", True), ("5", "5\n", True), ("5  \n\n\n", "5\n", True), ("5\r\n6\r\n", "5\n6\n", True),
+    ("1  2 3\n", "1 2 3\n", True), ("5\n", "5\n6\n", False), ("5\n6\n", "5\n", False), ("5\n\n6\n", "5\n6\n", False),
+    ("0.3333333\n", "0.333333333\n", True), ("0.334\n", "0.333333\n", False), ("1e-3\n", "0.001\n", True),
+    ("3.0\n", "3\n", False), ("yes\n", "Yes\n", False), (b"\xff5\n", "5\n", False), (b"5\n", "5\n", True),
+])
+def test_stdio_rules(actual, expected, ok):
+    assert compare.stdio_output_matches(actual, expected) is ok
+
+
+@pytest.mark.parametrize("actual,expected,ok", [
+    (9, 9, True), (9, [9], True), (False, [False], True), ((1, 2), [1, 2], True), ([(1, 2)], [[1, 2]], True),
+    ([1, 2], [[1, 2]], True), (1, [1, 2], False), (True, 1, True), ({"a": (1,)}, {"a": [1]}, True), (None, [], False),
+])
+def test_call_rules(actual, expected, ok):
+    assert compare.call_output_matches(actual, expected) is ok
+
+
+def test_parent_evaluator_restricted():
+    tree = ast.parse("abs(__hole_0 - 0.5) < 1e-6 and 1", mode="eval").body
+    assert not compare.evaluable(tree, holes=1)  # `and` is not a judged shape
+    tree = ast.parse("math.isclose(__hole_0, 1.5, rel_tol=1e-3)", mode="eval").body
+    assert compare.evaluable(tree, holes=1) and compare.evaluate(tree, [1.5001])
+    assert not compare.evaluable(ast.parse("__import__('os')", mode="eval").body)
+    assert not compare.evaluable(ast.parse("2 ** __hole_0", mode="eval").body, holes=1)
+
+
+# ---------------------------------------------------------------------------------------------- parent-side judging
+
+def test_expected_values_never_reach_the_child():
+    spec = TestSpec("assert", asserts=("assert f(1) == 'SECRET-A'", "assert abs(g(2) - 0.123456) < 1e-6",
+                                       "assert math.isclose(h(3), 4.56789)", "assert sorted(k(4)) == [77, 88]"))
+    plan = make_plan("def f(x): pass", spec)
+    wire = json.dumps(plan.payload)
+    for secret in ("SECRET-A", "0.123456", "4.56789", "77"):
+        assert secret not in wire
+    assert [i["holes"] for i in plan.payload["items"]] == [["(f(1))"], ["(g(2))"], ["(h(3))"], ["(sorted(k(4)))"]]
+    assert not any(i.child_judged for i in plan.items)
+    for style, spec in (("stdio", STDIO), ("call", CALL)):
+        wire = json.dumps(make_plan("x", spec).payload)
+        assert "5\\n" not in wire and '"expected"' not in wire
+
+
+def test_unjudgeable_shapes_run_in_child_and_are_counted(ex):
+    loop = TestSpec("check", entry_point="f",
+                    check="def check(candidate):\n    for i in range(3):\n        assert candidate(i) == i + 1\n")
+    plan = make_plan(GOOD["call"], loop)
+    assert plan.child_judged_check
+    r = ex.run(GOOD["call"], loop)
+    assert r.outcome == Outcome.PASSED and r.unjudgeable == 1 and not r.tests[0].judged_in_parent
+    spec = TestSpec("assert", asserts=("assert f(1) == 2 or f(2) == 9",))
+    r = ex.run(GOOD["call"], spec)
+    assert r.outcome == Outcome.PASSED and r.unjudgeable == 1
+    assert ex.run(GOOD["call"], ASSERT).unjudgeable == 0
+
+
+def test_redefined_builtin_is_the_programs():
+    assert shadowed_names("def sum(a, b):\n    return a - b\n") == {"sum"}
+    assert shadowed_names("import math\nx = len([1])\n") == frozenset()
+    plan = make_plan("def sum(a, b):\n    return a - b\n", TestSpec("assert", asserts=("assert sum(10, 15) == -5",)))
+    assert plan.payload["items"] == [{"holes": ["(sum(10, 15))"]}]
+
+
+def test_value_codec_is_strict():
+    for v in [1, -2 ** 70, 10 ** 5000, 1.5, float("inf"), "s\udc80", b"\x00", None, True, (1, [2, {3: (4,)}]),
+              {1, 2}, frozenset({(1, 2)}), {(1, 2): {"a": None}}, 2 + 3j]:
+        assert decode_value(json.loads(json.dumps(canonical(v)))) == v
+    from collections import Counter, namedtuple
+    assert decode_value(canonical(Counter("aab"))) == {"a": 2, "b": 1}
+    assert type(decode_value(canonical(namedtuple("P", "x y")(1, 2)))) is tuple
+    with pytest.raises(TypeError):
+        canonical(object())
+    for bad in [{"x": 1}, {"t": 1}, {"s": [[1]]}, {"d": [[1]]}, {"t": [], "s": []}]:
+        with pytest.raises(WireError):
+            decode_value(bad)
+
+
+# ---------------------------------------------------------------------------------------------- API
+
+def test_batch_order_dedup_and_cache(ex):
+    jobs = [(GOOD["call"], CALL), (WRONG["call"], CALL), (GOOD["call"], CALL), (GOOD["stdio"], STDIO)]
+    fresh = Executor(workers=2)
+    try:
+        res = fresh.run_batch(jobs)
+        assert [r.outcome for r in res] == [Outcome.PASSED, Outcome.FAILED, Outcome.PASSED, Outcome.PASSED]
+        assert [r.cached for r in res] == [False, False, True, False]  # the duplicate ran once
+        again = fresh.run(GOOD["call"], CALL)
+        assert again.cached and again.wall_time == 0.0 and again.outcome == Outcome.PASSED
+        assert fresh.cache_key(GOOD["call"], CALL) == cache_key(GOOD["call"], CALL)
+    finally:
+        fresh.close()
+
+
+def test_seed_cache_and_no_cache():
+    fake = ExecResult(Outcome.FAILED, -0.3)
+    with Executor(workers=1) as e:
+        e.seed_cache({cache_key(GOOD["call"], CALL): fake})
+        r = e.run(GOOD["call"], CALL)
+        assert r.outcome == Outcome.FAILED and r.cached
+        assert e.worker_pids == []  # a cache hit starts no worker
+    with Executor(workers=1, cache=False) as e:
+        a, b = e.run_batch([(GOOD["call"], CALL), (GOOD["call"], CALL)])
+        assert a.outcome == b.outcome == Outcome.PASSED
+
+
+def test_workers_stop_on_close_and_on_garbage_collection():
+    e = Executor(workers=2)
+    e.run_batch([(GOOD["call"], CALL), (GOOD["stdio"], STDIO)])
+    pids = e.worker_pids
+    assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+    procs = [psutil.Process(p) for p in pids]
+    del e
+    gc.collect()
+    gone, alive = psutil.wait_procs(procs, timeout=10)
+    assert not alive
+    with Executor(workers=1) as e2:
+        e2.run(GOOD["call"], CALL)
+        procs = [psutil.Process(p) for p in e2.worker_pids]
+    assert not psutil.wait_procs(procs, timeout=10)[1]
+    with pytest.raises(RuntimeError):
+        e2.run(GOOD["call"], CALL)
+
+
+def test_execute_convenience():
+    assert execute(GOOD["stdio"], STDIO).outcome == Outcome.PASSED
+
+
+def test_isolation_is_reported_and_logged_once(caplog):
+    import envs.sandbox as sandbox
+    sandbox._LOGGED.clear()
+    with caplog.at_level(logging.INFO, logger="envs.sandbox"):
+        with Executor(workers=2) as e:
+            e.run_batch([(GOOD["call"], CALL), (WRONG["call"], CALL)])
+            iso = e.isolation
+    assert len([r for r in caplog.records if "isolation in force" in r.getMessage()]) == 1
+    if shutil.which("unshare"):
+        assert iso["pid_namespace"] and iso["network_namespace"]
+        assert iso["filesystem"] == "private read-only root"
+        if os.geteuid() == 0:
+            assert iso["uid"] is not None
+
+
+# ---------------------------------------------------------------------------------------------- degraded paths
+
+DEGRADED_PROGRAMS = [
+    (GOOD["stdio"], STDIO, "passed"), (WRONG["call"], CALL, "failed"), (RAISES["check"], CHECK, "runtime_error"),
+    ("def f(x)\n", ASSERT, "compile_error"), ("def f(x):\n    import os\n    os._exit(0)\n", CALL, "runtime_error"),
+    ("import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+     "        os.execv('/bin/sleep', ['sleep', '4343.5151'])\n    os._exit(0)\n" + GOOD["stdio"], STDIO, "passed"),
+    ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n" + GOOD["stdio"], STDIO, "runtime_error"),
+]
+
+
+@pytest.mark.parametrize("options", [{"namespaces": False}, {"filesystem": False}, {"user_namespace": True}],
+                         ids=["no-namespaces", "host-filesystem", "user-namespace"])
+def test_degraded_isolation_paths(options):
+    if options.get("user_namespace") and not shutil.which("unshare"):
+        pytest.skip("no unshare")
+    with Executor(workers=1, timeout_per_test=2.0, **options) as e:
+        iso = e.isolation
+        res = e.run_batch([(p, s) for p, s, _ in DEGRADED_PROGRAMS])
+        assert [r.outcome.value for r in res] == [o for _, _, o in DEGRADED_PROGRAMS]
+        top = psutil.Process(e.worker_pids[0])
+        assert len(top.children(recursive=True)) == (1 if iso["namespaces"] else 0)
+    assert not any("4343.5151" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+    if options.get("namespaces") is False:
+        assert not iso["pid_namespace"] and iso["subreaper"]
+    if options.get("user_namespace"):
+        assert iso["user_namespace"] and iso["drop_caps"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("unshare"),
+                    reason="needs root to become an ordinary user")
+def test_works_as_an_ordinary_user(tmp_path):
+    """Run the shell interface as `nobody` (the Python install under /root is made reachable in a private
+    mount namespace): the worker then uses a user namespace and drops every capability."""
+    (tmp_path / "t.json").write_text(json.dumps(STDIO.to_json()))
+    (tmp_path / "p.py").write_text(GOOD["stdio"])
+    os.chmod(tmp_path, 0o755)
+    for parent in tmp_path.parents:
+        if str(parent) in ("/", "/tmp"):
+            break
+        os.chmod(parent, os.stat(parent).st_mode | 0o005)
+    real = os.path.realpath(sys.executable)
+    prefix = real.split("/bin/")[0] if real.startswith("/root/") else None
+    mounts = ""
+    if prefix:
+        mounts = (f"mount --bind {prefix} /mnt && mount -t tmpfs -o mode=755 tmpfs /root && "
+                  f"mkdir -p {prefix} && mount --bind /mnt {prefix} && ")
+    cmd = (f"{mounts}cd {tmp_path} && setpriv --reuid=65534 --regid=65534 --clear-groups env PYTHONPATH={REPO} "
+           f"HOME={tmp_path} {sys.executable} -m envs.execute --isolation t.json p.py")
+    out = subprocess.run(["unshare", "--mount", "sh", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["outcome"] == "passed"
+    assert "user namespace" in out.stderr and "all capabilities dropped" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------- shell interface
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": REPO}
+    return subprocess.run([sys.executable, "-m", "envs.execute", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def test_cli_single_and_batch(tmp_path):
+    (tmp_path / "tests.json").write_text(json.dumps(CALL.to_json()))
+    (tmp_path / "prog.py").write_text(GOOD["call"])
+    out = _cli(str(tmp_path / "tests.json"), str(tmp_path / "prog.py"))
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["outcome"] == "passed" and res["reward"] == 1.0
+    jobs = [{"id": "a", "program": GOOD["stdio"], "tests": STDIO.to_json()},
+            {"id": 7, "program": "x = (", "tests": ASSERT.to_json()},
+            {"id": "c", "program": WRONG["check"], "tests": CHECK.to_json()}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    out = _cli("--batch", str(tmp_path / "jobs.jsonl"), "--workers", "2")
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["id"], r["outcome"], r["reward"]) for r in lines] == [
+        ("a", "passed", 1.0), (7, "compile_error", -1.0), ("c", "failed", -0.3)]
+    assert "programs/s" in out.stderr
+
+
+def test_cli_reports_bad_input(tmp_path):
+    (tmp_path / "tests.json").write_text(json.dumps({"style": "call", "cases": []}))
+    (tmp_path / "prog.py").write_text("x = 1")
+    out = _cli(str(tmp_path / "tests.json"), str(tmp_path / "prog.py"))
+    assert out.returncode == 2 and "fn_name" in out.stderr and "tests.json" in out.stderr
