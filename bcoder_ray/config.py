@@ -156,6 +156,7 @@ class ExecutorSection:
 @dataclass
 class BufferSection:
     uri: str | None = None  # null: <run_dir>/buffer; any URI the replay buffer accepts (s3://...)
+    targets_via: Literal["ray_data", "actors"] = "ray_data"  # a map_batches job, or the running policy actors
     targets_batch_size: int = 16  # rows per target-filling batch
     targets_cpus: float = 1.0  # CPUs per target-filling task
     targets_gpus: float = 0.0

@@ -151,6 +151,44 @@ def prepare_run(config_path: str | None = None, overrides: list[str] | None = No
 # ------------------------------------------------------------------------------------------ Ray
 
 
+# Ray loggers whose routine messages would bury the run's own progress lines: a line per ray.train.report, and
+# a warning every few seconds from Train's placement-group cleaner when the state API is off (no dashboard).
+QUIET_LOGGERS = {"ray.train.v2._internal.execution.context": "WARNING",
+                 "ray.train.v2._internal.execution.controller.placement_group_cleaner": "ERROR"}
+
+
+def quiet_ray_logs() -> None:
+    """Raise the level of `QUIET_LOGGERS` (a `worker_process_setup_hook` of the local Ray instance, and called
+    by the train loop). Some of those modules name their logger after their file, so both names are set."""
+    import importlib
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*exclude_resources.*")  # Ray Data's own deprecation notice
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+        try:
+            logging.getLogger(importlib.import_module(name).__file__).setLevel(level)
+        except ImportError:  # another Ray version: nothing to quiet
+            pass
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the run shows its own bars
+    ctx.print_on_execution_start = False
+
+
+def _pythonpath_with_repo() -> str:
+    """PYTHONPATH for local Ray workers: this checkout first (the setup hook imports bcoder_ray before the
+    driver's sys.path reaches the worker), then whatever was set."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    rest = os.environ.get("PYTHONPATH", "")
+    return repo + (os.pathsep + rest if rest else "")
+
+
 @contextlib.contextmanager
 def ray_session(cfg: Config):
     """Join RAY_ADDRESS / ray.address when given (ray job submit), else start a local instance with a capped
@@ -158,16 +196,21 @@ def ray_session(cfg: Config):
     import ray
 
     if ray.is_initialized():
+        _quiet_ray_data()
         yield
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address)  # a job's own runtime env (working dir) stays as submitted
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
                  object_store_memory=cfg.ray.object_store_mb * 1024 ** 2,
-                 include_dashboard=cfg.ray.include_dashboard)
+                 include_dashboard=cfg.ray.include_dashboard,
+                 runtime_env={"worker_process_setup_hook": "bcoder_ray.driver.quiet_ray_logs",
+                              "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+                                           "PYTHONPATH": _pythonpath_with_repo()}})
+    _quiet_ray_data()
     try:
         yield
     finally:
@@ -279,10 +322,8 @@ class Run:
     def policy(self, version: int, theta_dir: str | None, label: str):
         from bcoder_ray.rollout import PolicySpec
 
-        a = self.cfg.algorithm
         return PolicySpec(checkpoint=self.state.theta_ckpt, version=version, theta_dir=theta_dir,
-                          phi_dir=self.state.phi, alpha=a.alpha, r_max=a.r_max, init_from_lm=a.init_from_lm,
-                          label=label)
+                          phi_dir=self.state.phi, gamma=self.cfg.algorithm.gamma, label=label)
 
     def sampling(self, section) -> Any:
         from bcoder_ray.rollout import SamplingSpec
@@ -307,8 +348,7 @@ class Run:
         out = {"programs": sum(s["programs"] for s in summaries), "written": sum(s["written"] for s in summaries),
                "passed": sum(s["passed"] for s in summaries), "executed": sum(s["executed"] for s in summaries),
                "reward_mean": sum(s["reward_sum"] for s in summaries) / max(1, sum(s["programs"] for s in summaries)),
-               "sample_s": sum(s["sample_s"] for s in summaries), "exec_s": sum(s["exec_s"] for s in summaries),
-               "wall_s": wall}
+               "exec_s": sum(s["exec_s"] for s in summaries), "wall_s": wall}
         out["pass_rate"] = out["passed"] / max(1, out["programs"])
         out["programs_per_s"] = out["programs"] / max(wall, 1e-9)
         return out
@@ -329,7 +369,8 @@ class Run:
                           phi_dir=self.state.phi if with_phi else None, alpha=a.alpha, r_max=a.r_max,
                           batch_size=b.targets_batch_size, threads=_threads(b.targets_cpus))
         started = time.time()
-        n = fill_targets(buffer, fingerprint, spec, num_cpus=b.targets_cpus, num_gpus=b.targets_gpus)
+        n = fill_targets(buffer, fingerprint, spec, num_cpus=b.targets_cpus, num_gpus=b.targets_gpus,
+                         pool=self.pool if b.targets_via == "actors" else None)
         self.log(f"targets: {n} rows filled ({'with' if with_phi else 'without'} V_φ) in "
                  f"{time.time() - started:.0f}s")
         return n
@@ -371,8 +412,9 @@ class Run:
         return result
 
     def evaluate(self, policy, held_out, label: str, rank: bool) -> dict:
-        from bcoder_ray.metrics import metrics_from_candidates, write_candidates
-        from bcoder_ray.report import write_json
+        """Held-out candidates from the policy actors, written with E's `write_evaluation` (candidates.jsonl +
+        metrics.json under eval/<label>/); never appended to the learners' buffer."""
+        from bcoder_ray.evaluation import write_evaluation
         from bcoder_ray.rollout import make_tasks
 
         ev = self.cfg.evaluation
@@ -381,17 +423,14 @@ class Run:
                            self.cfg.run.seed + 7)
         started = time.time()
         bar = self.bar(len(held_out) * sampling.n, f"evaluate {label}")
-        parts = self.pool.map("candidates", tasks, policy, sampling, self.cfg.suite.eval_split, rank,
-                              self.cfg.algorithm.gamma, ev.filtered,
+        parts = self.pool.map("candidates", tasks, policy, sampling, self.cfg.suite.eval_split, rank, ev.filtered,
                               on_result=lambda task, recs: bar.update(len(recs)))
         bar.close()
-        records = [r for part in parts for r in part]
         folder = self.run_dir / "eval" / label
-        folder.mkdir(parents=True, exist_ok=True)
-        write_candidates(folder / "candidates.jsonl", records)
-        metrics = metrics_from_candidates(folder / "candidates.jsonl", ks=ev.ks, ci_level=ev.confidence,
-                                          seed=self.cfg.run.seed)
-        write_json(folder / "metrics.json", metrics)
+        metrics = write_evaluation(folder, [r for part in parts for r in part], ks=ev.ks, ci_level=ev.confidence,
+                                   seed=self.cfg.run.seed,
+                                   meta={"label": label, "policy": dataclasses.asdict(policy),
+                                         "sampling": dataclasses.asdict(sampling)})
         o = metrics["overall"]
         self.log(f"evaluation {label} ({time.time() - started:.0f}s): {o['n_problems']} problems × "
                  f"{sampling.n} samples: pass@1 {_pct(_get(o, 'pass', 1))}"
@@ -543,10 +582,11 @@ def paired_difference(dir_a: str, variant_a: str, dir_b: str, variant_b: str, k:
                       seed: int = 0) -> dict:
     """Mean over the problems both evaluations share of (a's variant@k - b's variant@k), with a percentile
     bootstrap interval over problems (E's per-problem values and bootstrap)."""
-    from bcoder_ray.metrics import bootstrap_ci, group_by_problem, problem_variant_value, read_candidates
+    from bcoder_ray.metrics import (CANDIDATES_FILE, bootstrap_ci, group_by_problem, problem_variant_value,
+                                    read_candidates)
 
-    a = group_by_problem(read_candidates(Path(dir_a) / "candidates.jsonl"))
-    b = group_by_problem(read_candidates(Path(dir_b) / "candidates.jsonl"))
+    a = group_by_problem(read_candidates(Path(dir_a) / CANDIDATES_FILE))
+    b = group_by_problem(read_candidates(Path(dir_b) / CANDIDATES_FILE))
     diffs = []
     for key in sorted(set(a) & set(b)):
         va, vb = problem_variant_value(a[key], variant_a, k), problem_variant_value(b[key], variant_b, k)
@@ -554,8 +594,7 @@ def paired_difference(dir_a: str, variant_a: str, dir_b: str, variant_b: str, k:
             diffs.append(va - vb)
     if not diffs:
         return {"n_problems": 0, "mean": None, "low": None, "high": None}
-    ci = bootstrap_ci(diffs, level=level, seed=seed)
-    low, high = (ci.get("low"), ci.get("high")) if isinstance(ci, dict) else (ci[0], ci[1])
+    low, high = bootstrap_ci(diffs, level=level, seed=seed)
     return {"n_problems": len(diffs), "mean": sum(diffs) / len(diffs), "low": low, "high": high}
 
 

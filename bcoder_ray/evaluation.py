@@ -25,6 +25,7 @@ A plain Hugging Face LM samples as θ_ckpt and has no R̃, unless another model'
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from bcoder_ray import ranking, sampling
 from bcoder_ray.metrics import (CANDIDATES_FILE, METRICS_FILE, CandidateError, CandidateRecord,
                                 as_candidate_records, metrics_from_candidates, read_candidates,
                                 rtilde_outcome_order, write_candidates)
-from bcoder_ray.q_model import QModel
+from bcoder_ray.q_model import META_FILE, QModel
 from bcoder_ray.report import write_json
 from bcoder_ray.tokenization import decode_program, encode_program, encode_prompt, eos_id, pad_id
 from envs import scoring
@@ -106,12 +107,18 @@ class ScoredCandidate:
 
 
 def _uses_phi(theta_dir: str | os.PathLike) -> bool:
-    import json
-
-    from bcoder_ray.q_model import META_FILE
-
-    with open(Path(theta_dir) / META_FILE, encoding="utf-8") as f:
+    path = Path(theta_dir) / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; {theta_dir} was not saved by QModel.save_theta")
+    with open(path, encoding="utf-8") as f:
         return bool(json.load(f).get("uses_phi", True))
+
+
+def default_label(path: str | os.PathLike) -> str:
+    """A checkpoint's name for tables: its folder's name, or its parent's for a generic one (Ray Train's
+    `.../theta-iter1-126aff/final`)."""
+    p = Path(path)
+    return p.parent.name if p.name in ("final", "checkpoint") or p.name.startswith("checkpoint_") else p.name
 
 
 def load_models(checkpoint: str | os.PathLike, *, theta_dir: str | os.PathLike | None = None,
@@ -129,18 +136,30 @@ def load_models(checkpoint: str | os.PathLike, *, theta_dir: str | os.PathLike |
         network, ranker = "ckpt", None
     else:
         theta_dir = str(theta_dir)
-        can_rank = rank and (phi_dir is not None or not _uses_phi(theta_dir))
-        parts = ("theta", "phi") if (can_rank and phi_dir is not None) else ("theta",)
+        needs_phi = _uses_phi(theta_dir)
+        can_rank = rank and (phi_dir is not None or not needs_phi)
+        parts = ("theta", "phi") if (can_rank and needs_phi) else ("theta",)
         model = QModel.create(checkpoint, parts=parts, theta_dir=theta_dir,
                               phi_dir=str(phi_dir) if "phi" in parts else None, dtype=dtype, device=device)
         network, ranker = "theta", model if can_rank else None
     tok_path = str(tokenizer or (theta_dir if theta_dir and (Path(theta_dir) / "tokenizer_config.json").exists()
                                  else checkpoint))
-    name = label or Path(theta_dir or checkpoint).name
+    name = label or default_label(theta_dir or checkpoint)
     return LoadedModels(sampler=model, network=network, tokenizer=AutoTokenizer.from_pretrained(tok_path),
                         label=name, ranker=ranker, ranker_label=name if ranker is not None else None, gamma=gamma,
                         info={"checkpoint": checkpoint, "theta_dir": theta_dir,
                               "phi_dir": None if phi_dir is None else str(phi_dir), "tokenizer": tok_path})
+
+
+def run_checkpoints(run_dir: str | os.PathLike) -> tuple[str, str | None, str | None]:
+    """(θ_ckpt, latest θ, latest φ) recorded in a run folder's `state.json` (written by `experiments/run.py`)."""
+    path = Path(run_dir) / "state.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file (is {run_dir} a run folder of experiments/run.py?)")
+    state = json.loads(path.read_text(encoding="utf-8"))
+    if not state.get("theta_ckpt"):
+        raise ValueError(f"{path}: no 'theta_ckpt' recorded")
+    return state["theta_ckpt"], state.get("theta"), state.get("phi")
 
 
 def rtilde_of(ranker: QModel, prompt_ids: Sequence[Sequence[int]], program_ids: Sequence[Sequence[int]], *,
@@ -200,14 +219,14 @@ def sample_and_score(problems: Sequence[Problem], models: LoadedModels, executor
 
 def write_evaluation(out_dir: str | os.PathLike, records: Iterable[CandidateRecord | Mapping], *,
                      ks: Sequence[int] = (1, 5), ci_level: float = 0.95, seed: int = 0,
-                     meta: Mapping[str, Any] | None = None) -> dict:
+                     meta: Mapping[str, Any] | None = None, n_at_k_pairs: Sequence[tuple[int, int]] = ()) -> dict:
     """Write `candidates.jsonl` and `metrics.json` (metrics of the records, plus `meta` — label, sampling,
     iteration, checkpoint paths — and the R̃-by-outcome statement when the records have R̃); return the
     metrics."""
     out_dir = Path(out_dir)
     records = as_candidate_records(records)
     write_candidates(out_dir / CANDIDATES_FILE, records)
-    metrics = metrics_from_candidates(records, ks=ks, ci_level=ci_level, seed=seed)
+    metrics = metrics_from_candidates(records, ks=ks, ci_level=ci_level, seed=seed, n_at_k_pairs=n_at_k_pairs)
     metrics.update(dict(meta or {}))
     metrics["candidates_file"] = CANDIDATES_FILE
     if any(r.rtilde is not None for r in records):
@@ -218,7 +237,8 @@ def write_evaluation(out_dir: str | os.PathLike, records: Iterable[CandidateReco
 
 def evaluate(problems: Sequence[Problem], models: LoadedModels, executor: Any, settings: SamplingSettings,
              out_dir: str | os.PathLike, *, ks: Sequence[int] = (1, 5), examples: bool = True, rank: bool = True,
-             ci_level: float = 0.95, meta: Mapping[str, Any] | None = None) -> dict:
+             ci_level: float = 0.95, meta: Mapping[str, Any] | None = None,
+             n_at_k_pairs: Sequence[tuple[int, int]] = ()) -> dict:
     """Sample, execute, rank and save one checkpoint's candidates for `problems`; returns the metrics written to
     `out_dir/metrics.json` (the folder also holds `candidates.jsonl`)."""
     if max(ks) > settings.m:
@@ -228,7 +248,7 @@ def evaluate(problems: Sequence[Problem], models: LoadedModels, executor: Any, s
             "gamma": models.gamma if models.ranker is not None and rank else None}
     info.update(dict(meta or {}))
     return write_evaluation(out_dir, [c.record() for c in candidates], ks=ks, ci_level=ci_level,
-                            seed=settings.seed, meta=info)
+                            seed=settings.seed, meta=info, n_at_k_pairs=n_at_k_pairs)
 
 
 def problems_by_key(problems: Iterable[Problem]) -> dict[tuple[str, str, str], Problem]:
@@ -248,8 +268,6 @@ def rank_candidates_file(in_path: str | os.PathLike, problems: Iterable[Problem]
     with the ranker's tokenizer (`encode_program`, cut at `max_program_len`). Writes candidates (now with R̃ and
     `ranker`) and metrics into `out_dir`; returns the metrics.
     """
-    import json
-
     in_path = Path(in_path)
     by_key = problems_by_key(problems)
     suites = {k[0] for k in by_key}
@@ -328,7 +346,8 @@ def recompute_metrics(out_dir: str | os.PathLike, ks: Sequence[int] | None = Non
     ci = (saved.get("overall") or {}).get("pass@1_ci") or {}  # the bootstrap's level, resamples and seed
     return metrics_from_candidates(read_candidates(out_dir), ks=ks or saved.get("ks") or (1, 5),
                                    ci_level=ci_level if ci_level is not None else ci.get("level", 0.95),
-                                   n_resamples=ci.get("n_resamples", 2000), seed=ci.get("seed", 0))
+                                   n_resamples=ci.get("n_resamples", 2000), seed=ci.get("seed", 0),
+                                   n_at_k_pairs=[tuple(p) for p in saved.get("n_at_k_pairs", [])])
 
 
 # ------------------------------------------------------------------------------------------ generation

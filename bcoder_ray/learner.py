@@ -172,8 +172,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     from bcoder_ray.rollout import quiet_libraries
 
+    entered = time.time()
+    from bcoder_ray.driver import quiet_ray_logs
+
     job = StageJob(**config["job"])
     quiet_libraries()
+    quiet_ray_logs()
     torch.set_num_threads(max(1, job.threads_per_worker))
     torch.manual_seed(job.seed)
     ctx = ray.train.get_context()
@@ -193,6 +197,7 @@ def train_loop_per_worker(config: dict) -> None:
     amp_dtype = torch.bfloat16 if job.mixed_precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if job.mixed_precision == "fp16" else None
 
+    model_ready = time.time()
     batches = _batches(ray.train.get_dataset_shard("train"), job.batch_size_per_worker)
     bar = None
     if job.progress and rank == 0:
@@ -245,8 +250,9 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report({**entry, "stage": job.stage})
     if bar is not None:
         bar.close()
-    final = {**history[-1], "stage": job.stage, "history": history, "train_s": time.time() - started} \
-        if history else {"stage": job.stage, "history": [], "train_s": time.time() - started}
+    final = {**(history[-1] if history else {}), "stage": job.stage, "history": history,
+             "train_s": time.time() - started, "model_setup_s": model_ready - entered,
+             "worker_entered_at": entered}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
@@ -281,12 +287,15 @@ def train_stage(job: StageJob, dataset, scaling: ScalingSpec, *, storage_path: s
     )
     started = time.time()
     result = trainer.fit()
+    finished = time.time()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint")
     metrics = dict(result.metrics or {})
     history = metrics.pop("history", [])
+    if "worker_entered_at" in metrics:  # how long Ray Train took to start the workers
+        metrics["worker_start_s"] = metrics.pop("worker_entered_at") - started
     return StageResult(checkpoint_dir=result.checkpoint.path, metrics=metrics, history=history,
-                       wall_s=time.time() - started)
+                       wall_s=finished - started)
 
 
 # ------------------------------------------------------------------------------------------ cached targets
@@ -347,24 +356,50 @@ class TargetComputer:
         return pa.table(columns)
 
 
-def fill_targets(buffer, fingerprint: str, spec: TargetSpec, *, num_cpus: float = 1.0, num_gpus: float = 0.0) -> int:
-    """Compute and store the cached targets of every buffer row lacking them for `fingerprint`, as a Ray Data
-    `map_batches` job (one actor holding the frozen networks). Writes are keyed by the rows' sample ids, so a
-    repeated call (a resumed run) writes nothing twice. Returns the number of rows filled."""
+def targets_batch_key(table) -> str:
+    """The write key of a batch of targets: a hash of its sample ids (a redone batch maps to the same key)."""
     import hashlib
 
+    ids = "\n".join(map(str, table.column("sample_id").to_pylist()))
+    return hashlib.sha256(ids.encode()).hexdigest()[:16]
+
+
+def compute_targets_table(computer: TargetComputer, table, batch_size: int):
+    """`computer` over `table` in slices of `batch_size` rows, concatenated."""
+    import pyarrow as pa
+
+    return pa.concat_tables([computer(table.slice(start, batch_size))
+                             for start in range(0, table.num_rows, batch_size)])
+
+
+@dataclass(frozen=True)
+class TargetChunk:
+    """Rows lacking targets, as `ReplayBuffer.missing_targets` gives them, handed to a policy actor."""
+
+    key: str
+    table: Any
+
+
+def fill_targets(buffer, fingerprint: str, spec: TargetSpec, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                 pool=None) -> int:
+    """Compute and store the cached targets of every buffer row lacking them for `fingerprint`. With no `pool`:
+    a Ray Data `map_batches` job (one actor holding the frozen networks, `num_cpus`/`num_gpus`); with a
+    `rollout.ActorPool`: its policy actors, already running, compute and write them (`PolicyWorker.fill_targets`).
+    Writes are keyed by the rows' sample ids, so a repeated call (a resumed run) writes nothing twice. Returns the
+    number of rows filled."""
     import ray.data
 
     tables = [t for t in buffer.missing_targets(fingerprint) if t.num_rows]
     if not tables:
         return 0
+    if pool is not None:
+        chunks = [TargetChunk(targets_batch_key(t), t) for t in tables]
+        return sum(pool.map("fill_targets", chunks, spec, fingerprint))
     dataset = ray.data.from_arrow(tables).map_batches(
         TargetComputer, fn_constructor_args=(spec,), batch_size=spec.batch_size, batch_format="pyarrow",
-        concurrency=1, num_cpus=num_cpus, num_gpus=num_gpus)
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=num_cpus, num_gpus=num_gpus)
     filled = 0
     for out in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        ids = "\n".join(map(str, out.column("sample_id").to_pylist()))
-        key = hashlib.sha256(ids.encode()).hexdigest()[:16]
-        buffer.write_targets(out, fingerprint, batch_key=key)
+        buffer.write_targets(out, fingerprint, batch_key=targets_batch_key(out))
         filled += out.num_rows
     return filled

@@ -6,7 +6,8 @@ be recomputed, or computed differently, without sampling again.
 The candidate record (one JSON object per line of `candidates.jsonl`):
 
     suite, split, problem_id   which problem (the three together identify it)
-    difficulty                 "introductory" / "interview" / "competition" for APPS; null where none
+    difficulty                 APPS: introductory / interview / competition; embedded: easy / medium / hard;
+                               null where the suite has none
     sample_index               0..m-1 within the problem (unique per problem)
     program                    the decoded program text
     outcome, reward, passed    its verdict on the hidden tests (`envs.result.Outcome` value, eq. 2 reward)
@@ -33,9 +34,8 @@ The metrics (section 9 of docs/bcoder.md):
 - Every metric is reported overall, per difficulty (where problems have one) and per suite (where more than one
   suite is present), as a fraction in [0, 1], with a percentile-bootstrap confidence interval over problems for
   each @1 metric (`bootstrap_ci`): resample the problems with replacement, take the mean of their per-problem
-  values, read the interval off the quantiles. It measures how much the mean would move with another draw of
-  problems and of samples; it is exact in neither sense for tiny suites (one problem gives a zero-width
-  interval).
+  values, read the interval off the quantiles. Problems are the random unit (each problem's value already
+  averages over its samples); with few problems the interval is rough, and one problem gives a zero-width one.
 """
 
 from __future__ import annotations
@@ -345,7 +345,8 @@ def metrics_from_candidates(source: str | os.PathLike | Iterable[CandidateRecord
     "by_difficulty": {difficulty: {...}}, "by_suite": {suite: {...}}}. Each group holds n_problems,
     n_candidates, m_min, m_max, sample_pass_rate, and for each metric of `VARIANTS` that the records support
     "<variant>@k": {str(k): value or null} and "<variant>@1_ci": {"low", "high", ...}. `n_at_k_pairs` adds
-    "n@k (R̃)": {"n@k": value} (ranked by R̃ after the example filter when present) for each (n, k).
+    "n@k": {"<n>@<k>": value} (n chosen by R̃, at random without R̃, after dropping example-test failures) per
+    group.
     """
     records = as_candidate_records(source)
     if not records:
@@ -374,6 +375,7 @@ def metrics_from_candidates(source: str | os.PathLike | Iterable[CandidateRecord
         "suites": sorted({k[0] for k in keys}),
         "splits": sorted({k[1] for k in keys}),
         "ks": list(ks),
+        "n_at_k_pairs": [[n, k] for n, k in n_at_k_pairs],
         "overall": group(keys),
         "by_difficulty": {},
         "by_suite": {},

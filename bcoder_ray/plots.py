@@ -1,7 +1,8 @@
 """The paper's figures as PNG files (matplotlib, Agg backend: no display needed).
 
 - Figure 1, `plot_training_curve`: pass rate on the training problems per iteration, one line per run
-  (algorithm or ablation), with a shaded confidence band where the points carry one.
+  (algorithm or ablation), with a shaded confidence band where the points carry one; `training_curve_from_run`
+  reads the points from a run folder of `experiments/run.py`.
 - Figure 3, `plot_rtilde_density`: the density of R̃ by true outcome (passed, failed, runtime error, compile
   error), from saved candidates; the title states whether mean R̃ orders them as the paper expects.
 - Figure 5, `plot_ranking_gain`: the pass@k gained by ranking with R̃ against the number m of candidates.
@@ -11,6 +12,7 @@ Each function takes data (or a candidates file) and a path, writes the PNG and r
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -19,6 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bcoder_ray.metrics import (CandidateRecord, as_candidate_records, ranking_gain,  # noqa: E402
@@ -57,8 +60,41 @@ def curve_points(metrics_per_iteration: Iterable[Mapping], variant: str = "pass"
     return sorted(points, key=lambda p: p["iteration"])
 
 
+def training_curve_from_run(run_dir: str | os.PathLike, source: str = "rollout") -> list[dict]:
+    """Figure 1 points of one run folder, from its `metrics.jsonl` (one JSON line per completed iteration, written
+    by `experiments/run.py`): `source="rollout"` gives the pass rate of the programs sampled on the training
+    problems in that iteration (passed / programs, in percent); `source="eval"` the held-out pass@1 with its
+    interval."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file (is {run_dir} a run folder of experiments/run.py?)")
+    points = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        where = f"{path}:{lineno}"
+        if "iteration" not in rec:
+            raise ValueError(f"{where}: no 'iteration'")
+        if source == "rollout":
+            roll = rec.get("rollout") or {}
+            if "passed" in roll and roll.get("programs"):
+                points.append({"iteration": int(rec["iteration"]), "value": 100.0 * roll["passed"] / roll["programs"]})
+            elif "pass_rate" in roll:
+                points.append({"iteration": int(rec["iteration"]), "value": 100.0 * roll["pass_rate"]})
+            else:
+                raise ValueError(f"{where}: no rollout pass rate")
+        elif source == "eval":
+            overall = (rec.get("eval") or {}).get("overall")
+            if overall:
+                points += curve_points([{"iteration": rec["iteration"], "overall": overall}])
+        else:
+            raise ValueError(f"training_curve_from_run: source must be 'rollout' or 'eval', got {source!r}")
+    return sorted(points, key=lambda p: p["iteration"])
+
+
 def plot_training_curve(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike,
-                        ylabel: str = "pass@1 on training problems (%)",
+                        ylabel: str = "pass rate on training problems (%)",
                         title: str = "Training curve (Figure 1)") -> Path:
     """One line per run; each point {"iteration", "value"[, "low", "high"]} (e.g. from `curve_points`)."""
     if not runs:
@@ -74,6 +110,7 @@ def plot_training_curve(runs: Mapping[str, Sequence[Mapping]], path: str | os.Pa
             ax.fill_between(x, [p["low"] for p in pts], [p["high"] for p in pts], color=line.get_color(),
                             alpha=0.15, linewidth=0)
     ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

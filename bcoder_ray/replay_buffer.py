@@ -1,58 +1,83 @@
 """The Parquet replay buffer: every human and generated program, persistent, shared by actors and learners.
 
-Public API (helpers and the driver code against this; the implementation lives in `bcoder_ray/buffer/`):
+Public API (the implementation lives in `bcoder_ray/buffer/`, one job per module):
 
     from bcoder_ray.replay_buffer import ReplayBuffer, Filters, make_row, prompt_rows, rows_from_batch
 
-    buf = ReplayBuffer(uri)                       # local path, file://, s3://bucket/prefix?endpoint_override=...
+    buf = ReplayBuffer(uri)                       # local path, file://..., s3://bucket/prefix?endpoint_override=...
     buf = ReplayBuffer("bucket/prefix", filesystem=pyarrow.fs.S3FileSystem(...))   # or an explicit filesystem
-    buf.put_prompts(rows) -> int                  # rows: suite, problem_id, tokenizer_hash, prompt, prompt_ids
+    buf.put_prompts(rows) -> int                  # suite, problem_id, tokenizer_hash, prompt, prompt_ids
     buf.prompts(suite=None, tokenizer_hash=None) -> pa.Table
-    buf.append(rows, batch_key: str) -> int       # train-split rows only; returns rows written (0 on a retry)
-    buf.append_eval(rows, batch_key: str) -> int  # any other split: kept apart in eval/, never read by learners
-    buf.lookup_results([(program_hash, tests_hash), ...]) -> {(program_hash, tests_hash): {outcome, reward, ...}}
-    buf.missing_targets(fingerprint, filters=None) -> Iterator[pa.Table]   # rows lacking targets, per sample file
+    buf.append(rows, batch_key: str) -> int       # train-split rows only; rows written (0 for a retried batch)
+    buf.append_eval(rows, batch_key: str) -> int  # any split: kept apart in eval/, never read by learners
+    buf.lookup_results([(program_hash, tests_hash), ...]) -> {(program_hash, tests_hash): {outcome, reward,
+        tests_passed, tests_total, error, timeout, exec_time}}     # exec_result(row) -> a cached ExecResult
+    buf.missing_targets(fingerprint, filters=None, max_rows=4096) -> Iterator[pa.Table]
     buf.write_targets(table, fingerprint, batch_key) -> int
-    buf.sampler(batch_size, rho_real=0.5, filters=None, seed=0, targets_fingerprint=None) -> MixedSampler
-    buf.ray_dataset(batch_size, num_batches, rho_real=0.5, filters=None, seed=0, targets_fingerprint=None)
-        -> ray.data.Dataset                     # blocks are whole ρ_real-mixed mini-batches of batch_size rows
-    buf.compact(target_rows=..., inline_targets=None) -> CompactionReport
-    buf.stats() -> BufferStats;   python -m bcoder_ray.replay_buffer stats PATH [--json]
+    buf.sampler(batch_size, rho_real=0.5, filters=None, seed=0, targets_fingerprint=None,
+                require_targets=True, num_batches=None, extra_columns=()) -> MixedSampler (iterable of pa.Table)
+    buf.ray_dataset(batch_size, num_batches, rho_real=0.5, filters=None, seed=0, targets_fingerprint=None,
+                    parallelism=None) -> ray.data.Dataset
+    buf.compact(target_rows=65536, inline_targets=None) -> [CompactionReport, ...]
+    buf.stats() -> BufferStats;  buf.read(area, columns, filters) / buf.scan(...) for small buffers and tools
+    python -m bcoder_ray.replay_buffer stats PATH [--json];  python -m bcoder_ray.replay_buffer compact PATH
 
-Rows. `make_row(problem, program, program_ids, result, source=..., tokenizer_hash=..., iteration=...,
-policy_version=..., actor=..., sampling=...)` builds one from a `Problem` and an `ExecResult`; `append` also
-takes a list of dicts, a dict of columns or a `pyarrow.Table` with the columns of `buffer.schema.SAMPLE_SCHEMA`
-(see there; `sample_id`, `program_hash`, `schema_version` are filled in when absent).
+Rows. `make_row(problem, program, program_ids, exec_result, source=..., tokenizer_hash=..., iteration=...,
+policy_version=..., actor=..., sampling=...)` builds one from an `envs.problem.Problem` and an
+`envs.result.ExecResult`. `append` takes a list of such dicts, a dict of columns or a `pyarrow.Table` with the
+columns of `bcoder_ray.buffer.schema.SAMPLE_SCHEMA` (the contract in plan.md); `sample_id` and
+`schema_version` are always computed, `program_hash` when absent, and rows are validated (source, outcome, reward = eq. 2 of the
+outcome, split, one target value per program token) with the offending row named. Columnar input is the fast
+path (a 4096-row actor batch is one file).
 
-What learners get. `MixedSampler` yields `pyarrow.Table` mini-batches of exactly `batch_size` rows with the
-columns `LEARNER_COLUMNS` = prompt_ids, program_ids, reward, is_human, and, when `targets_fingerprint` is given,
-target_actions, a_ckpt, v_phi (rows lacking targets for that fingerprint are skipped: `missing_targets` lists
-them). `rows_from_batch(batch)` turns such a batch (or a Ray Data pyarrow/numpy batch) into the list of dicts
-that `bcoder_ray.batch.collate` takes (list values are numpy arrays). Per batch, round(ρ_real·B) rows are human
-(source == "human") and the rest generated (Appendix H); each source is streamed in shuffled row groups through a
-bounded shuffle window, so memory does not grow with the buffer; every epoch re-lists files (new appends appear).
-Ray Train: `TorchTrainer(datasets={"train": buf.ray_dataset(B, steps, ...)})`, then in the loop
-`train.get_dataset_shard("train").iter_batches(batch_size=B, batch_format="pyarrow")`: each block is one mixed
-batch, so with batch_size=B (and no local shuffle) every batch keeps the exact ρ_real split.
+What learners get. The sampler yields `pyarrow.Table` batches of exactly `batch_size` rows with the columns
+`LEARNER_COLUMNS`: prompt_ids (joined from the prompts table by (suite, problem_id, tokenizer_hash)),
+program_ids, reward (float32), is_human (source == "human"), and, when `targets_fingerprint` is given,
+target_actions, a_ckpt, v_phi for that fingerprint (rows without them are skipped unless
+require_targets=False; `missing_targets` lists them). Each batch is round(ρ_real·B) human rows then the rest
+generated (Appendix H). Each source streams its row groups in shuffled order through a bounded shuffle window,
+so memory does not grow with the buffer, and each epoch re-lists the files (new appends appear; one epoch of
+draws visits every matching row once). `rows_from_batch(batch)` turns a batch (also a Ray Data pyarrow/numpy
+batch) into the list of dicts `bcoder_ray.batch.collate` takes, list values as numpy arrays.
+Filters (`Filters` or a dict): suite(s), split(s), outcome(s), iterations=(lo, hi) inclusive (it selects
+generated rows; human rows belong to no iteration and always pass), tokenizer_hash (pass the current
+tokenizer's fingerprint and rows with stale token ids are left out).
 
-Layout under the root (plain tools read `samples/`: pyarrow, pandas, DuckDB `read_parquet('ROOT/samples/*.parquet')`,
-`ray.data.read_parquet('ROOT/samples')`):
+Ray Train. `TorchTrainer(datasets={"train": buf.ray_dataset(B, steps, ...)})`; in the loop
+`train.get_dataset_shard("train").iter_batches(batch_size=B, batch_format="pyarrow")` then `rows_from_batch`.
+Every block is one mixed batch of B rows made by the sampler in a read task, so with batch_size=B (no local
+shuffle) every batch keeps the exact ρ_real split on every worker. Read tasks open the buffer by URI: workers on
+other nodes need the same path (NFS) or object store.
 
-    samples/<part>.parquet                  learner-facing rows, train split only, one file per writer batch
-    eval/<part>.parquet                     rows of other splits (evaluation candidates), same schema
-    prompts/<part>.parquet                  one row per (suite, problem_id, tokenizer_hash)
-    targets/fp=<fingerprint>/<sample-file-stem>--<key>.parquet   cached targets filled in later, by sample_id
-    quarantine/<area>/<name>                corrupt or truncated files moved aside on open
-    _meta/compactions/<merged>.json         which files a compacted file replaced (lineage, retry ledger)
+Cached targets. Inline at append (with `targets_fingerprint`), or filled later: `missing_targets(fp)` yields
+rows lacking targets for fp (sample_file, row_index, sample_id, suite, problem_id, tokenizer_hash, source,
+prompt_ids, program_ids); the job computes target_actions, a_ckpt, v_phi (one value per program token) and
+calls `write_targets(table, fp, batch_key)`, which writes sidecar files keyed by sample file and row (checked
+against sample_id); readers join them. A reader gets exactly the fingerprint it asks for.
 
-Guarantees. A writer writes whole new files: a temporary `_tmp-*.partial` name, then a rename (object stores:
-one PUT, visible only when complete), never touching others' files. File names derive from the batch key, so a
-retried `append` with the same key writes nothing, also after compaction (the ledger in `_meta`). `sample_id`
-is a hash of (batch_key, index in batch, program_hash, suite/problem_id, source, iteration). Compaction merges
-small files and writes its ledger before the merged file appears, so this module's readers never see a row twice
-(plain tools may, for the instant between the merged file's rename and the sources' deletion). Run one compactor
-at a time (the driver). Opening checks every new file's Parquet footer; a damaged file is moved to quarantine/
-with a warning; pages carry CRC checksums, so damage inside a page is caught (and quarantined) on read.
+Layout under the root (plain tools read `samples/`: pyarrow, `pandas.read_parquet(ROOT/samples)`, DuckDB
+`read_parquet('ROOT/samples/*.parquet')`, `ray.data.read_parquet('ROOT/samples')`):
+
+    samples/part-<hash of batch key>.parquet    learner-facing rows, train split only, one file per writer batch
+    samples/compact-<hash>.parquet              files merged by compaction
+    eval/...                                    rows of other splits (evaluation candidates), same schema
+    prompts/part-<hash>.parquet                 one row per (suite, problem_id, tokenizer_hash)
+    targets/fp=<fingerprint>/<sample-file-stem>--<key>.parquet   targets filled in later (row_index, sample_id)
+    quarantine/<area>/<name>                    damaged files moved aside
+    _meta/compactions/<area>--<merged>.json     what each compaction replaced (kept for ever)
+
+Guarantees. A writer writes whole new files: a hidden temporary `_tmp-*.partial` name then a rename (on object
+stores one PUT, visible only when complete), never touching others' files; `clean_tmp` (also run by
+`compact`) removes leftovers of killed writers after an hour. The file name derives from the batch key, so a
+retried `append` writes nothing, also after its file was compacted (the ledger in `_meta`). `sample_id` is a
+hash of (batch_key, index in the batch, program_hash, suite/problem_id, source, iteration). Compaction writes
+its ledger record before the merged file appears and this module's readers hide the sources as soon as it does,
+so they never see a row twice (plain tools may, between the merged file's rename and the sources' deletion);
+run one compactor at a time (the driver). Opening validates every new file's footer and columns; a damaged file
+is moved to quarantine/ with a `BufferWarning`. Pages carry CRC checksums, so damage inside a file is caught on
+read and that file is moved aside too; the rest stays readable.
+Costs: `lookup_results` scans the two hash columns of the whole buffer (about a second per million rows);
+`stats` scans four small columns.
 """
 
 from __future__ import annotations
@@ -209,7 +234,7 @@ class ReplayBuffer:
         bad = pc.fill_null(pc.not_equal(table["split"], TRAIN_SPLIT), True)
         if pc.any(bad).as_py():
             i = pc.index(bad, True).as_py()
-            raise BufferError(f"append: row {i} ({table['suite'][i]}/{table['problem_id'][i]}) has split "
+            raise BufferError(f"append: row {i} ({table['suite'][i].as_py()}/{table['problem_id'][i].as_py()}) has split "
                               f"{table['split'][i].as_py()!r}: only train-split rows enter the learners' buffer; "
                               f"use append_eval() for evaluation candidates")
         return self._write_batch(SAMPLES, table, batch_key)
@@ -369,8 +394,8 @@ class ReplayBuffer:
             bad = pc.not_equal(sample["sample_id"], part["sample_id"])
             if pc.any(bad).as_py():
                 i = pc.index(bad, True).as_py()
-                raise BufferError(f"write_targets: {name} row {part['row_index'][i]} holds sample_id "
-                                  f"{sample['sample_id'][i]}, not {part['sample_id'][i]}")
+                raise BufferError(f"write_targets: {name} row {part['row_index'][i].as_py()} holds sample_id "
+                                  f"{sample['sample_id'][i].as_py()}, not {part['sample_id'][i].as_py()}")
             check_target_lengths(part, sample["program_ids"], f"write_targets fp={fingerprint}")
             side = part.drop_columns(["sample_file"]).set_column(0, "row_index", rows)
             side = side.take(pc.sort_indices(side["row_index"]))
@@ -382,7 +407,7 @@ class ReplayBuffer:
     def sampler(self, batch_size: int, rho_real: float = 0.5, filters: Filters | dict | None = None,
                 seed: int = 0, targets_fingerprint: str | None = None, require_targets: bool = True,
                 num_batches: int | None = None, extra_columns: Sequence[str] = (),
-                window_rows: int = 16384) -> MixedSampler:
+                window_rows: int = 8192) -> MixedSampler:
         """Endless (or `num_batches`) ρ_real-mixed mini-batches as pyarrow Tables; see MixedSampler."""
         return MixedSampler(self, batch_size, rho_real, filters, seed, targets_fingerprint, require_targets,
                             num_batches, extra_columns, window_rows)
@@ -391,7 +416,9 @@ class ReplayBuffer:
                     filters: Filters | dict | None = None, seed: int = 0,
                     targets_fingerprint: str | None = None, require_targets: bool = True,
                     parallelism: int | None = None):
-        """A `ray.data.Dataset` of `num_batches` ρ_real-mixed blocks of `batch_size` rows (bcoder_ray.buffer.ray_data)."""
+        """A `ray.data.Dataset` of `num_batches` ρ_real-mixed blocks of `batch_size` rows, produced by
+        `parallelism` (default 4) read tasks with distinct seeds (bcoder_ray.buffer.ray_data). Iterate it with
+        `iter_batches(batch_size=batch_size)` and no local shuffle to keep each batch's exact ρ_real split."""
         import ray.data
 
         from bcoder_ray.buffer.ray_data import MixedBatchDatasource
@@ -399,8 +426,9 @@ class ReplayBuffer:
         source = MixedBatchDatasource(self.uri, self.filesystem, batch_size, num_batches, seed, {
             "rho_real": rho_real, "filters": Filters.coerce(filters), "targets_fingerprint": targets_fingerprint,
             "require_targets": require_targets})
-        kwargs = {"override_num_blocks": parallelism} if parallelism else {}
-        return ray.data.read_datasource(source, **kwargs)
+        # As many read tasks as blocks requested, so Ray never splits a block (a mixed batch) in pieces.
+        tasks = min(parallelism or 4, num_batches)
+        return ray.data.read_datasource(source, override_num_blocks=tasks)
 
     # ---- maintenance ----------------------------------------------------------------------------------------
     def compact(self, target_rows: int = 65536, inline_targets: str | None = None, min_files: int = 2,

@@ -45,9 +45,7 @@ class PolicySpec:
     version: int  # policy_version written with each row: 0 = θ_ckpt, k = θ after iteration k-1
     theta_dir: str | None = None  # None: sample from θ_ckpt itself
     phi_dir: str | None = None  # needed to rank with V_θ when θ uses φ
-    alpha: float = 1.0
-    r_max: float = 1.0
-    init_from_lm: bool = True
+    gamma: float = 0.999  # of R̃ (eq. 20), as the Q model was trained
     label: str = "ckpt"  # how records name this policy (e.g. "warm-start", "theta-iter2")
 
 
@@ -192,11 +190,13 @@ class PolicyWorker:
         self._prompt_ids: dict[str, list[list[int]]] = {
             split: [encode_prompt(self.tokenizer, p.prompt, args.source_len) for p in probs]
             for split, probs in args.problems.items()}
-        self._model = None
-        self._model_key: tuple | None = None
+        self._models = None
+        self._models_policy: PolicySpec | None = None
         self._executor_handles = list(executor_handles or [])
         self._executor = None
         self._buffer = None
+        self._targets = None
+        self._targets_spec = None
 
     # -- resources, created on first use
     def _get_executor(self):
@@ -219,113 +219,80 @@ class PolicyWorker:
             self._buffer = ReplayBuffer(self.args.buffer_uri)
         return self._buffer
 
-    def model(self, policy: PolicySpec, ranking: bool = False):
-        """The QModel for `policy` (loaded from its checkpoint paths; cached while the policy is unchanged)."""
+    def models(self, policy: PolicySpec, rank: bool = False):
+        """`evaluation.LoadedModels` for `policy`, loaded from its checkpoint paths and kept while the policy is
+        unchanged (a ranking load serves plain sampling too)."""
         import torch
 
-        from bcoder_ray.q_model import QModel
+        from bcoder_ray.evaluation import load_models
 
-        if policy.theta_dir is None:
-            parts = ("ckpt",)
-        elif ranking and policy.init_from_lm and policy.phi_dir is not None:
-            parts = ("theta", "phi")
-        else:
-            parts = ("theta",)
-        key = (policy, parts)
-        if self._model_key != key:
-            self._model = None  # free the old weights first
-            self._model = QModel.create(policy.checkpoint, parts=parts, theta_dir=policy.theta_dir,
-                                        phi_dir=policy.phi_dir if "phi" in parts else None, alpha=policy.alpha,
-                                        r_max=policy.r_max, init_from_lm=policy.init_from_lm,
-                                        dtype=getattr(torch, self.args.dtype))
-            self._model_key = key
-        return self._model
+        cached = self._models
+        if cached is not None and self._models_policy == policy and (cached.ranker is not None or not rank):
+            return cached
+        self._models = None  # free the old weights first
+        self._models = load_models(policy.checkpoint, theta_dir=policy.theta_dir,
+                                   phi_dir=policy.phi_dir if rank else None, tokenizer=self.args.tokenizer_path,
+                                   label=policy.label, gamma=policy.gamma, rank=rank,
+                                   dtype=getattr(torch, self.args.dtype))
+        self._models_policy = policy
+        return self._models
 
-    def sample(self, split: str, task: Task, policy: PolicySpec, sampling: SamplingSpec) -> list[list[list[int]]]:
-        """Program token ids: per problem of the task, `sampling.n` samples (Algorithm 2)."""
-        from bcoder_ray.sampling import sample_programs
-        from bcoder_ray.tokenization import eos_id, pad_id
+    def _sample_and_score(self, split: str, task: Task, policy: PolicySpec, sampling: SamplingSpec, *,
+                          examples: bool, rank: bool):
+        """E's one path from problems to scored candidates (`evaluation.sample_and_score`), on this actor's
+        models and executor, seeded by the task."""
+        from bcoder_ray.evaluation import SamplingSettings, sample_and_score
 
-        model = self.model(policy)
+        settings = SamplingSettings(m=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                    max_prompt_len=self.args.source_len, max_new_tokens=sampling.max_new_tokens,
+                                    seed=task.seed, prompts_per_call=sampling.prompts_per_call)
+        problems = [self.problems[split][i] for i in task.problem_indices]
         prompts = [self._prompt_ids[split][i] for i in task.problem_indices]
-        return sample_programs(model, prompts, sampling.n, max_new_tokens=sampling.max_new_tokens,
-                               eos_id=eos_id(self.tokenizer), pad_id=pad_id(self.tokenizer),
-                               temperature=sampling.temperature, top_p=sampling.top_p, seed=task.seed,
-                               batch_size=sampling.prompts_per_call * sampling.n,
-                               network="ckpt" if policy.theta_dir is None else "theta")
-
-    def _score(self, split: str, task: Task, program_ids: list[list[list[int]]]):
-        from bcoder_ray.tokenization import decode_program
-        from envs.scoring import score_programs
-
-        problems, texts, ids = [], [], []
-        for i, per_problem in zip(task.problem_indices, program_ids):
-            for prog in per_problem:
-                problems.append(self.problems[split][i])
-                texts.append(decode_program(self.tokenizer, prog))
-                ids.append(prog)
-        results = score_programs(self._get_executor(), problems, texts)
-        return problems, texts, ids, results
+        return sample_and_score(problems, self.models(policy, rank=rank), self._get_executor(), settings,
+                                examples=examples, rank=rank, prompt_ids=prompts,
+                                rank_batch_size=max(16, sampling.n))
 
     def rollout(self, task: Task, policy: PolicySpec, sampling: SamplingSpec, split: str = "train") -> dict:
         """Sample, score and append one task's programs to the buffer under `task.key` (idempotent)."""
         from bcoder_ray.replay_buffer import make_row
 
         t0 = time.time()
-        program_ids = self.sample(split, task, policy, sampling)
-        t1 = time.time()
-        problems, texts, ids, results = self._score(split, task, program_ids)
-        t2 = time.time()
-        rows = [make_row(p, text, prog, res, source="generated", tokenizer_hash=self.tokenizer_hash,
-                         iteration=task.iteration, policy_version=str(policy.version), actor=self.actor_name,
-                         sampling=sampling.as_json())
-                for p, text, prog, res in zip(problems, texts, ids, results)]
+        scored = self._sample_and_score(split, task, policy, sampling, examples=False, rank=False)
+        rows = [make_row(c.problem, c.program, c.program_ids, c.result, source="generated",
+                         tokenizer_hash=self.tokenizer_hash, iteration=task.iteration,
+                         policy_version=str(policy.version), actor=self.actor_name, sampling=sampling.as_json())
+                for c in scored]
         written = self._get_buffer().append(rows, batch_key=task.key)
         self._after_write(task)
+        results = [c.result for c in scored]
         return {"key": task.key, "programs": len(rows), "written": written,
                 "passed": sum(r.passed for r in results), "executed": sum(not r.cached for r in results),
                 "reward_sum": float(sum(r.reward for r in results)),
-                "sample_s": t1 - t0, "exec_s": t2 - t1, "actor": self.actor_name}
+                "exec_s": float(sum(r.wall_time for r in results)), "wall_s": time.time() - t0,
+                "actor": self.actor_name}
 
     def _after_write(self, task: Task) -> None:
         """Hook between the buffer write and the reply (tests inject a crash here)."""
 
     def candidates(self, task: Task, policy: PolicySpec, sampling: SamplingSpec, split: str, rank: bool,
-                   gamma: float, with_examples: bool) -> list[dict]:
-        """Evaluation candidate records (bcoder_ray.metrics) for the task's held-out problems."""
-        from bcoder_ray.ranking import score_programs as rtilde_scores
-        from bcoder_ray.tokenization import pad_id
-        from envs.scoring import score_programs
+                   examples: bool) -> list:
+        """Evaluation candidate records (`bcoder_ray.metrics.CandidateRecord`) for held-out problems; ranked by
+        R̃ when `rank` and the policy is a θ (never written to the buffer)."""
+        rank = rank and policy.theta_dir is not None
+        scored = self._sample_and_score(split, task, policy, sampling, examples=examples, rank=rank)
+        return [c.record() for c in scored]
 
-        program_ids = self.sample(split, task, policy, sampling)
-        problems, texts, ids, results = self._score(split, task, program_ids)
-        example_passed: list[bool | None] = [None] * len(texts)
-        if with_examples:
-            have = [i for i, p in enumerate(problems) if p.example_tests is not None]
-            if have:
-                ex = score_programs(self._get_executor(), [problems[i] for i in have], [texts[i] for i in have],
-                                    which="example")
-                for i, r in zip(have, ex):
-                    example_passed[i] = r.passed
-        rtilde: list[float | None] = [None] * len(texts)
-        ranker = None
-        if rank and policy.theta_dir is not None:
-            model = self.model(policy, ranking=True)
-            prompt_of = {p.problem_id: self._prompt_ids[split][i] for i in task.problem_indices
-                         for p in [self.problems[split][i]]}
-            rtilde = rtilde_scores(model, [prompt_of[p.problem_id] for p in problems], ids, gamma=gamma,
-                                   pad_id=pad_id(self.tokenizer), batch_size=max(8, sampling.n))
-            ranker = policy.label
-        records = []
-        index: dict[str, int] = {}
-        for p, text, res, ex, score in zip(problems, texts, results, example_passed, rtilde):
-            k = index.get(p.problem_id, 0)
-            index[p.problem_id] = k + 1
-            records.append({"suite": p.suite, "split": p.split, "problem_id": p.problem_id,
-                            "difficulty": p.difficulty, "sample_index": k, "program": text,
-                            "outcome": res.outcome.value, "reward": res.reward, "passed": res.passed,
-                            "example_passed": ex, "rtilde": score, "model": policy.label, "ranker": ranker})
-        return records
+    def fill_targets(self, chunk, spec, fingerprint: str) -> int:
+        """Cached targets for `chunk.table` (rows from `ReplayBuffer.missing_targets`), written under `chunk.key`."""
+        from bcoder_ray.learner import TargetComputer, compute_targets_table
+
+        if self._targets_spec != spec:
+            self._targets = None
+            self._targets = TargetComputer(spec)
+            self._targets_spec = spec
+        out = compute_targets_table(self._targets, chunk.table, spec.batch_size)
+        self._get_buffer().write_targets(out, fingerprint, batch_key=chunk.key)
+        return out.num_rows
 
     def ping(self) -> str:
         return self.actor_name
@@ -349,8 +316,8 @@ class ActorPool:
         remote_cls = ray.remote(worker_cls).options(
             num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, max_restarts=settings.max_restarts,
             max_task_retries=0)
-        args_ref = ray.put(args)
-        self.actors = [remote_cls.remote(args_ref, self._executors, f"{name}-{i}")
+        self._args_ref = ray.put(args)  # held for the pool's life: a restarted actor is rebuilt from it
+        self.actors = [remote_cls.remote(self._args_ref, self._executors, f"{name}-{i}")
                        for i in range(settings.num_actors)]
 
     def map(self, method: str, tasks: Iterable[Task], *args: Any,

@@ -5,10 +5,16 @@
         results = ex.run_batch([(program, tests), ...])       # order kept, duplicates run once
 
 `Executor` keeps `workers` pre-warmed sandbox workers (`envs/sandbox.py`) busy; each forks one isolated child
-per program, which runs all of that program's tests (`envs/harness.py`). Expected values stay in this
+per program, which runs all of that program's tests (`envs/harness.py`). A worker holds the next job while it
+runs the current one, so it never waits for a round trip to this process. Expected values stay in this
 process (`envs/harness_plan.py`) and verdicts are taken here (`envs/harness_judge.py`, `envs/compare.py`).
 Results are cached in memory by `cache_key(program, tests)` = (program_hash, tests.content_hash());
 `seed_cache` takes results known from elsewhere (the replay buffer).
+
+Defaults: 4 s per test and 20 s per program of wall clock, 1 GiB of address space, 8 MiB of output per test,
+64 processes (effective when the worker can give its children their own uid). A program's outcome (eq. 2):
+compile error, else runtime error if any test raised, crashed or timed out, else failed if any answer was
+wrong, else passed (`envs/harness_judge.py`); comparison rules in `envs/compare.py`.
 
 Workers start lazily, on the first program that is not a cache hit, and stop on `close()`, at the end of a
 `with` block, when the Executor is garbage collected, or when this process exits (their stdin closes and a
@@ -133,6 +139,8 @@ class Executor:
                 if not isinstance(program, str) or not isinstance(tests, TestSpec):
                     raise TypeError(f"job {i}: expected (str, TestSpec), got ({type(program).__name__}, "
                                     f"{type(tests).__name__})")
+                if len(tests) == 0:
+                    raise ValueError(f"job {i}: the {tests.style} test spec has no tests (nothing could fail)")
                 key = cache_key(program, tests)
                 hit = self._cache.get(key) if self.use_cache else None
                 if hit is not None:

@@ -67,6 +67,8 @@ def _judge(plan: Plan, frames: list, timed_out: bool, status, wall: float) -> Ex
         return _stopped(plan, [], timed_out, f"the program's process exited while loading{exit_note}", wall)
     head = _frame(frames.pop(0))
     if head["k"] == "load_error":
+        if frames and _frame(frames[0])["k"] == "done":
+            frames.pop(0)
         if frames:
             raise Tampered("frames after a load error")
         msg = str(head.get("e", "error"))

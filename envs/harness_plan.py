@@ -81,7 +81,7 @@ def _plan_asserts(asserts: tuple[str, ...], shadowed: frozenset[str]) -> tuple[t
     items, wire_items = [], []
     for src, stmt in zip(asserts, _parse_asserts(asserts)):
         if isinstance(stmt, ast.Assert):
-            item, holes = _plan_expr(stmt.test, shadowed, src.strip())
+            item, holes = _plan_expr(stmt.test, shadowed, _Source(src.strip()))
         else:
             item, holes = Item(None), []
         items.append(item)
@@ -128,6 +128,7 @@ def _plan_check(check: str, shadowed: frozenset[str]) -> tuple[list[str], str, t
         else:
             return None
     param = fn.args.args[0].arg
+    source = _Source(check)
     items, wire_items = [], []
     for s in fn.body:
         if _is_docstring(s):
@@ -137,7 +138,7 @@ def _plan_check(check: str, shadowed: frozenset[str]) -> tuple[list[str], str, t
         used = {n.id for n in ast.walk(s.test) if isinstance(n, ast.Name)}
         if used & module_names:
             return None
-        item, holes = _plan_expr(s.test, shadowed, check)
+        item, holes = _plan_expr(s.test, shadowed, source)
         if item.child_judged:
             return None
         items.append(item)
@@ -149,7 +150,27 @@ def _is_docstring(s: ast.stmt) -> bool:
     return isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str)
 
 
-def _plan_expr(test: ast.expr, shadowed: frozenset[str], source: str) -> tuple[Item, list[str]]:
+class _Source:
+    """A source text split into lines once, for cutting out the text of many nodes (what
+    `ast.get_source_segment` does, without splitting the whole text again for each node)."""
+
+    def __init__(self, text: str):
+        self.lines, start = [], 0
+        for m in re.finditer(r"\r\n|\r|\n", text):
+            self.lines.append(text[start:m.end()])
+            start = m.end()
+        self.lines.append(text[start:])
+
+    def segment(self, node: ast.AST) -> str:
+        first, last = node.lineno - 1, node.end_lineno - 1
+        if first == last:
+            return self.lines[first].encode()[node.col_offset:node.end_col_offset].decode()
+        head = self.lines[first].encode()[node.col_offset:].decode()
+        tail = self.lines[last].encode()[:node.end_col_offset].decode()
+        return head + "".join(self.lines[first + 1:last]) + tail
+
+
+def _plan_expr(test: ast.expr, shadowed: frozenset[str], source: _Source) -> tuple[Item, list[str]]:
     """Split `test` (parsed from `source`) into holes (source texts, evaluated in the child) and a
     parent-side expression."""
     trusted = TRUSTED_NAMES - shadowed  # a builtin the program redefines is the program's (as in Python)
@@ -174,7 +195,7 @@ def _plan_expr(test: ast.expr, shadowed: frozenset[str], source: str) -> tuple[I
         if not untrusted(n):
             return n  # checked by `evaluable` below, once for the whole expression
         if _is_hole(n, trusted):
-            holes.append("(" + (ast.get_source_segment(source, n) or ast.unparse(n)) + ")")
+            holes.append("(" + source.segment(n) + ")")
             return ast.Name(f"__hole_{len(holes) - 1}", ast.Load())
         if isinstance(n, ast.Compare):
             if any(untrusted(c) for c in n.comparators[1:]):

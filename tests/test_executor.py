@@ -69,6 +69,14 @@ def test_every_outcome_class_in_every_style(ex, style):
         assert len(r.tests) == len(spec) and r.wall_time > 0 and not r.cached
 
 
+def test_load_errors_name_their_cause(ex):
+    r = ex.run("import no_such_module_xyz\ndef f(x):\n    return x\n", CALL)
+    assert r.outcome == Outcome.RUNTIME_ERROR and "ModuleNotFoundError" in r.error
+    assert [t.status for t in r.tests] == ["runtime_error", "not_run"]
+    r = ex.run("def g(x):\n    return x\n", CALL)
+    assert r.outcome == Outcome.RUNTIME_ERROR and "'f' is not defined" in r.error
+
+
 def test_per_test_verdicts_and_runtime_error_dominates(ex):
     spec = TestSpec("call", fn_name="f", cases=tuple({"args": [i], "expected": i} for i in range(4)))
     r = ex.run("def f(x):\n    if x == 1:\n        return -1\n    if x == 2:\n        raise KeyError(x)\n    return x\n",
@@ -166,6 +174,17 @@ def test_expected_values_never_reach_the_child():
         assert "5\\n" not in wire and '"expected"' not in wire
 
 
+def test_holes_keep_their_source_text(ex):
+    check = ("def check(c):\n    assert c('héllo wörld',\n             2) == 'hé'\n"
+             "    assert c('ünï', 1) \\\n        == 'ü'\n")
+    spec = TestSpec("check", entry_point="g", check=check)
+    plan = make_plan("def g(s, n):\n    return s[:n]\n", spec)
+    assert [i["holes"] for i in plan.payload["items"]] == [["(c('héllo wörld',\n             2))"],
+                                                             ["(c('ünï', 1))"]]
+    assert plan.payload["param"] == "c"
+    assert ex.run("def g(s, n):\n    return s[:n]\n", spec).outcome == Outcome.PASSED
+
+
 def test_unjudgeable_shapes_run_in_child_and_are_counted(ex):
     loop = TestSpec("check", entry_point="f",
                     check="def check(candidate):\n    for i in range(3):\n        assert candidate(i) == i + 1\n")
@@ -244,6 +263,14 @@ def test_workers_stop_on_close_and_on_garbage_collection():
     assert not psutil.wait_procs(procs, timeout=10)[1]
     with pytest.raises(RuntimeError):
         e2.run(GOOD["call"], CALL)
+
+
+def test_empty_spec_and_wrong_types_are_rejected(ex):
+    with pytest.raises(ValueError, match="job 1"):
+        ex.run_batch([(GOOD["call"], CALL), (GOOD["stdio"], TestSpec("stdio"))])
+    with pytest.raises(TypeError):
+        ex.run_batch([(GOOD["call"], CALL.to_json())])
+    assert ex.run_batch([]) == []
 
 
 def test_execute_convenience():

@@ -14,7 +14,7 @@ import pytest
 import envs  # noqa: F401  (registers the suites)
 from envs.problem import SpecError, TestSpec
 from envs.registry import UnknownSuiteError, load_suite, register_suite, suite_info, suite_names
-from envs.suites import apps, humaneval, mbpp
+from envs.suites import apps, mbpp
 from envs.suites.apps import format_apps_prompt, parse_example_tests
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,8 @@ APPS_DIR = Path(__file__).resolve().parent / "fixtures" / "apps_dir"
 
 @pytest.fixture(scope="module")
 def executor():
-    with Executor(workers=2) as ex:
+    # generous limits: APPS 4184's reference 5 sieves to 10^7 (about 1.5 s alone, over 4 s on a loaded machine)
+    with Executor(workers=2, timeout_per_test=30, timeout_per_program=60) as ex:
         yield ex
 
 

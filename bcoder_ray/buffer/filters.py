@@ -10,7 +10,6 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 
 def _names(value: Any) -> tuple[str, ...] | None:
@@ -52,7 +51,7 @@ class Filters:
             d[k] = _names(d.get(k))
         return cls(**d)
 
-    def expression(self) -> ds.Expression | None:
+    def expression(self) -> pc.Expression | None:
         parts = []
         for column, values in (("suite", self.suites), ("split", self.splits), ("outcome", self.outcomes)):
             if values is not None:

@@ -66,8 +66,10 @@ class SourceStream:
     """Endless shuffled rows of one source, prepared for the learner (see module docstring).
 
     The shuffle window is a set of open row groups, each permuted once when opened (the one copy of a row);
-    a draw of n rows splits n over the open groups as n draws without replacement from their pooled remaining
-    rows would (multivariate hypergeometric) and takes zero-copy slices of them.
+    a draw of n rows is spread uniformly at random over the open groups and takes zero-copy slices of them, so
+    the groups drain at the same pace. Unread rows stay about `window_rows`; as a slice keeps its whole group
+    alive, memory is about twice that (groups are half-read on average) plus one group being read. Each
+    emitted row is copied once (when its group is permuted).
     """
 
     def __init__(self, buffer: "ReplayBuffer", source: str, filters: Filters, rng: np.random.Generator,
@@ -163,17 +165,29 @@ class SourceStream:
         while need:
             self._fill()
             left = np.array([t.num_rows - pos for t, pos in self._open], np.int64)
-            k = min(need, int(left.sum()))
-            counts = self.rng.multivariate_hypergeometric(left, k)
+            counts = _split_evenly(self.rng, min(need, int(left.sum())), left)
             for slot, c in zip(self._open, counts):
                 if c:
                     t, pos = slot
                     parts.append(t.slice(pos, c))  # zero-copy: the group was permuted when opened
                     slot[1] = pos + c
             self._open = [s for s in self._open if s[1] < s[0].num_rows]
-            self._open_rows -= k
-            need -= k
+            self._open_rows -= int(counts.sum())
+            need -= int(counts.sum())
         return parts
+
+
+def _split_evenly(rng: np.random.Generator, k: int, left: np.ndarray) -> np.ndarray:
+    """k draws spread uniformly at random over the open groups (each at most its unread rows): groups drain
+    at the same pace, so the window holds about window_rows rows and no group lingers half-read."""
+    counts = np.zeros(len(left), np.int64)
+    while k:
+        room = left - counts
+        open_ = np.flatnonzero(room > 0)
+        add = np.minimum(rng.multinomial(k, np.full(len(open_), 1 / len(open_))), room[open_])
+        counts[open_] += add
+        k -= int(add.sum())
+    return counts
 
 
 def _filter_columns(filters: Filters) -> list[str]:
@@ -203,7 +217,7 @@ class MixedSampler:
     def __init__(self, buffer: "ReplayBuffer", batch_size: int, rho_real: float = 0.5,
                  filters: Filters | dict | None = None, seed: int = 0, targets_fingerprint: str | None = None,
                  require_targets: bool = True, num_batches: int | None = None,
-                 extra_columns: Sequence[str] = (), window_rows: int = 16384):
+                 extra_columns: Sequence[str] = (), window_rows: int = 8192):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= rho_real <= 1.0:

@@ -72,20 +72,25 @@ class TargetsJoin:
 
     def _sidecar_rows(self, stem: str, start: int, stop: int) -> pa.Table | None:
         parts = []
-        for path in self.sidecars.get(stem, ()):
+        for path in list(self.sidecars.get(stem, ())):
             try:
                 pf = self.store.parquet_file(path)
+                meta = pf.metadata
+                col = meta.schema.to_arrow_schema().names.index("row_index")
+                groups = []
+                for g in range(meta.num_row_groups):
+                    st = meta.row_group(g).column(col).statistics
+                    if st is None or not st.has_min_max or (st.min < stop and st.max >= start):
+                        groups.append(g)
+                t = pf.read_row_groups(groups, use_threads=False) if groups else None
             except FileNotFoundError:
+                continue  # replaced by compaction since the listing
+            except (pa.ArrowInvalid, pa.ArrowIOError, OSError, ValueError) as e:
+                # its rows simply lack targets again: missing_targets lists them for recomputation
+                self.store.quarantine(path[len(self.store.root) + 1:], f"reading targets failed: {e}")
+                self.sidecars[stem] = [p for p in self.sidecars[stem] if p != path]
                 continue
-            meta = pf.metadata
-            col = meta.schema.names.index("row_index")
-            groups = []
-            for g in range(meta.num_row_groups):
-                st = meta.row_group(g).column(col).statistics
-                if st is None or not st.has_min_max or (st.min < stop and st.max >= start):
-                    groups.append(g)
-            if groups:
-                t = pf.read_row_groups(groups)
+            if t is not None:
                 mask = pc.and_(pc.greater_equal(t["row_index"], start), pc.less(t["row_index"], stop))
                 parts.append(t.filter(mask))
         parts = [p for p in parts if p.num_rows]

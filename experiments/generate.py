@@ -1,0 +1,143 @@
+"""Write a program with a trained checkpoint: sample m candidates, drop those failing the example tests (when
+tests are given), rank the rest by R̃ and print the best, with its R̃ and, when tests are given, its outcome.
+
+    python experiments/generate.py --run-dir runs/x --statement "Write a function `f(nums)` ..." \
+        --tests tests.json --m 16
+    python experiments/generate.py --checkpoint CKPT --theta THETA --phi PHI --problem embedded/test/e-test-0003
+    python experiments/generate.py --checkpoint CKPT --statement @statement.txt --format raw
+
+--statement TEXT (or @FILE) is turned into the model's prompt by --format: "embedded" (the default suite's
+docstring with the example asserts), "mbpp", "apps" (CodeRL's QUESTION/ANSWER format), or "raw" (as given).
+--tests is a TESTS.json (envs/problem.py) or a file of `assert ...` lines. --problem SUITE/SPLIT/ID takes a
+registered suite's problem (its prompt and tests) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
+
+from experiments.evaluate import checkpoints_from_args  # noqa: E402
+
+FORMATS = ("embedded", "mbpp", "apps", "raw")
+
+
+def read_tests(path: str):
+    """A TestSpec from TESTS.json, or from a text file of assert lines."""
+    from envs.problem import TestSpec
+
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        asserts = [line.strip() for line in text.splitlines() if line.strip()]
+        bad = [a for a in asserts if not a.startswith("assert")]
+        if bad:
+            raise SystemExit(f"{path}: neither TESTS.json nor assert lines (first other line: {bad[0]!r})")
+        return TestSpec("assert", asserts=tuple(asserts))
+    return TestSpec.from_json(data, where=path)
+
+
+def make_prompt(statement: str, tests, fmt: str) -> str:
+    if fmt == "raw":
+        return statement
+    asserts = tuple(tests.asserts) if tests is not None and tests.style == "assert" else ()
+    if fmt == "embedded":
+        from envs.suites.embedded import prompt_text
+
+        return prompt_text(statement, asserts)
+    if fmt == "mbpp":
+        from envs.suites.mbpp import format_mbpp_prompt
+
+        return format_mbpp_prompt(statement, asserts)
+    if fmt == "apps":
+        from envs.suites.apps import format_apps_prompt
+
+        return format_apps_prompt(statement, "", call_based=tests is not None and tests.style == "call")
+    raise SystemExit(f"--format {fmt!r}: expected one of {FORMATS}")
+
+
+def find_problem(spec: str):
+    from envs.registry import load_suite
+
+    parts = spec.split("/", 2)
+    if len(parts) != 3:
+        raise SystemExit(f"--problem {spec!r}: expected SUITE/SPLIT/ID")
+    suite, split, pid = parts
+    for problem in load_suite(suite, split):
+        if problem.problem_id == pid:
+            return problem
+    raise SystemExit(f"--problem {spec!r}: no problem {pid!r} in {suite}/{split}")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--statement", help="the problem statement, or @FILE")
+    what.add_argument("--problem", help="SUITE/SPLIT/ID of a registered suite's problem")
+    p.add_argument("--tests", help="TESTS.json or a file of assert lines (example tests: filter + outcome)")
+    p.add_argument("--format", choices=FORMATS, default="embedded", help="prompt format for --statement")
+    p.add_argument("--checkpoint", help="θ_ckpt (or a plain LM: then no R̃)")
+    p.add_argument("--theta")
+    p.add_argument("--phi")
+    p.add_argument("--run-dir", help="take the checkpoints from this run folder's state.json")
+    p.add_argument("--tokenizer")
+    p.add_argument("--gamma", type=float, default=0.999)
+    p.add_argument("--m", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-prompt-len", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--show", type=int, default=1, help="print the best N candidates")
+    p.add_argument("--workers", type=int, default=1, help="sandbox processes")
+    p.add_argument("--device", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import envs  # noqa: F401  (registers the suites)
+    from bcoder_ray.evaluation import SamplingSettings, adhoc_problem, generate, load_models
+    from envs.execute import Executor
+
+    if args.problem:
+        problem = find_problem(args.problem)
+        if args.tests:
+            raise SystemExit("--tests goes with --statement; a --problem brings its own tests")
+    else:
+        statement = args.statement
+        if statement.startswith("@"):
+            statement = Path(statement[1:]).read_text(encoding="utf-8")
+        tests = read_tests(args.tests) if args.tests else None
+        problem = adhoc_problem(make_prompt(statement, tests, args.format), tests, statement=statement)
+    checkpoint, theta, phi = checkpoints_from_args(args)
+    models = load_models(checkpoint, theta_dir=theta, phi_dir=phi, tokenizer=args.tokenizer, gamma=args.gamma,
+                         device=args.device)
+    settings = SamplingSettings(m=args.m, temperature=args.temperature, top_p=args.top_p,
+                                max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,
+                                seed=args.seed, prompts_per_call=1)
+    with Executor(workers=args.workers) as executor:
+        result = generate(problem, models, settings, executor=executor)
+    print(f"# sampled {result.sampled} candidates with {models.label}"
+          + (f"; {result.dropped_by_examples} failed the example tests" if problem.example_tests else "")
+          + ("" if models.ranker is not None else "; no ranker (plain LM): in sampling order"))
+    if result.best is None:
+        print("# no candidate passed the example tests")
+        return 1
+    for rank, c in enumerate(result.ranked[: args.show], 1):
+        rt = "–" if c.rtilde is None else f"{c.rtilde:.4f}"
+        outcome = "" if c.result is None else f", outcome on the tests: {c.result.outcome.value}"
+        print(f"# candidate {rank} (sample {c.sample_index}): R̃ = {rt}{outcome}")
+        print(c.program)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Evaluation on tiny models: sample + execute + rank, saved candidates, Table 3 ranking, generation, export, CLIs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import envs  # noqa: F401  (registers the suites)
+from bcoder_ray.evaluation import (SamplingSettings, adhoc_problem, evaluate, generate, load_models,
+                                   rank_candidates_file, recompute_metrics, rtilde_of, sample_and_score)
+from bcoder_ray.metrics import read_candidates
+from bcoder_ray.q_model import QModel
+from bcoder_ray.report import load_metrics
+from bcoder_ray.tokenization import encode_program, encode_prompt
+from bcoder_ray.warm_start import train_tokenizer
+from envs.execute import Executor
+from envs.registry import load_suite
+from learner_fixtures import perturb
+
+torch.set_num_threads(1)
+SETTINGS = SamplingSettings(m=4, temperature=1.0, top_p=1.0, max_prompt_len=200, max_new_tokens=12, seed=3)
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return load_suite("embedded", "test", limit=3)
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory, problems):
+    """θ_ckpt (a tiny GPT-2 with its own BPE tokenizer), and a 'trained' θ and φ saved with C's save functions."""
+    root = tmp_path_factory.mktemp("eval_models")
+    tokenizer = train_tokenizer([p.prompt + p.references[0] for p in problems], vocab_size=300)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2LMHeadModel(config).save_pretrained(root / "ckpt")
+    tokenizer.save_pretrained(root / "ckpt")
+    trained = QModel.create(str(root / "ckpt"), parts=("phi", "theta"))
+    perturb(trained.freeze_for_stage("theta"), scale=0.5, seed=7)
+    perturb(trained.freeze_for_stage("phi"), scale=0.5, seed=8)
+    trained.freeze_for_stage("none")
+    trained.save_theta(str(root / "theta"), tokenizer)
+    trained.save_phi(str(root / "phi"), tokenizer)
+    return {"root": root, "ckpt": str(root / "ckpt"), "theta": str(root / "theta"), "phi": str(root / "phi"),
+            "trained": trained, "tokenizer": tokenizer}
+
+
+@pytest.fixture(scope="module")
+def q_models(system):
+    return load_models(system["ckpt"], theta_dir=system["theta"], phi_dir=system["phi"], label="theta-test")
+
+
+@pytest.fixture(scope="module")
+def executor():
+    with Executor(workers=1) as ex:
+        yield ex
+
+
+def hand_written(problem) -> dict[str, str]:
+    """Programs of known outcome for one embedded problem."""
+    reference = problem.references[0]
+    name = problem.metadata.get("name") or reference.split("def ", 1)[1].split("(", 1)[0]
+    return {"passed": reference,
+            "failed": f"def {name}(*args):\n    return 'surely wrong'\n",
+            "runtime_error": f"def {name}(*args):\n    raise ValueError('no')\n",
+            "compile_error": f"def {name}(:\n    return\n"}
+
+
+def test_exported_theta_loads_with_plain_from_pretrained_and_ranks_the_same(system, q_models, problems):
+    lm = AutoModelForCausalLM.from_pretrained(system["theta"])
+    ids = torch.tensor([[5, 17, 42, 8, 99]])
+    with torch.no_grad():
+        assert torch.allclose(lm(ids).logits, system["trained"].theta.lm(ids).logits, atol=1e-6)
+    tok = system["tokenizer"]
+    prompts = [encode_prompt(tok, problems[0].prompt, 200)] * 4
+    programs = [encode_program(tok, text, 64) for text in hand_written(problems[0]).values()]
+    reloaded = rtilde_of(q_models.ranker, prompts, programs, tokenizer=tok, gamma=0.999)
+    in_memory = rtilde_of(system["trained"], prompts, programs, tokenizer=tok, gamma=0.999)
+    assert reloaded == pytest.approx(in_memory, abs=1e-5)
+    assert len(set(round(x, 6) for x in reloaded)) == 4  # a perturbed Q tells the programs apart
+
+
+def test_evaluate_saves_candidates_whose_metrics_recompute_exactly(tmp_path, q_models, problems, executor):
+    live = evaluate(problems, q_models, executor, SETTINGS, tmp_path / "eval", ks=(1, 2), n_at_k_pairs=[(1, 3)])
+    records = read_candidates(tmp_path / "eval")
+    assert len(records) == 3 * SETTINGS.m
+    assert [r.sample_index for r in records[:4]] == [0, 1, 2, 3]
+    assert all(r.rtilde is not None and r.ranker == "theta-test" and r.model == "theta-test" for r in records)
+    assert all(r.example_passed is not None for r in records)  # embedded problems show example tests
+    recomputed = recompute_metrics(tmp_path / "eval")
+    assert recomputed == {k: live[k] for k in recomputed}
+    assert load_metrics(tmp_path / "eval") == live
+    assert {"pass@k", "ranked_pass@k", "filtered_pass@k", "filtered_ranked_pass@k", "n@k"} <= set(live["overall"])
+    assert live["sampling"]["m"] == SETTINGS.m and live["label"] == "theta-test"
+    assert "statement" in live["rtilde_order"]
+    # the same call samples the same candidates; their R̃ is that of the ranker on the sampled token ids
+    again = sample_and_score(problems, q_models, executor, SETTINGS)
+    assert [c.record() for c in again] == records
+    direct = rtilde_of(q_models.ranker, [c.prompt_ids for c in again], [c.program_ids for c in again],
+                       tokenizer=q_models.tokenizer, gamma=q_models.gamma)
+    assert [r.rtilde for r in records] == pytest.approx(direct, rel=1e-5, abs=1e-5)
+
+
+def test_plain_lm_is_evaluated_without_rtilde(tmp_path, system, problems, executor):
+    plain = load_models(system["ckpt"], label="ckpt")
+    assert plain.ranker is None and plain.network == "ckpt"
+    metrics = evaluate(problems[:2], plain, executor, SETTINGS, tmp_path / "plain", ks=(1,), examples=False)
+    records = read_candidates(tmp_path / "plain")
+    assert all(r.rtilde is None and r.ranker is None and r.example_passed is None for r in records)
+    assert set(k for k in metrics["overall"] if k.endswith("@k")) == {"pass@k"}
+
+
+def test_ranking_another_models_candidates(tmp_path, q_models, problems, executor):
+    """Table 3: a JSONL of programs (no verdicts) is executed, scored by R̃ and ranked."""
+    path = tmp_path / "other-model.jsonl"
+    expected = {}
+    with open(path, "w") as f:
+        for p in problems[:2]:
+            for outcome, program in hand_written(p).items():
+                f.write(json.dumps({"problem_id": p.problem_id, "program": program}) + "\n")
+                expected[(p.problem_id, program)] = outcome
+    metrics = rank_candidates_file(path, problems, q_models, executor, tmp_path / "ranked", ks=(1, 2))
+    records = read_candidates(tmp_path / "ranked")
+    assert [(r.problem_id, r.sample_index) for r in records[:4]] == [(problems[0].problem_id, i) for i in range(4)]
+    assert {(r.problem_id, r.program): r.outcome for r in records} == expected
+    assert all(r.model == "other-model" and r.ranker == "theta-test" for r in records)
+    tok = q_models.tokenizer
+    direct = rtilde_of(q_models.ranker, [encode_prompt(tok, problems[0].prompt, 600)] * 4,
+                       [encode_program(tok, r.program, 512) for r in records[:4]], tokenizer=tok, gamma=0.999)
+    assert [r.rtilde for r in records[:4]] == pytest.approx(direct, rel=1e-5, abs=1e-5)
+    assert metrics["overall"]["pass@k"]["1"] == pytest.approx(0.25)
+    # filtered: only the reference passes the example tests, so it is the one submission
+    assert metrics["overall"]["filtered_ranked_pass@k"]["1"] == pytest.approx(1.0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"problem_id": "nope", "program": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: problem embedded/test/nope is not among"):
+        rank_candidates_file(bad, problems, q_models, executor, tmp_path / "bad")
+
+
+def test_generate_filters_on_examples_and_ranks_by_rtilde(q_models, problems, executor):
+    untested = adhoc_problem(problems[0].prompt)
+    result = generate(untested, q_models, SETTINGS)
+    assert result.sampled == SETTINGS.m and result.dropped_by_examples == 0
+    scores = [c.rtilde for c in result.ranked]
+    assert scores == sorted(scores, reverse=True) and result.best.rtilde == max(scores)
+    assert all(c.result is None for c in result.ranked)  # nothing to execute against
+    tested = generate(problems[0], q_models, SETTINGS, executor=executor)
+    assert tested.sampled == SETTINGS.m
+    kept = {c.sample_index for c in tested.ranked}
+    assert tested.dropped_by_examples == SETTINGS.m - len(kept)
+    assert all(c.example_result.passed for c in tested.ranked)
+
+
+def test_cli_evaluate_table_recompute_figures_and_generate(tmp_path, system, capsys):
+    from experiments import evaluate as evaluate_cli
+    from experiments import generate as generate_cli
+
+    common = ["--checkpoint", system["ckpt"], "--suite", "embedded", "--split", "test", "--limit", "2", "--m", "3",
+              "--ks", "1", "2", "--temperature", "1.0", "--top-p", "1.0", "--max-new-tokens", "10",
+              "--max-prompt-len", "200", "--workers", "1"]
+    assert evaluate_cli.main(common + ["--theta", system["theta"], "--phi", system["phi"], "--label", "B",
+                                       "--out", str(tmp_path / "q"), "--plots"]) == 0
+    assert (tmp_path / "q" / "fig3_rtilde_density.png").stat().st_size > 0
+    assert (tmp_path / "q" / "fig5_ranking_gain.png").stat().st_size > 0
+    assert evaluate_cli.main(common + ["--label", "ckpt", "--out", str(tmp_path / "c")]) == 0
+    saved = load_metrics(tmp_path / "q")
+    assert evaluate_cli.main(["--recompute", str(tmp_path / "q"), "--ks", "1", "2"]) == 0
+    assert load_metrics(tmp_path / "q") == saved
+    capsys.readouterr()
+    assert evaluate_cli.main(["--table", str(tmp_path / "q"), str(tmp_path / "c"), "--ks", "1", "2",
+                              "--table-out", str(tmp_path / "table.md")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| model | pass@1 ") and table[0].endswith(" | pass@2 all |")
+    assert table[2].startswith("| B (ranked by R̃, m=3, T=1) |") and table[3].startswith("| ckpt (pass@k, m=3")
+    assert (tmp_path / "table.md").read_text().splitlines() == table
+    assert generate_cli.main(["--checkpoint", system["ckpt"], "--theta", system["theta"], "--phi", system["phi"],
+                              "--statement", "Write a function `f(x)`. Return x + 1.", "--m", "3",
+                              "--max-new-tokens", "8", "--max-prompt-len", "200"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# sampled 3 candidates with theta") and "R̃ = " in out
