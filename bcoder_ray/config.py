@@ -73,7 +73,8 @@ class SuiteSection:
     name: str = "embedded"  # a name registered in envs.registry
     train_split: str = "train"  # feeds the buffer the learners read
     eval_split: str = "test"  # held-out: evaluated each iteration, never written to the buffer
-    max_train_problems: int | None = None  # null: all problems of the split (first N, in suite order)
+    max_train_problems: int | None = None  # problems of the RL loop (seeded, rolled out): the first N; null: all
+    # (a warm start, when there is one, learns from every problem of the train split)
     max_eval_problems: int | None = None
     options: dict = field(default_factory=dict)  # passed to load_suite(name, split, **options)
 
@@ -157,6 +158,7 @@ class ExecutorSection:
 class BufferSection:
     uri: str | None = None  # null: <run_dir>/buffer; any URI the replay buffer accepts (s3://...)
     targets_via: Literal["ray_data", "actors"] = "ray_data"  # a map_batches job, or the running policy actors
+    dataset_cpus: float = 0.25  # CPUs per Ray Data read task feeding the learners (Ray's default would be 1)
     targets_batch_size: int = 16  # rows per target-filling batch
     targets_cpus: float = 1.0  # CPUs per target-filling task
     targets_gpus: float = 0.0
@@ -176,7 +178,7 @@ class StageSection:
     grad_accum: int = 1
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     grad_clip: float | None = 1.0  # max global gradient norm; null: no clipping
-    num_workers: int = 1
+    num_workers: int = 1  # Ray Train workers (DDP); 0: Ray Train's local mode, in the driver process
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # with use_gpu; 0 means one GPU per worker
@@ -465,7 +467,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         need(st.lr > 0, f"{name}.lr", "must be > 0")
         need(st.batch_size_per_worker >= 1, f"{name}.batch_size_per_worker", "must be >= 1")
         need(st.grad_accum >= 1, f"{name}.grad_accum", "must be >= 1")
-        need(st.num_workers >= 1, f"{name}.num_workers", "must be >= 1")
+        need(st.num_workers >= 0, f"{name}.num_workers", "must be >= 0 (0: Ray Train's local mode)")
         need(st.grad_clip is None or st.grad_clip > 0, f"{name}.grad_clip", "must be > 0 or null")
         need(len(st.adam_betas) == 2, f"{name}.adam_betas", "must be two numbers")
         need(st.warmup_steps >= 0, f"{name}.warmup_steps", "must be >= 0")

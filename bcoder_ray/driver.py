@@ -119,6 +119,43 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def warm_start_config(cfg: Config):
+    """The warm start's `WarmStartConfig` (F's dataclass) from model.warm_start.options, with the run's lengths
+    and seed; ConfigError naming the option at fault."""
+    from bcoder_ray.warm_start import WarmStartConfig
+
+    m = cfg.model
+    options = dict(m.warm_start.options)
+    for key, value in (("max_prompt_len", m.source_len), ("max_program_len", m.target_len)):
+        if options.setdefault(key, value) != value:
+            raise ConfigError(f"model.warm_start.options.{key} = {options[key]} differs from the run's length "
+                              f"{value} (model.source_len / target_len); leave it out")
+    options.setdefault("seed", cfg.run.seed)
+    known = {f.name for f in dataclasses.fields(WarmStartConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"model.warm_start.options: unknown key(s) {unknown}; known: {sorted(known)}")
+    try:
+        return WarmStartConfig(**options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.warm_start.options: {e}") from None
+
+
+def check_component_options(cfg: Config) -> None:
+    """Options passed through to components (executor, warm start) must be ones they take: checked before work."""
+    import inspect
+
+    from envs.execute import Executor
+
+    params = inspect.signature(Executor.__init__).parameters
+    unknown = sorted(set(cfg.executor.options) - set(params) - {"workers"})
+    if unknown or "workers" in cfg.executor.options:
+        raise ConfigError(f"executor.options: unknown key(s) {unknown or ['workers']} (use executor.workers for "
+                          f"the pool size); envs.execute.Executor takes {sorted(set(params) - {'self'})}")
+    if cfg.model.checkpoint is None:
+        warm_start_config(cfg)
+
+
 def prepare_run(config_path: str | None = None, overrides: list[str] | None = None, run_dir: str | None = None,
                 resume: str | None = None) -> RunPlan:
     """Load and validate the config and choose the run folder; no work is started (errors: ConfigError)."""
@@ -134,6 +171,8 @@ def prepare_run(config_path: str | None = None, overrides: list[str] | None = No
         recorded = config_from_dict(read_yaml(folder / CONFIG_FILE), where=str(folder / CONFIG_FILE))
         cfg = apply_overrides(recorded, overrides)
         validate(cfg)
+        check_component_options(cfg)
+        check_local_cpu_budget(cfg)
         before, after = _flatten(recorded.to_dict()), _flatten(cfg.to_dict())
         changed = [k for k in after if before.get(k) != after[k] and not k.startswith(RESUME_MUTABLE)]
         if changed:
@@ -141,6 +180,8 @@ def prepare_run(config_path: str | None = None, overrides: list[str] | None = No
                               f"{list(RESUME_MUTABLE)})")
         return RunPlan(cfg, folder, resumed=True)
     cfg = load_config(config_path, overrides)
+    check_component_options(cfg)
+    check_local_cpu_budget(cfg)
     folder = Path(run_dir or cfg.run.run_dir or _default_run_dir(cfg))
     if (folder / STATE_FILE).exists():
         raise ConfigError(f"run folder {folder} already holds a run; continue it with --resume {folder}")
@@ -155,6 +196,11 @@ def prepare_run(config_path: str | None = None, overrides: list[str] | None = No
 # a warning every few seconds from Train's placement-group cleaner when the state API is off (no dashboard).
 QUIET_LOGGERS = {"ray.train.v2._internal.execution.context": "WARNING",
                  "ray.train.v2._internal.execution.controller.placement_group_cleaner": "ERROR"}
+
+
+# Ray Train settings for small shared machines: a worker group may take more than the default 60 s to start
+# when the CPUs are busy, and the controller's 2 s poll adds idle time to every short stage.
+RAY_TRAIN_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 def quiet_ray_logs() -> None:
@@ -195,6 +241,8 @@ def ray_session(cfg: Config):
     object store; shut down only what this function started."""
     import ray
 
+    for name, value in RAY_TRAIN_ENV.items():  # Ray Train passes these on to its controller
+        os.environ.setdefault(name, value)
     if ray.is_initialized():
         _quiet_ray_data()
         yield
@@ -256,15 +304,14 @@ class Run:
         from envs.registry import load_suite
 
         s = self.cfg.suite
-        train = load_suite(s.name, s.train_split, **s.options)
+        all_train = load_suite(s.name, s.train_split, **s.options)
         held_out = load_suite(s.name, s.eval_split, **s.options)
-        if s.max_train_problems is not None:
-            train = train[: s.max_train_problems]
+        if not all_train:
+            raise ConfigError(f"suite {s.name!r} split {s.train_split!r} has no problems")
+        train = all_train if s.max_train_problems is None else all_train[: s.max_train_problems]
         if s.max_eval_problems is not None:
             held_out = held_out[: s.max_eval_problems]
-        if not train:
-            raise ConfigError(f"suite {s.name!r} split {s.train_split!r} has no problems")
-        return train, held_out
+        return all_train, train, held_out
 
     def resolve_checkpoint(self, train_problems) -> str:
         m = self.cfg.model
@@ -272,18 +319,9 @@ class Run:
             return m.checkpoint
         if self.state.theta_ckpt and os.path.isdir(self.state.theta_ckpt):
             return self.state.theta_ckpt
-        from bcoder_ray.warm_start import WarmStartConfig, warm_start
+        from bcoder_ray.warm_start import warm_start
 
-        options = dict(m.warm_start.options)
-        for key, value in (("max_prompt_len", m.source_len), ("max_program_len", m.target_len)):
-            if options.setdefault(key, value) != value:
-                raise ConfigError(f"model.warm_start.options.{key} = {options[key]} differs from the run's "
-                                  f"length {value}; leave it out")
-        options.setdefault("seed", self.cfg.run.seed)
-        try:
-            ws_cfg = WarmStartConfig(**options)
-        except TypeError as e:
-            raise ConfigError(f"model.warm_start.options: {e}") from None
+        ws_cfg = warm_start_config(self.cfg)
         cache = m.warm_start.cache_dir or os.environ.get("BCODER_CACHE") or \
             os.path.join(os.path.expanduser("~"), ".cache", "bcoder-ray", "warm_start")
         self.log(f"warm start: {len(train_problems)} problems, cache {cache}")
@@ -393,7 +431,7 @@ class Run:
                        progress=self.cfg.run.progress)
         dataset = buffer.ray_dataset(st.batch_size_per_worker, job.batches_needed(st.num_workers),
                                      rho_real=a.rho_real, seed=self.cfg.run.seed * 1000 + iteration,
-                                     targets_fingerprint=fingerprint)
+                                     targets_fingerprint=fingerprint, num_cpus=self.cfg.buffer.dataset_cpus)
         scaling = ScalingSpec(num_workers=st.num_workers, use_gpu=st.use_gpu, cpus_per_worker=st.cpus_per_worker,
                               gpus_per_worker=st.gpus_per_worker)
         name = f"{stage}-iter{iteration}-{uuid.uuid4().hex[:6]}"
@@ -419,8 +457,9 @@ class Run:
 
         ev = self.cfg.evaluation
         sampling = self.sampling(ev)
-        tasks = make_tasks(f"eval-{label}", range(len(held_out)), self.cfg.rollout.problems_per_task, -1,
-                           self.cfg.run.seed + 7)
+        # the same task keys and seeds for every evaluation of the run (common random numbers: the checkpoints
+        # compared in the final table draw their candidates with the same sampler seeds, problem by problem)
+        tasks = make_tasks("eval", range(len(held_out)), self.cfg.rollout.problems_per_task, -1, self.cfg.run.seed)
         started = time.time()
         bar = self.bar(len(held_out) * sampling.n, f"evaluate {label}")
         parts = self.pool.map("candidates", tasks, policy, sampling, self.cfg.suite.eval_split, rank, ev.filtered,
@@ -512,8 +551,8 @@ class Run:
         from bcoder_ray.rollout import ActorPool, ActorSettings, PolicyWorker, WorkerArgs
         from bcoder_ray.tokenization import tokenizer_fingerprint
 
-        train, held_out = self.load_problems()
-        self.state.theta_ckpt = self.resolve_checkpoint(train)
+        all_train, train, held_out = self.load_problems()
+        self.state.theta_ckpt = self.resolve_checkpoint(all_train)  # the warm start learns from every train problem
         self.state.save(self.run_dir)
         tokenizer_path = cfg.model.tokenizer or self.state.theta_ckpt
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -527,6 +566,9 @@ class Run:
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         with ray_session(cfg):
+            import ray
+
+            check_cpu_budget(cfg, ray.cluster_resources().get("CPU", 0.0))
             r = cfg.rollout
             args = WorkerArgs(problems={"train": train, cfg.suite.eval_split: held_out},
                               tokenizer_path=tokenizer_path, source_len=cfg.model.source_len,
@@ -550,8 +592,7 @@ class Run:
                     self.state.iterations.append(record)
                     self.state.completed_iterations = it + 1
                     self.state.save(self.run_dir)
-                    with open(self.run_dir / METRICS_FILE, "a") as f:
-                        f.write(json.dumps(record, default=str) + "\n")
+                    write_metrics_lines(self.run_dir, self.state)
             finally:
                 self.pool.shutdown()
                 if self.writer is not None:
@@ -559,6 +600,51 @@ class Run:
         table = final_table(self.state, cfg)
         (self.run_dir / TABLE_FILE).write_text(table)
         return RunSummary(self.run_dir, self.state, table)
+
+
+def write_metrics_lines(run_dir: Path, state: RunState) -> None:
+    """metrics.jsonl: one line per completed iteration, rewritten from state.json (so a resume never doubles one)."""
+    tmp = run_dir / f".{METRICS_FILE}.tmp"
+    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in state.iterations))
+    os.replace(tmp, run_dir / METRICS_FILE)
+
+
+def cpu_budget(cfg: Config) -> dict[str, float]:
+    """Logical CPUs each phase holds at once (actors stay up during training), to check against the cluster."""
+    r, e, b = cfg.rollout, cfg.executor, cfg.buffer
+    actors = r.num_actors * r.cpus_per_actor + e.num_actors * e.cpus_per_actor
+    stages = {name: st.num_workers * st.cpus_per_worker + b.dataset_cpus
+              for name, st in (("phi", cfg.phi), ("theta", cfg.theta))}
+    budget = {f"rollout actors + stage {name} workers + a Ray Data read task": actors + need
+              for name, need in stages.items()}
+    if b.targets_via == "ray_data":
+        budget["rollout actors + the target-filling Ray Data actor"] = actors + b.targets_cpus
+    return budget
+
+
+def check_cpu_budget(cfg: Config, cluster_cpus: float) -> None:
+    """A phase that needs more logical CPUs than the cluster has would wait forever: stop with a message."""
+    for phase, need in cpu_budget(cfg).items():
+        if need > cluster_cpus + 1e-9:
+            raise ConfigError(
+                f"{phase} need {need:g} CPUs but the Ray cluster has {cluster_cpus:g}: lower rollout.cpus_per_actor, "
+                f"phi/theta.cpus_per_worker or buffer.dataset_cpus (fractions are fine), or raise ray.num_cpus")
+
+
+def check_local_cpu_budget(cfg: Config) -> None:
+    """Before any work: the CPU budget against the local instance this run would start (none is joined)."""
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return  # checked against the cluster once connected
+    if cfg.ray.num_cpus is not None:
+        cpus = float(cfg.ray.num_cpus)
+    else:
+        try:
+            from ray._private.utils import get_num_cpus  # what a local ray.init() would detect
+
+            cpus = float(get_num_cpus())
+        except ImportError:  # pragma: no cover - another Ray version
+            cpus = float(os.cpu_count() or 1)
+    check_cpu_budget(cfg, cpus)
 
 
 def run(plan: RunPlan, worker_cls: type | None = None) -> RunSummary:
@@ -629,4 +715,19 @@ def final_table(state: RunState, cfg: Config) -> str:
             diff = "–" if d["mean"] is None else f"{100 * d['mean']:+.1f} pts"
             lines.append(f"| {name} | {_pct(_get(o_last, variant, 1))} | {_pct(_get(o_base, 'pass', 1))} | "
                          f"{diff} | {interval} |")
+    if last is not None:
+        lines += ["", "Per difficulty (percent; E's Table 1 layout):", "", _difficulty_tables(state, last, ev.ks)]
     return "\n".join(lines) + "\n"
+
+
+def _difficulty_tables(state: RunState, last: dict, ks: list[int]) -> str:
+    from bcoder_ray.report import load_metrics, table1_markdown
+
+    last_metrics = load_metrics(last["eval"]["dir"])
+    unranked = ([("warm start", load_metrics(state.baseline["dir"]))] if state.baseline else []) + \
+        [(f"iteration {last['iteration']}", last_metrics)]
+    out = table1_markdown(unranked, ks=ks, variant="pass")
+    if last_metrics["overall"].get("ranked_pass@k"):
+        out += "\n" + table1_markdown([(f"iteration {last['iteration']}", last_metrics)], ks=ks,
+                                       variant="ranked_pass")
+    return out

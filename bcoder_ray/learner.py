@@ -75,12 +75,12 @@ class StageJob:
 
     def batches_needed(self, num_workers: int) -> int:
         """Mini-batches the dataset must hold for `steps` optimiser steps on `num_workers` workers."""
-        return self.steps * self.grad_accum * num_workers
+        return self.steps * self.grad_accum * max(1, num_workers)
 
 
 @dataclass(frozen=True)
 class ScalingSpec:
-    num_workers: int = 1
+    num_workers: int = 1  # 0: Ray Train's local mode (the loop runs in the calling process; no DDP)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # with use_gpu; 0: one GPU per worker
@@ -253,6 +253,10 @@ def train_loop_per_worker(config: dict) -> None:
     final = {**(history[-1] if history else {}), "stage": job.stage, "history": history,
              "train_s": time.time() - started, "model_setup_s": model_ready - entered,
              "worker_entered_at": entered}
+    if config.get("local_checkpoint_dir"):  # Ray Train's local mode keeps no copy: save in place
+        save_stage(model, job, config["local_checkpoint_dir"], tokenizer)
+        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(config["local_checkpoint_dir"]))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
@@ -274,9 +278,13 @@ def train_stage(job: StageJob, dataset, scaling: ScalingSpec, *, storage_path: s
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker or 1
+    loop_config: dict[str, Any] = {"job": asdict(job)}
+    if scaling.num_workers == 0:  # Ray Train's local mode: the loop runs in this process, no worker group
+        loop_config["local_checkpoint_dir"] = os.path.join(os.path.abspath(storage_path), name, CHECKPOINT_DIR_NAME)
+        os.makedirs(loop_config["local_checkpoint_dir"])
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": asdict(job)},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_path),

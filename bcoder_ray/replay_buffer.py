@@ -415,7 +415,7 @@ class ReplayBuffer:
     def ray_dataset(self, batch_size: int, num_batches: int, rho_real: float = 0.5,
                     filters: Filters | dict | None = None, seed: int = 0,
                     targets_fingerprint: str | None = None, require_targets: bool = True,
-                    parallelism: int | None = None):
+                    parallelism: int | None = None, num_cpus: float | None = None):
         """A `ray.data.Dataset` of `num_batches` ρ_real-mixed blocks of `batch_size` rows, produced by
         `parallelism` (default 4) read tasks with distinct seeds (bcoder_ray.buffer.ray_data). Iterate it with
         `iter_batches(batch_size=batch_size)` and no local shuffle to keep each batch's exact ρ_real split."""
@@ -428,7 +428,9 @@ class ReplayBuffer:
             "require_targets": require_targets})
         # As many read tasks as blocks requested, so Ray never splits a block (a mixed batch) in pieces.
         tasks = min(parallelism or 4, num_batches)
-        return ray.data.read_datasource(source, override_num_blocks=tasks)
+        # num_cpus: the CPU share of each read task (Ray's default is 1; less lets the reads fit beside
+        # fractional train workers and actors on a small machine)
+        return ray.data.read_datasource(source, override_num_blocks=tasks, num_cpus=num_cpus)
 
     # ---- maintenance ----------------------------------------------------------------------------------------
     def compact(self, target_rows: int = 65536, inline_targets: str | None = None, min_files: int = 2,

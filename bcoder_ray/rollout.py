@@ -322,35 +322,52 @@ class ActorPool:
 
     def map(self, method: str, tasks: Iterable[Task], *args: Any,
             on_result: Callable[[Task, Any], None] | None = None) -> list[Any]:
-        """Run `actor.method(task, *args)` for every task, results in task order. A task whose actor dies is
-        resubmitted (Ray restarts the actor) up to `max_task_retries` times."""
+        """Run `actor.method(task, *args)` for every task, results in task order, handing each task to the next
+        free actor. A task whose actor dies goes back to the queue (any actor may redo it: writes are idempotent
+        by task key), up to `max_task_retries` times; the dead actor is restarted by Ray and rejoins the pool once
+        it answers a ping."""
         tasks = list(tasks)
         results: list[Any] = [None] * len(tasks)
         retries = [0] * len(tasks)
         pending = list(range(len(tasks)))[::-1]
-        in_flight: dict[Any, tuple[int, Any]] = {}
+        in_flight: dict[Any, tuple[str, int, Any]] = {}
+        pings: dict[Any, int] = {}
         free = list(self.actors)
-        while pending or in_flight:
+        dead = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+        while pending or any(kind == "task" for kind, _, _ in in_flight.values()):
             while pending and free:
                 i = pending.pop()
                 actor = free.pop(0)
-                in_flight[getattr(actor, method).remote(tasks[i], *args)] = (i, actor)
+                in_flight[getattr(actor, method).remote(tasks[i], *args)] = ("task", i, actor)
+            if not in_flight:
+                raise RuntimeError(f"{method}: no live actor left for {len(pending)} task(s)")
             done, _ = ray.wait(list(in_flight), num_returns=1)
-            ref = done[0]
-            i, actor = in_flight.pop(ref)
+            kind, i, actor = in_flight.pop(done[0])
             try:
-                results[i] = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                retries[i] += 1
-                if retries[i] > self.settings.max_task_retries:
-                    raise RuntimeError(f"task {tasks[i].key}: its actor died {retries[i]} times; last: {e}") from e
-                pending.append(i)  # redo it (idempotent by task key); Ray restarts the actor
+                value = ray.get(done[0])
+            except dead as e:
+                if kind == "task":
+                    retries[i] += 1
+                    if retries[i] > self.settings.max_task_retries:
+                        raise RuntimeError(f"task {tasks[i].key}: its actor died {retries[i]} times; "
+                                           f"last: {e}") from e
+                    pending.append(i)
+                else:
+                    pings[actor] = pings.get(actor, 0) + 1
+                    if pings[actor] > 60:
+                        raise RuntimeError(f"an actor did not come back after dying: {e}") from e
+                    time.sleep(1.0)
+                in_flight[actor.ping.remote()] = ("ping", -1, actor)  # rejoins the pool when it answers
+                continue
+            if kind == "ping":
+                pings.pop(actor, None)
                 free.append(actor)
                 continue
+            results[i] = value
             free.append(actor)
             if on_result is not None:
-                on_result(tasks[i], results[i])
-        return results
+                on_result(tasks[i], value)
+        return results  # pings still in flight (actors still restarting) are simply dropped
 
     def shutdown(self) -> None:
         for a in self.actors + self._executors:

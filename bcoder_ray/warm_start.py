@@ -8,9 +8,12 @@ This is θ_ckpt of the embedded default: with no checkpoint given, the run train
 1. A byte-level BPE tokenizer (`tokenizers`) is trained on the training prompts and references, with an EOS
    and a PAD special token, and wrapped as a `transformers.PreTrainedTokenizerFast`.
 2. A tiny GPT-2 (`GPT2LMHeadModel` from a `GPT2Config`) is built from the config's sizes.
-3. It is trained with cross-entropy on prompt_ids + program_ids, the loss on program tokens only (eq. 1 on human
-   programs), the ids made by `bcoder_ray.tokenization` exactly as sampling, the buffer and the learner make
-   them. The number of steps and the seed are fixed, so a run is reproducible (on a fixed thread count).
+3. It is trained on prompt_ids + program_ids, the ids made by `bcoder_ray.tokenization` exactly as sampling,
+   the buffer and the learner make them. The loss is the cross-entropy of the program tokens (eq. 1 on human
+   programs) plus `prompt_loss_weight` times the language-model loss of the prompt tokens: the prompts repeat
+   the function name (statement, then asserts), so they teach the copying of names a program needs; set it to 0
+   for a loss on program tokens only. The number of steps and the seed are fixed, so a run is reproducible (on
+   a fixed thread count).
 4. Model and tokenizer are saved with `save_pretrained` into `cache_root/warm-<key>`, where the key hashes the
    config (less `num_threads`), the training data and `WARM_START_VERSION`. The folder is written under a
    temporary name and renamed when complete, so a second call with the same config and data returns the
@@ -30,7 +33,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -57,12 +60,13 @@ class WarmStartConfig:
     dropout: float = 0.0
     max_prompt_len: int = 192  # must match the run's prompt truncation (bcoder_ray.tokenization)
     max_program_len: int = 128  # must match the run's program length limit
-    steps: int = 1500
+    steps: int = 700  # ~5 minutes on 2 idle cores (experiments/calibrate_embedded.py)
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decay from lr to lr * min_lr_ratio
     weight_decay: float = 0.01
+    prompt_loss_weight: float = 0.5  # LM loss on prompt tokens, relative to the program loss (0: programs only)
     grad_clip: float = 1.0
     seed: int = 0
     num_threads: int | None = None  # torch threads; None: every core this process may use
@@ -70,7 +74,7 @@ class WarmStartConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("dropout", "min_lr_ratio", "weight_decay"):
+            if f.name in ("dropout", "min_lr_ratio", "weight_decay", "prompt_loss_weight"):
                 if not 0 <= value <= 1:
                     raise ValueError(f"WarmStartConfig.{f.name} must be in [0, 1], got {value}")
             elif f.name not in ("seed", "num_threads", "warmup_steps") and not value > 0:
@@ -160,17 +164,41 @@ def batches(examples: Sequence[tuple[list[int], list[int]]], batch_size: int, se
 
 
 def collate(batch: Sequence[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+program; labels are IGNORE_INDEX on prompt and padding (loss on program tokens)."""
+    """Right-padded prompt+program. `labels` are the program tokens (IGNORE_INDEX elsewhere), `prompt_labels`
+    the prompt tokens (IGNORE_INDEX elsewhere)."""
     width = max(len(p) + len(q) for p, q in batch)
     input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    prompt_labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     for row, (prompt, program) in enumerate(batch):
         n, m = len(prompt), len(program)
         input_ids[row, : n + m] = torch.tensor(prompt + program)
         attention_mask[row, : n + m] = 1
         labels[row, n: n + m] = torch.tensor(program)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        prompt_labels[row, :n] = torch.tensor(prompt)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "prompt_labels": prompt_labels}
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose label is not IGNORE_INDEX (0 where none)."""
+    shifted = labels[:, 1:]
+    if not (shifted != IGNORE_INDEX).any():
+        return logits.sum() * 0.0
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                             ignore_index=IGNORE_INDEX)
+
+
+def warm_start_loss(model: GPT2LMHeadModel, batch: dict[str, torch.Tensor], prompt_loss_weight: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, program loss): cross-entropy on the program tokens (eq. 1 on human programs), plus
+    `prompt_loss_weight` times the language-model loss on the prompt tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    program_loss = token_cross_entropy(logits, batch["labels"])
+    if prompt_loss_weight == 0:
+        return program_loss, program_loss
+    return program_loss + prompt_loss_weight * token_cross_entropy(logits, batch["prompt_labels"]), program_loss
 
 
 def learning_rate(cfg: WarmStartConfig, step: int) -> float:
@@ -182,8 +210,10 @@ def learning_rate(cfg: WarmStartConfig, step: int) -> float:
 
 
 def train_model(model: GPT2LMHeadModel, examples: Sequence[tuple[list[int], list[int]]], cfg: WarmStartConfig,
-                pad: int, progress: bool = True) -> list[float]:
-    """Cross-entropy on program tokens for exactly cfg.steps steps; returns the loss of every step."""
+                pad: int, progress: bool = True, callback: Callable[[int, GPT2LMHeadModel], None] | None = None
+                ) -> list[float]:
+    """Exactly cfg.steps optimizer steps; returns the program-token loss of every step. `callback(step, model)`
+    runs after each step (calibration curves)."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -195,12 +225,14 @@ def train_model(model: GPT2LMHeadModel, examples: Sequence[tuple[list[int], list
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        loss = model(**collate(next(stream), pad)).loss
+        loss, program_loss = warm_start_loss(model, collate(next(stream), pad), cfg.prompt_loss_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(program_loss.item())
+        if callback is not None:
+            callback(step, model)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     model.eval()

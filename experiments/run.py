@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # SIGTERM (timeout, a job stop) unwinds like Ctrl-C, so the local Ray instance is shut down too
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     from bcoder_ray.driver import prepare_run, run
 
     try:

@@ -1,12 +1,25 @@
-"""End to end, CI-sized: the real loop (warm start, human seed, rollout actors, targets via Ray Data, stage φ and
-stage θ as TorchTrainer runs with 2 CPU workers, held-out evaluation, table) on experiments/configs/ci_tiny.yaml,
-with a rollout actor that dies once right after writing its batch: its task is redone with no duplicate rows."""
+"""End to end, CI-sized, on experiments/configs/ci_tiny.yaml: the real loop (warm start, human seed, rollout
+actors, cached targets, stage φ and stage θ as TorchTrainer runs with 2 CPU workers, held-out evaluation, final
+table), interrupted and resumed:
+
+1. `python experiments/run.py` is killed (SIGKILL of its whole session, Ray included) in the middle of its
+   second iteration, after that iteration's first rollout batch reached the buffer;
+2. the run is resumed (`--resume RUN_DIR` semantics, in this process) with a rollout actor that dies once
+   right after writing a batch, before replying: its task is redone;
+3. the finished run holds every human program once and exactly m samples per training problem per iteration
+   (no row lost or duplicated), φ trained once, θ continued, checkpoints that load, metrics, TensorBoard
+   scalars and the final table.
+
+One test, so the suite pays for one tiny run instead of three."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +28,37 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 CI_CONFIG = REPO / "experiments" / "configs" / "ci_tiny.yaml"
+
+
+def start_driver(args: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, str(REPO / "experiments" / "run.py"), *args], cwd=REPO, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process of its session (the local Ray it started: Ray's workers sit in
+    process groups of their own, but in the driver's session), as a machine crash would."""
+    import psutil
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == proc.pid:
+                p.kill()
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+
+
+def batch_written(buffer_dir: Path, batch_key: str) -> bool:
+    from bcoder_ray.replay_buffer import part_name
+
+    return (buffer_dir / "samples" / part_name(batch_key)).exists()
 
 
 def make_crashing_worker(marker: Path):
@@ -31,58 +75,69 @@ def make_crashing_worker(marker: Path):
     return CrashAfterFirstWrite
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test's worker class travels by value
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 ** 2, include_dashboard=False)
-    yield
-    ray.shutdown()
+def kill_in_second_iteration(run_dir: Path, tmp_path: Path, overrides: list[str]) -> None:
+    log = tmp_path / "first.log"
+    first = start_driver(["--config", str(CI_CONFIG), "--run-dir", str(run_dir), *overrides], log)
+    state_file = run_dir / "state.json"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            if first.poll() is not None:
+                pytest.fail(f"the driver ended before it was killed:\n{log.read_text()[-3000:]}")
+            if state_file.exists() and json.loads(state_file.read_text())["completed_iterations"] == 1 \
+                    and batch_written(run_dir / "buffer", "it1-t0000"):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"iteration 1 never wrote rows:\n{log.read_text()[-3000:]}")
+    finally:
+        kill_session(first)
 
 
 def read_samples(buffer_dir: Path):
     import pyarrow.dataset as ds
 
     return ds.dataset(str(buffer_dir / "samples"), format="parquet").to_table(
-        columns=["sample_id", "source", "iteration", "policy_version", "split", "program_ids"])
+        columns=["sample_id", "source", "iteration", "policy_version", "split"])
 
 
-def test_tiny_run_end_to_end_with_an_actor_crash(ray_local, tmp_path):
+def test_tiny_run_killed_resumed_and_checked(tmp_path):
+    run_dir = tmp_path / "run"
+    kill_in_second_iteration(run_dir, tmp_path, ["--model.warm_start.cache_dir", str(tmp_path / "warm")])
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["completed_iterations"] == 1  # killed inside iteration 1
+    theta_before = state["theta"]
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray.cloudpickle
+
     from bcoder_ray.driver import prepare_run, run
 
-    run_dir = tmp_path / "run"
-    marker = tmp_path / "crashed"
-    plan = prepare_run(config_path=str(CI_CONFIG), run_dir=str(run_dir), overrides=[
-        "--model.warm_start.cache_dir", str(tmp_path / "warm")])
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test's worker class travels by value
+    marker = tmp_path / "actor-crashed"
+    plan = prepare_run(resume=str(run_dir))
     summary = run(plan, worker_cls=make_crashing_worker(marker))
-    cfg = plan.cfg
-    state = summary.state
-
+    cfg, state = plan.cfg, summary.state
     assert marker.exists(), "the injected actor crash did not happen"
     assert state.completed_iterations == cfg.run.iterations == 2
 
-    # the buffer: every human program once, every iteration's m samples per problem exactly once
+    # the buffer: every human program once; every iteration's m samples per problem exactly once
     table = read_samples(run_dir / "buffer")
     ids = table.column("sample_id").to_pylist()
     assert len(ids) == len(set(ids)), "duplicate rows in the buffer"
     sources = table.column("source").to_pylist()
-    n_train = cfg.suite.max_train_problems
+    n_train, m = cfg.suite.max_train_problems, cfg.rollout.samples_per_problem
     assert sources.count("human") == state.human_rows >= n_train
-    assert sources.count("generated") == cfg.run.iterations * n_train * cfg.rollout.samples_per_problem
-    assert set(table.column("split").to_pylist()) == {cfg.suite.train_split}  # held-out never feeds learners
-    iterations = [i for i, s in zip(table.column("iteration").to_pylist(), sources) if s == "generated"]
-    assert sorted(set(iterations)) == [0, 1]
-    versions = {i: v for i, v, s in zip(table.column("iteration").to_pylist(),
-                                        table.column("policy_version").to_pylist(), sources) if s == "generated"}
-    assert versions == {0: "0", 1: "1"}  # iteration 0 samples θ_ckpt, iteration 1 the θ of iteration 0
+    generated = [(i, v) for i, v, s in zip(table.column("iteration").to_pylist(),
+                                           table.column("policy_version").to_pylist(), sources) if s == "generated"]
+    assert sorted(generated) == [(0, "0")] * (n_train * m) + [(1, "1")] * (n_train * m)  # θ_ckpt, then θ_0
+    assert set(table.column("split").to_pylist()) == {cfg.suite.train_split}  # held-out rows never go there
 
-    # checkpoints: φ trained once, θ continued; θ loads as a plain LM and as the Q model
+    # φ trained once; θ continued from the checkpoint recorded before the kill; both load
     records = state.iterations
+    assert [r["iteration"] for r in records] == [0, 1]
     assert "phi" in records[0] and "phi" not in records[1]
-    assert records[0]["theta"]["checkpoint"] != records[1]["theta"]["checkpoint"] == state.theta
+    assert records[0]["theta"]["checkpoint"] == theta_before != state.theta == records[1]["theta"]["checkpoint"]
     from transformers import AutoModelForCausalLM
 
     from bcoder_ray.q_model import QModel
@@ -91,16 +146,16 @@ def test_tiny_run_end_to_end_with_an_actor_crash(ray_local, tmp_path):
     q = QModel.create(state.theta_ckpt, parts=("theta", "phi"), theta_dir=state.theta, phi_dir=state.phi)
     assert q.theta is not None and q.phi is not None
 
-    # evaluation and the final table
-    assert state.baseline is not None and state.baseline["overall"]["n_problems"] == cfg.suite.max_eval_problems
+    # evaluation, metrics, TensorBoard, the final table
+    assert state.baseline["overall"]["n_problems"] == cfg.suite.max_eval_problems
     last = records[-1]["eval"]["overall"]
     assert last["n_candidates"] == cfg.suite.max_eval_problems * cfg.evaluation.samples_per_problem
     assert last["ranked_pass@k"]["1"] is not None
-    table_md = (run_dir / "table.md").read_text()
-    assert "ranked (last) vs unranked (warm start)" in table_md and "unranked (last) vs unranked" in table_md
-    assert summary.table == table_md
+    for rec in records:
+        assert rec["theta"]["train_s"] > 0 and rec["buffer_rows"] > 0
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["iteration"] for x in lines] == [0, 1]
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())
-    for rec in records:
-        assert rec["theta"]["train_s"] > 0 and rec["targets_theta"] >= 0
+    table_md = (run_dir / "table.md").read_text()
+    assert summary.table == table_md
+    assert "ranked (last) vs unranked (warm start)" in table_md and "unranked (last) vs unranked" in table_md

@@ -56,6 +56,13 @@ def test_prepare_run_refuses_to_reuse_or_redefine_a_run(tmp_path):
         prepare_run(resume=str(tmp_path / "nothing"))
     with pytest.raises(ConfigError, match="unknown key"):
         prepare_run(run_dir=str(tmp_path / "x"), overrides=["--theta.nope", "1"])
+    with pytest.raises(ConfigError, match=r"model\.warm_start\.options.*n_layers"):
+        prepare_run(run_dir=str(tmp_path / "x"), overrides=["--model.warm_start.options.n_layers", "2"])
+    with pytest.raises(ConfigError, match=r"model\.warm_start\.options\.max_program_len"):
+        prepare_run(run_dir=str(tmp_path / "x"), overrides=["--model.warm_start.options.max_program_len", "7"])
+    with pytest.raises(ConfigError, match=r"executor\.options.*timeout_per_tset"):
+        prepare_run(run_dir=str(tmp_path / "x"), overrides=["--executor.options.timeout_per_tset", "2"])
+    assert not (tmp_path / "x").exists()  # nothing was started or written
 
 
 class FlakyWorker:
@@ -74,6 +81,9 @@ class FlakyWorker:
             marker.write_text(task.key)
             os._exit(1)
         return task.key
+
+    def ping(self):
+        return "ok"
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +112,91 @@ def test_actor_pool_redoes_the_task_of_a_dead_actor(ray_local, tmp_path):
     assert (tmp_path / "died").exists()
     written = sorted(p.name for p in tmp_path.glob("it0-*.txt"))
     assert written == [f"{t.key}.txt" for t in tasks]
+
+
+# ------------------------------------------------------------------------------------------ learner stages
+
+
+def tiny_t5_checkpoint(directory: Path, problems) -> str:
+    """An encoder-decoder stand-in for CodeT5 (the paper's θ_ckpt): a tiny T5 and a BPE tokenizer trained on
+    the problems' text, saved together."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from bcoder_ray.warm_start import train_tokenizer
+
+    tok = train_tokenizer([p.prompt for p in problems] + [r for p in problems for r in p.references], 300)
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+                      dropout_rate=0.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      decoder_start_token_id=tok.pad_token_id)
+    T5ForConditionalGeneration(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)
+
+
+def seeded_buffer(root: Path, checkpoint: str, problems):
+    """A buffer with each problem's human program (passes) and a wrong program (fails)."""
+    from transformers import AutoTokenizer
+
+    from bcoder_ray.replay_buffer import ReplayBuffer, make_row, prompt_rows
+    from bcoder_ray.tokenization import encode_program, tokenizer_fingerprint
+    from envs.result import REWARD, ExecResult, Outcome
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    buf = ReplayBuffer(str(root))
+    buf.put_prompts(prompt_rows(problems, tok, max_len=64))
+    rows = []
+    for p in problems:
+        for program, source, outcome in ((p.references[0], "human", Outcome.PASSED),
+                                         ("def f(x):\n    return 0\n", "generated", Outcome.FAILED)):
+            rows.append(make_row(p, program, encode_program(tok, program, 24), ExecResult(outcome, REWARD[outcome]),
+                                 source=source, tokenizer_hash=tokenizer_fingerprint(tok)))
+    buf.append(rows, batch_key="seed")
+    return buf
+
+
+@pytest.mark.slow
+def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp_path):
+    """apps_codet5.yaml's pieces on tiny stand-ins: an encoder-decoder θ_ckpt, bf16 autocast, gradient
+    accumulation, clipping, φ constant lr then θ linear decay, targets filled by the Ray Data job; the stages
+    run in Ray Train's local mode (no worker group) to stay fast."""
+    import envs  # noqa: F401
+    from envs.registry import load_suite
+
+    from bcoder_ray.learner import ScalingSpec, StageJob, TargetSpec, fill_targets, train_stage
+    from bcoder_ray.q_model import QModel
+    from bcoder_ray.targets import targets_fingerprint
+    from transformers import AutoTokenizer
+
+    problems = load_suite("embedded", "train")[:6]
+    ckpt = tiny_t5_checkpoint(tmp_path / "t5", problems)
+    buf = seeded_buffer(tmp_path / "buffer", ckpt, problems)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    storage = str(tmp_path / "train")
+    common = dict(checkpoint=ckpt, tokenizer_path=ckpt, steps=3, batch_size_per_worker=4, grad_accum=2,
+                  mixed_precision="bf16", grad_clip=1.0, weight_decay=0.05, report_every=2, progress=False)
+
+    fp_phi = targets_fingerprint(ckpt, tok, max_prompt_len=64, max_program_len=24, alpha=1.0)
+    assert fill_targets(buf, fp_phi, TargetSpec(checkpoint=ckpt, tokenizer_path=ckpt, batch_size=4)) == 12
+    assert fill_targets(buf, fp_phi, TargetSpec(checkpoint=ckpt, tokenizer_path=ckpt, batch_size=4)) == 0
+    phi_job = StageJob(stage="phi", lr=1e-3, schedule="constant", **common)
+    phi = train_stage(phi_job, buf.ray_dataset(4, phi_job.batches_needed(0), targets_fingerprint=fp_phi),
+                      ScalingSpec(num_workers=0), storage_path=storage, name="phi-a")
+    assert [h["step"] for h in phi.history] == [2, 3] and all(h["lr"] == 1e-3 for h in phi.history)
+
+    fp_theta = targets_fingerprint(ckpt, tok, max_prompt_len=64, max_program_len=24, alpha=1.0,
+                                   phi_checkpoint=phi.checkpoint_dir)
+    assert fill_targets(buf, fp_theta, TargetSpec(checkpoint=ckpt, tokenizer_path=ckpt,
+                                                  phi_dir=phi.checkpoint_dir, batch_size=4)) == 12
+    theta_job = StageJob(stage="theta", lr=1e-3, schedule="linear", **common)
+    theta = train_stage(theta_job, buf.ray_dataset(4, theta_job.batches_needed(0), targets_fingerprint=fp_theta),
+                        ScalingSpec(num_workers=0), storage_path=storage, name="theta-a")
+    lrs = [h["lr"] for h in theta.history]
+    assert lrs[0] > lrs[-1] > 0  # linear decay
+    assert all(h["grad_norm"] >= 0 and h["loss"] == h["loss"] for h in theta.history)  # finite (not NaN)
+    q = QModel.create(ckpt, parts=("theta", "phi"), theta_dir=theta.checkpoint_dir, phi_dir=phi.checkpoint_dir)
+    assert q.kind == "encoder-decoder"
+    with pytest.raises(FileExistsError, match="resumed"):
+        train_stage(theta_job, buf.ray_dataset(4, 6, targets_fingerprint=fp_theta), ScalingSpec(num_workers=0),
+                    storage_path=storage, name="theta-a")

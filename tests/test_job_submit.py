@@ -63,6 +63,7 @@ def test_ray_job_submit_runs_the_loop(tmp_path):
             [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
              sys.executable, "experiments/run.py", "--config", "experiments/configs/ci_tiny.yaml",
              "--run-dir", str(run_dir), "--run.iterations", "1",
+             "--buffer.targets_via", "ray_data",  # the map_batches path (the e2e test covers the actor path)
              "--model.warm_start.cache_dir", str(tmp_path / "warm")],
             env=env, capture_output=True, text=True, timeout=540)
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
@@ -89,4 +90,6 @@ def test_ray_job_submit_runs_the_loop(tmp_path):
                 left.append(p)
         except psutil.Error:
             pass
+    for p in left:  # do not leave them behind even when failing
+        p.kill()
     assert not left, f"processes of the test's cluster still running: {[p.pid for p in left]}"

@@ -279,6 +279,34 @@ def test_compaction_keeps_what_readers_see(buffer):
         sorted(set(missing_before) - late_ids)
 
 
+def test_interrupted_compaction_shows_no_row_twice_and_is_finished_later(buffer, monkeypatch):
+    fp = "ckpt-2"
+    for i, t in enumerate(buffer.missing_targets(fp)):
+        buffer.write_targets(constant_targets(t, 3.0), fp, f"j{i}")
+    before = buffer.read().sort_by("sample_id")
+    real_delete = buffer.store.delete
+
+    def crash(rel):  # the compactor dies after its merged file appeared, before removing the sources
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(buffer.store, "delete", crash)
+    with pytest.raises(KeyboardInterrupt):
+        buffer.compact(target_rows=10_000)
+    monkeypatch.setattr(buffer.store, "delete", real_delete)
+    samples = Path(buffer.store.root) / "samples"
+    assert len(list(samples.glob("*.parquet"))) == 11  # sources and the merged file are all on disk
+    reader = ReplayBuffer(buffer.uri)
+    assert [f.name for f in reader.files("samples")] == [p.name for p in samples.glob("compact-*.parquet")]
+    assert reader.read().sort_by("sample_id").equals(before)
+    assert not list(reader.missing_targets(fp))
+    reader.compact(target_rows=10_000)  # the next compaction removes the leftovers
+    assert len(list(samples.glob("*.parquet"))) == 1
+    assert len(list((Path(buffer.store.root) / "targets" / f"fp={fp}").iterdir())) == 1
+    assert reader.read().sort_by("sample_id").equals(before)
+    assert {r["v_phi"][0] for b in reader.sampler(32, 0.5, targets_fingerprint=fp, num_batches=5)
+            for r in b.select(["v_phi"]).to_pylist()} == {3.0}
+
+
 def test_damaged_files_are_quarantined_and_the_rest_stays_readable(buffer):
     files = buffer.files("samples")
     root = Path(buffer.store.root)

@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import pytest
 
 from bcoder_ray.buffer.schema import rows_to_table
 from bcoder_ray.buffer.synthetic import synthetic_rows
@@ -52,8 +51,6 @@ def test_concurrent_appends_lose_and_duplicate_nothing(tmp_path):
     got = ReplayBuffer(root).read()
     assert got.num_rows == (WRITERS * BATCHES + 1) * ROWS
     assert pc.count_distinct(got["sample_id"]).as_py() == got.num_rows
-    import pyarrow as pa
-
     assert got.sort_by("sample_id").equals(pa.concat_tables(expected).sort_by("sample_id"))
     assert not [f for f in os.listdir(os.path.join(root, "samples")) if not f.endswith(".parquet")]
 

@@ -86,12 +86,20 @@ def test_training_is_reproducible(trained: Path, problems: list[Problem], tmp_pa
     assert (trained / "tokenizer.json").read_text() == (again / "tokenizer.json").read_text()
 
 
-def test_loss_only_on_program_tokens() -> None:
+def test_losses_on_program_and_prompt_tokens() -> None:
     batch = ws.collate([([5, 6, 7], [8, 9, 1]), ([5], [8, 1])], pad=2)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1], [5, 8, 1, 2, 2, 2]]
     assert batch["attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
     ignore = ws.IGNORE_INDEX
     assert batch["labels"].tolist() == [[ignore] * 3 + [8, 9, 1], [ignore, 8, 1, ignore, ignore, ignore]]
+    assert batch["prompt_labels"].tolist() == [[5, 6, 7] + [ignore] * 3, [5] + [ignore] * 5]
+    # the program loss is the mean cross-entropy of exactly the program tokens
+    logits = torch.randn(2, 6, 12)
+    logp = logits.log_softmax(-1)
+    expected = -(logp[0, 2, 8] + logp[0, 3, 9] + logp[0, 4, 1] + logp[1, 0, 8] + logp[1, 1, 1]) / 5
+    assert ws.token_cross_entropy(logits, batch["labels"]) == pytest.approx(expected.item(), rel=1e-5)
+    prompt_expected = -(logp[0, 0, 6] + logp[0, 1, 7]) / 2
+    assert ws.token_cross_entropy(logits, batch["prompt_labels"]) == pytest.approx(prompt_expected.item(), rel=1e-5)
 
 
 def test_training_reduces_the_loss(problems: list[Problem]) -> None:

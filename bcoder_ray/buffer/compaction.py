@@ -78,14 +78,29 @@ def _remap_sidecars(buffer: "ReplayBuffer", group: list[FileEntry], offsets: dic
     return old
 
 
+def _finish_interrupted(buffer: "ReplayBuffer", area: str, fingerprints: list[str]) -> None:
+    """Delete what an interrupted compaction left: sources (and their old sidecars) of a visible merged file."""
+    buffer.ledger.refresh()
+    names = {i.base_name for i in buffer.store.list(area)}
+    done = buffer.ledger.hidden(area, names)
+    stems = {n.removesuffix(".parquet") for n in done}
+    for name in done:
+        buffer.store.delete(f"{area}/{name}")
+    for fp in fingerprints:
+        for info in buffer.store.list(fingerprint_dir(fp)):
+            if sample_stem_of(info.base_name) in stems:
+                buffer.store.fs.delete_file(info.path)
+
+
 def compact(buffer: "ReplayBuffer", area: str = "samples", target_rows: int = 65536, min_files: int = 2,
             inline_targets: str | None = None) -> CompactionReport:
     """Merge files of `area` smaller than `target_rows` into files of about `target_rows` rows. With
     `inline_targets` (samples only), that fingerprint's sidecar targets are folded into the merged rows that
     have no inline targets, so later reads need no join."""
+    fingerprints = [d.removeprefix("fp=") for d in buffer.store.list_dirs(TARGETS_DIR)] if area == "samples" else []
+    _finish_interrupted(buffer, area, fingerprints)
     files = buffer.files(area)
     report = CompactionReport(area, files_before=len(files), files_after=len(files))
-    fingerprints = [d.removeprefix("fp=") for d in buffer.store.list_dirs(TARGETS_DIR)] if area == "samples" else []
     for group in _groups(files, target_rows, min_files):
         names = [f.name for f in group]
         merged = "compact-" + hashlib.sha256("\n".join(names).encode()).hexdigest()[:32] + ".parquet"

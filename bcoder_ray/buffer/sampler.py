@@ -9,7 +9,6 @@ followed by B - round(ρ_real·B) generated rows.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
