@@ -13,7 +13,7 @@ One iteration (issue 6):
 4. Learn: stage φ (first iteration, or every `phi.retrain_every` iterations; then V_φ targets are refilled
    under a new fingerprint) then stage θ, each a Ray Train `TorchTrainer` run with its own name.
 5. Publish: the actors are handed the new checkpoint path; they load it on their next task.
-6. Evaluate on the held-out split: pass@k unranked and ranked by R̃ (E's `metrics_from_candidates`).
+6. Evaluate on the held-out split: pass@k unranked and ranked by R̃ (`evaluation.metrics_from_candidates`).
 7. Record: state.json (atomic) says which iterations are complete and where their checkpoints are;
    metrics.jsonl, TensorBoard scalars, table.md.
 
@@ -120,7 +120,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def warm_start_config(cfg: Config):
-    """The warm start's `WarmStartConfig` (F's dataclass) from model.warm_start.options, with the run's lengths
+    """The warm start's `WarmStartConfig` from model.warm_start.options, with the run's lengths
     and seed; ConfigError naming the option at fault."""
     from bcoder_ray.warm_start import WarmStartConfig
 
@@ -450,7 +450,7 @@ class Run:
         return result
 
     def evaluate(self, policy, held_out, label: str, rank: bool) -> dict:
-        """Held-out candidates from the policy actors, written with E's `write_evaluation` (candidates.jsonl +
+        """Held-out candidates from the policy actors, written with `evaluation.write_evaluation` (candidates.jsonl +
         metrics.json under eval/<label>/); never appended to the learners' buffer."""
         from bcoder_ray.evaluation import write_evaluation
         from bcoder_ray.rollout import make_tasks
@@ -667,7 +667,7 @@ def _pct(x: float | None) -> str:
 def paired_difference(dir_a: str, variant_a: str, dir_b: str, variant_b: str, k: int, level: float,
                       seed: int = 0) -> dict:
     """Mean over the problems both evaluations share of (a's variant@k - b's variant@k), with a percentile
-    bootstrap interval over problems (E's per-problem values and bootstrap)."""
+    bootstrap interval over problems (per-problem values and a bootstrap)."""
     from bcoder_ray.metrics import (CANDIDATES_FILE, bootstrap_ci, group_by_problem, problem_variant_value,
                                     read_candidates)
 
@@ -716,7 +716,7 @@ def final_table(state: RunState, cfg: Config) -> str:
             lines.append(f"| {name} | {_pct(_get(o_last, variant, 1))} | {_pct(_get(o_base, 'pass', 1))} | "
                          f"{diff} | {interval} |")
     if last is not None:
-        lines += ["", "Per difficulty (percent; E's Table 1 layout):", "", _difficulty_tables(state, last, ev.ks)]
+        lines += ["", "Per difficulty (percent; the layout of the paper's Table 1):", "", _difficulty_tables(state, last, ev.ks)]
     return "\n".join(lines) + "\n"
 
 

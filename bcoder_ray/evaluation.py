@@ -39,6 +39,7 @@ from bcoder_ray.q_model import META_FILE, QModel
 from bcoder_ray.report import write_json
 from bcoder_ray.tokenization import decode_program, encode_program, encode_prompt, eos_id, pad_id
 from envs import scoring
+from envs.jsonl import iter_jsonl
 from envs.problem import Problem
 from envs.result import ExecResult
 
@@ -274,26 +275,18 @@ def rank_candidates_file(in_path: str | os.PathLike, problems: Iterable[Problem]
     splits = {k[1] for k in by_key}
     rows: list[dict] = []
     counters: dict[tuple[str, str, str], int] = {}
-    with open(in_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{in_path}:{lineno}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CandidateError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(d, dict) or not isinstance(d.get("program"), str) or "problem_id" not in d:
-                raise CandidateError(f"{where}: needs at least 'problem_id' and 'program' (a string)")
-            suite = d.get("suite") or (next(iter(suites)) if len(suites) == 1 else None)
-            split = d.get("split") or (next(iter(splits)) if len(splits) == 1 else None)
-            key = (suite, split, str(d["problem_id"]))
-            if key not in by_key:
-                raise CandidateError(f"{where}: problem {'/'.join(map(str, key))} is not among the problems given")
-            index = d.get("sample_index", counters.get(key, 0))
-            counters[key] = max(counters.get(key, 0), int(index) + 1)
-            rows.append({**d, "suite": key[0], "split": key[1], "problem_id": key[2], "sample_index": int(index),
-                         "where": where})
+    for where, d in iter_jsonl(in_path, CandidateError):
+        if not isinstance(d, dict) or not isinstance(d.get("program"), str) or "problem_id" not in d:
+            raise CandidateError(f"{where}: needs at least 'problem_id' and 'program' (a string)")
+        suite = d.get("suite") or (next(iter(suites)) if len(suites) == 1 else None)
+        split = d.get("split") or (next(iter(splits)) if len(splits) == 1 else None)
+        key = (suite, split, str(d["problem_id"]))
+        if key not in by_key:
+            raise CandidateError(f"{where}: problem {'/'.join(map(str, key))} is not among the problems given")
+        index = d.get("sample_index", counters.get(key, 0))
+        counters[key] = max(counters.get(key, 0), int(index) + 1)
+        rows.append({**d, "suite": key[0], "split": key[1], "problem_id": key[2], "sample_index": int(index),
+                     "where": where})
     if not rows:
         raise CandidateError(f"{in_path}: no candidates")
 

@@ -21,9 +21,12 @@ old run, so the driver names runs by stage, iteration and attempt.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -160,8 +163,6 @@ def _batches(shard, batch_size: int):
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's per-worker function: one stage, `job.steps` optimiser steps, then a checkpoint."""
-    import contextlib
-
     import ray.train
     import ray.train.torch
     from transformers import AutoTokenizer
@@ -199,11 +200,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     model_ready = time.time()
     batches = _batches(ray.train.get_dataset_shard("train"), job.batch_size_per_worker)
-    bar = None
-    if job.progress and rank == 0:
-        from ray.experimental.tqdm_ray import tqdm
-
-        bar = tqdm(total=job.steps, desc=f"train {job.stage}")
+    progress = config.get("progress_counter") if rank == 0 else None  # the driver draws the bar
     history: list[dict] = []
     window: dict[str, float] = {}
     n_window = 0
@@ -235,8 +232,8 @@ def train_loop_per_worker(config: dict) -> None:
         for k, v in step_metrics.items():
             window[k] = window.get(k, 0.0) + v
         n_window += 1
-        if bar is not None:
-            bar.update(1)
+        if progress is not None:
+            progress.set.remote(step + 1)
         last = step == job.steps - 1
         if (step + 1) % job.report_every == 0 or last:
             now = time.time()
@@ -248,8 +245,6 @@ def train_loop_per_worker(config: dict) -> None:
             window, n_window, last_report = {}, 0, now
             if not last:
                 ray.train.report({**entry, "stage": job.stage})
-    if bar is not None:
-        bar.close()
     final = {**(history[-1] if history else {}), "stage": job.stage, "history": history,
              "train_s": time.time() - started, "model_setup_s": model_ready - entered,
              "worker_entered_at": entered}
@@ -268,6 +263,53 @@ def train_loop_per_worker(config: dict) -> None:
 # ------------------------------------------------------------------------------------------ driver side
 
 
+class StepCounter:
+    """Rank 0's optimiser steps, for the driver's progress bar (a Ray actor with no CPU). The bar is drawn by the
+    driver from this count: bars drawn from worker log lines outlive workers that Ray Train stops."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def set(self, steps: int) -> None:
+        self.steps = steps
+
+    def get(self) -> int:
+        return self.steps
+
+
+@contextlib.contextmanager
+def driver_progress_bar(total: int, desc: str, enabled: bool):
+    """Yield a `StepCounter` actor handle for the workers (None when disabled) while a thread draws its count."""
+    if not enabled:
+        yield None
+        return
+    import ray
+    from tqdm.auto import tqdm
+
+    counter = ray.remote(num_cpus=0)(StepCounter).remote()
+    stop = threading.Event()
+    bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+
+    def poll() -> None:
+        while not stop.wait(1.0):
+            try:
+                steps = ray.get(counter.get.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - a missed refresh of a progress bar is not an error
+                continue
+            if steps != bar.n:
+                bar.update(steps - bar.n)
+
+    thread = threading.Thread(target=poll, name=f"progress-{desc}", daemon=True)
+    thread.start()
+    try:
+        yield counter
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
+        ray.kill(counter)
+
+
 def train_stage(job: StageJob, dataset, scaling: ScalingSpec, *, storage_path: str, name: str) -> StageResult:
     """Run one stage as a `TorchTrainer` (fresh run `name` under `storage_path`) and return its checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -282,19 +324,21 @@ def train_stage(job: StageJob, dataset, scaling: ScalingSpec, *, storage_path: s
     if scaling.num_workers == 0:  # Ray Train's local mode: the loop runs in this process, no worker group
         loop_config["local_checkpoint_dir"] = os.path.join(os.path.abspath(storage_path), name, CHECKPOINT_DIR_NAME)
         os.makedirs(loop_config["local_checkpoint_dir"])
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_path),
-                             failure_config=FailureConfig(max_failures=scaling.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             logging_config=LoggingConfig(log_level="WARNING")),
-        datasets={"train": dataset},
-    )
     started = time.time()
-    result = trainer.fit()
+    with driver_progress_bar(job.steps, f"train {job.stage}", job.progress) as counter:
+        loop_config["progress_counter"] = counter
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_path),
+                                 failure_config=FailureConfig(max_failures=scaling.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=1),
+                                 logging_config=LoggingConfig(log_level="WARNING")),
+            datasets={"train": dataset},
+        )
+        result = trainer.fit()
     finished = time.time()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint")

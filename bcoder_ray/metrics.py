@@ -51,6 +51,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from envs.jsonl import iter_jsonl
 from envs.result import OUTCOMES, Outcome
 
 CANDIDATES_FILE = "candidates.jsonl"
@@ -162,18 +163,7 @@ def read_candidates(path: str | os.PathLike) -> list[CandidateRecord]:
     path = Path(path)
     if path.is_dir():
         path = path / CANDIDATES_FILE
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CandidateError(f"{where}: not valid JSON ({e.msg})") from None
-            records.append(CandidateRecord.from_json(d, where))
-    return records
+    return [CandidateRecord.from_json(d, where) for where, d in iter_jsonl(path, CandidateError)]
 
 
 def as_candidate_records(source: str | os.PathLike | Iterable[CandidateRecord | Mapping]

@@ -239,7 +239,7 @@ class PolicyWorker:
 
     def _sample_and_score(self, split: str, task: Task, policy: PolicySpec, sampling: SamplingSpec, *,
                           examples: bool, rank: bool):
-        """E's one path from problems to scored candidates (`evaluation.sample_and_score`), on this actor's
+        """The one path from problems to scored candidates (`evaluation.sample_and_score`), on this actor's
         models and executor, seeded by the task."""
         from bcoder_ray.evaluation import SamplingSettings, sample_and_score
 

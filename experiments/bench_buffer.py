@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="parent of the temporary buffer directory")
     args = ap.parse_args()
 
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="bench_buffer_", dir=args.dir)
     try:
         root = os.path.join(tmp, "buffer")

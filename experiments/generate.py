@@ -3,7 +3,7 @@ tests are given), rank the rest by R̃ and print the best, with its R̃ and, whe
 
     python experiments/generate.py --run-dir runs/x --statement "Write a function `f(nums)` ..." \
         --tests tests.json --m 16
-    python experiments/generate.py --checkpoint CKPT --theta THETA --phi PHI --problem embedded/test/e-test-0003
+    python experiments/generate.py --checkpoint CKPT --theta THETA --phi PHI --problem embedded/test/test-00003
     python experiments/generate.py --checkpoint CKPT --statement @statement.txt --format raw
 
 --statement TEXT (or @FILE) is turned into the model's prompt by --format: "embedded" (the default suite's

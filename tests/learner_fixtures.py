@@ -36,3 +36,12 @@ def perturb(params, scale: float = 0.05, seed: int = 1) -> None:
     with torch.no_grad():
         for p in params:
             p.add_(torch.randn(p.shape, generator=g) * scale * (p.abs().mean() + 0.1))
+
+
+def example_rows(n: int = 4) -> list[dict]:
+    """The first `n` of four buffer-like rows (human and generated, every reward, with and without EOS)."""
+    rows = [{"prompt_ids": [5, 6, 7], "program_ids": [8, 9, 10, 11, EOS], "reward": 1.0, "is_human": True},
+            {"prompt_ids": [12, 13, 14, 15, 16], "program_ids": [17, EOS], "reward": -0.3, "is_human": False},
+            {"prompt_ids": [18], "program_ids": [19, 20, 21], "reward": -1.0, "is_human": False},
+            {"prompt_ids": [22, 23], "program_ids": [24, 25, 26, EOS], "reward": -0.6, "is_human": True}]
+    return rows[:n]

@@ -31,7 +31,7 @@ def problems():
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory, problems):
-    """θ_ckpt (a tiny GPT-2 with its own BPE tokenizer), and a 'trained' θ and φ saved with C's save functions."""
+    """θ_ckpt (a tiny GPT-2 with its own BPE tokenizer), and a 'trained' θ and φ saved with the learner's save functions."""
     root = tmp_path_factory.mktemp("eval_models")
     tokenizer = train_tokenizer([p.prompt + p.references[0] for p in problems], vocab_size=300)
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from bcoder_ray.batch import NO_ACTION, collate
 from bcoder_ray.losses import phi_loss, td_targets, theta_loss
 from bcoder_ray.q_model import QModel
 from bcoder_ray.targets import compute_frozen_targets, targets_fingerprint
-from learner_fixtures import EOS, KINDS, PAD, perturb, tiny_checkpoint
+from learner_fixtures import EOS, KINDS, PAD, example_rows, perturb, tiny_checkpoint
 
 torch.set_num_threads(1)
 GAMMA = 0.9
@@ -29,10 +29,7 @@ def checkpoint(request, tmp_path_factory):
 
 
 def _examples():
-    return [{"prompt_ids": [5, 6, 7], "program_ids": [8, 9, 10, 11, EOS], "reward": 1.0, "is_human": True},
-            {"prompt_ids": [12, 13, 14, 15, 16], "program_ids": [17, EOS], "reward": -0.3, "is_human": False},
-            {"prompt_ids": [18], "program_ids": [19, 20, 21], "reward": -1.0, "is_human": False},
-            {"prompt_ids": [22, 23], "program_ids": [24, 25, 26, EOS], "reward": -0.6, "is_human": True}]
+    return example_rows(4)
 
 
 def _trained_model(checkpoint):

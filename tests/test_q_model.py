@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from bcoder_ray.batch import collate
 from bcoder_ray.losses import phi_loss, theta_loss
 from bcoder_ray.q_model import QModel, capped_value, load_lm, softabs, token_logit_stats
-from learner_fixtures import EOS, KINDS, PAD, perturb, tiny_checkpoint
+from learner_fixtures import KINDS, PAD, example_rows, perturb, tiny_checkpoint
 
 torch.set_num_threads(1)
 GAMMA = 0.999
@@ -21,9 +21,7 @@ def checkpoint(request, tmp_path_factory):
 
 
 def _examples():
-    return [{"prompt_ids": [5, 6, 7], "program_ids": [8, 9, 10, 11, EOS], "reward": 1.0, "is_human": True},
-            {"prompt_ids": [12, 13, 14, 15, 16], "program_ids": [17, EOS], "reward": -0.3, "is_human": False},
-            {"prompt_ids": [18], "program_ids": [19, 20, 21], "reward": -1.0, "is_human": False}]
+    return example_rows(3)
 
 
 def _all_action_q(model: QModel, batch, encoded):

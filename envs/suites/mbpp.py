@@ -23,11 +23,11 @@ TestSpec of `test_list` with `test_setup_code` as its setup. References: `code`,
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
+from envs.jsonl import iter_jsonl
 from envs.problem import Problem, SpecError, TestSpec
 from envs.registry import register_suite
 
@@ -60,28 +60,20 @@ def _field(row: dict, key: str, kind: type, where: str) -> Any:
 def read_rows(path: Path) -> list[dict]:
     """The rows of an MBPP jsonl file, checked; errors name the file, line, task_id and field."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{SUITE}: {path} line {line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SpecError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise SpecError(f"{where}: expected a JSON object")
-            task_id = _field(row, "task_id", int, where)
-            where = f"{where} (task_id={task_id})"
-            for key in ("text", "code"):
-                _field(row, key, str, where)
-            tests = _field(row, "test_list", list, where)
-            if not tests or not all(isinstance(t, str) for t in tests):
-                raise SpecError(f"{where}: field 'test_list' must be a non-empty list of strings")
-            setup = row.get("test_setup_code", "")
-            if setup is not None and not isinstance(setup, str):
-                raise SpecError(f"{where}: field 'test_setup_code' must be str")
-            rows.append(row)
+    for where, row in iter_jsonl(path, SpecError, where_format=f"{SUITE}: {{path}} line {{line}}"):
+        if not isinstance(row, dict):
+            raise SpecError(f"{where}: expected a JSON object")
+        task_id = _field(row, "task_id", int, where)
+        where = f"{where} (task_id={task_id})"
+        for key in ("text", "code"):
+            _field(row, key, str, where)
+        tests = _field(row, "test_list", list, where)
+        if not tests or not all(isinstance(t, str) for t in tests):
+            raise SpecError(f"{where}: field 'test_list' must be a non-empty list of strings")
+        setup = row.get("test_setup_code", "")
+        if setup is not None and not isinstance(setup, str):
+            raise SpecError(f"{where}: field 'test_setup_code' must be str")
+        rows.append(row)
     return rows
 
 
