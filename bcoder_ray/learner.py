@@ -290,14 +290,17 @@ def driver_progress_bar(total: int, desc: str, enabled: bool):
     stop = threading.Event()
     bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
 
+    def refresh() -> None:
+        try:
+            steps = ray.get(counter.get.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - a missed refresh of a progress bar is not an error
+            return
+        if steps != bar.n:
+            bar.update(steps - bar.n)
+
     def poll() -> None:
         while not stop.wait(1.0):
-            try:
-                steps = ray.get(counter.get.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - a missed refresh of a progress bar is not an error
-                continue
-            if steps != bar.n:
-                bar.update(steps - bar.n)
+            refresh()
 
     thread = threading.Thread(target=poll, name=f"progress-{desc}", daemon=True)
     thread.start()
@@ -306,6 +309,7 @@ def driver_progress_bar(total: int, desc: str, enabled: bool):
     finally:
         stop.set()
         thread.join()
+        refresh()  # the final count, so a finished stage ends its bar at its total
         bar.close()
         ray.kill(counter)
 

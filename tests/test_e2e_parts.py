@@ -157,6 +157,27 @@ def seeded_buffer(root: Path, checkpoint: str, problems):
 
 
 @pytest.mark.slow
+def test_training_progress_bar_is_drawn_by_the_driver_from_the_workers_count(ray_local, capsys):
+    import ray
+
+    from bcoder_ray.learner import driver_progress_bar
+
+    @ray.remote(num_cpus=0)
+    def worker(counter) -> int:
+        for step in range(1, 4):
+            counter.set.remote(step)
+        return ray.get(counter.get.remote())
+
+    with driver_progress_bar(3, "train test", enabled=True) as counter:
+        assert ray.get(worker.remote(counter)) == 3
+    err = capsys.readouterr().err
+    assert "train test: 100%" in err and "3/3" in err  # the final count is drawn before the bar closes
+    with pytest.raises(ray.exceptions.RayActorError):  # the counter actor is gone with its bar
+        ray.get(counter.get.remote(), timeout=30)
+    with driver_progress_bar(3, "off", enabled=False) as counter:
+        assert counter is None
+
+
 def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp_path):
     """apps_codet5.yaml's pieces on tiny stand-ins: an encoder-decoder θ_ckpt, bf16 autocast, gradient
     accumulation, clipping, φ constant lr then θ linear decay, targets filled by the Ray Data job; the stages
