@@ -12,7 +12,6 @@ Each function takes data (or a candidates file) and a path, writes the PNG and r
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -26,6 +25,7 @@ import numpy as np  # noqa: E402
 
 from bcoder_ray.metrics import (CandidateRecord, as_candidate_records, ranking_gain,  # noqa: E402
                                 rtilde_outcome_order)
+from envs.jsonl import iter_jsonl  # noqa: E402
 from envs.result import OUTCOMES  # noqa: E402
 
 OUTCOME_COLOURS = {"passed": "tab:green", "failed": "tab:orange", "runtime_error": "tab:red",
@@ -69,11 +69,7 @@ def training_curve_from_run(run_dir: str | os.PathLike, source: str = "rollout")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file (is {run_dir} a run folder of experiments/run.py?)")
     points = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        where = f"{path}:{lineno}"
+    for where, rec in iter_jsonl(path):
         if "iteration" not in rec:
             raise ValueError(f"{where}: no 'iteration'")
         if source == "rollout":
