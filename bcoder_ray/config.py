@@ -1,393 +1,409 @@
-"""The run's configuration: typed dataclasses, YAML files, and `--a.b value` command-line overrides.
+"""The run's configuration: typed pydantic models (a docstring under every field), YAML files shipped inside the
+package, and `--section.key value` command-line overrides.
 
-    cfg = load_config("experiments/configs/embedded.yaml", ["--learner_theta.lr", "3e-5"])
-    cfg.theta.lr            # 3e-05 (a float: overrides are coerced to the field's type)
+    cfg = load_config("embedded", ["--stages.theta.lr", "3e-5", "--algorithm.name", "bcoder_optimality"])
+    cfg.stage("theta").lr        # 3e-05 (a float: values are validated and coerced by pydantic)
+    cfg.algorithm                # BCoderOptimalityConfig(...): the section's type is chosen by algorithm.name
 
-Every field has a type and a default; a YAML file or an override that names an unknown key, gives a value of
-the wrong type, or points at a checkpoint path that does not exist raises `ConfigError` naming it, before any
-work starts. Only the driver reads these objects: components (executor, buffer, learner core, evaluation, warm
-start) take plain arguments, so they stay reusable outside this system.
+Why pydantic: it is already installed with Ray, validates nested models with errors that carry the path of
+the field at fault (turned into `ConfigError`s naming the file and key), coerces command-line text to the
+declared types, reads each field's docstring as its description (`use_attribute_docstrings`), and lets the
+`algorithm` section be the typed config of whichever registered algorithm it names, including algorithms
+registered from outside the package. What remains here is turning `--a.b.c value` into a nested mapping (each
+value parsed as YAML) before validation.
 
-Sections (see the dataclasses below for every field):
-- run:        name, iterations, seed, run_dir, progress bars, TensorBoard
-- ray:        address (null: join RAY_ADDRESS or start a local instance), CPUs, object store cap
-- suite:      suite name, train / held-out splits, problem caps, loader options
-- model:      θ_ckpt (a local path or a hub name; null: warm-start a tiny LM from the suite's human programs),
-              source / target lengths, the warm start's settings
-- algorithm:  α, γ, β_adv, β_ce, ρ_real, R_max, the Bellman operator (eq. 14 conservative or eq. 13
-              optimality), whether Q is initialised from the LM (eq. 9-11) or not (plain dueling DQN)
-- rollout:    sampling settings for the buffer (m per problem, temperature, top-p), actor pool and resources
-- evaluation: sampling settings for held-out evaluation (separate from rollout), ks, ranking, resources
-- executor:   sandbox workers and limits
-- buffer:     where the replay buffer lives, target filling
-- phi, theta: the two Ray Train stages: optimiser, schedule, batch per worker, accumulation, precision,
-              clipping, steps, workers, resources
+Sections: run, ray, suite, model (with the warm start), algorithm (`name` + that algorithm's fields), rollout,
+evaluation, executor, buffer, stages (`stages.<stage>`: optimiser settings of each stage the algorithm runs,
+defaults from `StageConfig` and the algorithm's `stage_defaults`). Only the driver reads these objects:
+components take plain arguments, so they stay usable outside this system.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import os
 import re
-import types
-import typing
-from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "embedded.yaml"
+from bcoder_ray.algorithms import algorithm_class, import_modules, parse_algorithm_config
+from bcoder_ray.algorithms.base import AlgorithmConfig
+from bcoder_ray.algorithms.registry import UnknownAlgorithmError, all_stage_names
+
+CONFIG_PACKAGE = "bcoder_ray.configs"
+DEFAULT_CONFIG = "embedded"
 
 
 class ConfigError(ValueError):
     """A bad configuration; the message names the file and key at fault."""
 
 
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              coerce_numbers_to_str=True)
+
+
 # --------------------------------------------------------------------------------------------------- sections
 
 
-@dataclass
-class RunSection:
-    name: str = "bcoder"  # prefix of the default run folder and of Ray Train run names
-    iterations: int = 3  # rollout -> targets -> learn -> evaluate cycles
+class RunConfig(Section):
+    name: str = "bcoder"
+    """Prefix of the default run folder and of Ray Train run names."""
+    iterations: int = Field(3, ge=0)
+    """Rollout -> targets -> learn -> evaluate cycles (at most: `budget_programs` may end the run earlier)."""
+    budget_programs: int | None = Field(None, ge=1)
+    """Programs sampled and scored for training (cache hits and extra samples such as greedy baselines
+    included; human seed, evaluation and infrastructure failures excluded); the rollout stops at the budget.
+    null: no budget (iterations decide)."""
     seed: int = 0
-    run_dir: str | None = None  # null: runs/<name>-<timestamp> under the current directory
-    progress: bool = True  # tqdm progress bars on stderr
-    tensorboard: bool = True  # scalars under <run_dir>/tensorboard
+    """Seeds the warm start, sampling, data order and initialisation."""
+    run_dir: str | None = None
+    """null: runs/<name>-<timestamp> under the current directory."""
+    progress: bool = True
+    """tqdm progress bars on stderr."""
+    tensorboard: bool = True
+    """Scalars under <run_dir>/tensorboard."""
+    probe_problems: int = Field(0, ge=0)
+    """Size of a fixed probe set of training problems sampled after every iteration (outside the budget) for
+    the Figure 1 curve; 0: none."""
+    probe_samples: int = Field(4, ge=1)
+    """Samples per probe problem (at the rollout's temperature)."""
 
 
-@dataclass
-class RaySection:
-    address: str | None = None  # null: RAY_ADDRESS if set (ray job submit), else a new local instance
-    num_cpus: float | None = None  # local instance only; null: the CPUs present
-    num_gpus: float | None = None  # local instance only; null: the GPUs present
-    object_store_mb: int = 300  # local instance only: a capped object store for small machines
-    include_dashboard: bool = False  # local instance only
+class RayConfig(Section):
+    address: str | None = None
+    """null: RAY_ADDRESS if set (ray job submit), else a new local instance."""
+    num_cpus: float | None = None
+    """Local instance only; null: the CPUs present."""
+    num_gpus: float | None = None
+    """Local instance only; null: the GPUs present."""
+    object_store_mb: int = 300
+    """Local instance only: a capped object store for small machines."""
+    include_dashboard: bool = False
+    """Local instance only."""
 
 
-@dataclass
-class SuiteSection:
-    name: str = "embedded"  # a name registered in envs.registry
-    train_split: str = "train"  # feeds the buffer the learners read
-    eval_split: str = "test"  # held-out: evaluated each iteration, never written to the buffer
-    max_train_problems: int | None = None  # problems of the RL loop (seeded, rolled out): the first N; null: all
-    # (a warm start, when there is one, learns from every problem of the train split)
-    max_eval_problems: int | None = None
-    options: dict = field(default_factory=dict)  # passed to load_suite(name, split, **options)
+class SuiteConfig(Section):
+    name: str = "embedded"
+    """A suite registered in envs.registry."""
+    train_split: str = "train"
+    """Feeds the buffer the learners read."""
+    validation_split: str | None = "validation"
+    """Evaluated during the run (every `evaluation.every` iterations) and by every tuned choice; null: none."""
+    test_split: str = "test"
+    """Evaluated once per run, at the end (and the warm start once), for the final figures."""
+    max_train_problems: int | None = Field(None, ge=1)
+    """Problems of the RL loop (seeded, rolled out): the first N of the train split; null: all. A warm start
+    learns from the other train problems only (all of them when this is null)."""
+    max_eval_problems: int | None = Field(None, ge=1)
+    """Problems of each evaluated split (the first N); null: all."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Passed to load_suite(name, split, **options)."""
 
 
-@dataclass
-class WarmStartSection:
-    """A tiny LM and tokenizer trained by cross-entropy on the train split's human programs (when model.checkpoint
-    is null); cached under a key of these settings so a second run reuses it."""
-
-    cache_dir: str | None = None  # null: $BCODER_CACHE or ~/.cache/bcoder-ray/warm_start
-    options: dict = field(default_factory=dict)  # fields of bcoder_ray.warm_start.WarmStartConfig
+class WarmStartConfig(Section):
+    cache_dir: str | None = None
+    """null: $BCODER_CACHE or ~/.cache/bcoder-ray/warm_start."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Fields of bcoder_ray.warm_start.WarmStartConfig (checked before work)."""
 
 
-@dataclass
-class ModelSection:
-    checkpoint: str | None = None  # θ_ckpt: a local directory or a hub name ("org/name"); null: warm start
-    tokenizer: str | None = None  # null: the checkpoint's own tokenizer
-    source_len: int = 600  # prompt tokens (kept from the end)
-    target_len: int = 512  # program tokens (cut at the limit, no EOS)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights of the frozen θ_ckpt when loaded
-    warm_start: WarmStartSection = field(default_factory=WarmStartSection)
+class ModelConfig(Section):
+    checkpoint: str | None = None
+    """θ_ckpt: a local directory or a hub name ("org/name"); null: warm-start a tiny LM from the suite."""
+    tokenizer: str | None = None
+    """null: the checkpoint's own tokenizer."""
+    source_len: int = Field(600, gt=0)
+    """Prompt tokens (kept from the end)."""
+    target_len: int = Field(512, gt=0)
+    """Program tokens (cut at the limit, no EOS; such a program is stored as cut and labelled by its own run)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights of the frozen θ_ckpt when loaded."""
+    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
 
 
-@dataclass
-class AlgorithmSection:
-    alpha: float = 1.0  # energy temperature of eq. 9-11, 16 (not the sampling temperature)
-    gamma: float = 0.999  # discount
-    beta_adv: float = 0.1  # eq. 17 weight of the advantage loss (eq. 8)
-    beta_ce: float = 0.5  # eq. 17 weight of the cross-entropy loss
-    rho_real: float = 0.5  # fraction of ground-truth programs in a mini-batch (Appendix H)
-    r_max: float = 1.0  # upper bound of the return (G.1)
-    operator: Literal["conservative", "optimality"] = "conservative"  # eq. 14 (paper) or eq. 13 (ablation)
-    init_from_lm: bool = True  # eq. 9-11; false: random dueling heads (plain dueling DQN ablation)
-    aux_reduction: Literal["sum", "mean"] = "sum"  # per-program reduction of L_adv and L_ce (eq. 8, 1: sum)
-
-
-@dataclass
-class SamplingSection:
+class SamplingConfig(Section):
     """How candidate programs are sampled (Algorithm 2: Q_θ/α as logits, temperature then top-p)."""
 
-    samples_per_problem: int = 8  # m
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int | None = None  # null: model.target_len
-    prompts_per_call: int = 4  # prompts per batched sampling call (each expanded to m sequences)
+    samples_per_problem: int = Field(8, ge=1)
+    """m: programs sampled per problem."""
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int | None = Field(None, ge=1)
+    """null: model.target_len."""
+    prompts_per_call: int = Field(4, ge=1)
+    """Prompts per batched sampling call (each expanded to m sequences)."""
 
 
-@dataclass
-class RolloutSection(SamplingSection):
-    num_actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    problems_per_task: int = 8  # one actor task = this many problems; its batch key makes writes idempotent
-    problems_per_iteration: int | None = None  # null: every train problem each iteration; N: a new slice of N
-    max_restarts: int = 3  # an actor that dies is restarted this many times; its task is redone
-    sample_iteration_zero_from: Literal["ckpt", "theta"] = "ckpt"  # iteration 0 samples from θ_ckpt
+class RolloutConfig(SamplingConfig):
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, ge=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    problems_per_task: int = Field(8, ge=1)
+    """One actor task = this many problems; its batch key makes its writes idempotent."""
+    problems_per_iteration: int | None = Field(None, ge=1)
+    """null: every train problem each iteration; N: a new slice of N each iteration."""
+    max_restarts: int = Field(3, ge=0)
+    """An actor that dies is restarted this many times (Ray's max_restarts); its task is redone."""
 
 
-@dataclass
-class EvaluationSection(SamplingSection):
-    ks: list[int] = field(default_factory=lambda: [1, 5])
-    rank: bool = True  # also report pass@k of the top-k by R̃ (eq. 19-20)
-    filtered: bool = False  # drop candidates failing the example tests before ranking
-    every: int = 1  # evaluate after every N-th iteration (the last one always)
-    warm_start_baseline: bool = True  # evaluate θ_ckpt before the first iteration (the table's baseline)
-    confidence: float = 0.95  # level of the reported confidence intervals
-    num_actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
+class EvaluationConfig(SamplingConfig):
+    ks: list[int] = Field(default_factory=lambda: [1, 5])
+    """The k of pass@k."""
+    rank: bool = True
+    """Also report pass@k of the top-k by the algorithm's ranker, when it has one."""
+    filtered: bool = False
+    """Drop candidates failing the example tests before ranking."""
+    every: int = Field(1, ge=1)
+    """Evaluate on the validation split after every N-th iteration (the last one always)."""
+    warm_start_baseline: bool = True
+    """Evaluate θ_ckpt before the first iteration (the table's baseline)."""
+    confidence: float = Field(0.95, gt=0, lt=1)
+    """Level of the reported confidence intervals."""
+
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, ks: list[int]) -> list[int]:
+        if not ks or min(ks) < 1:
+            raise ValueError("must be a non-empty list of k >= 1")
+        return ks
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> "EvaluationConfig":
+        if max(self.ks) > self.samples_per_problem:
+            raise ValueError(f"ks: largest k {max(self.ks)} exceeds samples_per_problem {self.samples_per_problem}")
+        return self
 
 
-@dataclass
-class ExecutorSection:
-    workers: int | None = None  # sandbox processes per executor; null: the executor's default
-    num_actors: int = 0  # 0: each policy actor runs its own executor; N: N shared executor actors
-    cpus_per_actor: float = 1.0  # with num_actors > 0
-    options: dict = field(default_factory=dict)  # other keyword arguments of envs.execute.Executor
+class ExecutorConfig(Section):
+    workers: int | None = Field(None, ge=1)
+    """Sandbox processes per executor; null: the executor's default."""
+    num_actors: int = Field(0, ge=0)
+    """0: each policy actor runs its own executor; N: N shared executor actors."""
+    cpus_per_actor: float = Field(1.0, ge=0)
+    """With num_actors > 0."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Other keyword arguments of envs.execute.Executor (checked before work)."""
 
 
-@dataclass
-class BufferSection:
-    uri: str | None = None  # null: <run_dir>/buffer; any URI the replay buffer accepts (s3://...)
-    targets_via: Literal["ray_data", "actors"] = "ray_data"  # a map_batches job, or the running policy actors
-    dataset_cpus: float = 0.25  # CPUs per Ray Data read task feeding the learners (Ray's default would be 1)
-    targets_batch_size: int = 16  # rows per target-filling batch
-    targets_cpus: float = 1.0  # CPUs per target-filling task
-    targets_gpus: float = 0.0
+class BufferConfig(Section):
+    uri: str | None = None
+    """null: <run_dir>/buffer; any URI the replay buffer accepts (s3://...)."""
+    targets_via: Literal["ray_data", "actors"] = "ray_data"
+    """Cached targets filled by a Ray Data map_batches job, or by the running policy actors."""
+    dataset_cpus: float = Field(0.25, ge=0)
+    """CPUs per Ray Data read task feeding the learners (Ray's default would be 1)."""
+    targets_batch_size: int = Field(16, ge=1)
+    """Rows per target-filling batch."""
+    targets_cpus: float = Field(1.0, ge=0)
+    """CPUs per target-filling task."""
+    targets_gpus: float = Field(0.0, ge=0)
 
 
-@dataclass
-class StageSection:
-    """One Ray Train stage (φ: eq. 12; θ: eq. 17)."""
+class StageConfig(Section):
+    """One Ray Train stage's optimisation (`stages.<name>`)."""
 
-    steps: int = 100  # optimiser steps (each over batch_size_per_worker × num_workers × grad_accum programs)
-    lr: float = 1e-5
-    schedule: Literal["constant", "linear"] = "constant"  # linear: decay to 0 over `steps`
-    warmup_steps: int = 0
-    weight_decay: float = 0.05
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    batch_size_per_worker: int = 16
-    grad_accum: int = 1
+    steps: int = Field(100, ge=0)
+    """Optimiser steps (each over batch_size_per_worker × num_workers × grad_accum programs)."""
+    lr: float = Field(1e-5, gt=0)
+    """Peak learning rate (AdamW)."""
+    schedule: Literal["constant", "linear"] = "constant"
+    """linear: decay to 0 over `steps` after the warm-up."""
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    batch_size_per_worker: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    grad_clip: float | None = 1.0  # max global gradient norm; null: no clipping
-    num_workers: int = 1  # Ray Train workers (DDP); 0: Ray Train's local mode, in the driver process
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Max global gradient norm; null: no clipping."""
+    num_workers: int = Field(1, ge=0)
+    """Ray Train workers (DDP); 0: Ray Train's local mode, in the driver process."""
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0  # with use_gpu; 0 means one GPU per worker
-    report_every: int = 10  # ray.train.report metrics every N steps (a checkpoint at the end)
-    retrain_every: int = 0  # φ: 0 trains once (first iteration); N retrains every N iterations (targets refilled)
-    continue_across_iterations: bool = True  # θ: start each iteration from the previous θ
+    cpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    """With use_gpu; 0 means one GPU per worker."""
+    report_every: int = Field(10, ge=1)
+    """ray.train.report metrics every N steps (a checkpoint at the end)."""
+
+    @model_validator(mode="after")
+    def _fp16_needs_gpu(self) -> "StageConfig":
+        if self.mixed_precision == "fp16" and not self.use_gpu:
+            raise ValueError("mixed_precision: fp16 needs use_gpu: true (use bf16 or no on CPU)")
+        return self
 
 
-@dataclass
-class Config:
-    run: RunSection = field(default_factory=RunSection)
-    ray: RaySection = field(default_factory=RaySection)
-    suite: SuiteSection = field(default_factory=SuiteSection)
-    model: ModelSection = field(default_factory=ModelSection)
-    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
-    rollout: RolloutSection = field(default_factory=RolloutSection)
-    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
-    executor: ExecutorSection = field(default_factory=ExecutorSection)
-    buffer: BufferSection = field(default_factory=BufferSection)
-    phi: StageSection = field(default_factory=lambda: StageSection(lr=1e-5, schedule="constant"))
-    theta: StageSection = field(default_factory=lambda: StageSection(lr=3e-5, schedule="linear"))
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    suite: SuiteConfig = Field(default_factory=SuiteConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=lambda: parse_algorithm_config({"name": "bcoder"}))
+    """`name` chooses the algorithm; the other keys are that algorithm's fields."""
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    stages: dict[str, StageConfig] = Field(default_factory=dict)
+    """Optimiser settings per stage name; stages the algorithm runs but the file leaves out get the defaults."""
+    imports: list[str] = Field(default_factory=list)
+    """Modules imported before the algorithm is looked up (outside algorithms; `run.py --import`)."""
+
+    @field_validator("algorithm", mode="before")
+    @classmethod
+    def _typed_algorithm(cls, value: Any) -> Any:
+        if isinstance(value, AlgorithmConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a mapping with a 'name', got {type(value).__name__}")
+        return parse_algorithm_config({"name": "bcoder", **value})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults(cls, data: Any) -> Any:
+        """Each stage of the algorithm: StageConfig defaults < the algorithm's stage_defaults < the file."""
+        if not isinstance(data, dict):
+            return data
+        algo = data.get("algorithm") or {}
+        name = algo.name if isinstance(algo, AlgorithmConfig) else (algo.get("name") if isinstance(algo, dict)
+                                                                     else None) or "bcoder"
+        try:
+            algo_cls = algorithm_class(str(name))
+        except UnknownAlgorithmError:
+            return data  # reported by the algorithm field
+        stages = dict(data.get("stages") or {})
+        known = all_stage_names()
+        unknown = sorted(set(stages) - known)
+        if unknown:
+            raise ValueError(f"stages: unknown stage(s) {unknown}; the registered algorithms' stages are "
+                             f"{sorted(known)}")
+        for stage in algo_cls.stage_names:
+            given = stages.get(stage) or {}
+            if isinstance(given, StageConfig):
+                continue
+            stages[stage] = {**algo_cls.stage_defaults.get(stage, {}), **given}
+        return {**data, "stages": stages}
+
+    def stage(self, name: str) -> StageConfig:
+        if name not in self.stages:
+            raise ConfigError(f"stages.{name}: no settings for this stage (algorithm {self.algorithm.name!r})")
+        return self.stages[name]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# ------------------------------------------------------------------------------------------ typed conversion
-
-_NONE_WORDS = {"null", "none", "~", ""}
-_TRUE_WORDS = {"true", "yes", "on", "1"}
-_FALSE_WORDS = {"false", "no", "off", "0"}
+# ----------------------------------------------------------------------------------------------- loading
 
 
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
+def shipped_configs() -> list[str]:
+    """The names of the configs shipped inside the package (`--config NAME`)."""
+    return sorted(p.name[:-5] for p in resources.files(CONFIG_PACKAGE).iterdir() if p.name.endswith(".yaml"))
 
 
-def _is_optional(tp: Any) -> tuple[bool, Any]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) < len(typing.get_args(tp)) and len(args) == 1:
-            return True, args[0]
-    return False, tp
+def config_source(name_or_path: str | os.PathLike | None) -> tuple[str, str]:
+    """(text, where) of a shipped config name or a YAML path."""
+    name = str(name_or_path or DEFAULT_CONFIG)
+    if name in shipped_configs():
+        return resources.files(CONFIG_PACKAGE).joinpath(f"{name}.yaml").read_text(encoding="utf-8"), \
+            f"{name} (shipped config)"
+    path = Path(name)
+    if not path.is_file():
+        raise ConfigError(f"config {name!r}: no such file and no shipped config of that name (shipped: "
+                          f"{shipped_configs()})")
+    return path.read_text(encoding="utf-8"), str(path)
 
 
-def _convert(value: Any, tp: Any, where: str, from_text: bool) -> Any:
-    """`value` as type `tp`. `from_text`: value is a command-line string to be parsed, not a YAML value."""
-    optional, inner = _is_optional(tp)
-    if from_text and isinstance(value, str) and value.strip().lower() in _NONE_WORDS and optional:
-        return None
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{where}: must be {_type_name(tp)}, got null")
-    tp = inner
-    origin = typing.get_origin(tp)
-
-    if dataclasses.is_dataclass(tp):
-        if from_text:
-            value = _parse_text(value, where)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: must be a mapping of {tp.__name__} fields, got {type(value).__name__}")
-        return _build(tp, value, where)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{where}: must be one of {list(choices)}, got {value!r}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and from_text:
-            word = value.strip().lower()
-            if word in _TRUE_WORDS:
-                return True
-            if word in _FALSE_WORDS:
-                return False
-        raise ConfigError(f"{where}: must be bool (true/false), got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-            return int(value)
-        raise ConfigError(f"{where}: must be int, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string; accept it as a number
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: must be float, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: must be str, got {type(value).__name__} {value!r}")
-    if origin is list or tp is list:
-        if from_text and isinstance(value, str):
-            value = _parse_text(value, where) if value.strip().startswith("[") else \
-                [v for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: must be a list, got {type(value).__name__} {value!r}")
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        return [_convert(v, item_tp, f"{where}[{i}]", from_text) for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if from_text and isinstance(value, str):
-            value = _parse_text(value, where)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: must be a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if tp is Any:
-        return _parse_text(value, where) if from_text and isinstance(value, str) else value
-    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")  # a bug in this module
+def read_yaml(name_or_path: str | os.PathLike | None) -> tuple[dict, str]:
+    """(mapping, where) of a shipped config name or a YAML path."""
+    text, where = config_source(name_or_path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    if data is None:
+        return {}, where
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data, where
 
 
-def _parse_text(text: Any, where: str) -> Any:
-    if not isinstance(text, str):
-        return text
+def _error_text(e: ValidationError, where: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = f" (got {err.get('input')!r})" if loc and err["type"] != "extra_forbidden" else ""
+        lines.append(f"{where}: {loc or 'the top level'}: {msg}{got}")
+    return "; ".join(lines)
+
+
+def config_from_dict(data: dict | None, where: str = "config") -> Config:
+    """A validated Config from a mapping (a parsed YAML file); `where` names the source in errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_error_text(e, where)) from None
+    except UnknownAlgorithmError as e:
+        raise ConfigError(f"{where}: algorithm.name: {e}") from None
+
+
+def _parse_value(text: str, where: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: cannot parse {text!r}: {e}") from None
 
 
-def _fields(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+def _is_list_field(data: dict, keys: list[str]) -> bool:
+    """Whether the field at `keys` is declared as a list (so "1,2" on the command line means [1, 2])."""
+    model: Any = Config
+    for i, key in enumerate(keys):
+        if key == "algorithm" and i == 0:
+            algo = data.get("algorithm") or {}
+            name = algo.get("name", "bcoder") if isinstance(algo, dict) else "bcoder"
+            try:
+                model = algorithm_class(str(name)).Config
+            except UnknownAlgorithmError:
+                return False
+            continue
+        if key == "stages" and i == 0:
+            model = None
+            continue
+        if model is None:  # a stage name
+            model = StageConfig
+            continue
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return False
+        ann = field.annotation
+        if i == len(keys) - 1:
+            return getattr(ann, "__origin__", ann) is list
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            return False
+    return False
 
 
-def _build(cls: type, data: dict, where: str) -> Any:
-    """Construct dataclass `cls` from a mapping, starting from its defaults."""
-    return _merge(cls(), data, where)
-
-
-def _merge(obj: Any, data: dict, where: str) -> Any:
-    """Return a copy of dataclass `obj` with the keys of `data` set (recursively into nested sections)."""
-    fields = _fields(type(obj))
-    changes = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in fields:
-            raise ConfigError(f"{path}: unknown key; {where or 'the top level'} has {sorted(fields)}")
-        tp = fields[key]
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            changes[key] = _merge(current, value, path)
-        else:
-            changes[key] = _convert(value, tp, path, from_text=False)
-    return dataclasses.replace(obj, **changes)
-
-
-def _set_path(obj: Any, dotted: str, text: str, where: str) -> Any:
-    """Return a copy of `obj` with the field at `dotted` set from command-line text (coerced to its type)."""
-    head, _, rest = dotted.partition(".")
-    fields = _fields(type(obj))
-    if head not in fields:
-        raise ConfigError(f"{where}: unknown key {head!r}; choose from {sorted(fields)}")
-    current = getattr(obj, head)
-    if rest:
-        if dataclasses.is_dataclass(current):
-            return dataclasses.replace(obj, **{head: _set_path(current, rest, text, where)})
-        if isinstance(current, dict):  # free-form options: --suite.options.n_train 40
-            new = dict(current)
-            cursor = new
-            keys = rest.split(".")
-            for k in keys[:-1]:
-                cursor[k] = dict(cursor.get(k) or {})
-                cursor = cursor[k]
-            cursor[keys[-1]] = _parse_text(text, where)
-            return dataclasses.replace(obj, **{head: new})
-        raise ConfigError(f"{where}: {head!r} is a {type(current).__name__}, it has no field {rest!r}")
-    return dataclasses.replace(obj, **{head: _convert(text, fields[head], where, from_text=True)})
-
-
-# ----------------------------------------------------------------------------------------------- public API
-
-
-def config_from_dict(data: dict | None, where: str = "config") -> Config:
-    """A validated-types Config from a mapping (a parsed YAML file); `where` names the source in errors."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(data).__name__}")
-    try:
-        return _merge(Config(), data, "")
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def read_yaml(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return data or {}
-
-
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply `--a.b value` (or `--a.b=value`) pairs; a value is coerced to the field's declared type."""
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`--a.b value` / `--a.b=value` pairs set into a nested mapping (each value parsed as YAML). A changed
+    `--algorithm.name` drops the file's algorithm fields the new algorithm does not have (they belonged to the
+    other one)."""
+    data = json.loads(json.dumps(data, default=str))  # a deep copy of plain data
     i = 0
     while i < len(overrides):
         arg = overrides[i]
@@ -402,20 +418,31 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 raise ConfigError(f"override --{key}: missing a value")
             text = overrides[i + 1]
             i += 2
-        if "." not in key:
-            raise ConfigError(f"override --{key}: expected --section.key (sections: {sorted(_fields(Config))})")
-        cfg = _set_path(cfg, key, text, f"--{key}")
-    return cfg
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                check_paths: bool = True) -> Config:
-    """Load a YAML config (default: the embedded one), apply overrides, and validate it."""
-    source = Path(path) if path is not None else DEFAULT_CONFIG
-    cfg = config_from_dict(read_yaml(source), where=str(source))
-    cfg = apply_overrides(cfg, list(overrides or []))
-    validate(cfg, check_paths=check_paths)
-    return cfg
+        keys = key.split(".")
+        if len(keys) < 2 or not all(keys):
+            raise ConfigError(f"override --{key}: expected --section.key (sections: {sorted(Config.model_fields)})")
+        if keys[0] not in Config.model_fields:
+            raise ConfigError(f"override --{key}: unknown section {keys[0]!r}; sections: "
+                              f"{sorted(Config.model_fields)}")
+        value = _parse_value(text, f"--{key}")
+        if isinstance(value, str) and "," in value and _is_list_field(data, keys):
+            value = [_parse_value(v.strip(), f"--{key}") for v in value.split(",") if v.strip()]
+        if keys == ["algorithm", "name"]:
+            value = str(value)
+            old = data.get("algorithm") or {}
+            if old.get("name", "bcoder") != value:
+                try:
+                    fields = set(algorithm_class(value).Config.model_fields)
+                except UnknownAlgorithmError as e:
+                    raise ConfigError(f"--algorithm.name: {e}") from None
+                data["algorithm"] = {k: v for k, v in old.items() if k in fields}
+        cursor = data
+        for k in keys[:-1]:
+            if not isinstance(cursor.get(k), dict):
+                cursor[k] = {}
+            cursor = cursor[k]
+        cursor[keys[-1]] = value
+    return data
 
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -430,82 +457,57 @@ def is_local_path(name: str) -> bool:
 
 
 def validate(cfg: Config, check_paths: bool = True) -> None:
-    """Check values and cross-field rules; raise ConfigError naming the key. No work is started."""
-
-    def need(ok: bool, key: str, msg: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {msg}")
-
-    need(cfg.run.iterations >= 0, "run.iterations", "must be >= 0")
-    a = cfg.algorithm
-    need(a.alpha > 0, "algorithm.alpha", "must be > 0")
-    need(0 < a.gamma <= 1, "algorithm.gamma", "must be in (0, 1]")
-    need(0 <= a.rho_real <= 1, "algorithm.rho_real", "must be in [0, 1]")
-    need(a.beta_adv >= 0 and a.beta_ce >= 0, "algorithm.beta_adv/beta_ce", "must be >= 0")
+    """Rules that need more than one section or the world outside the config (paths, the suite registry)."""
     m = cfg.model
-    need(m.source_len > 0, "model.source_len", "must be > 0")
-    need(m.target_len > 0, "model.target_len", "must be > 0")
-    for name, s in (("rollout", cfg.rollout), ("evaluation", cfg.evaluation)):
-        need(s.samples_per_problem >= 1, f"{name}.samples_per_problem", "must be >= 1")
-        need(s.temperature >= 0, f"{name}.temperature", "must be >= 0")
-        need(0 < s.top_p <= 1, f"{name}.top_p", "must be in (0, 1]")
-        need(s.prompts_per_call >= 1, f"{name}.prompts_per_call", "must be >= 1")
-        need(s.num_actors >= 1, f"{name}.num_actors", "must be >= 1")
-        need(s.cpus_per_actor >= 0 and s.gpus_per_actor >= 0, f"{name}.cpus_per_actor", "must be >= 0")
-        need(s.max_new_tokens is None or s.max_new_tokens >= 1, f"{name}.max_new_tokens", "must be >= 1")
-    need(cfg.rollout.problems_per_task >= 1, "rollout.problems_per_task", "must be >= 1")
-    need(cfg.rollout.problems_per_iteration is None or cfg.rollout.problems_per_iteration >= 1,
-         "rollout.problems_per_iteration", "must be >= 1 or null")
-    ev = cfg.evaluation
-    need(len(ev.ks) > 0 and all(k >= 1 for k in ev.ks), "evaluation.ks", "must be a non-empty list of k >= 1")
-    need(max(ev.ks) <= ev.samples_per_problem, "evaluation.ks",
-         f"largest k {max(ev.ks)} exceeds evaluation.samples_per_problem {ev.samples_per_problem}")
-    need(ev.every >= 1, "evaluation.every", "must be >= 1")
-    need(0 < ev.confidence < 1, "evaluation.confidence", "must be in (0, 1)")
-    for name, st in (("phi", cfg.phi), ("theta", cfg.theta)):
-        need(st.steps >= 0, f"{name}.steps", "must be >= 0")
-        need(st.lr > 0, f"{name}.lr", "must be > 0")
-        need(st.batch_size_per_worker >= 1, f"{name}.batch_size_per_worker", "must be >= 1")
-        need(st.grad_accum >= 1, f"{name}.grad_accum", "must be >= 1")
-        need(st.num_workers >= 0, f"{name}.num_workers", "must be >= 0 (0: Ray Train's local mode)")
-        need(st.grad_clip is None or st.grad_clip > 0, f"{name}.grad_clip", "must be > 0 or null")
-        need(len(st.adam_betas) == 2, f"{name}.adam_betas", "must be two numbers")
-        need(st.warmup_steps >= 0, f"{name}.warmup_steps", "must be >= 0")
-        need(st.retrain_every >= 0, f"{name}.retrain_every", "must be >= 0")
-        need(st.report_every >= 1, f"{name}.report_every", "must be >= 1")
-        need(not (st.mixed_precision == "fp16" and not st.use_gpu), f"{name}.mixed_precision",
-             "fp16 needs use_gpu: true (use bf16 or no on CPU)")
-    need(cfg.buffer.targets_batch_size >= 1, "buffer.targets_batch_size", "must be >= 1")
-    need(cfg.executor.workers is None or cfg.executor.workers >= 1, "executor.workers", "must be >= 1")
-    need(cfg.executor.num_actors >= 0, "executor.num_actors", "must be >= 0")
     if check_paths:
         for key, value in (("model.checkpoint", m.checkpoint), ("model.tokenizer", m.tokenizer)):
             if value is not None and is_local_path(value):
-                need(os.path.isdir(os.path.expanduser(value)), key,
-                     f"checkpoint path {value!r} does not exist (or is not a directory)")
-    _validate_suite(cfg)
+                if not os.path.isdir(os.path.expanduser(value)):
+                    raise ConfigError(f"{key}: checkpoint path {value!r} does not exist (or is not a directory)")
+    import envs  # noqa: F401  (importing envs registers the suites)
+    from envs.registry import UnknownSuiteError, suite_info
 
-
-def _validate_suite(cfg: Config) -> None:
-    try:
-        import envs  # noqa: F401  (importing envs registers the suites)
-        from envs.registry import suite_info
-    except ImportError:  # pragma: no cover - envs is part of this repository
-        return
     try:
         info = suite_info(cfg.suite.name)
-    except KeyError as e:
+    except UnknownSuiteError as e:
         raise ConfigError(f"suite.name: {e}") from None
-    for key in ("train_split", "eval_split"):
+    for key in ("train_split", "validation_split", "test_split"):
         split = getattr(cfg.suite, key)
-        if split not in info.splits:
-            raise ConfigError(f"suite.{key}: suite {cfg.suite.name!r} has no split {split!r}; "
-                              f"its splits are {list(info.splits)}")
+        if split is not None and split not in info.splits:
+            raise ConfigError(f"suite.{key}: suite {cfg.suite.name!r} has no split {split!r}; its splits are "
+                              f"{list(info.splits)}" + (" (set it to null)" if key == "validation_split" else ""))
+    algo = algorithm_class(cfg.algorithm.name)
+    for stage in algo.stage_names:
+        cfg.stage(stage)
+    try:
+        algo(cfg.algorithm, None).check(cfg.rollout.temperature, cfg.rollout.top_p)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise ConfigError(f"algorithm.name: {e}") from None
+
+
+def load_config(name_or_path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                check_paths: bool = True, imports: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a shipped config by name or a YAML file (default: the embedded one), apply overrides, validate.
+    `imports` (and the file's `imports:`) are imported first, so outside algorithms can be named."""
+    data, where = read_yaml(name_or_path)
+    return config_from_data(data, where, overrides, check_paths=check_paths, imports=imports)
+
+
+def config_from_data(data: dict, where: str, overrides: list[str] | None = None, check_paths: bool = True,
+                     imports: list[str] | tuple[str, ...] = ()) -> Config:
+    """`load_config` for a mapping already read (a run folder's recorded config.yaml)."""
+    data = dict(data)
+    data["imports"] = list(dict.fromkeys([*(data.get("imports") or []), *imports]))
+    try:
+        import_modules(data["imports"])
+    except UnknownAlgorithmError as e:
+        raise ConfigError(f"{where}: imports: {e}") from None
+    cfg = config_from_dict(apply_overrides(data, list(overrides or [])), where=where)
+    validate(cfg, check_paths=check_paths)
+    return cfg
 
 
 def config_hash(data: Any) -> str:
     """A short stable hash of a JSON-able value (a config section), for cache keys and run names."""
-    import hashlib
-
     blob = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -1,17 +1,17 @@
-"""The two learner stages on Ray Train: stage φ (eq. 12) and stage θ (eq. 17), each one `TorchTrainer` run.
+"""One Ray Train loop for any algorithm's stage: each stage of an iteration is one `TorchTrainer` run.
 
-    job = StageJob(stage="theta", checkpoint=ckpt_dir, tokenizer_path=ckpt_dir, theta_dir=prev_theta, ...)
-    dataset = buffer.ray_dataset(job.batch_size_per_worker, job.batches_needed(num_workers), rho_real=0.5,
-                                 seed=..., targets_fingerprint=fp)
-    result = train_stage(job, dataset, ScalingSpec(num_workers=2, use_gpu=False, cpus_per_worker=0.5),
+    job = StageJob(algorithm="bcoder", algorithm_config=cfg.algorithm.model_dump(), context=asdict(ctx),
+                   plan=asdict(plan), optim=cfg.stage("theta").model_dump(), seed=3)
+    dataset = buffer.ray_dataset(B, job.batches_needed(num_workers), rho_real=plan.rows.rho_real, ...)
+    result = train_stage(job, dataset, ScalingSpec(num_workers=2, cpus_per_worker=0.5),
                          storage_path=run_dir / "train", name="theta-iter1-a0")
-    result.checkpoint_dir      # loads with QModel.create(..., theta_dir=...) (or phi_dir= for stage φ)
+    result.checkpoint_dir      # what the stage's `StageModule.save` wrote
 
-Each worker builds the networks its stage holds (`QModel.create(parts=("phi",) | ("theta",))`; the frozen
-targets come cached in the batches, see `bcoder_ray.targets`), wraps the stage's loss in a module so that
-`ray.train.torch.prepare_model` gives DDP over exactly the trained parameters, reads ρ_real-mixed mini-batches
-from its shard of the buffer's Ray Data view (`ray.train.get_dataset_shard`), and optimises with AdamW under
-the configured schedule, gradient accumulation, mixed precision and clipping. Metrics go out with
+Each worker rebuilds the algorithm from plain data (`bcoder_ray.algorithms.make_algorithm`, after importing the
+modules that register outside algorithms), builds the stage's `StageModule` (`Algorithm.build_stage`), wraps it
+with `ray.train.torch.prepare_model` (DDP over exactly its trainable parameters), reads mini-batches from its
+shard of the buffer's Ray Data view (`ray.train.get_dataset_shard`), and optimises with AdamW under the
+configured schedule, gradient accumulation, mixed precision and clipping. Metrics go out with
 `ray.train.report` every `report_every` steps; the last report carries the checkpoint (rank 0 writes it) and the
 whole metric history, which the driver turns into TensorBoard scalars.
 
@@ -29,56 +29,45 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
-from torch import nn
 
-STAGES = ("phi", "theta")
+from bcoder_ray.algorithms import make_algorithm
+from bcoder_ray.algorithms.base import Rows, StagePlan, TargetsPlan
+from bcoder_ray.batch import collate
+from bcoder_ray.buffer import rows_from_batch
+from bcoder_ray.quiet import quiet_libraries, quiet_ray_logs
+from bcoder_ray.tokenization import pad_id
+
 CHECKPOINT_DIR_NAME = "final"
 
 
 @dataclass(frozen=True)
 class StageJob:
-    """Everything one stage's workers need (plain data; built by the driver from the config)."""
+    """Everything one stage's workers need (plain data, built by the driver)."""
 
-    stage: str  # "phi" or "theta"
-    checkpoint: str  # θ_ckpt
-    tokenizer_path: str
-    theta_dir: str | None = None  # stage θ: continue from this θ (None: initialise from θ_ckpt, eq. 9-11, 16)
-    phi_dir: str | None = None  # stage φ: continue from this φ (None: fresh V head)
-    # the algorithm
-    alpha: float = 1.0
-    r_max: float = 1.0
-    gamma: float = 0.999
-    beta_adv: float = 0.1
-    beta_ce: float = 0.5
-    operator: str = "conservative"
-    aux_reduction: str = "sum"
-    init_from_lm: bool = True
-    # optimisation
-    steps: int = 100
-    lr: float = 1e-5
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.05
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    batch_size_per_worker: int = 16
-    grad_accum: int = 1
-    mixed_precision: str = "no"
-    grad_clip: float | None = 1.0
-    report_every: int = 10
-    threads_per_worker: int = 1
+    algorithm: str  # a registered algorithm's name
+    algorithm_config: dict  # its config (AlgorithmConfig.model_dump())
+    context: dict  # RunContext fields
+    plan: dict  # the StagePlan (dataclasses.asdict)
+    optim: dict  # StageConfig fields
+    imports: tuple[str, ...] = ()  # modules that register outside algorithms
     seed: int = 0
     progress: bool = True
 
-    def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise ValueError(f"StageJob.stage must be one of {STAGES}, got {self.stage!r}")
+    @property
+    def steps(self) -> int:
+        return int(self.optim["steps"])
+
+    @property
+    def stage(self) -> str:
+        return self.plan.get("label") or self.plan["name"]
 
     def batches_needed(self, num_workers: int) -> int:
         """Mini-batches the dataset must hold for `steps` optimiser steps on `num_workers` workers."""
-        return self.steps * self.grad_accum * max(1, num_workers)
+        return self.steps * int(self.optim["grad_accum"]) * max(1, num_workers)
 
 
 @dataclass(frozen=True)
@@ -114,40 +103,18 @@ def learning_rate_factor(step: int, steps: int, schedule: str, warmup_steps: int
     raise ValueError(f"unknown lr schedule {schedule!r}")
 
 
-class StageLoss(nn.Module):
-    """The stage's loss as a module (forward(batch) -> (loss, metrics)), so DDP wraps exactly what is trained."""
-
-    def __init__(self, model: nn.Module, job: StageJob):
-        super().__init__()
-        self.model = model
-        self.job = job
-
-    def forward(self, batch):
-        from bcoder_ray.losses import phi_loss, theta_loss
-
-        j = self.job
-        if j.stage == "phi":
-            return phi_loss(self.model, batch, gamma=j.gamma)  # eq. 12
-        return theta_loss(self.model, batch, gamma=j.gamma, beta_adv=j.beta_adv, beta_ce=j.beta_ce,
-                          operator=j.operator, aux_reduction=j.aux_reduction)  # eq. 17
-
-
-def build_stage_model(job: StageJob, device: torch.device | str | None = None):
-    """The QModel holding the stage's trainable network (targets come cached in the batches)."""
-    from bcoder_ray.q_model import QModel
-
-    if job.stage == "phi":
-        return QModel.create(job.checkpoint, parts=("phi",), phi_dir=job.phi_dir, alpha=job.alpha,
-                             r_max=job.r_max, seed=job.seed, device=device)
-    return QModel.create(job.checkpoint, parts=("theta",), theta_dir=job.theta_dir, alpha=job.alpha,
-                         r_max=job.r_max, init_from_lm=job.init_from_lm, seed=job.seed, device=device)
-
-
-def save_stage(model, job: StageJob, directory: str, tokenizer=None) -> None:
-    if job.stage == "phi":
-        model.save_phi(directory, tokenizer)
-    else:
-        model.save_theta(directory, tokenizer)
+def plan_from_dict(data: dict) -> StagePlan:
+    """A `StagePlan` back from `dataclasses.asdict` (what crossed to the workers)."""
+    rows = Rows(**{**data["rows"], "filters": dict(data["rows"]["filters"]),
+                   "extra_columns": tuple(data["rows"]["extra_columns"]),
+                   "token_columns": tuple(data["rows"]["token_columns"])})
+    targets = None
+    if data.get("targets"):
+        t = data["targets"]
+        targets = TargetsPlan(t["fingerprint"], tuple(t["columns"]), dict(t["spec"]),
+                              Rows(**{**t["rows"], "extra_columns": tuple(t["rows"]["extra_columns"]),
+                                      "token_columns": tuple(t["rows"]["token_columns"])}))
+    return StagePlan(data["name"], rows, targets, dict(data["spec"]), data.get("label", ""))
 
 
 def _batches(shard, batch_size: int):
@@ -162,64 +129,62 @@ def _batches(shard, batch_size: int):
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train's per-worker function: one stage, `job.steps` optimiser steps, then a checkpoint."""
+    """Ray Train's per-worker function: one stage, `steps` optimiser steps, then a checkpoint."""
     import ray.train
     import ray.train.torch
     from transformers import AutoTokenizer
 
-    from bcoder_ray.batch import collate
-    from bcoder_ray.replay_buffer import rows_from_batch
-    from bcoder_ray.tokenization import pad_id
-
-    from bcoder_ray.rollout import quiet_libraries
-
     entered = time.time()
-    from bcoder_ray.driver import quiet_ray_logs
-
     job = StageJob(**config["job"])
+    o = SimpleNamespace(**job.optim)
     quiet_libraries()
     quiet_ray_logs()
-    torch.set_num_threads(max(1, job.threads_per_worker))
+    torch.set_num_threads(max(1, math.ceil(o.cpus_per_worker)))
     torch.manual_seed(job.seed)
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    world = ctx.get_world_size()
     device = ray.train.torch.get_device()
-    tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_path)
+    algorithm = make_algorithm(job.algorithm, job.algorithm_config, job.context, job.imports)
+    plan = plan_from_dict(job.plan)
+    tokenizer = AutoTokenizer.from_pretrained(algorithm.ctx.tokenizer_path)
     pad = pad_id(tokenizer)
+    token_columns = plan.rows.token_columns
+    info_columns = tuple(c for c in plan.rows.extra_columns if c not in token_columns)
 
-    model = build_stage_model(job)
-    params = model.freeze_for_stage(job.stage)
-    model.train()
-    loss_module = ray.train.torch.prepare_model(StageLoss(model, job))
-    optimizer = torch.optim.AdamW(params, lr=job.lr, weight_decay=job.weight_decay, betas=tuple(job.adam_betas))
+    stage = algorithm.build_stage(plan)
+    params = stage.trainable_parameters()
+    stage.train()
+    loss_module = ray.train.torch.prepare_model(stage)
+    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.adam_betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: learning_rate_factor(s, job.steps, job.schedule, job.warmup_steps))
-    use_amp = job.mixed_precision != "no"
-    amp_dtype = torch.bfloat16 if job.mixed_precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if job.mixed_precision == "fp16" else None
+        optimizer, lambda s: learning_rate_factor(s, o.steps, o.schedule, o.warmup_steps))
+    use_amp = o.mixed_precision != "no"
+    amp_dtype = torch.bfloat16 if o.mixed_precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if o.mixed_precision == "fp16" else None
 
     model_ready = time.time()
-    batches = _batches(ray.train.get_dataset_shard("train"), job.batch_size_per_worker)
-    progress = config.get("progress_counter") if rank == 0 else None  # the driver draws the bar
+    batches = _batches(ray.train.get_dataset_shard("train"), o.batch_size_per_worker)
+    progress = config.get("progress_counter") if ctx.get_world_rank() == 0 else None  # the driver draws the bar
     history: list[dict] = []
     window: dict[str, float] = {}
     n_window = 0
     started = last_report = time.time()
-    for step in range(job.steps):
+    for step in range(o.steps):
         step_metrics: dict[str, float] = {}
-        for micro in range(job.grad_accum):
-            batch = collate(rows_from_batch(next(batches)), pad).to(device)
-            sync = micro == job.grad_accum - 1 or not hasattr(loss_module, "no_sync")
+        for micro in range(o.grad_accum):
+            batch = collate(rows_from_batch(next(batches)), pad, token_columns=token_columns,
+                            info_columns=info_columns).to(device)
+            sync = micro == o.grad_accum - 1 or not hasattr(loss_module, "no_sync")
             with (contextlib.nullcontext() if sync else loss_module.no_sync()), \
                     torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 loss, metrics = loss_module(batch)
-            loss = loss / job.grad_accum
+            loss = loss / o.grad_accum
             (scaler.scale(loss) if scaler else loss).backward()
             for k, v in metrics.items():
-                step_metrics[k] = step_metrics.get(k, 0.0) + v / job.grad_accum
+                step_metrics[k] = step_metrics.get(k, 0.0) + v / o.grad_accum
         if scaler:
             scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, job.grad_clip if job.grad_clip else math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip else math.inf)
         step_metrics["grad_norm"] = float(grad_norm)
         if scaler:
             scaler.step(optimizer)
@@ -234,12 +199,12 @@ def train_loop_per_worker(config: dict) -> None:
         n_window += 1
         if progress is not None:
             progress.set.remote(step + 1)
-        last = step == job.steps - 1
-        if (step + 1) % job.report_every == 0 or last:
+        last = step == o.steps - 1
+        if (step + 1) % o.report_every == 0 or last:
             now = time.time()
             entry = {k: v / n_window for k, v in window.items()}
             entry.update(step=step + 1, steps_per_s=n_window / max(now - last_report, 1e-9),
-                         programs_per_s=n_window * job.grad_accum * job.batch_size_per_worker * world
+                         programs_per_s=n_window * o.grad_accum * o.batch_size_per_worker * world
                          / max(now - last_report, 1e-9))
             history.append(entry)
             window, n_window, last_report = {}, 0, now
@@ -249,13 +214,13 @@ def train_loop_per_worker(config: dict) -> None:
              "train_s": time.time() - started, "model_setup_s": model_ready - entered,
              "worker_entered_at": entered}
     if config.get("local_checkpoint_dir"):  # Ray Train's local mode keeps no copy: save in place
-        save_stage(model, job, config["local_checkpoint_dir"], tokenizer)
+        stage.save(config["local_checkpoint_dir"], tokenizer)
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(config["local_checkpoint_dir"]))
         return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
-        if rank == 0:
-            save_stage(model, job, tmp, tokenizer)
+        if ctx.get_world_rank() == 0:
+            stage.save(tmp, tokenizer)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(final, checkpoint=checkpoint, checkpoint_dir_name=CHECKPOINT_DIR_NAME)
 
@@ -352,110 +317,3 @@ def train_stage(job: StageJob, dataset, scaling: ScalingSpec, *, storage_path: s
         metrics["worker_start_s"] = metrics.pop("worker_entered_at") - started
     return StageResult(checkpoint_dir=result.checkpoint.path, metrics=metrics, history=history,
                        wall_s=finished - started)
-
-
-# ------------------------------------------------------------------------------------------ cached targets
-
-
-@dataclass(frozen=True)
-class TargetSpec:
-    """What a target-filling worker loads: θ_ckpt (â_{t+1}, A_ckpt) and, for stage θ, the frozen φ (v_φ)."""
-
-    checkpoint: str
-    tokenizer_path: str
-    phi_dir: str | None = None  # None: no v_phi column (stage φ's targets)
-    alpha: float = 1.0
-    r_max: float = 1.0
-    batch_size: int = 16
-    threads: int = 1
-
-
-class TargetComputer:
-    """A Ray Data `map_batches` class: buffer rows lacking targets in, the same rows' cached targets out."""
-
-    def __init__(self, spec: TargetSpec):
-        from transformers import AutoTokenizer
-
-        from bcoder_ray.q_model import QModel
-        from bcoder_ray.tokenization import pad_id
-
-        from bcoder_ray.rollout import quiet_libraries
-
-        torch.set_num_threads(max(1, spec.threads))
-        quiet_libraries()
-        self.spec = spec
-        parts = ("ckpt", "phi") if spec.phi_dir else ("ckpt",)
-        self.model = QModel.create(spec.checkpoint, parts=parts, phi_dir=spec.phi_dir, alpha=spec.alpha,
-                                   r_max=spec.r_max)
-        self.pad = pad_id(AutoTokenizer.from_pretrained(spec.tokenizer_path))
-
-    def __call__(self, batch):
-        import pyarrow as pa
-
-        from bcoder_ray.batch import collate
-        from bcoder_ray.replay_buffer import rows_from_batch
-        from bcoder_ray.targets import compute_frozen_targets
-
-        rows = rows_from_batch(batch)
-        for row in rows:
-            row.setdefault("reward", 0.0)  # collate wants one; the frozen targets do not depend on it
-        with_v_phi = self.spec.phi_dir is not None
-        targets = compute_frozen_targets(self.model, collate(rows, self.pad), with_v_phi=with_v_phi)
-        columns = {name: batch.column(name) for name in batch.column_names
-                   if name not in ("prompt_ids", "program_ids", "target_actions", "a_ckpt", "v_phi")}
-        columns["target_actions"] = pa.array([t["target_actions"] for t in targets], type=pa.list_(pa.int32()))
-        columns["a_ckpt"] = pa.array([t["a_ckpt"] for t in targets], type=pa.list_(pa.float32()))
-        # stage φ's targets have no V_φ (φ is what it trains); the buffer stores a value per token, so NaN
-        # marks "not computed under this fingerprint" (stage φ's loss never reads it)
-        columns["v_phi"] = pa.array([t["v_phi"] if with_v_phi else [math.nan] * len(t["a_ckpt"]) for t in targets],
-                                    type=pa.list_(pa.float32()))
-        return pa.table(columns)
-
-
-def targets_batch_key(table) -> str:
-    """The write key of a batch of targets: a hash of its sample ids (a redone batch maps to the same key)."""
-    import hashlib
-
-    ids = "\n".join(map(str, table.column("sample_id").to_pylist()))
-    return hashlib.sha256(ids.encode()).hexdigest()[:16]
-
-
-def compute_targets_table(computer: TargetComputer, table, batch_size: int):
-    """`computer` over `table` in slices of `batch_size` rows, concatenated."""
-    import pyarrow as pa
-
-    return pa.concat_tables([computer(table.slice(start, batch_size))
-                             for start in range(0, table.num_rows, batch_size)])
-
-
-@dataclass(frozen=True)
-class TargetChunk:
-    """Rows lacking targets, as `ReplayBuffer.missing_targets` gives them, handed to a policy actor."""
-
-    key: str
-    table: Any
-
-
-def fill_targets(buffer, fingerprint: str, spec: TargetSpec, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                 pool=None) -> int:
-    """Compute and store the cached targets of every buffer row lacking them for `fingerprint`. With no `pool`:
-    a Ray Data `map_batches` job (one actor holding the frozen networks, `num_cpus`/`num_gpus`); with a
-    `rollout.ActorPool`: its policy actors, already running, compute and write them (`PolicyWorker.fill_targets`).
-    Writes are keyed by the rows' sample ids, so a repeated call (a resumed run) writes nothing twice. Returns the
-    number of rows filled."""
-    import ray.data
-
-    tables = [t for t in buffer.missing_targets(fingerprint) if t.num_rows]
-    if not tables:
-        return 0
-    if pool is not None:
-        chunks = [TargetChunk(targets_batch_key(t), t) for t in tables]
-        return sum(pool.map("fill_targets", chunks, spec, fingerprint))
-    dataset = ray.data.from_arrow(tables).map_batches(
-        TargetComputer, fn_constructor_args=(spec,), batch_size=spec.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=num_cpus, num_gpus=num_gpus)
-    filled = 0
-    for out in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        buffer.write_targets(out, fingerprint, batch_key=targets_batch_key(out))
-        filled += out.num_rows
-    return filled

@@ -6,7 +6,9 @@ Public API
   batch_size=None, network="theta") -> list[list[list[int]]]``: ``prompts`` are prompt token ids (list of lists,
   as ``tokenization.encode_prompt`` makes them); returns, per prompt, ``n`` programs as token-id lists, each ending
   at its first EOS (included) or cut at ``max_new_tokens`` tokens (no EOS) — the same convention as
-  ``tokenization.encode_program``. ``temperature=0`` is greedy decoding. ``network="ckpt"`` samples from θ_ckpt
+  ``tokenization.encode_program``. ``temperature=0`` is greedy decoding. With ``return_logprobs`` it returns
+  ``(programs, logprobs)``: each sampled token's log-probability under the distribution it was drawn from
+  (after temperature and top-p; the policy's own log-softmax for greedy decoding), aligned with the tokens. ``network="ckpt"`` samples from θ_ckpt
   instead of θ. Rows are prompt-major (prompt 0's n samples first), processed ``batch_size`` rows at a time
   (default: all), with one ``torch.Generator`` seeded by ``seed`` for the whole call, so a call is reproducible for
   the same inputs, settings and ``batch_size``.
@@ -16,17 +18,17 @@ Public API
 Why θ alone: Q_θ(s, ·)/α = ℓ_θ(s, ·) - max_a ℓ_θ(s, a) + V_θ(s)/α is ℓ_θ plus a per-state constant, and
 temperature, top-p and softmax are all invariant to such a constant. So Algorithm 2's distribution is exactly the
 one obtained from ℓ_θ; the sampler uses ℓ_θ (no V head, no φ; per-token Q and V for ranking come from one
-teacher-forced pass afterwards, ``bcoder_ray.ranking``). At initialisation ℓ_θ = ℓ_ckpt, so this draws the same
+teacher-forced pass afterwards, ``bcoder_ray.algorithms.ranking``). At initialisation ℓ_θ = ℓ_ckpt, so this draws the same
 tokens as ``generate`` on the checkpoint with the same seed and settings.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
-from bcoder_ray.q_model import ENCODER_DECODER, PolicyLM, QModel, positions_from_mask
+from bcoder_ray.lm import ENCODER_DECODER, PolicyLM, positions_from_mask
 
 
 def warp_scores(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -54,9 +56,9 @@ def _pad_left(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
 
 
 @torch.no_grad()
-def _sample_rows(model: QModel, policy: PolicyLM, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
+def _sample_rows(model: Any, policy: PolicyLM, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
                  eos_id: int, pad_id: int, temperature: float, top_p: float,
-                 generator: torch.Generator) -> list[list[int]]:
+                 generator: torch.Generator) -> tuple[list[list[int]], list[list[float]]]:
     device = policy.lm.get_output_embeddings().weight.device
     ids, mask = _pad_left(rows, pad_id, device)
     encoded = None
@@ -69,14 +71,18 @@ def _sample_rows(model: QModel, policy: PolicyLM, rows: Sequence[Sequence[int]],
         hidden, cache = policy.decode(ids, attention_mask=mask, position_ids=positions, use_cache=True)
         last_position = positions[:, -1:]
     out = torch.empty((len(rows), 0), dtype=torch.long, device=device)
+    logps = torch.empty((len(rows), 0), dtype=torch.float32, device=device)
     finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         scores = policy.logits(hidden[:, -1]).float()          # ℓ_θ(s, ·): Q_θ(s, ·)/α up to a per-state shift
         if temperature == 0:
+            log_probs = scores.log_softmax(dim=-1)
             tokens = scores.argmax(dim=-1)
         else:
-            probs = warp_scores(scores, temperature, top_p).softmax(dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            warped = warp_scores(scores, temperature, top_p)
+            log_probs = warped.log_softmax(dim=-1)
+            tokens = torch.multinomial(warped.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        logps = torch.cat([logps, log_probs.gather(1, tokens[:, None])], dim=1)  # of the distribution sampled
         tokens = tokens.masked_fill(finished, pad_id)
         out = torch.cat([out, tokens[:, None]], dim=1)
         finished |= tokens == eos_id
@@ -89,16 +95,20 @@ def _sample_rows(model: QModel, policy: PolicyLM, rows: Sequence[Sequence[int]],
             last_position = last_position + 1
             hidden, cache = policy.decode(tokens[:, None], attention_mask=mask, position_ids=last_position,
                                           past_key_values=cache, use_cache=True)
-    programs = []
-    for row in out.tolist():
-        programs.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
-    return programs
+    programs, program_logps = [], []
+    for row, lp in zip(out.tolist(), logps.tolist()):
+        keep = row.index(eos_id) + 1 if eos_id in row else len(row)
+        programs.append(row[:keep])
+        program_logps.append(lp[:keep])
+    return programs, program_logps
 
 
-def sample_programs(model: QModel, prompts: Sequence[Sequence[int]], n: int, *, max_new_tokens: int, eos_id: int,
+def sample_programs(model: Any, prompts: Sequence[Sequence[int]], n: int, *, max_new_tokens: int, eos_id: int,
                     pad_id: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                    batch_size: int | None = None, network: str = "theta") -> list[list[list[int]]]:
-    """Algorithm 2 for every prompt, ``n`` samples each (see the module docstring)."""
+                    batch_size: int | None = None, network: str = "theta", return_logprobs: bool = False):
+    """Algorithm 2 for every prompt, ``n`` samples each (see the module docstring). ``model`` holds the network
+    named ``network`` (a ``bcoder_ray.lm.PolicyLM``) and ``encoder`` (the frozen ``SharedEncoder`` or None): a
+    B-Coder ``QModel``, or any published policy loaded with ``bcoder_ray.policy.load_policy``."""
     policy = {"theta": model.theta, "ckpt": model.ckpt}.get(network)
     if policy is None:
         raise ValueError(f"sample_programs: network {network!r} is not held by this QModel (theta or ckpt)")
@@ -114,13 +124,19 @@ def sample_programs(model: QModel, prompts: Sequence[Sequence[int]], n: int, *, 
     generator = torch.Generator(device=device).manual_seed(seed)
     step = batch_size or max(len(rows), 1)
     programs: list[list[int]] = []
+    logprobs: list[list[float]] = []
     was_training = policy.training
     policy.eval()                                           # no dropout while sampling
     try:
         for start in range(0, len(rows), step):
-            programs += _sample_rows(model, policy, rows[start:start + step], max_new_tokens=max_new_tokens,
-                                     eos_id=eos_id, pad_id=pad_id, temperature=temperature, top_p=top_p,
-                                     generator=generator)
+            ids, lps = _sample_rows(model, policy, rows[start:start + step], max_new_tokens=max_new_tokens,
+                                    eos_id=eos_id, pad_id=pad_id, temperature=temperature, top_p=top_p,
+                                    generator=generator)
+            programs += ids
+            logprobs += lps
     finally:
         policy.train(was_training)
-    return [programs[i * n:(i + 1) * n] for i in range(len(prompts))]
+    per_prompt = [programs[i * n:(i + 1) * n] for i in range(len(prompts))]
+    if return_logprobs:
+        return per_prompt, [logprobs[i * n:(i + 1) * n] for i in range(len(prompts))]
+    return per_prompt

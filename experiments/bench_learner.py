@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
 from bcoder_ray.batch import Batch, collate
-from bcoder_ray.losses import phi_loss, theta_loss
-from bcoder_ray.q_model import ENCODER_DECODER, QModel, lm_kind, positions_from_mask
-from bcoder_ray.ranking import token_scores
+from bcoder_ray.algorithms.losses import phi_loss, theta_loss
+from bcoder_ray.algorithms.q_model import ENCODER_DECODER, QModel, lm_kind, positions_from_mask
+from bcoder_ray.algorithms.ranking import token_scores
 from bcoder_ray.sampling import sample_programs
-from bcoder_ray.targets import compute_frozen_targets
+from bcoder_ray.algorithms.targets import compute_frozen_targets
 
 EOS, PAD = 1, 0
 

@@ -1,15 +1,15 @@
 """Evaluate any checkpoint on any registered suite and split; rank another model's candidates; rebuild metrics,
 tables and figures from saved candidates.
 
-Evaluate (sample m per problem, execute, rank by R̃, write candidates.jsonl + metrics.json into --out):
-    python experiments/evaluate.py --checkpoint CKPT --theta THETA --phi PHI --suite embedded --split test \
-        --limit 50 --m 8 --ks 1 5 --temperature 0.6 --top-p 0.95 --out runs/eval/theta
-    python experiments/evaluate.py --checkpoint CKPT --suite mbpp --split test --out runs/eval/ckpt   # plain LM
-    python experiments/evaluate.py --run-dir runs/x --suite embedded --split test --out runs/x/eval/final
-        (--run-dir takes θ_ckpt, the latest θ and φ from the run's state.json)
+Evaluate (sample m per problem, execute, rank, write candidates.jsonl + metrics.json into --out):
+    python experiments/evaluate.py --run-dir runs/x --suite embedded --split test --limit 50 --m 8 --ks 1 5 \
+        --temperature 0.6 --top-p 0.95 --out runs/x/eval/final
+        (--run-dir: the run's published policy, ranked by its algorithm's ranker when it has one)
+    python experiments/evaluate.py --checkpoint LM --suite mbpp --split test --out runs/eval/lm   # any HF LM
+    python experiments/evaluate.py --run-dir runs/ppo --rank-with runs/bcoder --out DIR   # another run's ranker
 
-Rank candidates written by another model with a trained Q (Table 3); lines need problem_id and program:
-    python experiments/evaluate.py --rank-file other.jsonl --run-dir runs/x --suite apps --split test --out DIR
+Rank candidates written by another model with a run's ranker (Table 3); lines need problem_id and program:
+    python experiments/evaluate.py --rank-file other.jsonl --rank-with runs/x --suite apps --split test --out DIR
 
 From saved files only (no model):
     python experiments/evaluate.py --recompute DIR [--ks 1 5 10]         metrics again from DIR/candidates.jsonl
@@ -55,20 +55,16 @@ def _n_at_k_pairs(specs: list[str]) -> list[tuple[int, int]]:
     return pairs
 
 
-def checkpoints_from_args(args: argparse.Namespace) -> tuple[str, str | None, str | None]:
-    """(θ_ckpt, θ dir, φ dir) from --checkpoint/--theta/--phi, filled in from --run-dir's state.json."""
-    from bcoder_ray.evaluation import run_checkpoints
+def models_from_args(args: argparse.Namespace):
+    from bcoder_ray.config import ConfigError
+    from bcoder_ray.run_folder import sampler_and_ranker
 
-    checkpoint, theta, phi = args.checkpoint, args.theta, args.phi
-    if args.run_dir:
-        try:
-            run_ckpt, run_theta, run_phi = run_checkpoints(args.run_dir)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(str(e)) from None
-        checkpoint, theta, phi = checkpoint or run_ckpt, theta or run_theta, phi or run_phi
-    if not checkpoint:
-        raise SystemExit("give --checkpoint (with --theta/--phi for a checkpoint of this system) or --run-dir")
-    return checkpoint, theta, phi
+    try:
+        return sampler_and_ranker(checkpoint=args.checkpoint, run_dir=args.run_dir, rank_with=args.rank_with,
+                                  rank=not args.no_rank, tokenizer=args.tokenizer, label=args.label,
+                                  device=args.device, need_sampler=not args.rank_file)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -80,13 +76,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     mode.add_argument("--figures", metavar="DIR", help="Figures 3 and 5 (and the R̃ order statement) for DIR")
     mode.add_argument("--training-curve", nargs="+", metavar="RUN_DIR", help="Figure 1 from run folders")
     m = p.add_argument_group("model")
-    m.add_argument("--checkpoint", help="θ_ckpt, or any Hugging Face LM (local folder or hub name)")
-    m.add_argument("--theta", help="θ saved by QModel.save_theta (samples; ranks with φ)")
-    m.add_argument("--phi", help="φ saved by QModel.save_phi (V_θ for ranking)")
-    m.add_argument("--run-dir", help="take --checkpoint/--theta/--phi from this run folder's state.json")
-    m.add_argument("--tokenizer", help="default: θ's folder, then the checkpoint's")
-    m.add_argument("--label", help="row label in tables (default: the θ or checkpoint folder's name)")
-    m.add_argument("--gamma", type=float, default=0.999, help="γ of R̃ (eq. 20): the one Q was trained with")
+    m.add_argument("--checkpoint", help="sample from this LM (a local folder or hub name), e.g. a published policy")
+    m.add_argument("--run-dir", help="a run folder: sample from its published policy, rank with its ranker")
+    m.add_argument("--rank-with", metavar="RUN_DIR", help="rank with this run's ranker (B-Coder's R̃, CodeRL's critic)")
+    m.add_argument("--tokenizer", help="default: the LM's own folder")
+    m.add_argument("--label", help="row label in tables (default: the policy folder's name)")
     m.add_argument("--device", default=None)
     d = p.add_argument_group("problems")
     d.add_argument("--suite", default="embedded")
@@ -105,7 +99,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--n-at-k", nargs="+", default=[], metavar="N@K",
                    help="also n@k: n submissions (top n by R̃ after the example filter) from k samples")
     s.add_argument("--confidence", type=float, default=0.95, help="level of the pass@1 intervals")
-    s.add_argument("--no-rank", action="store_true", help="do not compute R̃")
+    s.add_argument("--no-rank", action="store_true", help="do not rank")
     s.add_argument("--no-examples", action="store_true", help="do not run the example tests (no filtered metrics)")
     s.add_argument("--workers", type=int, default=None, help="sandbox processes (default: the executor's)")
     o = p.add_argument_group("output")
@@ -178,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--out is required to evaluate or rank")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import envs  # noqa: F401  (registers the suites)
-    from bcoder_ray.evaluation import SamplingSettings, evaluate, load_models, rank_candidates_file
+    from bcoder_ray.candidates import SamplingSettings
+    from bcoder_ray.evaluation import evaluate, rank_candidates_file
     from bcoder_ray.report import summary_line
     from envs.execute import Executor
     from envs.registry import load_suite
@@ -189,21 +184,24 @@ def main(argv: list[str] | None = None) -> int:
         problems = problems[: args.limit]
     if not problems:
         raise SystemExit(f"suite {args.suite!r} split {args.split!r} has no problems with options {options}")
-    checkpoint, theta, phi = checkpoints_from_args(args)
-    models = load_models(checkpoint, theta_dir=theta, phi_dir=phi, tokenizer=args.tokenizer, label=args.label,
-                         gamma=args.gamma, rank=not args.no_rank, device=args.device)
+    sampler, ranker, rank_tokenizer = models_from_args(args)
     out = Path(args.out)
     with Executor(workers=args.workers) as executor:
         if args.rank_file:
-            metrics = rank_candidates_file(args.rank_file, problems, models, executor, out, ks=args.ks,
+            if ranker is None:
+                raise SystemExit("--rank-file needs a ranker: --rank-with RUN_DIR (or --run-dir of a run with one)")
+            from transformers import AutoTokenizer
+
+            metrics = rank_candidates_file(args.rank_file, problems, ranker, AutoTokenizer.from_pretrained(
+                                               rank_tokenizer), executor, out, ks=args.ks,
                                            max_program_len=args.max_new_tokens, max_prompt_len=args.max_prompt_len,
                                            ci_level=args.confidence)
         else:
             settings = SamplingSettings(m=args.m, temperature=args.temperature, top_p=args.top_p,
                                         max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,
                                         seed=args.seed, prompts_per_call=args.prompts_per_call)
-            metrics = evaluate(problems, models, executor, settings, out, ks=args.ks,
-                               examples=not args.no_examples, rank=not args.no_rank, ci_level=args.confidence,
+            metrics = evaluate(problems, sampler, executor, settings, out, ks=args.ks,
+                               examples=not args.no_examples, ranker=ranker, ci_level=args.confidence,
                                meta={"suite_options": options, "limit": args.limit},
                                n_at_k_pairs=_n_at_k_pairs(args.n_at_k))
     print(summary_line(metrics))

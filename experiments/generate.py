@@ -22,7 +22,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
 
-from experiments.evaluate import checkpoints_from_args  # noqa: E402
 
 FORMATS = ("embedded", "mbpp", "apps", "raw")
 
@@ -82,12 +81,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     what.add_argument("--problem", help="SUITE/SPLIT/ID of a registered suite's problem")
     p.add_argument("--tests", help="TESTS.json or a file of assert lines (example tests: filter + outcome)")
     p.add_argument("--format", choices=FORMATS, default="embedded", help="prompt format for --statement")
-    p.add_argument("--checkpoint", help="θ_ckpt (or a plain LM: then no R̃)")
-    p.add_argument("--theta")
-    p.add_argument("--phi")
-    p.add_argument("--run-dir", help="take the checkpoints from this run folder's state.json")
+    p.add_argument("--checkpoint", help="sample from this LM (a local folder or hub name)")
+    p.add_argument("--run-dir", help="a run folder: its published policy, ranked by its algorithm's ranker")
+    p.add_argument("--rank-with", metavar="RUN_DIR", help="rank with this run's ranker instead")
     p.add_argument("--tokenizer")
-    p.add_argument("--gamma", type=float, default=0.999)
     p.add_argument("--m", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
@@ -104,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import envs  # noqa: F401  (registers the suites)
-    from bcoder_ray.evaluation import SamplingSettings, adhoc_problem, generate, load_models
+    from bcoder_ray.candidates import SamplingSettings
+    from bcoder_ray.config import ConfigError
+    from bcoder_ray.evaluation import adhoc_problem, generate
+    from bcoder_ray.run_folder import sampler_and_ranker
     from envs.execute import Executor
 
     if args.problem:
@@ -117,24 +117,27 @@ def main(argv: list[str] | None = None) -> int:
             statement = Path(statement[1:]).read_text(encoding="utf-8")
         tests = read_tests(args.tests) if args.tests else None
         problem = adhoc_problem(make_prompt(statement, tests, args.format), tests, statement=statement)
-    checkpoint, theta, phi = checkpoints_from_args(args)
-    models = load_models(checkpoint, theta_dir=theta, phi_dir=phi, tokenizer=args.tokenizer, gamma=args.gamma,
-                         device=args.device)
+    try:
+        sampler, ranker, _ = sampler_and_ranker(checkpoint=args.checkpoint, run_dir=args.run_dir,
+                                                rank_with=args.rank_with, tokenizer=args.tokenizer,
+                                                device=args.device)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     settings = SamplingSettings(m=args.m, temperature=args.temperature, top_p=args.top_p,
                                 max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,
                                 seed=args.seed, prompts_per_call=1)
     with Executor(workers=args.workers) as executor:
-        result = generate(problem, models, settings, executor=executor)
-    print(f"# sampled {result.sampled} candidates with {models.label}"
+        result = generate(problem, sampler, settings, executor=executor, ranker=ranker)
+    print(f"# sampled {result.sampled} candidates with {sampler.label}"
           + (f"; {result.dropped_by_examples} failed the example tests" if problem.example_tests else "")
-          + ("" if models.ranker is not None else "; no ranker (plain LM): in sampling order"))
+          + (f"; ranked by {ranker.label}" if ranker is not None else "; no ranker: in sampling order"))
     if result.best is None:
         print("# no candidate passed the example tests")
         return 1
     for rank, c in enumerate(result.ranked[: args.show], 1):
         rt = "–" if c.rtilde is None else f"{c.rtilde:.4f}"
         outcome = "" if c.result is None else f", outcome on the tests: {c.result.outcome.value}"
-        print(f"# candidate {rank} (sample {c.sample_index}): R̃ = {rt}{outcome}")
+        print(f"# candidate {rank} (sample {c.sample_index}): score = {rt}{outcome}")
         print(c.program)
     return 0
 

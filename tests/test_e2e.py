@@ -140,7 +140,7 @@ def test_tiny_run_killed_resumed_and_checked(tmp_path):
     assert records[0]["theta"]["checkpoint"] == theta_before != state.theta == records[1]["theta"]["checkpoint"]
     from transformers import AutoModelForCausalLM
 
-    from bcoder_ray.q_model import QModel
+    from bcoder_ray.algorithms.q_model import QModel
 
     AutoModelForCausalLM.from_pretrained(state.theta)
     q = QModel.create(state.theta_ckpt, parts=("theta", "phi"), theta_dir=state.theta, phi_dir=state.phi)

@@ -186,8 +186,8 @@ def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp
     from envs.registry import load_suite
 
     from bcoder_ray.learner import ScalingSpec, StageJob, TargetSpec, fill_targets, train_stage
-    from bcoder_ray.q_model import QModel
-    from bcoder_ray.targets import targets_fingerprint
+    from bcoder_ray.algorithms.q_model import QModel
+    from bcoder_ray.algorithms.targets import targets_fingerprint
     from transformers import AutoTokenizer
 
     problems = load_suite("embedded", "train")[:6]

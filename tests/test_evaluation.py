@@ -12,7 +12,7 @@ import envs  # noqa: F401  (registers the suites)
 from bcoder_ray.evaluation import (SamplingSettings, adhoc_problem, evaluate, generate, load_models,
                                    rank_candidates_file, recompute_metrics, rtilde_of, sample_and_score)
 from bcoder_ray.metrics import read_candidates
-from bcoder_ray.q_model import QModel
+from bcoder_ray.algorithms.q_model import QModel
 from bcoder_ray.report import load_metrics
 from bcoder_ray.tokenization import encode_program, encode_prompt
 from bcoder_ray.warm_start import train_tokenizer

@@ -14,9 +14,9 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
 from bcoder_ray.batch import NO_ACTION, collate
-from bcoder_ray.losses import phi_loss, td_targets, theta_loss
-from bcoder_ray.q_model import QModel
-from bcoder_ray.targets import compute_frozen_targets, targets_fingerprint
+from bcoder_ray.algorithms.losses import phi_loss, td_targets, theta_loss
+from bcoder_ray.algorithms.q_model import QModel
+from bcoder_ray.algorithms.targets import compute_frozen_targets, targets_fingerprint
 from learner_fixtures import EOS, KINDS, PAD, example_rows, perturb, tiny_checkpoint
 
 torch.set_num_threads(1)

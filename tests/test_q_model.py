@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from bcoder_ray.batch import collate
-from bcoder_ray.losses import phi_loss, theta_loss
-from bcoder_ray.q_model import QModel, capped_value, load_lm, softabs, token_logit_stats
+from bcoder_ray.algorithms.losses import phi_loss, theta_loss
+from bcoder_ray.algorithms.q_model import QModel, capped_value, load_lm, softabs, token_logit_stats
 from learner_fixtures import KINDS, PAD, example_rows, perturb, tiny_checkpoint
 
 torch.set_num_threads(1)

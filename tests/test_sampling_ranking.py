@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bcoder_ray.q_model import QModel, capped_value
-from bcoder_ray.ranking import rank, score_programs, token_scores
+from bcoder_ray.algorithms.q_model import QModel, capped_value
+from bcoder_ray.algorithms.ranking import rank, score_programs, token_scores
 from bcoder_ray.sampling import sample_programs, warp_scores
 from learner_fixtures import EOS, KINDS, PAD, perturb, tiny_checkpoint
 

@@ -36,7 +36,7 @@ from typing import Mapping, Sequence
 import torch
 
 from bcoder_ray.batch import NO_ACTION, Batch, collate
-from bcoder_ray.q_model import Encoded, QModel
+from bcoder_ray.algorithms.q_model import Encoded, QModel
 from bcoder_ray.tokenization import tokenizer_fingerprint
 
 _IDENTITY_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt")

@@ -2,7 +2,7 @@
 
 Public API
 ----------
-- ``load_lm(name_or_path, *, dtype=None, device=None) -> PreTrainedModel``: a Hugging Face checkpoint (name or local
+- (from ``bcoder_ray.lm``) ``load_lm(name_or_path, *, dtype=None, device=None) -> PreTrainedModel``: a Hugging Face checkpoint (name or local
   path), encoder-decoder (T5 / CodeT5 family) or decoder-only (GPT-2, Llama-style), frozen and in eval mode. It checks
   that ``hidden -> logits`` as this module computes it matches the model's own forward (raises otherwise).
 - ``lm_kind(lm_or_config) -> "encoder-decoder" | "decoder-only"``.
@@ -45,10 +45,10 @@ What stays on the device, per stage (nothing else is loaded):
   θ_ckpt's decoder and LM head are not held (A_ckpt comes from the cache).
 - stage θ with cached targets (``parts=("theta",)``): the frozen encoder + θ's decoder + LM head + h1, h2. Neither
   θ_ckpt nor φ is held (â_{t+1} and v_φ come from the cache).
-- computing the cached targets (``bcoder_ray.targets``): θ_ckpt (+ φ when v_φ is wanted), no gradients.
+- computing the cached targets (``bcoder_ray.algorithms.targets``): θ_ckpt (+ φ when v_φ is wanted), no gradients.
 - live targets (no cache): add θ_ckpt (and φ for stage θ) to the stage's networks, run without gradients.
 - Q-sampling (``bcoder_ray.sampling``): the frozen encoder + θ's decoder + LM head (h1, h2 are unused).
-- ranking (``bcoder_ray.ranking``): the frozen encoder + θ (decoder, LM head, h1, h2) + φ's decoder + V head.
+- ranking (``bcoder_ray.algorithms.ranking``): the frozen encoder + θ (decoder, LM head, h1, h2) + φ's decoder + V head.
 For encoder-decoder models the encoder (and the input embedding it shares with the decoders) is one object shared
 by every network held; for decoder-only models nothing is shared, so each network held is one full model copy.
 """
@@ -64,13 +64,12 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig,
-                          PreTrainedModel)
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from bcoder_ray.batch import Batch
+from bcoder_ray.lm import (DECODER_ONLY, ENCODER_DECODER, Encoded, PolicyLM, SharedEncoder, Trunk,  # noqa: F401
+                           decoder_body, lm_kind, load_lm, positions_from_mask, token_logit_stats)
 
-ENCODER_DECODER = "encoder-decoder"
-DECODER_ONLY = "decoder-only"
 PARTS = ("ckpt", "phi", "theta")
 STAGES = ("phi", "theta", "none")
 THETA_HEADS_FILE = "value_heads.safetensors"
@@ -91,150 +90,7 @@ def capped_value(raw: torch.Tensor, r_max: float) -> torch.Tensor:
     return r_max - softabs(raw)
 
 
-# ---------------------------------------------------------------------------------------------- loading an LM
-def lm_kind(lm_or_config: PreTrainedModel | PretrainedConfig) -> str:
-    config = lm_or_config.config if isinstance(lm_or_config, PreTrainedModel) else lm_or_config
-    return ENCODER_DECODER if getattr(config, "is_encoder_decoder", False) else DECODER_ONLY
-
-
-def _decoder_body(lm: PreTrainedModel) -> nn.Module:
-    """The network whose last hidden state feeds the LM head (the decoder stack, or the decoder-only base model)."""
-    if lm_kind(lm) == ENCODER_DECODER:
-        return lm.get_decoder()
-    body = lm.base_model
-    if body is lm:
-        raise NotImplementedError(f"{type(lm).__name__}: no separate base model under the LM head")
-    return body
-
-
-def _lm_head_logits(lm: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    if lm_kind(lm) == ENCODER_DECODER and getattr(lm.config, "scale_decoder_outputs", False):
-        hidden = hidden * (lm.config.d_model ** -0.5)  # T5 v1.0 scales the decoder output before its tied head
-    return lm.get_output_embeddings()(hidden)
-
-
-def _check_logit_path(lm: PreTrainedModel, where: str) -> None:
-    """Refuse models whose forward does more than ``head(decoder hidden)`` (e.g. logit soft-capping)."""
-    vocab = lm.get_output_embeddings().weight.shape[0]
-    device = lm.get_output_embeddings().weight.device
-    ids = torch.tensor([[min(3, vocab - 1), min(5, vocab - 1), min(7, vocab - 1)]], device=device)
-    with torch.no_grad():
-        if lm_kind(lm) == ENCODER_DECODER:
-            start = lm.config.decoder_start_token_id
-            dec = torch.tensor([[start, int(ids[0, 0])]], device=device)
-            ref = lm(input_ids=ids, decoder_input_ids=dec).logits
-            enc = lm.get_encoder()(input_ids=ids).last_hidden_state
-            hidden = _decoder_body(lm)(input_ids=dec, encoder_hidden_states=enc).last_hidden_state
-        else:
-            ref = lm(input_ids=ids).logits
-            hidden = _decoder_body(lm)(input_ids=ids).last_hidden_state
-        mine = _lm_head_logits(lm, hidden)
-    if not torch.allclose(mine.float(), ref.float(), atol=1e-4, rtol=1e-3):
-        raise NotImplementedError(f"{where}: {type(lm).__name__} computes logits other than head(decoder hidden "
-                                  f"state); this model family is not supported")
-
-
-def load_lm(name_or_path: str, *, dtype: torch.dtype | None = None,
-            device: torch.device | str | None = None) -> PreTrainedModel:
-    """Load a causal or seq2seq LM, frozen (no parameter requires grad) and in eval mode."""
-    config = AutoConfig.from_pretrained(name_or_path)
-    cls = AutoModelForSeq2SeqLM if lm_kind(config) == ENCODER_DECODER else AutoModelForCausalLM
-    lm = cls.from_pretrained(name_or_path, dtype=dtype)
-    if lm_kind(lm) == ENCODER_DECODER and lm.config.decoder_start_token_id is None:
-        raise ValueError(f"{name_or_path}: encoder-decoder config has no decoder_start_token_id")
-    lm.requires_grad_(False)
-    lm.eval()
-    if device is not None:
-        lm.to(device)
-    _check_logit_path(lm, str(name_or_path))
-    return lm
-
-
-# ---------------------------------------------------------------------------------------------- network parts
-@dataclass
-class Encoded:
-    """The frozen shared encoder's output for a batch of prompts (encoder-decoder models)."""
-    hidden: torch.Tensor  # [B, S, d]
-    mask: torch.Tensor    # [B, S]
-
-    def repeat_interleave(self, n: int) -> "Encoded":
-        return Encoded(self.hidden.repeat_interleave(n, dim=0), self.mask.repeat_interleave(n, dim=0))
-
-    def select(self, index: torch.Tensor) -> "Encoded":
-        return Encoded(self.hidden[index], self.mask[index])
-
-
-class SharedEncoder(nn.Module):
-    """The encoder (and the input embedding it shares with the decoders) of an encoder-decoder: frozen, run once."""
-
-    def __init__(self, stack: nn.Module, embedding: nn.Embedding):
-        super().__init__()
-        self.stack = stack
-        self.embedding = embedding
-
-    def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Encoded:
-        with torch.no_grad():
-            hidden = self.stack(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
-        return Encoded(hidden, prompt_mask)
-
-    def train(self, mode: bool = True) -> "SharedEncoder":
-        return super().train(False)
-
-
-class _Trunk(nn.Module):
-    """A decoder body run teacher-forced over programs (all states at once) or step by step with a KV cache."""
-
-    def __init__(self, body: nn.Module, kind: str, decoder_start_id: int | None):
-        super().__init__()
-        self.body = body
-        self.kind = kind
-        self.decoder_start_id = decoder_start_id
-
-    def decode(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-               position_ids: torch.Tensor | None = None, encoded: Encoded | None = None,
-               past_key_values=None, use_cache: bool = False):
-        """One call of the body: returns (last hidden states [B, L, d], cache)."""
-        if self.kind == ENCODER_DECODER:
-            if encoded is None:
-                raise ValueError("encoder-decoder decode needs the encoder output")
-            out = self.body(input_ids=input_ids, encoder_hidden_states=encoded.hidden,
-                            encoder_attention_mask=encoded.mask, past_key_values=past_key_values,
-                            use_cache=use_cache)
-        else:
-            out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, use_cache=use_cache)
-        return out.last_hidden_state, (out.past_key_values if use_cache else None)
-
-    def states(self, batch: Batch, encoded: Encoded | None) -> torch.Tensor:
-        """Teacher-forced hidden states of s_0 … s_{T-1}: [B, T, d] (see the module docstring for positions)."""
-        program = batch.program_ids[:, :-1]
-        if self.kind == ENCODER_DECODER:
-            start = torch.full_like(batch.program_ids[:, :1], self.decoder_start_id)
-            hidden, _ = self.decode(torch.cat([start, program], dim=1), encoded=encoded)
-            return hidden
-        ids = torch.cat([batch.prompt_ids, program], dim=1)
-        mask = torch.cat([batch.prompt_mask, batch.program_mask[:, :-1]], dim=1)
-        hidden, _ = self.decode(ids, attention_mask=mask, position_ids=positions_from_mask(mask))
-        return hidden[:, batch.prompt_ids.shape[1] - 1:]
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a left-padded row: 0 at its first real token (as ``generate`` computes them)."""
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-class PolicyLM(_Trunk):
-    """Decoder + LM head: θ_ckpt (frozen) or the LM part of θ. ``lm`` is the whole HF model (saved as is)."""
-
-    def __init__(self, lm: PreTrainedModel):
-        super().__init__(_decoder_body(lm), lm_kind(lm), getattr(lm.config, "decoder_start_token_id", None))
-        self.lm = lm
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _lm_head_logits(self.lm, hidden)
-
-
-class ValueNet(_Trunk):
+class ValueNet(Trunk):
     """φ: a decoder body + the V head; ``raw_values`` is v_φ(s_t), V_φ = R_max - softabs(v_φ) (G.1)."""
 
     def __init__(self, body: nn.Module, kind: str, decoder_start_id: int | None, v_head: nn.Linear):
@@ -256,46 +112,6 @@ class QNet(PolicyLM):
 
     def residual_value(self, hidden: torch.Tensor) -> torch.Tensor:
         return (self.h1(hidden) - self.h2(hidden)).squeeze(-1)
-
-
-class _TokenLogitStats(torch.autograd.Function):
-    """max_a ℓ, ℓ[a_t] and (on chosen rows) log Σ_a exp ℓ from one [N, V] logits tensor, with a backward that
-    writes one [N, V] gradient (two scatters + a softmax on the chosen rows) instead of one dense tensor per op."""
-
-    @staticmethod
-    def forward(ctx, logits, actions, lse_rows):
-        max_logit, argmax = logits.max(dim=-1)
-        taken = logits.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-        log_z = torch.zeros(max_logit.shape, dtype=torch.float32, device=logits.device)
-        if lse_rows.numel():
-            log_z[lse_rows] = torch.logsumexp(logits[lse_rows].float(), dim=-1)
-        ctx.save_for_backward(logits, actions, argmax, lse_rows, log_z)
-        ctx.mark_non_differentiable(argmax)
-        return max_logit, taken, log_z, argmax
-
-    @staticmethod
-    def backward(ctx, g_max, g_taken, g_log_z, _):
-        logits, actions, argmax, lse_rows, log_z = ctx.saved_tensors
-        grad = torch.zeros_like(logits)
-        if lse_rows.numel() and g_log_z is not None:
-            softmax = (logits[lse_rows].float() - log_z[lse_rows].unsqueeze(-1)).exp()
-            grad[lse_rows] = (softmax * g_log_z[lse_rows].unsqueeze(-1)).to(grad.dtype)
-        if g_max is not None:
-            grad.scatter_add_(-1, argmax.unsqueeze(-1), g_max.unsqueeze(-1).to(grad.dtype))
-        if g_taken is not None:
-            grad.scatter_add_(-1, actions.unsqueeze(-1), g_taken.unsqueeze(-1).to(grad.dtype))
-        return grad, None, None
-
-
-def token_logit_stats(logits: torch.Tensor, actions: torch.Tensor, lse_rows: torch.Tensor | None = None):
-    """(max_a ℓ [B,T], ℓ[a_t] [B,T], log Z [B,T] (0 outside ``lse_rows``)) for logits [B,T,V], actions [B,T];
-    ``lse_rows`` is a bool [B] of the rows that need log Z (the cross-entropy's programs)."""
-    b, t, v = logits.shape
-    rows = torch.zeros(0, dtype=torch.long, device=logits.device)
-    if lse_rows is not None:
-        rows = torch.nonzero(lse_rows.repeat_interleave(t)).flatten()
-    max_logit, taken, log_z, _ = _TokenLogitStats.apply(logits.reshape(b * t, v), actions.reshape(b * t), rows)
-    return max_logit.view(b, t), taken.view(b, t), log_z.view(b, t)
 
 
 @dataclass
@@ -444,7 +260,7 @@ class QModel(nn.Module):
             else:
                 lm = take("phi")
                 like = lm.get_output_embeddings().weight
-                phi = ValueNet(_decoder_body(lm), kind, start, _new_head(_hidden_size(lm), 1, like, generator))
+                phi = ValueNet(decoder_body(lm), kind, start, _new_head(_hidden_size(lm), 1, like, generator))
         if "theta" in parts:
             if theta_dir:
                 theta = cls._load_theta(theta_dir, theta_meta, encoder, dtype)

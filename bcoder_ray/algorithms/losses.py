@@ -10,7 +10,7 @@ Public API
 over valid tokens), ``v_mean``, ``q_mean``; theta — ``l_q``, ``l_adv``, ``l_ce``, ``loss``, ``td_error``,
 ``v_mean``, ``q_mean``, ``adv_mean``, ``n_human``.
 
-Targets come from the batch's cached columns when present (``bcoder_ray.targets``), else live from the frozen
+Targets come from the batch's cached columns when present (``bcoder_ray.algorithms.targets``), else live from the frozen
 networks the model holds (θ_ckpt; and φ for stage θ), without gradient. Cached and live give the same loss.
 
 Conventions (program w_0 … w_{T-1}, state s_t, action a_t = w_t, reward r at the last step only):
@@ -23,8 +23,8 @@ Conventions (program w_0 … w_{T-1}, state s_t, action a_t = w_t, reward r at t
   Both read from the same teacher-forced forward of θ, detached.
 - Normalisation of L_V and L_Q (the 1/T of eq. 12, 15): mean of the squared TD error over a program's valid
   (non-padding) tokens, then mean over the programs of the batch.
-- L_adv (eq. 8) and L_ce (π_θ = softmax(Q_θ/α) = softmax(ℓ_θ), since Q_θ/α is ℓ_θ shifted per state) on human
-  programs only, averaged over the human programs of the batch (0 when there are none). Per program,
+- L_adv (eq. 8) and L_ce (π_θ = softmax(Q_θ/α) = softmax(ℓ_θ), since Q_θ/α is ℓ_θ shifted per state) on ground-truth
+  programs only (`Batch.ground_truth`: human programs that pass their tests), averaged over them of the batch (0 when there are none). Per program,
   ``aux_reduction="sum"`` sums over its tokens (eq. 8 and eq. 1 as written); ``"mean"`` averages over its tokens.
 - "Plain dueling DQN" (skip the LM initialisation) is a property of the model: ``QModel.create(...,
   init_from_lm=False)``; the losses are unchanged (pair it with ``operator="optimality"`` for Figure 1's curve).
@@ -35,8 +35,8 @@ from __future__ import annotations
 import torch
 
 from bcoder_ray.batch import Batch
-from bcoder_ray.q_model import Encoded, QModel, capped_value
-from bcoder_ray.targets import frozen_target_tensors
+from bcoder_ray.algorithms.q_model import Encoded, QModel, capped_value
+from bcoder_ray.algorithms.targets import frozen_target_tensors
 
 OPERATORS = ("conservative", "optimality")
 AUX_REDUCTIONS = ("sum", "mean")
@@ -108,7 +108,7 @@ def theta_loss(model: QModel, batch: Batch, *, gamma: float, beta_adv: float = 0
         target_actions = target_actions if target_actions is not None else live.target_actions
         v_phi = v_phi if v_phi is not None else live.v_phi
 
-    human = batch.is_human
+    human = batch.ground_truth  # L_adv and L_ce read ground-truth programs only (human, passing its tests)
     out = model.theta_outputs(batch, encoded, v_phi if needs_v_phi else None, lse_rows=human)
     mask = batch.program_mask.bool()
     if needs_actions:

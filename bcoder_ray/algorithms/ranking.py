@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from bcoder_ray.batch import collate
-from bcoder_ray.q_model import Encoded, QModel
+from bcoder_ray.algorithms.q_model import Encoded, QModel
 
 
 @dataclass

@@ -1,0 +1,206 @@
+"""What the shared loop asks of an algorithm (no Ray here: the wiring in `bcoder_ray.learner`, `rollout` and
+`driver` runs any algorithm through this interface).
+
+An algorithm is a subclass of `Algorithm` with a typed config (`Config`, a subclass of `AlgorithmConfig`),
+registered by name (`bcoder_ray.algorithms.registry.register_algorithm`). Per iteration the driver
+
+1. samples programs with the policy the algorithm publishes (`policy`), as it asks (`rollout_request`),
+2. fills the cached per-token targets each stage declares (`StagePlan.targets`, computed by `target_computer`),
+3. runs each stage of `plan_iteration` as one Ray Train run: every worker calls `build_stage` and optimises the
+   `StageModule` it returns on the buffer rows the stage reads (`StagePlan.rows`), then saves it,
+4. records the stage's checkpoint in the algorithm's state (`after_stage`),
+5. evaluates the published policy, ranked by the algorithm's `ranker` when it has one.
+
+Everything that crosses a process boundary (plans, state, references) is plain, JSON-able data.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from bcoder_ray.batch import Batch
+
+
+class AlgorithmConfig(BaseModel):
+    """Fields every algorithm has; each algorithm subclasses this with its own typed fields."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    name: str
+    """The registered algorithm (`python experiments/run.py --list-algorithms`)."""
+    gamma: float = 0.999
+    """Discount of the token MDP (the reward comes at the last token)."""
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every algorithm may rely on, the same for the driver, the learners and the actors."""
+
+    theta_ckpt: str
+    """θ_ckpt: the pretrained (or warm-started) LM every policy starts from, a local folder or hub name."""
+    tokenizer_path: str
+    source_len: int
+    target_len: int
+    dtype: str = "float32"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Which buffer rows a stage (or a target fill) reads: `bcoder_ray.buffer.Filters` fields, and the share of
+    ground-truth (human) rows per mini-batch (None: no mixing, rows drawn uniformly from those that match)."""
+
+    rho_real: float | None = None
+    filters: Mapping[str, Any] = field(default_factory=dict)
+    extra_columns: tuple[str, ...] = ()
+    """Buffer columns the stage's batches carry beyond the learner columns (per-token: `Batch.tokens`;
+    per-row: `Batch.info`), e.g. "logprobs", "problem_id"."""
+    token_columns: tuple[str, ...] = ()
+    """Which of the extra columns (and target columns) are per-token floats for `Batch.tokens`."""
+
+
+@dataclass(frozen=True)
+class TargetsPlan:
+    """Per-token columns that frozen networks compute once per row, cached in the buffer under `fingerprint`
+    (a hash of everything they depend on); `spec` is plain data for `Algorithm.target_computer`."""
+
+    fingerprint: str
+    columns: tuple[str, ...]
+    spec: Mapping[str, Any] = field(default_factory=dict)
+    rows: Rows = field(default_factory=Rows)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One learning stage of an iteration: the name of its optimiser settings (`stages.<name>` in the config),
+    the rows it reads, the targets it needs filled first, and plain data for `build_stage` (e.g. the checkpoint
+    it continues from)."""
+
+    name: str
+    rows: Rows
+    targets: TargetsPlan | None = None
+    spec: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""
+    """The stage's name in logs, checkpoints and metrics (default: `name`)."""
+
+
+@dataclass(frozen=True)
+class RankerRef:
+    """A ranker by reference (an actor loads it with `Algorithm.load_ranker(spec)`)."""
+
+    algorithm: str
+    config: Mapping[str, Any]
+    spec: Mapping[str, Any]
+    label: str
+
+
+@dataclass(frozen=True)
+class RolloutRequest:
+    """What the rollout samples for the algorithm besides the m sampled programs per problem."""
+
+    greedy_baseline: bool = False
+    """Also decode one greedy program per problem (stored with `decoding = "greedy"`; CodeRL's baseline)."""
+    logprobs: bool = False
+    """Record each sampled token's log-probability under the distribution actually sampled (on-policy methods)."""
+
+
+class StageModule(nn.Module):
+    """What a learner worker optimises: `forward(batch) -> (loss, metrics)` over exactly `trainable_parameters()`
+    (DDP wraps this module), then `save(directory, tokenizer)` writes the stage's checkpoint."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def save(self, directory: str, tokenizer: Any = None) -> None:
+        raise NotImplementedError
+
+
+class Ranker:
+    """Scores candidate programs of a problem (higher is better); `score` takes token ids."""
+
+    label: str = "ranker"
+
+    def score(self, prompt_ids: Sequence[Sequence[int]], program_ids: Sequence[Sequence[int]]) -> list[float]:
+        raise NotImplementedError
+
+
+def checkpoint_label(path: str) -> str:
+    """A checkpoint's name for tables: its folder, or its parent's for Ray Train's generic `.../final`."""
+    p = Path(path)
+    return p.parent.name if p.name in ("final", "checkpoint") or p.name.startswith("checkpoint_") else p.name
+
+
+TargetComputer = Callable[[Batch], Mapping[str, list]]
+"""Per-token target columns for a batch: {column: one list per row, as long as the row's program}."""
+
+
+class Algorithm(ABC):
+    """An algorithm on the shared loop (see the module docstring). Subclasses set the class attributes."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+    stage_names: ClassVar[tuple[str, ...]] = ()
+    """Every stage name it may plan (each has optimiser settings under `stages.<name>`)."""
+    stage_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    """Per-stage defaults that differ from `StageConfig`'s (e.g. B-Coder's θ: linear decay)."""
+    has_ranker: ClassVar[bool] = False
+    on_policy: ClassVar[bool] = False
+    """Learns only from the current policy's samples, so the rollout must sample the policy itself
+    (temperature 1, top-p 1) and record log-probabilities."""
+
+    def __init__(self, config: AlgorithmConfig, ctx: RunContext):
+        self.config = config
+        self.ctx = ctx
+
+    # -- the driver's side (plain data in and out)
+    def check(self, rollout_temperature: float, rollout_top_p: float) -> None:
+        """Refuse settings the algorithm cannot run with (a ValueError that names the key)."""
+        if self.on_policy and (rollout_temperature != 1.0 or rollout_top_p != 1.0):
+            raise ValueError(f"algorithm {self.name!r} is on-policy: it learns from the policy's own samples, so "
+                             f"rollout.temperature and rollout.top_p must be 1.0 (got {rollout_temperature}, "
+                             f"{rollout_top_p})")
+
+    def rollout_request(self) -> RolloutRequest:
+        return RolloutRequest(logprobs=self.on_policy)
+
+    @abstractmethod
+    def plan_iteration(self, iteration: int, state: dict, policy_version: str) -> list[StagePlan]:
+        """The stages of `iteration`, in order. `state` holds what `after_stage` recorded so far; the rollout of
+        this iteration sampled with policy `policy_version` (the buffer's `policy_version` of its rows)."""
+
+    def after_stage(self, plan: StagePlan, checkpoint: str, iteration: int, state: dict) -> None:
+        """Record a finished stage's checkpoint in `state` (default: under the stage's name)."""
+        state[plan.name] = checkpoint
+        state[f"{plan.name}_iteration"] = iteration
+
+    def prepare_stage(self, plan: StagePlan, state: dict) -> StagePlan:
+        """`plan` bound to the state just before it runs (after the iteration's earlier stages recorded theirs),
+        e.g. targets that depend on a checkpoint an earlier stage of the same iteration wrote."""
+        return plan
+
+    @abstractmethod
+    def policy(self, state: dict) -> str | None:
+        """The published policy: a folder that `AutoModelFor*LM.from_pretrained` loads (None: θ_ckpt)."""
+
+    def ranker(self, state: dict) -> RankerRef | None:
+        """The ranker evaluation uses (None: the algorithm has none; evaluation is unranked)."""
+        return None
+
+    # -- the workers' side
+    @abstractmethod
+    def build_stage(self, plan: StagePlan, device: torch.device | str | None = None) -> StageModule:
+        """The stage's networks, ready to train (a learner worker calls this)."""
+
+    def target_computer(self, targets: TargetsPlan,
+                        device: torch.device | str | None = None) -> TargetComputer:
+        raise NotImplementedError(f"algorithm {self.name!r} declares no cached targets")
+
+    def load_ranker(self, spec: Mapping[str, Any], label: str, device: torch.device | str | None = None) -> Ranker:
+        raise NotImplementedError(f"algorithm {self.name!r} has no ranker")

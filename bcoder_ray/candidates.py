@@ -1,0 +1,141 @@
+"""The one path from problems to scored candidates, shared by the rollout, evaluation and generation:
+sample (`bcoder_ray.sampling`, from a published policy) → execute (`envs.scoring`, hidden and example tests) →
+rank (the algorithm's `Ranker`, when given) → `ScoredCandidate`s that build buffer rows and evaluation records.
+
+    sampler = load_sampler(policy_dir or theta_ckpt, tokenizer=tok_path, label="theta-iter2")
+    with Executor(workers=2) as executor:
+        scored = sample_and_score(problems, sampler, executor, SamplingSettings(m=8), ranker=ranker)
+
+A published policy is a plain Hugging Face LM folder (`from_pretrained` loads it): B-Coder's θ (Q-sampling from
+Q_θ/α is sampling from ℓ_θ: `bcoder_ray.sampling`), CodeRL's actor, the PPO/GRPO/ReST-EM policies, or θ_ckpt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from bcoder_ray import sampling
+from bcoder_ray.algorithms.base import Ranker, checkpoint_label
+from bcoder_ray.algorithms.q_model import QModel
+from bcoder_ray.metrics import CandidateRecord
+from bcoder_ray.tokenization import decode_program, encode_prompt, eos_id, pad_id
+from envs import scoring
+from envs.problem import Problem
+from envs.result import ExecResult
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How candidates are sampled (Algorithm 2: temperature, then top-p). Paper: m = 256, T = 0.6 for
+    pass@{1,5}; m = 1000, T = 0.4 in the filtered setting."""
+
+    m: int = 8  # candidates per problem
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_prompt_len: int = 600  # prompt tokens kept (from the end)
+    max_new_tokens: int = 512  # program tokens (cut there, no EOS)
+    seed: int = 0
+    prompts_per_call: int = 4  # prompts per batched sampling call (each expanded to m rows)
+
+    def __post_init__(self) -> None:
+        if self.m < 1 or self.max_new_tokens < 1 or self.max_prompt_len < 1 or self.prompts_per_call < 1:
+            raise ValueError(f"SamplingSettings: m, lengths and prompts_per_call must be >= 1, got {self}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingSettings: temperature must be >= 0 and top_p in (0, 1], got {self}")
+
+
+@dataclass
+class Sampler:
+    """A published policy loaded for sampling: the LM (as `QModel.ckpt`, with the frozen encoder of an
+    encoder-decoder), its tokenizer and its name in records."""
+
+    model: QModel
+    tokenizer: Any
+    label: str
+    path: str
+
+
+def load_sampler(path: str, *, tokenizer: str | None = None, label: str | None = None, dtype: Any = None,
+                 device: str | None = None) -> Sampler:
+    """The LM at `path` (any folder `from_pretrained` loads, or a hub name) ready to sample."""
+    from transformers import AutoTokenizer
+
+    model = QModel.create(str(path), parts=("ckpt",), dtype=dtype, device=device)
+    return Sampler(model=model, tokenizer=AutoTokenizer.from_pretrained(str(tokenizer or path)),
+                   label=label or checkpoint_label(str(path)), path=str(path))
+
+
+@dataclass
+class ScoredCandidate:
+    """One sampled program with everything computed about it."""
+
+    problem: Problem
+    sample_index: int
+    prompt_ids: list[int]
+    program_ids: list[int]
+    program: str
+    result: ExecResult | None  # hidden tests (None when not executed)
+    example_result: ExecResult | None  # example tests (None when not run or the problem has none)
+    rtilde: float | None  # the ranker's score (B-Coder: R̃; CodeRL: p(passed))
+    model: str
+    ranker: str | None
+    logprobs: list[float] | None = None  # per token, of the distribution sampled
+    decoding: str = "sample"  # "sample" or "greedy"
+    truncated: bool = False  # cut at the length limit (no EOS at the end)
+
+    def record(self) -> CandidateRecord:
+        if self.result is None:
+            raise ValueError(f"{self.problem.key} sample {self.sample_index}: not executed, no candidate record")
+        return CandidateRecord(
+            suite=self.problem.suite, split=self.problem.split, problem_id=self.problem.problem_id,
+            difficulty=self.problem.difficulty, sample_index=self.sample_index, program=self.program,
+            outcome=self.result.outcome.value, reward=self.result.reward, passed=self.result.passed,
+            example_passed=None if self.example_result is None else self.example_result.passed,
+            rtilde=self.rtilde, model=self.model, ranker=self.ranker if self.rtilde is not None else None)
+
+
+def sample_and_score(problems: Sequence[Problem], sampler: Sampler, executor: Any | None,
+                     settings: SamplingSettings, *, examples: bool = True, ranker: Ranker | None = None,
+                     prompt_ids: Sequence[Sequence[int]] | None = None, logprobs: bool = False,
+                     decoding: str = "sample") -> list[ScoredCandidate]:
+    """Sample `settings.m` programs per problem (greedy decoding when `decoding == "greedy"`), execute them on
+    the hidden tests (and on the example tests when `examples` and the problem has some; nothing is executed when
+    `executor` is None), score them with `ranker` when given; problem-major candidates (problem 0's m first).
+    The sampling seed is `settings.seed` for the whole call, so the same call gives the same candidates."""
+    problems = list(problems)
+    tok = sampler.tokenizer
+    if prompt_ids is None:
+        prompt_ids = [encode_prompt(tok, p.prompt, settings.max_prompt_len) for p in problems]
+    elif len(prompt_ids) != len(problems):
+        raise ValueError(f"sample_and_score: {len(problems)} problems but {len(prompt_ids)} prompts")
+    if not problems:
+        return []
+    temperature = 0.0 if decoding == "greedy" else settings.temperature
+    sampled, sampled_logps = sampling.sample_programs(
+        sampler.model, prompt_ids, settings.m, max_new_tokens=settings.max_new_tokens, eos_id=eos_id(tok),
+        pad_id=pad_id(tok), temperature=temperature, top_p=settings.top_p, seed=settings.seed,
+        batch_size=settings.prompts_per_call * settings.m, network="ckpt", return_logprobs=True)
+    flat_problems = [p for p in problems for _ in range(settings.m)]
+    flat_prompts = [list(ids) for ids in prompt_ids for _ in range(settings.m)]
+    flat_ids = [list(ids) for per_problem in sampled for ids in per_problem]
+    flat_logps = [list(lp) for per_problem in sampled_logps for lp in per_problem]
+    texts = [decode_program(tok, ids) for ids in flat_ids]
+
+    results: list[ExecResult | None] = [None] * len(texts)
+    example_results: list[ExecResult | None] = [None] * len(texts)
+    if executor is not None:
+        results = list(scoring.score_programs(executor, flat_problems, texts))
+        if examples:
+            example_results = scoring.score_examples(executor, flat_problems, texts)
+    scores: list[float | None] = [None] * len(texts)
+    if ranker is not None:
+        scores = list(ranker.score(flat_prompts, flat_ids))
+    eos = eos_id(tok)
+    return [ScoredCandidate(problem=p, sample_index=i % settings.m, prompt_ids=pr, program_ids=ids, program=text,
+                            result=res, example_result=ex, rtilde=score, model=sampler.label,
+                            ranker=ranker.label if ranker is not None else None,
+                            logprobs=lp if logprobs else None, decoding=decoding,
+                            truncated=not ids or ids[-1] != eos)
+            for i, (p, pr, ids, lp, text, res, ex, score) in enumerate(
+                zip(flat_problems, flat_prompts, flat_ids, flat_logps, texts, results, example_results, scores))]
