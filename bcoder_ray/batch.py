@@ -147,3 +147,14 @@ def collate(examples: Sequence[Mapping[str, Any]], pad_id: int, *, token_columns
     info = {key: [ex.get(key) for ex in examples] for key in info_columns}
     return Batch(prompt_ids, prompt_mask, program_ids, program_mask, reward, is_human, **cached, tokens=tokens,
                  info=info)
+
+
+def per_program_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each program's valid tokens, then over the programs (the 1/T of eq. 12 and 15)."""
+    mask = mask.to(values.dtype)
+    return ((values * mask).sum(1) / mask.sum(1).clamp_min(1.0)).mean()
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    mask = mask.to(values.dtype)
+    return float((values * mask).sum() / mask.sum().clamp_min(1.0))

@@ -10,6 +10,7 @@ policy-gradient losses) and by sampling.
 - ``PolicyLM(lm)``: a trunk with the LM head, ``logits(hidden)``.
 - ``token_logit_stats(logits, actions, lse_rows=None) -> (max ℓ, ℓ[a_t], log Z)``: one fused autograd op.
 - ``positions_from_mask(mask)``: position ids of a left-padded batch.
+- ``hidden_size(lm_or_config)``; ``new_head(d_model, out, like, generator)``: a fresh seeded linear head.
 """
 
 from __future__ import annotations
@@ -209,3 +210,14 @@ def token_logit_stats(logits: torch.Tensor, actions: torch.Tensor, lse_rows: tor
     return max_logit.view(b, t), taken.view(b, t), log_z.view(b, t)
 
 
+def new_head(d_model: int, out: int, like: torch.Tensor, generator: torch.Generator) -> nn.Linear:
+    head = nn.Linear(d_model, out, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.02)
+        head.bias.zero_()
+    return head.to(device=like.device, dtype=like.dtype)
+
+
+def hidden_size(lm_or_config: PreTrainedModel | PretrainedConfig) -> int:
+    config = lm_or_config.config if isinstance(lm_or_config, PreTrainedModel) else lm_or_config
+    return int(config.get_text_config().hidden_size)

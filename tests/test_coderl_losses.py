@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from bcoder_ray.algorithms.coderl_losses import actor_loss, coderl_actor_loss, taken_log_probs
 from bcoder_ray.algorithms.critic import Critic, outcome_labels, token_values
 from bcoder_ray.batch import collate
-from bcoder_ray.q_model import PolicyLM
+from bcoder_ray.lm import PolicyLM
 from learner_fixtures import KINDS, PAD, example_rows, tiny_checkpoint
 
 torch.set_num_threads(1)

@@ -25,7 +25,7 @@ from bcoder_ray.algorithms.pg_losses import (GRPOOptions, PPOOptions, ValueHead,
                                              per_token_column, policy_forward, ppo_advantages, ppo_loss,
                                              ppo_token_rewards, value_loss, whiten)
 from bcoder_ray.batch import collate
-from bcoder_ray.q_model import DECODER_ONLY, PolicyLM, load_lm
+from bcoder_ray.lm import DECODER_ONLY, PolicyLM, load_lm
 from learner_fixtures import KINDS, PAD, example_rows, perturb, tiny_checkpoint
 
 torch.set_num_threads(1)

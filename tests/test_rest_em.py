@@ -15,8 +15,9 @@ import torch
 from bcoder_ray.algorithms.rest_em import PASSED_REWARD, RestEMOptions, m_step_mask, rest_em_loss, select_m_step_rows
 from bcoder_ray.batch import collate
 from bcoder_ray.buffer.synthetic import synthetic_rows
-from bcoder_ray.losses import theta_loss
-from bcoder_ray.q_model import DECODER_ONLY, PolicyLM, QModel, load_lm
+from bcoder_ray.algorithms.losses import theta_loss
+from bcoder_ray.algorithms.q_model import QModel
+from bcoder_ray.lm import DECODER_ONLY, PolicyLM, load_lm
 from envs.result import Outcome
 from learner_fixtures import KINDS, PAD, example_rows, tiny_checkpoint
 

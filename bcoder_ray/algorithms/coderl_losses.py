@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from bcoder_ray.batch import Batch
-from bcoder_ray.q_model import ENCODER_DECODER, Encoded, PolicyLM, token_logit_stats
+from bcoder_ray.lm import ENCODER_DECODER, Encoded, PolicyLM, token_logit_stats
 
 REDUCTIONS = ("sum", "mean")
 

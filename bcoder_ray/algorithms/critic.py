@@ -49,7 +49,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 from bcoder_ray.batch import Batch
-from bcoder_ray.q_model import ENCODER_DECODER, _hidden_size, _new_head, lm_kind, positions_from_mask
+from bcoder_ray.lm import ENCODER_DECODER, hidden_size, lm_kind, new_head, positions_from_mask
 from bcoder_ray.tokenization import tokenizer_fingerprint
 from envs.result import OUTCOMES, Outcome
 
@@ -133,7 +133,7 @@ class Critic(nn.Module):
         body = AutoModel.from_pretrained(checkpoint, dtype=dtype)
         like = next(body.parameters())
         generator = torch.Generator().manual_seed(seed)
-        head = _new_head(_hidden_size(body), len(classes), like, generator)
+        head = new_head(hidden_size(body), len(classes), like, generator)
         critic = cls(body, head, classes=classes, init_checkpoint=checkpoint)
         return critic.to(device) if device is not None else critic
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from bcoder_ray.batch import Batch
+from bcoder_ray.batch import Batch, masked_mean, per_program_mean
 from bcoder_ray.algorithms.q_model import Encoded, QModel, capped_value
 from bcoder_ray.algorithms.targets import frozen_target_tensors
 
@@ -58,17 +58,6 @@ def td_targets(next_values: torch.Tensor, batch: Batch, gamma: float) -> torch.T
     return torch.where(terminal, reward, gamma * shifted)
 
 
-def _per_program_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over each program's valid tokens, then over the programs (the 1/T of eq. 12 and 15)."""
-    mask = mask.to(values.dtype)
-    return ((values * mask).sum(1) / mask.sum(1).clamp_min(1.0)).mean()
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    mask = mask.to(values.dtype)
-    return float((values * mask).sum() / mask.sum().clamp_min(1.0))
-
-
 def phi_loss(model: QModel, batch: Batch, *, gamma: float,
              encoded: Encoded | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """L_V (eq. 12): only φ's decoder and V head receive gradient."""
@@ -82,9 +71,9 @@ def phi_loss(model: QModel, batch: Batch, *, gamma: float,
     target = td_targets(value, batch, gamma)                                   # r + γ·SG(Q_φ(s', â')) = γ·V_φ(s')
     td = target - q
     mask = batch.program_mask.bool()
-    loss = _per_program_mean(td.pow(2), mask)
-    metrics = {"l_v": float(loss.detach()), "td_error": _masked_mean(td.detach().abs(), mask),
-               "v_mean": _masked_mean(value.detach(), mask), "q_mean": _masked_mean(q.detach(), mask)}
+    loss = per_program_mean(td.pow(2), mask)
+    metrics = {"l_v": float(loss.detach()), "td_error": masked_mean(td.detach().abs(), mask),
+               "v_mean": masked_mean(value.detach(), mask), "q_mean": masked_mean(q.detach(), mask)}
     return loss, metrics
 
 
@@ -119,7 +108,7 @@ def theta_loss(model: QModel, batch: Batch, *, gamma: float, beta_adv: float = 0
     else:
         bootstrap = out.value                                               # max_a Q_θ(s', a) = V_θ(s'), eq. 13
     td = td_targets(bootstrap, batch, gamma) - out.q
-    l_q = _per_program_mean(td.pow(2), mask)                               # eq. 15
+    l_q = per_program_mean(td.pow(2), mask)                               # eq. 15
 
     n_human = int(human.sum())
     l_adv = l_ce = out.q.new_zeros(())
@@ -133,8 +122,8 @@ def theta_loss(model: QModel, batch: Batch, *, gamma: float, beta_adv: float = 0
     loss = l_q + beta_adv * l_adv + beta_ce * l_ce                          # eq. 17
     metrics = {"loss": float(loss.detach()), "l_q": float(l_q.detach()), "l_adv": float(l_adv.detach()),
                "l_ce": float(l_ce.detach()),
-               "td_error": _masked_mean(td.detach().abs(), mask), "v_mean": _masked_mean(out.value.detach(), mask),
-               "q_mean": _masked_mean(out.q.detach(), mask), "adv_mean": _masked_mean(out.advantage.detach(), mask),
+               "td_error": masked_mean(td.detach().abs(), mask), "v_mean": masked_mean(out.value.detach(), mask),
+               "q_mean": masked_mean(out.q.detach(), mask), "adv_mean": masked_mean(out.advantage.detach(), mask),
                "n_human": float(n_human)}
     return loss, metrics
 

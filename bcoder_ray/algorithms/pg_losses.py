@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from bcoder_ray.batch import Batch
-from bcoder_ray.losses import _per_program_mean
-from bcoder_ray.q_model import ENCODER_DECODER, Encoded, PolicyLM, token_logit_stats
+from bcoder_ray.batch import per_program_mean
+from bcoder_ray.lm import ENCODER_DECODER, Encoded, PolicyLM, token_logit_stats
 
 AGGREGATIONS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k3")
@@ -293,7 +293,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.T
     _check_like(mask, per_token=per_token)
     if mode == "token":
         return _masked_mean_t(per_token, mask)
-    return _per_program_mean(per_token, mask)
+    return per_program_mean(per_token, mask)
 
 
 # ---------------------------------------------------------------------------------------------- PPO

@@ -68,7 +68,8 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 from bcoder_ray.batch import Batch
 from bcoder_ray.lm import (DECODER_ONLY, ENCODER_DECODER, Encoded, PolicyLM, SharedEncoder, Trunk,  # noqa: F401
-                           decoder_body, lm_kind, load_lm, positions_from_mask, token_logit_stats)
+                           decoder_body, hidden_size, lm_kind, load_lm, new_head, positions_from_mask,
+                           token_logit_stats)
 
 PARTS = ("ckpt", "phi", "theta")
 STAGES = ("phi", "theta", "none")
@@ -130,19 +131,6 @@ class ThetaOutputs:
         with torch.no_grad():
             picked = self.logits.gather(-1, actions.clamp_min(0).unsqueeze(-1)).squeeze(-1)
             return alpha * (picked - self.max_logit).float() + self.value
-
-
-def _new_head(d_model: int, out: int, like: torch.Tensor, generator: torch.Generator) -> nn.Linear:
-    head = nn.Linear(d_model, out, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.02)
-        head.bias.zero_()
-    return head.to(device=like.device, dtype=like.dtype)
-
-
-def _hidden_size(lm_or_config: PreTrainedModel | PretrainedConfig) -> int:
-    config = lm_or_config.config if isinstance(lm_or_config, PreTrainedModel) else lm_or_config
-    return int(config.get_text_config().hidden_size)
 
 
 def _copy_sharing(module: nn.Module, shared: Iterable[nn.Parameter]) -> nn.Module:
@@ -260,7 +248,7 @@ class QModel(nn.Module):
             else:
                 lm = take("phi")
                 like = lm.get_output_embeddings().weight
-                phi = ValueNet(decoder_body(lm), kind, start, _new_head(_hidden_size(lm), 1, like, generator))
+                phi = ValueNet(decoder_body(lm), kind, start, new_head(hidden_size(lm), 1, like, generator))
         if "theta" in parts:
             if theta_dir:
                 theta = cls._load_theta(theta_dir, theta_meta, encoder, dtype)
@@ -270,7 +258,7 @@ class QModel(nn.Module):
                 if not init_from_lm:
                     _reinit_head(lm, generator)
                 like = lm.get_output_embeddings().weight
-                h1 = _new_head(_hidden_size(lm), 1, like, generator)
+                h1 = new_head(hidden_size(lm), 1, like, generator)
                 theta = QNet(lm, h1, copy.deepcopy(h1), uses_phi=init_from_lm)
         del base
         model = cls(kind=kind, config=config, alpha=alpha, r_max=r_max, pad_id=int(pad), decoder_start_id=start,
@@ -289,7 +277,7 @@ class QModel(nn.Module):
             _adopt_encoder(lm, encoder, directory)
         heads = load_file(os.path.join(directory, THETA_HEADS_FILE))
         like = lm.get_output_embeddings().weight
-        h1, h2 = (nn.Linear(_hidden_size(lm), 1).to(device=like.device, dtype=like.dtype) for _ in range(2))
+        h1, h2 = (nn.Linear(hidden_size(lm), 1).to(device=like.device, dtype=like.dtype) for _ in range(2))
         h1.load_state_dict({k[3:]: v for k, v in heads.items() if k.startswith("h1.")})
         h2.load_state_dict({k[3:]: v for k, v in heads.items() if k.startswith("h2.")})
         return QNet(lm, h1, h2, uses_phi=bool(meta["uses_phi"]))
@@ -305,7 +293,7 @@ class QModel(nn.Module):
             body = base
         head_state = load_file(os.path.join(directory, PHI_HEAD_FILE))
         like = head_state["weight"]
-        v_head = nn.Linear(_hidden_size(base), 1).to(dtype=like.dtype)
+        v_head = nn.Linear(hidden_size(base), 1).to(dtype=like.dtype)
         v_head.load_state_dict(head_state)
         return ValueNet(body, kind, getattr(base.config, "decoder_start_token_id", None), v_head)
 

@@ -24,8 +24,9 @@ import torch
 
 from bcoder_ray.algorithms.pg_losses import encode_prompts, policy_forward
 from bcoder_ray.batch import Batch
-from bcoder_ray.losses import AUX_REDUCTIONS, _per_program_mean
-from bcoder_ray.q_model import Encoded, PolicyLM
+from bcoder_ray.algorithms.losses import AUX_REDUCTIONS
+from bcoder_ray.batch import per_program_mean
+from bcoder_ray.lm import Encoded, PolicyLM
 from envs.result import REWARD, Outcome
 
 PASSED_REWARD = REWARD[Outcome.PASSED]
@@ -98,7 +99,7 @@ def rest_em_loss(policy: PolicyLM, batch: Batch, *, encoded: Encoded | None = No
     nll = -policy_forward(policy, batch, encoded=encoded).logprobs          # -log p_θ(w_t | s_t), 0 at padding
     mask = batch.program_mask
     if reduction == "mean":
-        loss = _per_program_mean(nll, mask)
+        loss = per_program_mean(nll, mask)
     else:
         loss = (nll * mask.to(nll.dtype)).sum(1).mean()
     tokens = int(mask.sum())
