@@ -1,8 +1,9 @@
 """Replay-buffer benchmark: append rows/s, ρ_real-mixed sampling rows/s, peak RSS while sampling.
 
 A synthetic buffer of `--rows` programs (default 1M) of realistic length (bcoder_ray.buffer.synthetic: ~250
-tokens on average, at most 512 as in Appendix H, ~4 characters of text per token) with per-token cached targets
-(target_actions, A_ckpt, V_φ) present, appended in actor batches of `--batch-rows` rows, 5% of them human.
+tokens on average, at most 512 as in Appendix H, ~4 characters of text per token), appended in actor batches of
+`--batch-rows` rows, 5% of them human, each batch's per-token cached targets (target_actions, A_ckpt, V_φ) then
+written as a sidecar (`write_targets`, not counted in the append rate).
 Sampling (ρ_real = 0.5, batch 256, prompts and targets joined) is measured in a fresh subprocess at two buffer
 sizes (after `--small` rows, and after all rows), with that subprocess's peak RSS. A plain
 `pyarrow.parquet.write_table` (default options) of a quarter of the same batches is timed alongside as the
@@ -25,12 +26,14 @@ import tempfile
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bcoder_ray.buffer.synthetic import synthetic_prompts, synthetic_rows  # noqa: E402
-from bcoder_ray.replay_buffer import ReplayBuffer, rows_from_batch  # noqa: E402
+from bcoder_ray.buffer import ReplayBuffer, part_name, rows_from_batch  # noqa: E402
+from bcoder_ray.buffer.schema import sample_ids  # noqa: E402
+from bcoder_ray.buffer.synthetic import synthetic_prompts, synthetic_rows, synthetic_targets  # noqa: E402
 
 N_PROBLEMS = 5000  # APPS train has 5000 problems
 FINGERPRINT = "bench-ckpt"
@@ -94,12 +97,17 @@ def main() -> None:
         for b in range(n_batches):
             n = min(args.batch_rows, args.rows - written)
             table = synthetic_rows(rng, n, start=written, iteration=b * 8 // n_batches, n_problems=N_PROBLEMS,
-                                   source="human" if b % 20 == 0 else "generated",
-                                   targets_fingerprint=FINGERPRINT)
+                                   source="human" if b % 20 == 0 else "generated")
             t0, c0 = time.perf_counter(), time.process_time()
             buffer.append(table, batch_key=f"bench/{b}")
             append_s += time.perf_counter() - t0
             append_cpu_s += time.process_time() - c0
+            targets = synthetic_targets(rng, table["program_ids"])  # rows are in batch order in their file
+            for name, col in (("sample_file", pa.array([part_name(f"bench/{b}")] * n)),
+                              ("row_index", pa.array(np.arange(n, dtype=np.int64))),
+                              ("sample_id", sample_ids(f"bench/{b}", table))):
+                targets = targets.append_column(name, col)
+            buffer.write_targets(targets, FINGERPRINT, batch_key=f"bench-targets/{b}")
             if b % 4 == 0:
                 t0 = time.perf_counter()
                 pq.write_table(table, plain)

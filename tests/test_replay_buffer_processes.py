@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from bcoder_ray.buffer.schema import rows_to_table
 from bcoder_ray.buffer.synthetic import synthetic_rows
-from bcoder_ray.replay_buffer import ReplayBuffer
+from bcoder_ray.buffer import ReplayBuffer
 
 REPO = Path(__file__).resolve().parents[1]
 WRITERS, BATCHES, ROWS = 4, 4, 50
@@ -60,7 +60,7 @@ SLOW_WRITER = textwrap.dedent("""
     import numpy as np
     import pyarrow.parquet as pq
     from bcoder_ray.buffer.synthetic import synthetic_rows
-    from bcoder_ray.replay_buffer import ReplayBuffer
+    from bcoder_ray.buffer import ReplayBuffer
 
     original = pq.ParquetWriter.write_table
 

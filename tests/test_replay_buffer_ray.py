@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bcoder_ray.buffer.synthetic import synthetic_prompts, synthetic_rows
-from bcoder_ray.replay_buffer import ReplayBuffer, rows_from_batch
+from bcoder_ray.buffer import ReplayBuffer, rows_from_batch
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # Ray start-up and its first tasks take tens of seconds on the shared CPUs
@@ -52,6 +52,13 @@ def test_mixed_dataset_keeps_rho_real_per_batch_and_per_shard(ray_session, buffe
     for b in batches:
         assert b.num_rows == 12 and sum(b["is_human"].to_pylist()) == 3
         assert b.column_names == ["prompt_ids", "program_ids", "reward", "is_human"]
+
+    # extra columns and unmixed sampling (on-policy readers) go through the read tasks too
+    ds = buffer.ray_dataset(batch_size=10, num_batches=4, rho_real=None, seed=3, parallelism=2,
+                            filters={"policy_versions": ["v2"]}, extra_columns=["sample_id", "policy_version"])
+    for b in ds.iter_batches(batch_size=10, batch_format="pyarrow"):
+        assert b.column_names == ["prompt_ids", "program_ids", "reward", "is_human", "sample_id", "policy_version"]
+        assert set(b["policy_version"].to_pylist()) == {"v2"} and not any(b["is_human"].to_pylist())
 
     # as Ray Train hands it out: one shard per worker (streaming_split), consumed concurrently
     shards = buffer.ray_dataset(batch_size=8, num_batches=12, rho_real=0.5, seed=2).streaming_split(2)

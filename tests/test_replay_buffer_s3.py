@@ -12,7 +12,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from bcoder_ray.buffer.synthetic import synthetic_prompts, synthetic_rows
-from bcoder_ray.replay_buffer import BufferWarning, ReplayBuffer
+from bcoder_ray.buffer import BufferWarning, ReplayBuffer
 
 BUCKET = "replay"
 CREDENTIALS = {"access_key": "testing", "secret_key": "testing", "region": "us-east-1"}

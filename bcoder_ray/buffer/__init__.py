@@ -1,13 +1,36 @@
-"""The replay buffer's parts, one job each. The public entry point is `bcoder_ray.replay_buffer.ReplayBuffer`.
+"""The replay buffer: a Parquet directory of every human and generated program (the manual is the docstring of
+`bcoder_ray.buffer.replay_buffer`, the facade). Public API:
 
-- schema: the columns, building rows (`make_row`, `prompt_rows`), validating caller rows into Arrow tables
-- filters: which rows a reader wants (suite, split, outcome, iteration window, tokenizer)
+    from bcoder_ray.buffer import (ReplayBuffer, Filters, make_row, prompt_rows, rows_from_batch, exec_result,
+                                   BufferError, BufferWarning, LEARNER_COLUMNS, SCHEMA_VERSION, BufferStats)
+
+Parts, one job each; every part works on the storage layer (Store, Ledger, Catalog), none imports the facade:
+
+- schema: the columns (schema versions), building rows (`make_row`, `prompt_rows`), validating caller rows
+  into Arrow tables, reading rows of older versions as the current one (`conform`)
+- filters: which rows a reader wants (suite, split, outcome, iteration window, tokenizer, policy versions,
+  decoding, source, log-probabilities present)
 - storage: files on any pyarrow filesystem: atomic whole-file writes, listing, footer checks, quarantine
 - ledger: which files a compaction replaced (reader hiding, retry detection, targets relocation)
-- targets: cached-target sidecar files and joining them onto rows
-- sampler: ρ_real-mixed mini-batches streamed with bounded memory; `rows_from_batch` for collate
-- ray_data: the same batches as a Ray Data dataset for Ray Train
+- catalog: the live, validated files of each area and reading them (the layer readers work on)
+- targets: an algorithm's cached-target sidecar files (any per-token columns) and joining them onto rows
+- sampler: ρ_real-mixed (or unmixed) mini-batches streamed with bounded memory; `rows_from_batch` for collate
+- ray_data: the same batches as a Ray Data dataset for Ray Train (imports Ray; not imported here)
 - compaction: merging small files without changing what readers see
 - stats: what a buffer holds (the `stats` command)
 - synthetic: synthetic rows and prompts for tests and the benchmark
+- replay_buffer: the `ReplayBuffer` facade;  __main__: `python -m bcoder_ray.buffer stats|compact PATH`
 """
+
+from bcoder_ray.buffer.compaction import CompactionReport
+from bcoder_ray.buffer.filters import Filters
+from bcoder_ray.buffer.replay_buffer import ReplayBuffer, exec_result, part_name
+from bcoder_ray.buffer.sampler import MixedSampler, rows_from_batch
+from bcoder_ray.buffer.schema import (LEARNER_COLUMNS, PROMPT_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION, BufferError,
+                                      make_row, prompt_rows)
+from bcoder_ray.buffer.stats import BufferStats
+from bcoder_ray.buffer.storage import BufferWarning
+
+__all__ = ["ReplayBuffer", "Filters", "make_row", "prompt_rows", "rows_from_batch", "exec_result", "BufferError",
+           "BufferWarning", "LEARNER_COLUMNS", "SCHEMA_VERSION", "BufferStats", "MixedSampler",
+           "CompactionReport", "SAMPLE_SCHEMA", "PROMPT_SCHEMA", "part_name"]

@@ -1,9 +1,13 @@
 """Merging many small files into fewer, without changing what readers see.
 
 For each group of small files: (1) the ledger record (sources and their row offsets) is written, (2) the
-sources' target sidecars are rewritten for the merged file with shifted `row_index`, (3) the merged file is
-written (streamed row group by row group) and renamed into place, (4) sources and their old sidecars are
-deleted. Readers of this module hide a source as soon as its merged file is visible. Run one compactor at a time.
+sources' target sidecars are rewritten, per fingerprint, for the merged file with shifted `row_index` (their
+columns, whatever the fingerprint's writer declared, kept as they are), (3) the merged file is written
+(streamed row group by row group, rows of any schema version written as the current one, a version-1 file's
+inline targets dropped) and renamed into place, (4) sources and their old sidecars are deleted. Readers hide a
+source as soon as its merged file is visible. Run one compactor at a time.
+
+Works on the storage layer (`catalog.Catalog`), not on the `ReplayBuffer` facade.
 """
 
 from __future__ import annotations
@@ -11,19 +15,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bcoder_ray.buffer.catalog import SAMPLES, Catalog
 from bcoder_ray.buffer.ledger import Compaction
-from bcoder_ray.buffer.schema import SAMPLE_SCHEMA, TARGET_COLUMNS
+from bcoder_ray.buffer.schema import SAMPLE_SCHEMA
 from bcoder_ray.buffer.storage import FileEntry
-from bcoder_ray.buffer.targets import (SIDECAR_ROW_GROUP, SIDECAR_SCHEMA, TARGETS_DIR, TargetsJoin,
-                                       fingerprint_dir, sample_stem_of, sidecar_name)
-
-if TYPE_CHECKING:
-    from bcoder_ray.replay_buffer import ReplayBuffer
+from bcoder_ray.buffer.targets import SIDECAR_ROW_GROUP, TARGETS_DIR, fingerprint_dir, sample_stem_of, sidecar_name
 
 
 @dataclass
@@ -49,57 +50,48 @@ def _groups(files: list[FileEntry], target_rows: int, min_files: int) -> list[li
     return [g for g in groups if len(g) >= min_files]
 
 
-def _remap_sidecars(buffer: "ReplayBuffer", group: list[FileEntry], offsets: dict[str, int], merged_stem: str,
-                    fingerprint: str, keep_inline_only: bool) -> list[str]:
-    """Write one sidecar for the merged file from the group's sidecars of `fingerprint`; returns the old paths.
-    With `keep_inline_only` (this fingerprint is being folded inline) only rows that keep another
-    fingerprint's inline targets stay in the sidecar."""
-    store = buffer.store
+def _remap_sidecars(catalog: Catalog, group: list[FileEntry], offsets: dict[str, int], merged_stem: str,
+                    fingerprint: str) -> list[str]:
+    """Write one sidecar for the merged file from the group's sidecars of `fingerprint`; returns the old paths."""
+    store = catalog.store
     stems = {f.stem: f for f in group}
     old = [i.path for i in store.list(fingerprint_dir(fingerprint)) if sample_stem_of(i.base_name) in stems]
     if not old:
         return []
+    schema = store.parquet_file(old[0]).schema_arrow
 
     def tables() -> Iterator[pa.Table]:
         for path in old:
-            t = store.parquet_file(path).read()
+            t = store.parquet_file(path).read().select(schema.names)
             src = stems[sample_stem_of(path.rsplit("/", 1)[1])]
-            if keep_inline_only:
-                inline = buffer.parquet_file(src).read(columns=["targets_fingerprint"])["targets_fingerprint"]
-                t = t.filter(pc.is_valid(inline.take(t["row_index"])))
             yield t.set_column(0, "row_index", pc.add(t["row_index"], offsets[src.name]))
 
-    nonempty = (t for t in tables() if t.num_rows)
-    first = next(nonempty, None)
-    if first is not None:  # (all rows folded inline: no sidecar left to write)
-        name = sidecar_name(merged_stem, "compaction", ",".join(sorted(stems)))
-        store.write_parquet(f"{fingerprint_dir(fingerprint)}/{name}", itertools.chain([first], nonempty),
-                            SIDECAR_SCHEMA, SIDECAR_ROW_GROUP)
+    name = sidecar_name(merged_stem, "compaction", ",".join(sorted(stems)))
+    store.write_parquet(f"{fingerprint_dir(fingerprint)}/{name}", tables(), schema, SIDECAR_ROW_GROUP)
     return old
 
 
-def _finish_interrupted(buffer: "ReplayBuffer", area: str, fingerprints: list[str]) -> None:
+def _finish_interrupted(catalog: Catalog, area: str, fingerprints: list[str]) -> None:
     """Delete what an interrupted compaction left: sources (and their old sidecars) of a visible merged file."""
-    buffer.ledger.refresh()
-    names = {i.base_name for i in buffer.store.list(area)}
-    done = buffer.ledger.hidden(area, names)
+    catalog.ledger.refresh()
+    names = {i.base_name for i in catalog.store.list(area)}
+    done = catalog.ledger.hidden(area, names)
     stems = {n.removesuffix(".parquet") for n in done}
     for name in done:
-        buffer.store.delete(f"{area}/{name}")
+        catalog.store.delete(f"{area}/{name}")
     for fp in fingerprints:
-        for info in buffer.store.list(fingerprint_dir(fp)):
+        for info in catalog.store.list(fingerprint_dir(fp)):
             if sample_stem_of(info.base_name) in stems:
-                buffer.store.fs.delete_file(info.path)
+                catalog.store.fs.delete_file(info.path)
 
 
-def compact(buffer: "ReplayBuffer", area: str = "samples", target_rows: int = 65536, min_files: int = 2,
-            inline_targets: str | None = None) -> CompactionReport:
-    """Merge files of `area` smaller than `target_rows` into files of about `target_rows` rows. With
-    `inline_targets` (samples only), that fingerprint's sidecar targets are folded into the merged rows that
-    have no inline targets, so later reads need no join."""
-    fingerprints = [d.removeprefix("fp=") for d in buffer.store.list_dirs(TARGETS_DIR)] if area == "samples" else []
-    _finish_interrupted(buffer, area, fingerprints)
-    files = buffer.files(area)
+def compact(catalog: Catalog, area: str = SAMPLES, target_rows: int = 65536, min_files: int = 2,
+            row_group_size: int = 2048) -> CompactionReport:
+    """Merge files of `area` smaller than `target_rows` into files of about `target_rows` rows (written with
+    `row_group_size`-row groups); every fingerprint's sidecars follow their rows."""
+    fingerprints = [d.removeprefix("fp=") for d in catalog.store.list_dirs(TARGETS_DIR)] if area == SAMPLES else []
+    _finish_interrupted(catalog, area, fingerprints)
+    files = catalog.files(area)
     report = CompactionReport(area, files_before=len(files), files_after=len(files))
     for group in _groups(files, target_rows, min_files):
         names = [f.name for f in group]
@@ -109,32 +101,20 @@ def compact(buffer: "ReplayBuffer", area: str = "samples", target_rows: int = 65
         for f in group:
             offsets[f.name] = start
             start += f.num_rows
-        buffer.ledger.record(Compaction(area, merged, tuple((f.name, offsets[f.name], f.num_rows) for f in group)))
-        old_sidecars = []
-        for fp in fingerprints:
-            old_sidecars += _remap_sidecars(buffer, group, offsets, merged_stem, fp, fp == inline_targets)
-        join = TargetsJoin.open(buffer.store, inline_targets) if inline_targets else None
+        catalog.ledger.record(Compaction(area, merged, tuple((f.name, offsets[f.name], f.num_rows) for f in group)))
+        old_sidecars = list(itertools.chain.from_iterable(
+            _remap_sidecars(catalog, group, offsets, merged_stem, fp) for fp in fingerprints))
 
         def tables() -> Iterator[pa.Table]:
             for f in group:
-                pf = buffer.parquet_file(f)
-                row = 0
-                for g in range(pf.metadata.num_row_groups):
-                    t = pf.read_row_group(g)
-                    if join is not None:
-                        joined, has = join.attach(t, f.stem, row)
-                        fold = pc.and_(pc.is_null(t["targets_fingerprint"]), has)  # never replace other inline
-                        for c in TARGET_COLUMNS + ("targets_fingerprint",):
-                            new = joined[c] if c != "targets_fingerprint" else pa.scalar(inline_targets)
-                            t = t.set_column(t.schema.get_field_index(c), c, pc.if_else(fold, new, t[c]))
-                    row += t.num_rows
-                    yield t
+                for g in range(catalog.metadata(f).num_row_groups):
+                    yield catalog.read_samples(f, None, g)
 
-        buffer.store.write_parquet(f"{area}/{merged}", tables(), SAMPLE_SCHEMA, buffer.row_group_size)
+        catalog.store.write_parquet(f"{area}/{merged}", tables(), SAMPLE_SCHEMA, row_group_size)
         for f in group:
-            buffer.store.delete(f"{area}/{f.name}")
+            catalog.store.delete(f"{area}/{f.name}")
         for path in old_sidecars:
-            buffer.store.fs.delete_file(path)
+            catalog.store.fs.delete_file(path)
         report.merged.append(merged)
         report.rows_moved += start
         report.files_after -= len(group) - 1

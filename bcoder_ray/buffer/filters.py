@@ -1,6 +1,12 @@
 """Which rows a reader wants: suite, split, outcome, iteration window, tokenizer (stale token ids are excluded
-by asking for the current tokenizer's hash). The iteration window applies to generated rows: human programs
-were produced by no iteration's policy and stay in (as Appendix H mixes all of them into every batch)."""
+by asking for the current tokenizer's hash), policy versions, decoding, source, and whether log-probabilities
+are present.
+
+The iteration window applies to generated rows: human programs were produced by no iteration's policy and stay
+in (as Appendix H mixes all of them into every batch). `policy_versions` instead selects generated rows of those
+versions only, human rows left out: what an on-policy reader wants. Rows of version-1 files read `decoding`
+null as "sample" and have no log-probabilities (`schema.conform`), and the masks here see them that way.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from bcoder_ray.buffer.schema import DECODINGS, SOURCES
 
 
 def _names(value: Any) -> tuple[str, ...] | None:
@@ -28,17 +36,33 @@ class Filters:
     iteration_min: int | None = None  # inclusive; the window selects generated rows (human rows always pass)
     iteration_max: int | None = None  # inclusive
     tokenizer_hash: str | None = None
+    policy_versions: tuple[str, ...] | None = None  # generated rows of these versions; excludes human rows
+    decoding: tuple[str, ...] | None = None  # e.g. ("sample",) leaves out greedy baseline rows
+    sources: tuple[str, ...] | None = None  # ("human",) or ("generated",)
+    require_logprobs: bool = False  # only rows whose sampling log-probabilities are stored
+
+    _ALIASES = {"suite": "suites", "split": "splits", "outcome": "outcomes", "policy_version": "policy_versions",
+                "source": "sources"}
+    _TUPLES = ("suites", "splits", "outcomes", "policy_versions", "decoding", "sources")
+
+    def __post_init__(self) -> None:
+        for name in self._TUPLES:
+            object.__setattr__(self, name, _names(getattr(self, name)))
+        for name, allowed in (("sources", SOURCES), ("decoding", DECODINGS)):
+            bad = [v for v in getattr(self, name) or () if v not in allowed]
+            if bad:
+                raise ValueError(f"filter {name}: {bad} not in {allowed}")
 
     @classmethod
     def coerce(cls, value: "Filters | Mapping[str, Any] | None") -> "Filters":
-        """Accepts a Filters, None, or a dict with the field names (or suite / split / outcome / iterations=(lo, hi))."""
+        """Accepts a Filters, None, or a dict with the field names (or the singular suite / split / outcome /
+        policy_version / source, and iterations=(lo, hi))."""
         if value is None:
             return cls()
         if isinstance(value, Filters):
             return value
         d = dict(value)
-        aliases = {"suite": "suites", "split": "splits", "outcome": "outcomes"}
-        for short, long in aliases.items():
+        for short, long in cls._ALIASES.items():
             if short in d:
                 d[long] = d.pop(short)
         if "iterations" in d:
@@ -47,13 +71,26 @@ class Filters:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown filter(s) {unknown}; expected some of {sorted(known)}")
-        for k in ("suites", "splits", "outcomes"):
-            d[k] = _names(d.get(k))
         return cls(**d)
 
+    def columns(self) -> list[str]:
+        """The sample columns the filters read."""
+        cols = [c for c, used in (("suite", self.suites), ("split", self.splits), ("outcome", self.outcomes),
+                                  ("tokenizer_hash", self.tokenizer_hash), ("decoding", self.decoding),
+                                  ("source", self.sources)) if used is not None]
+        if self.iteration_min is not None or self.iteration_max is not None:
+            cols += ["iteration", "source"]
+        if self.policy_versions is not None:
+            cols += ["policy_version", "source"]
+        if self.require_logprobs:
+            cols.append("logprobs")
+        return sorted(set(cols))
+
     def expression(self) -> pc.Expression | None:
+        """The filters as a dataset expression, for rows as `schema.conform` gives them."""
         parts = []
-        for column, values in (("suite", self.suites), ("split", self.splits), ("outcome", self.outcomes)):
+        for column, values in (("suite", self.suites), ("split", self.splits), ("outcome", self.outcomes),
+                               ("decoding", self.decoding), ("source", self.sources)):
             if values is not None:
                 parts.append(pc.field(column).isin(pa.array(values, pa.string())))
         window = []
@@ -64,8 +101,13 @@ class Filters:
         if window:  # human programs belong to no iteration's policy: the window selects generated rows only
             inside = window[0] if len(window) == 1 else window[0] & window[1]
             parts.append((pc.field("source") == "human") | inside)
+        if self.policy_versions is not None:
+            parts.append((pc.field("source") == "generated")
+                         & pc.field("policy_version").isin(pa.array(self.policy_versions, pa.string())))
         if self.tokenizer_hash is not None:
             parts.append(pc.field("tokenizer_hash") == self.tokenizer_hash)
+        if self.require_logprobs:
+            parts.append(pc.field("logprobs").is_valid())
         if not parts:
             return None
         expr = parts[0]
@@ -76,7 +118,8 @@ class Filters:
     def mask(self, table: pa.Table) -> pa.ChunkedArray | None:
         """Boolean mask of the rows of `table` that match (nulls count as no match); None when all may."""
         parts = []
-        for column, values in (("suite", self.suites), ("split", self.splits), ("outcome", self.outcomes)):
+        for column, values in (("suite", self.suites), ("split", self.splits), ("outcome", self.outcomes),
+                               ("decoding", self.decoding), ("source", self.sources)):
             if values is not None:
                 parts.append(pc.is_in(table[column], value_set=pa.array(values, pa.string())))
         if self.iteration_min is not None or self.iteration_max is not None:
@@ -84,8 +127,14 @@ class Filters:
                              pc.less_equal(table["iteration"], self.iteration_max if self.iteration_max
                                            is not None else np.iinfo(np.int32).max))
             parts.append(pc.or_(pc.equal(table["source"], "human"), inside))
+        if self.policy_versions is not None:
+            parts.append(pc.and_(pc.equal(table["source"], "generated"),
+                                 pc.is_in(table["policy_version"],
+                                          value_set=pa.array(self.policy_versions, pa.string()))))
         if self.tokenizer_hash is not None:
             parts.append(pc.equal(table["tokenizer_hash"], self.tokenizer_hash))
+        if self.require_logprobs:
+            parts.append(pc.is_valid(table["logprobs"]))
         if not parts:
             return None
         out = parts[0]
@@ -94,7 +143,9 @@ class Filters:
         return pc.fill_null(out, False)
 
     def row_group_may_match(self, stats: Mapping[str, tuple[Any, Any]], source: str | None = None) -> bool:
-        """False when a row group's min/max statistics rule it out (the pruning of a scan)."""
+        """False when a row group's min/max statistics rule it out (the pruning of a scan). `source`: the
+        source a stream reads (None: any). Columns without statistics (a version-1 file's `decoding`) never
+        rule a group out."""
         def excluded(column: str, allowed: tuple | None) -> bool:
             if allowed is None or column not in stats:
                 return False
@@ -105,8 +156,16 @@ class Filters:
             return False
         if excluded("tokenizer_hash", None if self.tokenizer_hash is None else (self.tokenizer_hash,)):
             return False
-        if source is not None and excluded("source", (source,)):
+        if excluded("decoding", self.decoding) or excluded("source", self.sources):
             return False
+        if source is not None and (excluded("source", (source,)) or
+                                   (self.sources is not None and source not in self.sources)):
+            return False
+        if self.policy_versions is not None:
+            if source == "human" or excluded("source", ("generated",)):
+                return False
+            if excluded("policy_version", self.policy_versions):
+                return False
         if "iteration" in stats and source != "human":
             lo, hi = stats["iteration"]
             if self.iteration_min is not None and hi < self.iteration_min:

@@ -1,9 +1,11 @@
-"""A Ray Data view of the buffer for `TorchTrainer(datasets=...)`: read tasks that run the ρ_real sampler.
+"""A Ray Data view of the buffer for `TorchTrainer(datasets=...)`: read tasks that run the sampler.
 
-Each read task opens the buffer by URI (so workers on other nodes need the same path or object store) and
+Each read task opens the buffer's storage layer by URI (so workers on other nodes need the same path or object store) and
 yields whole mini-batches of `batch_size` rows as blocks; `num_batches` batches in all, split over tasks with
 distinct seeds. In the train loop, `get_dataset_shard("train").iter_batches(batch_size=B, batch_format="pyarrow")`
-returns those blocks, each ρ_real-mixed; pass a batch to `rows_from_batch` then `collate`.
+returns those blocks, each ρ_real-mixed (or unmixed with `rho_real=None`) with the sampler's columns
+(`MixedSampler.columns`: learner columns, the fingerprint's targets, `extra_columns`); pass a batch to
+`rows_from_batch` then `collate`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from typing import Any
 import pyarrow.fs as pafs
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
+
+from bcoder_ray.buffer.catalog import Catalog
+from bcoder_ray.buffer.sampler import MixedSampler
+from bcoder_ray.buffer.storage import Store
 
 
 class MixedBatchDatasource(Datasource):
@@ -36,10 +42,9 @@ class MixedBatchDatasource(Datasource):
             seed = self.seed * 1_000_003 + k  # distinct, reproducible streams per task
 
             def read(count: int = count, seed: int = seed):
-                from bcoder_ray.replay_buffer import ReplayBuffer
-
-                buffer = ReplayBuffer(self.uri, filesystem=self.filesystem, validate=False)
-                yield from buffer.sampler(self.batch_size, seed=seed, num_batches=count, **self.sampler_kwargs)
+                catalog = Catalog(Store(self.uri, self.filesystem))
+                yield from MixedSampler(catalog, self.batch_size, seed=seed, num_batches=count,
+                                        **self.sampler_kwargs)
 
             meta = BlockMetadata(num_rows=count * self.batch_size, size_bytes=None, exec_stats=None,
                                  input_files=None)

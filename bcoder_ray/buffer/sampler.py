@@ -1,41 +1,40 @@
-"""Mini-batches mixing human and generated programs at ρ_real (Appendix H), streamed from the buffer.
+"""Mini-batches of buffer rows, streamed with bounded memory: mixing human and generated programs at ρ_real
+(Appendix H), or drawn from all matching rows without a split (`rho_real=None`, for on-policy readers).
 
-Each source (human, generated) is an endless stream: every epoch lists the live sample files again (so new
+Each stream (human, generated, or all rows) is endless: every epoch lists the live sample files again (so new
 appends and compactions are picked up), keeps the row groups whose statistics may match the filters, shuffles
 them, and reads them one at a time into a window of about `window_rows` rows that is permuted and emitted. Memory
-is one window per source plus one batch, whatever the size of the buffer. A batch is round(ρ_real·B) human rows
-followed by B - round(ρ_real·B) generated rows.
+is one window per stream plus one batch, whatever the size of the buffer. A mixed batch is round(ρ_real·B) human
+rows followed by B - round(ρ_real·B) generated rows; an unmixed one is B rows of the one stream.
+
+Works on the storage layer (`catalog.Catalog`), not on the `ReplayBuffer` facade.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bcoder_ray.buffer.catalog import READ_ERRORS, SAMPLES, Catalog
 from bcoder_ray.buffer.filters import Filters
-from bcoder_ray.buffer.schema import PROMPT_KEY, TARGET_COLUMNS, BufferError, prompt_keys
-from bcoder_ray.buffer.storage import DamagedFileError, FileEntry
-from bcoder_ray.buffer.targets import TargetsJoin
-
-if TYPE_CHECKING:
-    from bcoder_ray.replay_buffer import ReplayBuffer
-
-_READ_ERRORS = (pa.ArrowInvalid, pa.ArrowIOError, OSError, DamagedFileError)
+from bcoder_ray.buffer.schema import LEARNER_COLUMNS, PROMPT_KEY, SAMPLE_SCHEMA, BufferError, prompt_keys
+from bcoder_ray.buffer.storage import FileEntry
+from bcoder_ray.buffer.targets import TargetsJoin, stored_target_fields
 
 
 class PromptIndex:
     """The prompts table in memory (one row per problem and tokenizer, small) and the join onto rows."""
 
-    def __init__(self, buffer: "ReplayBuffer"):
-        self.buffer = buffer
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
         self._load()
 
     def _load(self) -> None:
-        table = self.buffer.prompts()
+        table = self.catalog.prompts()
         self.keys = prompt_keys(table).combine_chunks() if table.num_rows else pa.array([], pa.string())
         self.prompt_ids = table["prompt_ids"].combine_chunks()
 
@@ -62,7 +61,7 @@ class Unit:
 
 
 class SourceStream:
-    """Endless shuffled rows of one source, prepared for the learner (see module docstring).
+    """Endless shuffled rows of one source (None: all sources), prepared for the learner (see module docstring).
 
     The shuffle window is a set of open row groups, each permuted once when opened (the one copy of a row);
     a draw of n rows is spread uniformly at random over the open groups and takes zero-copy slices of them, so
@@ -71,17 +70,17 @@ class SourceStream:
     emitted row is copied once (when its group is permuted).
     """
 
-    def __init__(self, buffer: "ReplayBuffer", source: str, filters: Filters, rng: np.random.Generator,
-                 prompts: PromptIndex, targets_fingerprint: str | None, require_targets: bool,
-                 extra_columns: Sequence[str], window_rows: int):
-        self.buffer, self.source, self.filters, self.rng = buffer, source, filters, rng
+    def __init__(self, catalog: Catalog, source: str | None, filters: Filters, rng: np.random.Generator,
+                 prompts: PromptIndex, targets_fingerprint: str | None, target_fields: Sequence[pa.Field],
+                 require_targets: bool, extra_columns: Sequence[str], window_rows: int):
+        self.catalog, self.source, self.filters, self.rng = catalog, source, filters, rng
         self.prompts, self.fp, self.require_targets = prompts, targets_fingerprint, require_targets
+        self.target_fields = list(target_fields)
         self.extra_columns = tuple(extra_columns)
         self.window_rows = window_rows
-        read = {"source", "program_ids", "reward", *PROMPT_KEY, *self.extra_columns,
-                *_filter_columns(filters)}
+        read = {"source", "program_ids", "reward", *PROMPT_KEY, *self.extra_columns, *filters.columns()}
         if self.fp is not None:
-            read |= {"sample_id", "targets_fingerprint", *TARGET_COLUMNS}
+            read.add("sample_id")
         self.read_columns = sorted(read)
         self._open: list[list] = []  # [permuted table, next position]
         self._open_rows = 0
@@ -92,11 +91,12 @@ class SourceStream:
 
     def _new_epoch(self) -> None:
         if self._epoch_started and self._epoch_rows == 0:
-            raise BufferError(f"replay buffer {self.buffer.uri}: no {self.source} rows match {self.filters}"
+            raise BufferError(f"replay buffer {self.catalog.uri}: no {self.source or 'buffer'} rows match "
+                              f"{self.filters}"
                               + (f" with targets fp={self.fp}" if self.fp and self.require_targets else ""))
         units = []
-        for entry in self.buffer.files("samples"):
-            meta = self.buffer.metadata(entry)
+        for entry in self.catalog.files(SAMPLES):
+            meta = self.catalog.metadata(entry)
             start = 0
             for g in range(meta.num_row_groups):
                 rg = meta.row_group(g)
@@ -107,18 +107,18 @@ class SourceStream:
         self._epoch = iter([units[i] for i in order])
         self._epoch_rows = 0
         self._epoch_started = True
-        self._join = TargetsJoin.open(self.buffer.store, self.fp) if self.fp is not None else None
+        self._join = (TargetsJoin.open(self.catalog.store, self.fp, self.target_fields)
+                      if self.fp is not None else None)
 
     def _read_unit(self, unit: Unit) -> pa.Table | None:
         try:
-            pf = self.buffer.parquet_file(unit.file)
-            t = pf.read_row_group(unit.row_group, columns=self.read_columns, use_threads=False)
+            t = self.catalog.read_samples(unit.file, self.read_columns, unit.row_group)
         except FileNotFoundError:
             return None  # compacted away since the epoch began: its rows are in the merged file next epoch
-        except _READ_ERRORS as e:
-            self.buffer.quarantine_file(unit.file, f"reading row group {unit.row_group} failed: {e}")
+        except READ_ERRORS as e:
+            self.catalog.quarantine_file(unit.file, f"reading row group {unit.row_group} failed: {e}")
             return None
-        keep = pc.equal(t["source"], self.source)
+        keep = pc.equal(t["source"], self.source) if self.source is not None else pa.array(np.ones(t.num_rows, bool))
         if self._join is not None:
             t, has_targets = self._join.attach(t, unit.file.stem, unit.row_start)
             if self.require_targets:
@@ -136,11 +136,10 @@ class SourceStream:
             "reward": t["reward"].cast(pa.float32()),
             "is_human": pc.equal(t["source"], "human"),
         }
-        if self.fp is not None:
-            for c in TARGET_COLUMNS:
-                cols[c] = t[c]
+        for f in self.target_fields:
+            cols[f.name] = t[f.name]
         for c in self.extra_columns:
-            cols[c] = t[c]
+            cols.setdefault(c, t[c])
         return pa.table(cols).combine_chunks()
 
     def _fill(self) -> None:
@@ -189,17 +188,6 @@ def _split_evenly(rng: np.random.Generator, k: int, left: np.ndarray) -> np.ndar
     return counts
 
 
-def _filter_columns(filters: Filters) -> list[str]:
-    cols = []
-    for name, used in (("suite", filters.suites), ("split", filters.splits), ("outcome", filters.outcomes),
-                       ("tokenizer_hash", filters.tokenizer_hash)):
-        if used is not None:
-            cols.append(name)
-    if filters.iteration_min is not None or filters.iteration_max is not None:
-        cols += ["iteration", "source"]
-    return cols
-
-
 def _stats(rg) -> dict[str, tuple]:
     out = {}
     for i in range(rg.num_columns):
@@ -211,36 +199,50 @@ def _stats(rg) -> dict[str, tuple]:
 
 
 class MixedSampler:
-    """Iterator of `pyarrow.Table` mini-batches (see module docstring); `num_batches=None` is endless."""
+    """Iterator of `pyarrow.Table` mini-batches (see module docstring); `num_batches=None` is endless.
 
-    def __init__(self, buffer: "ReplayBuffer", batch_size: int, rho_real: float = 0.5,
+    Columns: `LEARNER_COLUMNS`, then the target columns of `targets_fingerprint` (as stored when the sampler
+    starts; a sampler started before any were written yields none), then `extra_columns` (sample columns, e.g.
+    sample_id, source, problem_id, policy_version, outcome, truncated, logprobs). `rho_real=None`: no
+    human/generated split, every matching row equally likely."""
+
+    def __init__(self, catalog: Catalog, batch_size: int, rho_real: float | None = 0.5,
                  filters: Filters | dict | None = None, seed: int = 0, targets_fingerprint: str | None = None,
                  require_targets: bool = True, num_batches: int | None = None,
                  extra_columns: Sequence[str] = (), window_rows: int = 8192):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0.0 <= rho_real <= 1.0:
-            raise ValueError(f"rho_real must be in [0, 1], got {rho_real}")
+        if rho_real is not None and not 0.0 <= rho_real <= 1.0:
+            raise ValueError(f"rho_real must be in [0, 1] or None, got {rho_real}")
+        unknown = [c for c in extra_columns if c not in SAMPLE_SCHEMA.names and c not in LEARNER_COLUMNS]
+        if unknown:
+            raise ValueError(f"extra_columns {unknown} are not sample columns; the schema has "
+                             f"{list(SAMPLE_SCHEMA.names)}")
         self.batch_size = batch_size
-        self.n_human = int(round(rho_real * batch_size))  # Appendix H: ρ_real·B ground-truth programs
-        self.n_generated = batch_size - self.n_human
         self.num_batches = num_batches
         self.fp = targets_fingerprint
-        self.extra_columns = tuple(extra_columns)
+        self.extra_columns = tuple(c for c in dict.fromkeys(extra_columns) if c not in LEARNER_COLUMNS)
+        fields = (stored_target_fields(catalog.store, targets_fingerprint) or []) if targets_fingerprint else []
+        self.target_columns = tuple(f.name for f in fields)
         filters = Filters.coerce(filters)
-        prompts = PromptIndex(buffer)
+        prompts = PromptIndex(catalog)
 
-        def stream(source: str, k: int) -> SourceStream:
-            return SourceStream(buffer, source, filters, np.random.default_rng([seed, k]), prompts,
-                                targets_fingerprint, require_targets, self.extra_columns, window_rows)
+        def stream(source: str | None, k: int) -> SourceStream:
+            return SourceStream(catalog, source, filters, np.random.default_rng([seed, k]), prompts,
+                                targets_fingerprint, fields, require_targets, self.extra_columns, window_rows)
 
-        self.human = stream("human", 0) if self.n_human else None
-        self.generated = stream("generated", 1) if self.n_generated else None
+        if rho_real is None:
+            self.n_human, self.n_generated = 0, batch_size
+            self.human, self.generated = None, stream(None, 2)
+        else:
+            self.n_human = int(round(rho_real * batch_size))  # Appendix H: ρ_real·B ground-truth programs
+            self.n_generated = batch_size - self.n_human
+            self.human = stream("human", 0) if self.n_human else None
+            self.generated = stream("generated", 1) if self.n_generated else None
         self.prompts = prompts
 
     def columns(self) -> list[str]:
-        return ["prompt_ids", "program_ids", "reward", "is_human"] + \
-            (list(TARGET_COLUMNS) if self.fp is not None else []) + list(self.extra_columns)
+        return [*LEARNER_COLUMNS, *self.target_columns, *self.extra_columns]
 
     def next_batch(self) -> pa.Table:
         parts = []

@@ -1,8 +1,12 @@
 """The buffer's columns, and turning caller rows into a validated Arrow table of them.
 
 One row per sample (program). Prompts live in their own table keyed by (suite, problem_id, tokenizer_hash);
-cached targets either inline (filled at append, with their `targets_fingerprint`) or in sidecar files written
-later (see `targets.py`).
+cached targets live only in sidecar files per fingerprint, with the columns their writer gives (`targets.py`).
+
+Schema versions. 1: the first layout, with inline targets (target_actions, a_ckpt, v_phi, targets_fingerprint).
+2: inline targets gone; `decoding`, `logprobs`, `truncated`, `run_id` added (all nullable). A version-1 file
+still reads: `conform` gives its missing columns as nulls (with the read defaults below) and drops the old
+inline columns, which readers ignore (their rows simply lack targets until `write_targets` fills them).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import pyarrow.compute as pc
 from envs.problem import program_hash
 from envs.result import OUTCOMES, REWARD, ExecResult, Outcome
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SOURCES = ("human", "generated")
 TRAIN_SPLIT = "train"
 
@@ -48,26 +52,32 @@ SAMPLE_SCHEMA = pa.schema([
     pa.field("error", pa.string()),
     pa.field("timeout", pa.bool_(), nullable=False),
     pa.field("exec_time", pa.float64(), nullable=False),
-    pa.field("target_actions", _ids),  # â_{t+1} = argmax ℓ_ckpt(s_{t+1}) per token (eq. 14), or null
-    pa.field("a_ckpt", _floats),  # A_ckpt(s_t, a_t) per token (eq. 9), or null
-    pa.field("v_phi", _floats),  # V_φ(s_t) per token (frozen φ, stage θ), or null
-    pa.field("targets_fingerprint", pa.string()),  # what the inline targets were computed from, or null
+    # version 2 (absent from version-1 files: read as nulls, then the READ_DEFAULTS)
+    pa.field("decoding", pa.string()),  # "sample" | "greedy" (e.g. a greedy baseline); null reads as "sample"
+    pa.field("logprobs", _floats),  # log-probability of each program token under the distribution sampled
+    pa.field("truncated", pa.bool_()),  # the stored program was cut at the length limit; null reads as false
+    pa.field("run_id", pa.string()),  # the run that wrote the row, or null
 ])
 SAMPLE_COLUMNS = tuple(SAMPLE_SCHEMA.names)
-TARGET_COLUMNS = ("target_actions", "a_ckpt", "v_phi")
+V2_COLUMNS = ("decoding", "logprobs", "truncated", "run_id")
+# Columns every sample file has, whatever its schema version (what opening a file checks).
+FILE_COLUMNS = tuple(c for c in SAMPLE_COLUMNS if c not in V2_COLUMNS)
+DECODINGS = ("sample", "greedy")
+# How a null (or, in an older file, absent) value reads.
+READ_DEFAULTS: dict[str, Any] = {"decoding": "sample", "truncated": False}
 REQUIRED_COLUMNS = ("tests_hash", "suite", "split", "problem_id", "source", "program", "program_ids",
                     "tokenizer_hash", "outcome")
 # Filled in when a caller leaves them out (None = computed, see `rows_to_table`).
 DEFAULTS: dict[str, Any] = {
     "schema_version": SCHEMA_VERSION, "sample_id": None, "program_hash": None, "iteration": 0,
     "policy_version": "", "actor": "", "sampling": "{}", "reward": None, "tests_passed": 0, "tests_total": 0,
-    "error": None, "timeout": False, "exec_time": 0.0, "target_actions": None, "a_ckpt": None, "v_phi": None,
-    "targets_fingerprint": None,
+    "error": None, "timeout": False, "exec_time": 0.0, "decoding": "sample", "logprobs": None,
+    "truncated": False, "run_id": None,
 }
 # Low-cardinality strings: dictionary-encoded, with statistics for row-group pruning.
 DICTIONARY_COLUMNS = ["suite", "split", "problem_id", "source", "policy_version", "actor", "sampling",
-                      "tokenizer_hash", "outcome", "targets_fingerprint"]
-STATISTICS_COLUMNS = DICTIONARY_COLUMNS + ["iteration", "schema_version"]
+                      "tokenizer_hash", "outcome", "decoding", "run_id"]
+STATISTICS_COLUMNS = DICTIONARY_COLUMNS + ["iteration", "schema_version", "truncated"]
 
 PROMPT_SCHEMA = pa.schema([
     pa.field("suite", pa.string(), nullable=False),
@@ -78,8 +88,9 @@ PROMPT_SCHEMA = pa.schema([
 ])
 PROMPT_KEY = ("suite", "problem_id", "tokenizer_hash")
 
-# What the learner's collate() consumes (bcoder_ray.batch); the target columns only with a fingerprint.
-LEARNER_COLUMNS = ("prompt_ids", "program_ids", "reward", "is_human") + TARGET_COLUMNS
+# What every sampler batch holds (bcoder_ray.batch.collate consumes them); a fingerprint's target columns and
+# the `extra_columns` asked for follow.
+LEARNER_COLUMNS = ("prompt_ids", "program_ids", "reward", "is_human")
 
 
 class BufferError(ValueError):
@@ -96,8 +107,12 @@ def sampling_json(sampling: Mapping[str, Any] | str | None) -> str:
 
 def make_row(problem, program: str, program_ids: Sequence[int], result: ExecResult, *, source: str,
              tokenizer_hash: str, iteration: int = 0, policy_version: str = "", actor: str = "",
-             sampling: Mapping[str, Any] | str | None = None) -> dict[str, Any]:
-    """One buffer row from an `envs.problem.Problem`, a program, its token ids and its `ExecResult`."""
+             sampling: Mapping[str, Any] | str | None = None, decoding: str = "sample",
+             logprobs: Sequence[float] | None = None, truncated: bool = False,
+             run_id: str | None = None) -> dict[str, Any]:
+    """One buffer row from an `envs.problem.Problem`, a program, its token ids and its `ExecResult`.
+    `decoding`: "sample" or "greedy"; `logprobs`: one log-probability per program token (of the distribution
+    actually sampled) or None; `truncated`: the program was cut at the length limit; `run_id`: the writing run."""
     return {
         "tests_hash": problem.hidden_tests.content_hash(), "suite": problem.suite, "split": problem.split,
         "problem_id": problem.problem_id, "source": source, "iteration": iteration,
@@ -106,6 +121,8 @@ def make_row(problem, program: str, program_ids: Sequence[int], result: ExecResu
         "tokenizer_hash": tokenizer_hash, "outcome": Outcome(result.outcome).value, "reward": result.reward,
         "tests_passed": sum(t.passed for t in result.tests), "tests_total": len(result.tests),
         "error": result.error, "timeout": bool(result.timeout), "exec_time": float(result.wall_time),
+        "decoding": decoding, "logprobs": None if logprobs is None else [float(x) for x in logprobs],
+        "truncated": bool(truncated), "run_id": run_id,
     }
 
 
@@ -224,18 +241,36 @@ def rows_to_table(rows: Any, batch_key: str, what: str = "append") -> pa.Table:
     _check(pc.greater(pc.abs(pc.subtract(out["reward"], expected)), 1e-9), out, what,
            "reward disagrees with its outcome (eq. 2)")
     _check(pc.equal(pc.list_value_length(out["program_ids"]), 0), out, what, "program_ids is empty")
-    has_t = pc.is_valid(out["target_actions"])
-    for c in TARGET_COLUMNS[1:] + ("targets_fingerprint",):
-        _check(pc.not_equal(has_t, pc.is_valid(out[c])), out, what,
-               f"target_actions, a_ckpt, v_phi and targets_fingerprint must be all set or all null ({c})")
+    _check(pc.invert(pc.is_in(out["decoding"], value_set=pa.array(DECODINGS))), out, what,
+           f"decoding must be one of {DECODINGS}")
     n_ids = pc.list_value_length(out["program_ids"])
-    for c in TARGET_COLUMNS:
-        _check(pc.and_kleene(has_t, pc.not_equal(pc.list_value_length(out[c]), n_ids)), out, what,
-               f"{c} must have one value per program token")
+    _check(pc.and_kleene(pc.is_valid(out["logprobs"]), pc.not_equal(pc.list_value_length(out["logprobs"]), n_ids)),
+           out, what, "logprobs must have one value per program token (or be null)")
     out = out.set_column(out.schema.get_field_index("sample_id"), "sample_id", sample_ids(batch_key, out))
     out = out.set_column(out.schema.get_field_index("schema_version"), "schema_version",
                          pa.array(np.full(n, SCHEMA_VERSION, np.int16)))
     return out.cast(SAMPLE_SCHEMA)
+
+
+def conform(table: pa.Table, columns: Sequence[str] | None = None) -> pa.Table:
+    """Rows read from a sample file of any schema version as `columns` (default: all) of `SAMPLE_SCHEMA`:
+    columns the file lacks come back as nulls, `READ_DEFAULTS` replace nulls, other columns (a version-1
+    file's inline targets) are dropped."""
+    names = SAMPLE_COLUMNS if columns is None else tuple(columns)
+    fields = [SAMPLE_SCHEMA.field(c) for c in names]
+    cols = []
+    for field in fields:
+        if field.name in table.column_names:
+            col = table[field.name]
+            if col.type != field.type:
+                col = col.cast(field.type)
+        else:
+            col = pa.nulls(table.num_rows, field.type)
+        default = READ_DEFAULTS.get(field.name)
+        if default is not None and col.null_count:
+            col = pc.fill_null(col, pa.scalar(default, field.type))
+        cols.append(col)
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
 
 
 def prompts_to_table(rows: Any) -> pa.Table:

@@ -1,19 +1,20 @@
-"""What is in a buffer: rows by suite, source, outcome and iteration, pass rates, files and bytes on disk."""
+"""What is in a buffer: rows by suite, source, outcome and iteration, pass rates, cached-target rows per
+fingerprint, files and bytes on disk. Works on the storage layer (`catalog.Catalog`), not on the facade.
+
+(`_pct` here formats a rate for the `stats` command; the project has other percentage formatters outside the
+buffer package, which must not import from outside it.)"""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
 
 import pyarrow.compute as pc
 
+from bcoder_ray.buffer.catalog import Catalog
 from bcoder_ray.buffer.storage import QUARANTINE
 from bcoder_ray.buffer.targets import TARGETS_DIR
-
-if TYPE_CHECKING:
-    from bcoder_ray.replay_buffer import ReplayBuffer
 
 _COUNTED = ("suite", "source", "outcome", "iteration")
 
@@ -41,7 +42,7 @@ class BufferStats:
     samples: AreaStats
     eval: AreaStats
     prompts: int
-    targets_rows: dict[str, int]  # fingerprint -> rows with targets (inline or sidecar)
+    targets_rows: dict[str, int]  # fingerprint -> sidecar rows (rows with targets for it)
     files: dict[str, int]  # area -> files
     bytes_on_disk: dict[str, int]  # area -> bytes
     quarantined: int
@@ -81,11 +82,11 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
-def _area_stats(buffer: "ReplayBuffer", area: str, targets: Counter) -> AreaStats:
+def _area_stats(catalog: Catalog, area: str) -> AreaStats:
     counts = {c: Counter() for c in _COUNTED}
     passed: Counter = Counter()
     rows = 0
-    for _, t in buffer.scan(area, columns=list(_COUNTED) + ["targets_fingerprint"]):
+    for _, t in catalog.scan(area, columns=list(_COUNTED)):
         rows += t.num_rows
         for c in _COUNTED:
             for item in pc.value_counts(t[c]).to_pylist():
@@ -93,26 +94,22 @@ def _area_stats(buffer: "ReplayBuffer", area: str, targets: Counter) -> AreaStat
         ok = t.filter(pc.equal(t["outcome"], "passed"))
         for item in pc.value_counts(ok["source"]).to_pylist():
             passed[item["values"]] += item["counts"]
-        if area == "samples":
-            for item in pc.value_counts(t["targets_fingerprint"]).to_pylist():
-                if item["values"] is not None:
-                    targets[item["values"]] += item["counts"]
     return AreaStats(rows, dict(counts["suite"]), dict(counts["source"]), dict(counts["outcome"]),
                      dict(counts["iteration"]), dict(passed))
 
 
-def compute_stats(buffer: "ReplayBuffer") -> BufferStats:
+def compute_stats(catalog: Catalog) -> BufferStats:
     targets: Counter = Counter()
-    samples = _area_stats(buffer, "samples", targets)
-    evals = _area_stats(buffer, "eval", Counter())
-    for fp_dir in buffer.store.list_dirs(TARGETS_DIR):
-        targets[fp_dir.removeprefix("fp=")] += sum(f.num_rows for f in buffer.files(f"{TARGETS_DIR}/{fp_dir}"))
+    samples = _area_stats(catalog, "samples")
+    evals = _area_stats(catalog, "eval")
+    for fp_dir in catalog.store.list_dirs(TARGETS_DIR):
+        targets[fp_dir.removeprefix("fp=")] += sum(f.num_rows for f in catalog.files(f"{TARGETS_DIR}/{fp_dir}"))
     files, size = {}, {}
     for area in ("samples", "eval", "prompts", TARGETS_DIR, QUARANTINE):
-        files[area], size[area] = buffer.store.disk_usage(area)
+        files[area], size[area] = catalog.store.disk_usage(area)
     quarantined = files.pop(QUARANTINE)
     size.pop(QUARANTINE)
-    return BufferStats(buffer.uri, samples, evals, buffer.prompts().num_rows, dict(targets), files, size,
+    return BufferStats(catalog.uri, samples, evals, catalog.prompts().num_rows, dict(targets), files, size,
                        quarantined)
 
 

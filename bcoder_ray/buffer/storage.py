@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 TMP_PREFIX = "_tmp-"
 TMP_SUFFIX = ".partial"
 QUARANTINE = "quarantine"
-UNCOMPRESSED_COLUMNS = {"a_ckpt", "v_phi"}
 
 
 class BufferWarning(UserWarning):
@@ -65,15 +64,18 @@ def parquet_options(schema: pa.Schema, compression: str) -> dict:
     per-token lists); dense per-token floats uncompressed (they barely compress, and compressing them took a
     third of the write time); CRC page checksums so damage inside a page is caught on read."""
     names = set(schema.names)
-    per_column = {c: compression for c in schema.names}
-    for c in UNCOMPRESSED_COLUMNS & names:
-        per_column[c] = "none"
+    per_column = {f.name: "none" if _is_float_list(f.type) else compression for f in schema}
     return {
         "compression": per_column,
         "use_dictionary": [c for c in DICTIONARY_COLUMNS if c in names],
         "write_statistics": [c for c in STATISTICS_COLUMNS + ["row_index", "suite", "problem_id"] if c in names],
         "write_page_checksum": True,
     }
+
+
+def _is_float_list(t: pa.DataType) -> bool:
+    """Per-token floats (log-probabilities, value targets): stored uncompressed."""
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_floating(t.value_type)
 
 
 class Store:

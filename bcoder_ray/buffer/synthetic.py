@@ -1,15 +1,16 @@
 """Synthetic buffer rows and prompts for tests and benchmarks (columnar, built from numpy: fast at 1M rows).
 
 Token counts are log-normal around `mean_tokens`, capped at `max_tokens` (Appendix H: 512 target tokens);
-program text is ~4 characters per token of plausible Python; outcomes and rewards agree (eq. 2); cached targets
-(target_actions, A_ckpt ≤ 0 with zeros where the sampled token is the greedy one, V_φ) are present when a
-fingerprint is given.
+program text is ~4 characters per token of plausible Python; outcomes and rewards agree (eq. 2).
+`synthetic_targets` makes B-Coder-like cached targets for written rows (target_actions, A_ckpt ≤ 0 with zeros
+where the sampled token is the greedy one, V_φ), to hand to `ReplayBuffer.write_targets`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from envs.problem import program_hash
 from envs.result import OUTCOMES, REWARD, Outcome
@@ -31,8 +32,7 @@ def list_array(lengths: np.ndarray, values: np.ndarray, value_type: pa.DataType)
 
 def synthetic_rows(rng: np.random.Generator, n: int, *, start: int = 0, suite: str = "apps",
                    source: str = "generated", iteration: int = 0, n_problems: int = 100,
-                   tokenizer_hash: str = "synthetic-tok", targets_fingerprint: str | None = None,
-                   mean_tokens: float = 250.0, max_tokens: int = 512, vocab: int = 32100,
+                   tokenizer_hash: str = "synthetic-tok", mean_tokens: float = 250.0, max_tokens: int = 512, vocab: int = 32100,
                    split: str = "train") -> pa.Table:
     """`n` buffer rows (program_hash included, as actors have it from the executor)."""
     sigma = 0.55
@@ -63,13 +63,25 @@ def synthetic_rows(rng: np.random.Generator, n: int, *, start: int = 0, suite: s
         "tests_total": pa.array(np.full(n, 10, np.int32)),
         "timeout": pa.array(np.zeros(n, bool)), "exec_time": pa.array(rng.random(n)),
     }
-    if targets_fingerprint is not None:
-        greedy = rng.random(total) < 0.6  # the sampled token is often θ_ckpt's greedy one: A_ckpt = 0 there
-        cols["target_actions"] = list_array(lengths, np.where(greedy, ids, rng.integers(0, vocab, total, dtype=np.int32)), pa.int32())
-        cols["a_ckpt"] = list_array(lengths, np.where(greedy, 0.0, -3 * np.abs(rng.standard_normal(total))).astype(np.float32), pa.float32())
-        cols["v_phi"] = list_array(lengths, (rng.random(total) * 2 - 1).astype(np.float32), pa.float32())
-        cols["targets_fingerprint"] = pa.array([targets_fingerprint] * n)
     return pa.table(cols)
+
+
+def synthetic_targets(rng: np.random.Generator, program_ids: pa.ChunkedArray | pa.ListArray,
+                      vocab: int = 32100) -> pa.Table:
+    """Per-token targets for rows with these `program_ids`: target_actions, a_ckpt, v_phi."""
+    if isinstance(program_ids, pa.ChunkedArray):
+        program_ids = program_ids.combine_chunks()
+    lengths = pc.list_value_length(program_ids).to_numpy()
+    ids = program_ids.flatten().to_numpy()
+    total = len(ids)
+    greedy = rng.random(total) < 0.6  # the sampled token is often θ_ckpt's greedy one: A_ckpt = 0 there
+    return pa.table({
+        "target_actions": list_array(lengths, np.where(greedy, ids, rng.integers(0, vocab, total, dtype=np.int32)),
+                                     pa.int32()),
+        "a_ckpt": list_array(lengths, np.where(greedy, 0.0, -3 * np.abs(rng.standard_normal(total))).astype(
+            np.float32), pa.float32()),
+        "v_phi": list_array(lengths, (rng.random(total) * 2 - 1).astype(np.float32), pa.float32()),
+    })
 
 
 def synthetic_prompts(rng: np.random.Generator, n_problems: int, *, suite: str = "apps",

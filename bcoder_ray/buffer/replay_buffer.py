@@ -1,8 +1,8 @@
 """The Parquet replay buffer: every human and generated program, persistent, shared by actors and learners.
 
-Public API (the implementation lives in `bcoder_ray/buffer/`, one job per module):
+Public API (`bcoder_ray.buffer`; this module is its facade, the parts live beside it, one job per module):
 
-    from bcoder_ray.replay_buffer import ReplayBuffer, Filters, make_row, prompt_rows, rows_from_batch
+    from bcoder_ray.buffer import ReplayBuffer, Filters, make_row, prompt_rows, rows_from_batch, exec_result
 
     buf = ReplayBuffer(uri)                       # local path, file://..., s3://bucket/prefix?endpoint_override=...
     buf = ReplayBuffer("bucket/prefix", filesystem=pyarrow.fs.S3FileSystem(...))   # or an explicit filesystem
@@ -17,52 +17,69 @@ Public API (the implementation lives in `bcoder_ray/buffer/`, one job per module
     buf.sampler(batch_size, rho_real=0.5, filters=None, seed=0, targets_fingerprint=None,
                 require_targets=True, num_batches=None, extra_columns=()) -> MixedSampler (iterable of pa.Table)
     buf.ray_dataset(batch_size, num_batches, rho_real=0.5, filters=None, seed=0, targets_fingerprint=None,
-                    parallelism=None) -> ray.data.Dataset
-    buf.compact(target_rows=65536, inline_targets=None) -> [CompactionReport, ...]
+                    require_targets=True, parallelism=None, num_cpus=None, extra_columns=()) -> ray.data.Dataset
+    buf.compact(target_rows=65536, min_files=2) -> [CompactionReport, ...]
     buf.stats() -> BufferStats;  buf.read(area, columns, filters) / buf.scan(...) for small buffers and tools
-    python -m bcoder_ray.replay_buffer stats PATH [--json];  python -m bcoder_ray.replay_buffer compact PATH
+    python -m bcoder_ray.buffer stats PATH [--json];  python -m bcoder_ray.buffer compact PATH
 
 Rows. `make_row(problem, program, program_ids, exec_result, source=..., tokenizer_hash=..., iteration=...,
-policy_version=..., actor=..., sampling=...)` builds one from an `envs.problem.Problem` and an
-`envs.result.ExecResult`. `append` takes a list of such dicts, a dict of columns or a `pyarrow.Table` with the
-columns of `bcoder_ray.buffer.schema.SAMPLE_SCHEMA` (the contract in plan.md); `sample_id` and
-`schema_version` are always computed, `program_hash` when absent, and rows are validated (source, outcome, reward = eq. 2 of the
-outcome, split, one target value per program token) with the offending row named. Columnar input is the fast
-path (a 4096-row actor batch is one file).
+policy_version=..., actor=..., sampling=..., decoding="sample", logprobs=None, truncated=False, run_id=None)`
+builds one from an `envs.problem.Problem` and an `envs.result.ExecResult`. `append` takes a list of such dicts,
+a dict of columns or a `pyarrow.Table` with columns of `bcoder_ray.buffer.schema.SAMPLE_SCHEMA` (the contract
+in plan.md); `sample_id` and `schema_version` are always computed, `program_hash` when absent, and rows are
+validated (source, outcome, reward = eq. 2 of the outcome, split, decoding in ("sample", "greedy"), logprobs one
+value per program token or null) with the offending row named. Columnar input is the fast path (a 4096-row
+actor batch is one file).
+
+Schema versions (`SCHEMA_VERSION` = 2). Version 2 added `decoding` ("sample" | "greedy"; null reads as
+"sample"), `logprobs` (per-token log-probabilities of the distribution actually sampled, or null), `truncated`
+(the program was cut at the length limit; null reads as false) and `run_id`, and dropped version 1's inline
+target columns. Files of version 1 still read: the new columns come back as nulls (then those defaults), the old
+inline targets are ignored (those rows lack targets until `write_targets` fills them); compaction rewrites such
+rows in the current layout, keeping their `schema_version`.
 
 What learners get. The sampler yields `pyarrow.Table` batches of exactly `batch_size` rows with the columns
 `LEARNER_COLUMNS`: prompt_ids (joined from the prompts table by (suite, problem_id, tokenizer_hash)),
-program_ids, reward (float32), is_human (source == "human"), and, when `targets_fingerprint` is given,
-target_actions, a_ckpt, v_phi for that fingerprint (rows without them are skipped unless
-require_targets=False; `missing_targets` lists them). Each batch is round(ρ_real·B) human rows then the rest
-generated (Appendix H). Each source streams its row groups in shuffled order through a bounded shuffle window,
-so memory does not grow with the buffer, and each epoch re-lists the files (new appends appear; one epoch of
-draws visits every matching row once). `rows_from_batch(batch)` turns a batch (also a Ray Data pyarrow/numpy
-batch) into the list of dicts `bcoder_ray.batch.collate` takes, list values as numpy arrays.
+program_ids, reward (float32), is_human (source == "human"); then, when `targets_fingerprint` is given, that
+fingerprint's target columns (rows without them are skipped unless require_targets=False, which gives nulls;
+`missing_targets` lists them); then the `extra_columns` asked for (any sample column: sample_id, source,
+problem_id, policy_version, outcome, truncated, logprobs, ...). With `rho_real` in [0, 1] each batch is
+round(ρ_real·B) human rows then the rest generated (Appendix H); with `rho_real=None` it is B rows drawn from
+all matching rows alike (on-policy readers, with `Filters(policy_versions=...)`). Each stream reads its row
+groups in shuffled order through a bounded shuffle window, so memory does not grow with the buffer, and each
+epoch re-lists the files (new appends appear; one epoch of draws visits every matching row once).
+`rows_from_batch(batch)` turns a batch (also a Ray Data pyarrow/numpy batch) into the list of dicts
+`bcoder_ray.batch.collate` takes, list values as numpy arrays.
 Filters (`Filters` or a dict): suite(s), split(s), outcome(s), iterations=(lo, hi) inclusive (it selects
 generated rows; human rows belong to no iteration and always pass), tokenizer_hash (pass the current
-tokenizer's fingerprint and rows with stale token ids are left out).
+tokenizer's fingerprint and rows with stale token ids are left out), policy_versions (generated rows of those
+versions; human rows left out), decoding (e.g. ("sample",) leaves out greedy baselines), sources (("human",) or
+("generated",)), require_logprobs. Row groups whose statistics rule them out are not read.
 
 Ray Train. `TorchTrainer(datasets={"train": buf.ray_dataset(B, steps, ...)})`; in the loop
 `train.get_dataset_shard("train").iter_batches(batch_size=B, batch_format="pyarrow")` then `rows_from_batch`.
-Every block is one mixed batch of B rows made by the sampler in a read task, so with batch_size=B (no local
+Every block is one batch of B rows made by the sampler in a read task, so with batch_size=B (no local
 shuffle) every batch keeps the exact ρ_real split on every worker. Read tasks open the buffer by URI: workers on
 other nodes need the same path (NFS) or object store.
 
-Cached targets. Inline at append (with `targets_fingerprint`), or filled later: `missing_targets(fp)` yields
+Cached targets. Declared by the algorithm that writes them, not by the schema: `missing_targets(fp)` yields
 rows lacking targets for fp (sample_file, row_index, sample_id, suite, problem_id, tokenizer_hash, source,
-prompt_ids, program_ids); the job computes target_actions, a_ckpt, v_phi (one value per program token) and
-calls `write_targets(table, fp, batch_key)`, which writes sidecar files keyed by sample file and row (checked
-against sample_id); readers join them. A reader gets exactly the fingerprint it asks for.
+prompt_ids, program_ids); the job computes its per-token columns (B-Coder: target_actions, a_ckpt, v_phi; any
+names not taken by sample columns, each a list with one value per program token) and calls
+`write_targets(table, fp, batch_key)`, which writes sidecar files keyed by sample file and row (checked against
+sample_id); the columns `missing_targets` handed out may be passed back and are not stored. The first write
+for a fingerprint fixes its column set and types; a write with another set is a BufferError. Readers join the
+sidecars: a reader gets exactly the fingerprint it asks for, with exactly its columns.
 
 Layout under the root (plain tools read `samples/`: pyarrow, `pandas.read_parquet(ROOT/samples)`, DuckDB
-`read_parquet('ROOT/samples/*.parquet')`, `ray.data.read_parquet('ROOT/samples')`):
+`read_parquet('ROOT/samples/*.parquet')`, `ray.data.read_parquet('ROOT/samples')`; a buffer that mixes schema
+versions needs a reader that unifies schemas, e.g. DuckDB's `union_by_name=true`, or this package):
 
     samples/part-<hash of batch key>.parquet    learner-facing rows, train split only, one file per writer batch
     samples/compact-<hash>.parquet              files merged by compaction
     eval/...                                    rows of other splits (evaluation candidates), same schema
     prompts/part-<hash>.parquet                 one row per (suite, problem_id, tokenizer_hash)
-    targets/fp=<fingerprint>/<sample-file-stem>--<key>.parquet   targets filled in later (row_index, sample_id)
+    targets/fp=<fingerprint>/<sample-file-stem>--<key>.parquet   targets (row_index, sample_id, the fp's columns)
     quarantine/<area>/<name>                    damaged files moved aside
     _meta/compactions/<area>--<merged>.json     what each compaction replaced (kept for ever)
 
@@ -71,20 +88,21 @@ stores one PUT, visible only when complete), never touching others' files; `clea
 `compact`) removes leftovers of killed writers after an hour. The file name derives from the batch key, so a
 retried `append` writes nothing, also after its file was compacted (the ledger in `_meta`). `sample_id` is a
 hash of (batch_key, index in the batch, program_hash, suite/problem_id, source, iteration). Compaction writes
-its ledger record before the merged file appears and this module's readers hide the sources as soon as it does,
-so they never see a row twice (plain tools may, between the merged file's rename and the sources' deletion);
-run one compactor at a time (the driver). Opening validates every new file's footer and columns; a damaged file
-is moved to quarantine/ with a `BufferWarning`. Pages carry CRC checksums, so damage inside a file is caught on
-read and that file is moved aside too; the rest stays readable.
+its ledger record before the merged file appears and this package's readers hide the sources as soon as it
+does, so they never see a row twice (plain tools may, between the merged file's rename and the sources'
+deletion); run one compactor at a time (the driver). Opening validates every new file's footer and columns; a
+damaged file is moved to quarantine/ with a `BufferWarning`. Pages carry CRC checksums, so damage inside a file
+is caught on read and that file is moved aside too; the rest stays readable.
 Costs: `lookup_results` scans the two hash columns of the whole buffer (about a second per million rows);
 `stats` scans four small columns.
+
+Parts (each works on the storage layer, `Store` / `Ledger` / `Catalog`, never on this facade): schema, filters,
+storage, ledger, catalog, targets, sampler, ray_data, compaction, stats, synthetic.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import sys
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -93,26 +111,21 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from bcoder_ray.buffer.catalog import EVAL, PROMPTS, SAMPLES, Catalog
 from bcoder_ray.buffer.compaction import CompactionReport, compact
 from bcoder_ray.buffer.filters import Filters
 from bcoder_ray.buffer.ledger import Ledger
-from bcoder_ray.buffer.sampler import MixedSampler, PromptIndex, rows_from_batch
-from bcoder_ray.buffer.schema import (LEARNER_COLUMNS, PROMPT_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION,
-                                      TARGET_COLUMNS, TRAIN_SPLIT, BufferError, make_row, prompt_keys,
-                                      prompt_rows, prompts_to_table, rows_to_table)
-from bcoder_ray.buffer.stats import BufferStats, compute_stats, to_json_text
-from bcoder_ray.buffer.storage import BufferWarning, DamagedFileError, FileEntry, Store
-from bcoder_ray.buffer.targets import (SIDECAR_ROW_GROUP, SIDECAR_SCHEMA, TARGETS_DIR, check_target_lengths,
-                                       fingerprint_dir, sample_stem_of, sidecar_name)
+from bcoder_ray.buffer.sampler import MixedSampler, PromptIndex
+from bcoder_ray.buffer.schema import (PROMPT_SCHEMA, SAMPLE_SCHEMA, TRAIN_SPLIT, BufferError, prompt_keys,
+                                      prompts_to_table, rows_to_table)
+from bcoder_ray.buffer.stats import BufferStats, compute_stats
+from bcoder_ray.buffer.storage import FileEntry, Store
+from bcoder_ray.buffer.targets import (SIDECAR_ROW_GROUP, TARGETS_DIR, check_columns, check_target_lengths,
+                                       fingerprint_dir, sample_stem_of, sidecar_name, sidecar_schema,
+                                       stored_target_fields, target_fields_of)
 from envs.result import ExecResult, Outcome
 
-__all__ = ["ReplayBuffer", "Filters", "MixedSampler", "BufferError", "BufferWarning", "CompactionReport",
-           "BufferStats", "make_row", "prompt_rows", "rows_from_batch", "exec_result", "LEARNER_COLUMNS",
-           "SAMPLE_SCHEMA", "PROMPT_SCHEMA", "SCHEMA_VERSION"]
-
-SAMPLES, EVAL, PROMPTS = "samples", "eval", "prompts"
 RESULT_COLUMNS = ("outcome", "reward", "tests_passed", "tests_total", "error", "timeout", "exec_time")
-_REQUIRED = {SAMPLES: SAMPLE_SCHEMA.names, EVAL: SAMPLE_SCHEMA.names, PROMPTS: PROMPT_SCHEMA.names}
 
 
 def part_name(batch_key: str) -> str:
@@ -137,79 +150,42 @@ class ReplayBuffer:
         self.filesystem = filesystem
         self.store = Store(uri, filesystem, compression)
         self.ledger = Ledger(self.store)
+        self.catalog = Catalog(self.store, self.ledger)
         self.row_group_size = row_group_size
-        self._footers: dict[str, tuple[int, pq.FileMetaData]] = {}
         if validate:
             self.check()
 
     def __repr__(self) -> str:
         return f"ReplayBuffer({self.uri!r})"
 
-    # ---- files ---------------------------------------------------------------------------------------------
+    # ---- files (the storage layer: bcoder_ray.buffer.catalog) ------------------------------------------------
     def check(self) -> None:
         """Validate every file not seen yet (footer and columns); damaged ones go to quarantine/."""
-        for area in (SAMPLES, EVAL, PROMPTS):
-            self.files(area)
-        for d in self.store.list_dirs(TARGETS_DIR):
-            self.files(f"{TARGETS_DIR}/{d}")
+        self.catalog.check()
 
     def files(self, area: str) -> list[FileEntry]:
         """Live, validated Parquet files of an area, sorted by name (sources of a visible merged file hidden)."""
-        required = _REQUIRED.get(area, SIDECAR_SCHEMA.names)
-        entries = []
-        for info in self.store.list(area):
-            cached = self._footers.get(info.path)
-            if cached is None or cached[0] != info.size:
-                try:
-                    meta = self.store.footer(info.path, required)
-                except FileNotFoundError:
-                    continue  # compacted away since the listing
-                except DamagedFileError as e:
-                    self.store.quarantine(f"{area}/{info.base_name}", str(e))
-                    continue
-                self._footers[info.path] = cached = (info.size, meta)
-            entries.append(FileEntry(info.base_name, info.path, info.size, cached[1].num_rows))
-        if area in (SAMPLES, EVAL):
-            self.ledger.refresh()
-            hidden = self.ledger.hidden(area, {e.name for e in entries})
-            entries = [e for e in entries if e.name not in hidden]
-        return entries
+        return self.catalog.files(area)
 
     def metadata(self, entry: FileEntry) -> pq.FileMetaData:
-        cached = self._footers.get(entry.path)
-        return cached[1] if cached else self.store.footer(entry.path, ())
+        return self.catalog.metadata(entry)
 
     def parquet_file(self, entry: FileEntry) -> pq.ParquetFile:
-        return pq.ParquetFile(self.store.fs.open_input_file(entry.path), metadata=self.metadata(entry),
-                              page_checksum_verification=True)
+        return self.catalog.parquet_file(entry)
 
     def quarantine_file(self, entry: FileEntry, reason: str) -> None:
-        area = entry.path[len(self.store.root) + 1:].rsplit("/", 1)[0]
-        self.store.quarantine(f"{area}/{entry.name}", reason)
-        self._footers.pop(entry.path, None)
+        self.catalog.quarantine_file(entry, reason)
 
     def scan(self, area: str = SAMPLES, columns: Sequence[str] | None = None,
              filters: Filters | dict | None = None) -> Iterator[tuple[FileEntry, pa.Table]]:
-        """(file, rows) per live file of `area`, optionally projected and filtered; damaged files quarantined."""
-        expr = Filters.coerce(filters).expression()
-        for entry in self.files(area):
-            try:
-                t = self.parquet_file(entry).read(columns=list(columns) if columns is not None else None)
-            except FileNotFoundError:
-                continue
-            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
-                self.quarantine_file(entry, f"reading failed: {e}")
-                continue
-            yield entry, (t.filter(expr) if expr is not None else t)
+        """(file, rows) per live file of `area`, optionally projected and filtered; damaged files quarantined.
+        Sample rows of any schema version come as the current schema."""
+        return self.catalog.scan(area, columns, filters)
 
     def read(self, area: str = SAMPLES, columns: Sequence[str] | None = None,
              filters: Filters | dict | None = None) -> pa.Table:
         """A whole area as one table: for tests and small buffers (the sampler streams instead)."""
-        needed = None if columns is None else sorted(set(columns) | set(_filter_columns(filters)))
-        parts = [t for _, t in self.scan(area, needed, filters)]
-        schema = SAMPLE_SCHEMA if area in (SAMPLES, EVAL) else PROMPT_SCHEMA
-        table = pa.concat_tables(parts) if parts else schema.empty_table()
-        return table.select(list(columns)) if columns is not None else table
+        return self.catalog.read(area, columns, filters)
 
     def clean_tmp(self, older_than_s: float = 3600.0) -> int:
         """Delete temporary files of killed writers older than `older_than_s` (they are never visible)."""
@@ -279,16 +255,7 @@ class ReplayBuffer:
 
     def prompts(self, suite: str | None = None, tokenizer_hash: str | None = None) -> pa.Table:
         """The prompts table (one row per key; the first file in name order wins a duplicate)."""
-        parts = [t for _, t in self.scan(PROMPTS)]
-        table = pa.concat_tables(parts) if parts else PROMPT_SCHEMA.empty_table()
-        if table.num_rows:
-            _, first = np.unique(prompt_keys(table).to_numpy(zero_copy_only=False), return_index=True)
-            table = table.take(np.sort(first))
-        if suite is not None:
-            table = table.filter(pc.equal(table["suite"], suite))
-        if tokenizer_hash is not None:
-            table = table.filter(pc.equal(table["tokenizer_hash"], tokenizer_hash))
-        return table
+        return self.catalog.prompts(suite, tokenizer_hash)
 
     # ---- the executor's cache -------------------------------------------------------------------------------
     def lookup_results(self, keys: Iterable[tuple[str, str]], include_eval: bool = True
@@ -307,7 +274,7 @@ class ReplayBuffer:
                 if not pc.any(hit).as_py():
                     continue
                 rows = np.flatnonzero(hit.to_numpy(zero_copy_only=False))
-                full = self.parquet_file(entry).read(columns=["program_hash", "tests_hash", *RESULT_COLUMNS])
+                full = self.catalog.read_samples(entry, ["program_hash", "tests_hash", *RESULT_COLUMNS])
                 for row in full.take(pa.array(rows)).to_pylist():
                     key = (row.pop("program_hash"), row.pop("tests_hash"))
                     if key in wanted and key not in found:
@@ -324,14 +291,14 @@ class ReplayBuffer:
         sidecars: dict[str, list[FileEntry]] = {}
         for side in self.files(fdir):
             sidecars.setdefault(sample_stem_of(side.name), []).append(side)
-        expr = Filters.coerce(filters).expression()
-        prompts = PromptIndex(self)
-        columns = ["sample_id", "suite", "problem_id", "tokenizer_hash", "source", "split", "outcome",
-                   "iteration", "program_ids", "targets_fingerprint"]
+        filters = Filters.coerce(filters)
+        expr = filters.expression()
+        prompts = PromptIndex(self.catalog)
+        columns = sorted({"sample_id", "suite", "problem_id", "tokenizer_hash", "source", "program_ids",
+                          *filters.columns()})
         for entry in self.files(SAMPLES):
-            t = self.parquet_file(entry).read(columns=columns)
-            covered = pc.fill_null(pc.equal(t["targets_fingerprint"], fingerprint), False).to_numpy(
-                zero_copy_only=False).copy()
+            t = self.catalog.read_samples(entry, columns)
+            covered = np.zeros(t.num_rows, bool)
             for side in sidecars.get(entry.stem, ()):
                 covered[self.parquet_file(side).read(columns=["row_index"])["row_index"].to_numpy()] = True
             t = t.append_column("row_index", pa.array(np.arange(t.num_rows, dtype=np.int64)))
@@ -362,70 +329,86 @@ class ReplayBuffer:
         return pa.array(files.tolist(), pa.string()), pa.array(rows)
 
     def write_targets(self, table: Any, fingerprint: str, batch_key: str) -> int:
-        """Store targets computed for `fingerprint`: a table (or list of dicts) with sample_id, target_actions,
-        a_ckpt, v_phi and, as `missing_targets` gives them, sample_file and row_index (else located by
-        sample_id). One sidecar per sample file, named after `batch_key`: a retry writes nothing."""
+        """Store targets computed for `fingerprint`: a table (or list of dicts, or dict of columns) with
+        sample_id, the target columns and, as `missing_targets` gives them, sample_file and row_index (else
+        located by sample_id). Target columns: every column but those `missing_targets` hands out, each a list
+        with one value per program token, typed as in the table; every write for a fingerprint has the same
+        set (else BufferError naming both). One sidecar per sample file, named after `batch_key`: a retry
+        writes nothing."""
         fdir = fingerprint_dir(fingerprint)
+        where = f"write_targets fp={fingerprint}"
         if not isinstance(table, pa.Table):
             table = pa.Table.from_pylist(list(table)) if not isinstance(table, dict) else pa.table(table)
-        missing = [c for c in ("sample_id",) + TARGET_COLUMNS if c not in table.column_names]
-        if missing:
-            raise BufferError(f"write_targets: missing column(s) {missing}")
+        if "sample_id" not in table.column_names:
+            raise BufferError(f"{where}: missing column 'sample_id'")
+        fields = target_fields_of(table.schema)
+        stored = stored_target_fields(self.store, fingerprint)
+        check_columns(fields, stored, where)
+        if stored is not None:  # the first write fixed the types
+            fields = stored
         if "sample_file" not in table.column_names or "row_index" not in table.column_names:
             files, rows = self._locate(table["sample_id"].combine_chunks())
             table = table.append_column("sample_file", files).append_column("row_index", rows)
-        table = table.select(["sample_file", "row_index", "sample_id", *TARGET_COLUMNS])
-        table = table.cast(pa.schema([pa.field("sample_file", pa.string()), *SIDECAR_SCHEMA]))
+        schema = sidecar_schema(fields)
+        try:
+            table = table.select(["sample_file", *schema.names]).cast(
+                pa.schema([pa.field("sample_file", pa.string()), *schema]))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            raise BufferError(f"{where}: columns do not fit the fingerprint's types {schema}: {e}") from e
         live = {e.name: e for e in self.files(SAMPLES)}
+        names = [f.name for f in fields]
         written = 0
         for name in pc.unique(table["sample_file"]).to_pylist():
             part = table.filter(pc.equal(table["sample_file"], name))
-            where = self.ledger.resolve(SAMPLES, name, set(live))
-            if where is None:
+            found = self.ledger.resolve(SAMPLES, name, set(live))
+            if found is None:
                 raise BufferError(f"write_targets: sample file {name!r} is not in the buffer {self.uri}")
-            entry, offset = live[where[0]], where[1]
+            entry, offset = live[found[0]], found[1]
             rel = f"{fdir}/{sidecar_name(entry.stem, batch_key, name)}"
             if self.store.exists(rel):
                 continue
             rows = pc.add(part["row_index"], offset)
             if pc.any(pc.greater_equal(rows, entry.num_rows)).as_py() or pc.any(pc.less(rows, 0)).as_py():
                 raise BufferError(f"write_targets: row_index out of range for {name} ({entry.num_rows} rows)")
-            sample = self.parquet_file(entry).read(columns=["sample_id", "program_ids"]).take(rows)
+            sample = self.catalog.read_samples(entry, ["sample_id", "program_ids"]).take(rows)
             bad = pc.not_equal(sample["sample_id"], part["sample_id"])
             if pc.any(bad).as_py():
                 i = pc.index(bad, True).as_py()
                 raise BufferError(f"write_targets: {name} row {part['row_index'][i].as_py()} holds sample_id "
                                   f"{sample['sample_id'][i].as_py()}, not {part['sample_id'][i].as_py()}")
-            check_target_lengths(part, sample["program_ids"], f"write_targets fp={fingerprint}")
+            check_target_lengths(part, sample["program_ids"], names, where)
             side = part.drop_columns(["sample_file"]).set_column(0, "row_index", rows)
             side = side.take(pc.sort_indices(side["row_index"]))
-            self.store.write_parquet(rel, side, SIDECAR_SCHEMA, SIDECAR_ROW_GROUP)
+            self.store.write_parquet(rel, side, schema, SIDECAR_ROW_GROUP)
             written += side.num_rows
         return written
 
     # ---- reading for learners -------------------------------------------------------------------------------
-    def sampler(self, batch_size: int, rho_real: float = 0.5, filters: Filters | dict | None = None,
+    def sampler(self, batch_size: int, rho_real: float | None = 0.5, filters: Filters | dict | None = None,
                 seed: int = 0, targets_fingerprint: str | None = None, require_targets: bool = True,
                 num_batches: int | None = None, extra_columns: Sequence[str] = (),
                 window_rows: int = 8192) -> MixedSampler:
-        """Endless (or `num_batches`) ρ_real-mixed mini-batches as pyarrow Tables; see MixedSampler."""
-        return MixedSampler(self, batch_size, rho_real, filters, seed, targets_fingerprint, require_targets,
-                            num_batches, extra_columns, window_rows)
+        """Endless (or `num_batches`) mini-batches as pyarrow Tables, ρ_real-mixed (`rho_real=None`: drawn
+        from all matching rows, no split); see MixedSampler."""
+        return MixedSampler(self.catalog, batch_size, rho_real, filters, seed, targets_fingerprint,
+                            require_targets, num_batches, extra_columns, window_rows)
 
-    def ray_dataset(self, batch_size: int, num_batches: int, rho_real: float = 0.5,
+    def ray_dataset(self, batch_size: int, num_batches: int, rho_real: float | None = 0.5,
                     filters: Filters | dict | None = None, seed: int = 0,
                     targets_fingerprint: str | None = None, require_targets: bool = True,
-                    parallelism: int | None = None, num_cpus: float | None = None):
-        """A `ray.data.Dataset` of `num_batches` ρ_real-mixed blocks of `batch_size` rows, produced by
-        `parallelism` (default 4) read tasks with distinct seeds (bcoder_ray.buffer.ray_data). Iterate it with
-        `iter_batches(batch_size=batch_size)` and no local shuffle to keep each batch's exact ρ_real split."""
+                    parallelism: int | None = None, num_cpus: float | None = None,
+                    extra_columns: Sequence[str] = ()):
+        """A `ray.data.Dataset` of `num_batches` blocks of `batch_size` rows (the sampler's batches, with its
+        columns), produced by `parallelism` (default 4) read tasks with distinct seeds
+        (bcoder_ray.buffer.ray_data). Iterate it with `iter_batches(batch_size=batch_size)` and no local
+        shuffle to keep each batch's exact ρ_real split."""
         import ray.data
 
         from bcoder_ray.buffer.ray_data import MixedBatchDatasource
 
         source = MixedBatchDatasource(self.uri, self.filesystem, batch_size, num_batches, seed, {
             "rho_real": rho_real, "filters": Filters.coerce(filters), "targets_fingerprint": targets_fingerprint,
-            "require_targets": require_targets})
+            "require_targets": require_targets, "extra_columns": tuple(extra_columns)})
         # As many read tasks as blocks requested, so Ray never splits a block (a mixed batch) in pieces.
         tasks = min(parallelism or 4, num_batches)
         # num_cpus: the CPU share of each read task (Ray's default is 1; less lets the reads fit beside
@@ -433,54 +416,12 @@ class ReplayBuffer:
         return ray.data.read_datasource(source, override_num_blocks=tasks, num_cpus=num_cpus)
 
     # ---- maintenance ----------------------------------------------------------------------------------------
-    def compact(self, target_rows: int = 65536, inline_targets: str | None = None, min_files: int = 2,
+    def compact(self, target_rows: int = 65536, min_files: int = 2,
                 clean_tmp_older_than_s: float = 3600.0) -> list[CompactionReport]:
         """Merge small files of samples/ and eval/ (see bcoder_ray.buffer.compaction); one compactor at a time."""
         self.clean_tmp(clean_tmp_older_than_s)
-        return [compact(self, SAMPLES, target_rows, min_files, inline_targets),
-                compact(self, EVAL, target_rows, min_files, None)]
+        return [compact(self.catalog, SAMPLES, target_rows, min_files, self.row_group_size),
+                compact(self.catalog, EVAL, target_rows, min_files, self.row_group_size)]
 
     def stats(self) -> BufferStats:
-        return compute_stats(self)
-
-
-def _filter_columns(filters: Filters | dict | None) -> list[str]:
-    f = Filters.coerce(filters)
-    cols = []
-    if f.suites is not None:
-        cols.append("suite")
-    if f.splits is not None:
-        cols.append("split")
-    if f.outcomes is not None:
-        cols.append("outcome")
-    if f.iteration_min is not None or f.iteration_max is not None:
-        cols += ["iteration", "source"]
-    if f.tokenizer_hash is not None:
-        cols.append("tokenizer_hash")
-    return cols
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bcoder_ray.replay_buffer",
-                                     description="Inspect or maintain a bcoder-ray replay buffer.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_stats = sub.add_parser("stats", help="rows by suite, source, outcome, iteration; pass rate; size on disk")
-    p_stats.add_argument("path", help="buffer location: a path or a pyarrow.fs URI (s3://bucket/prefix?...)")
-    p_stats.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p_compact = sub.add_parser("compact", help="merge small files (run one compactor at a time)")
-    p_compact.add_argument("path")
-    p_compact.add_argument("--target-rows", type=int, default=65536)
-    p_compact.add_argument("--inline-targets", default=None, help="fold this fingerprint's targets inline")
-    args = parser.parse_args(argv)
-    buffer = ReplayBuffer(args.path)
-    if args.command == "stats":
-        stats = buffer.stats()
-        print(to_json_text(stats) if args.json else stats.format())
-    else:
-        for r in buffer.compact(args.target_rows, args.inline_targets):
-            print(f"{r.area}: {r.files_before} -> {r.files_after} files, {r.rows_moved} rows merged")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return compute_stats(self.catalog)
