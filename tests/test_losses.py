@@ -107,11 +107,16 @@ def test_terminal_step_bootstraps_nothing():
     assert y[1, 0] == -1.0                                     # a one-token program is terminal at once
 
 
-def test_auxiliary_losses_use_human_programs_only(checkpoint):
+def test_auxiliary_losses_use_ground_truth_programs_only(checkpoint):
+    """L_adv and L_ce read human programs that pass their tests: generated rows and failing human programs
+    (row 3 of the examples: a human program whose stored text is a runtime error) contribute nothing."""
     model = _trained_model(checkpoint)
     model.freeze_for_stage("theta")
     generated = [dict(ex, is_human=False) for ex in _examples()]
     _, metrics = theta_loss(model, collate(generated, PAD), gamma=GAMMA)
+    assert metrics["l_adv"] == 0.0 and metrics["l_ce"] == 0.0 and metrics["n_human"] == 0
+    failing_humans = [dict(ex, reward=-0.3) if ex["is_human"] else ex for ex in _examples()]
+    _, metrics = theta_loss(model, collate(failing_humans, PAD), gamma=GAMMA)
     assert metrics["l_adv"] == 0.0 and metrics["l_ce"] == 0.0 and metrics["n_human"] == 0
 
     batch = collate(_examples(), PAD)
@@ -123,7 +128,8 @@ def test_auxiliary_losses_use_human_programs_only(checkpoint):
         q_all = model.alpha * (out.logits - out.max_logit.unsqueeze(-1)) + out.value.unsqueeze(-1)
         log_pi = (q_all / model.alpha).log_softmax(-1)           # π_θ = softmax(Q_θ/α)
     sums, means, adv_sums = [], [], []
-    for b in torch.nonzero(batch.is_human).flatten().tolist():
+    assert batch.ground_truth.tolist() == [True, False, False, False]
+    for b in torch.nonzero(batch.ground_truth).flatten().tolist():
         n = int(batch.lengths[b])
         nll = -log_pi[b, torch.arange(n), batch.program_ids[b, :n]]
         sums.append(float(nll.sum()))
