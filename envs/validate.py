@@ -5,7 +5,8 @@
 `--opt` passes loader options (values parsed as JSON where they parse, else kept as strings), e.g.
 `python -m envs.validate apps --split train --opt source=path/to/apps`. Every failing reference is listed
 (APPS and MBPP carry some broken ones). For each split it prints one line of counts, plus, for suites with
-example tests, how many problems have none. The last line is `reference pass rate: P/N (X%)`, over all
+example tests, how many problems have none. Without `--split`, a split the loader cannot make from the options
+given (APPS "validation" needs `--opt validation_size=N`) is reported as skipped. The last line is `reference pass rate: P/N (X%)`, over all
 references of all splits validated.
 """
 
@@ -17,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Sequence, TextIO
 
-from envs.problem import Problem
+from envs.problem import Problem, SpecError
 from envs.registry import load_suite, suite_info, suite_names
 from envs.result import ExecResult
 from envs.scoring import BatchExecutor, score_programs
@@ -105,7 +106,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> float:
     limits = {} if args.timeout_per_test is None else {"timeout_per_test": args.timeout_per_test}
     with Executor(workers=args.workers, **limits) as executor:
         for split in splits:
-            problems = load_suite(args.suite, split, **options)
+            try:
+                problems = load_suite(args.suite, split, **options)
+            except SpecError:  # bad data is an error, never a skipped split
+                raise
+            except ValueError as e:
+                if args.split:  # asked for by name: its error is the answer
+                    raise
+                # a split the loader cannot make without an option (APPS "validation" needs validation_size)
+                print(f"{args.suite}/{split}: skipped ({e})", file=out)
+                continue
             report = validate_problems(executor, problems, args.suite, split)
             print_report(report, any(p.example_tests is not None for p in problems), out)
             total += report.references

@@ -61,6 +61,8 @@ def test_mbpp_splits_by_task_id():
     assert (min(ids["test"]), max(ids["test"])) == (11, 510)
     assert (min(ids["validation"]), max(ids["validation"])) == (511, 600)
     assert (min(ids["train"]), max(ids["train"])) == (601, 974)
+    assert ids["validation"] == list(range(511, 601))  # the validation split is task_id 511-600, in order
+    assert {p.split for p in load_suite("mbpp", "validation")} == {"validation"}
 
 
 def test_mbpp_problem_prompt_and_tests():
@@ -124,6 +126,15 @@ def test_mbpp_reads_another_copy(tmp_path):
 
 
 # -- HumanEval -------------------------------------------------------------------------------------------
+
+def test_humaneval_has_no_validation_split_and_says_so():
+    from envs.suites.humaneval import load_humaneval
+
+    with pytest.raises(ValueError, match="suite 'humaneval' has no split 'validation'; its splits are"):
+        load_suite("humaneval", "validation")
+    with pytest.raises(ValueError, match="evaluation-only set with no validation split"):
+        load_humaneval("validation")
+
 
 def test_humaneval_problems_are_whole_programs():
     problems = load_suite("humaneval", "test")
@@ -264,6 +275,43 @@ def test_apps_rows_without_tests_are_skipped_or_refused(tmp_path, hf_cache):
         load_suite("apps", "test", source=str(root), cache_dir=hf_cache, skip_untested=False)
 
 
+@pytest.mark.parametrize("source", ["dir", "hf"])
+def test_apps_validation_is_a_seeded_slice_of_train_that_train_then_excludes(source, hf_cache):
+    opts = dict(source=str(APPS_DIR)) if source == "dir" else dict(source=str(APPS_HF), cache_dir=hf_cache)
+    whole = load_suite("apps", "train", **opts)
+    assert [p.problem_id for p in whole] == ["train/0001", "train/2287", "train/2404"]  # as published
+    validation = load_suite("apps", "validation", validation_size=1, **opts)
+    train = load_suite("apps", "train", validation_size=1, **opts)
+    assert len(validation) == 1 and len(train) == 2
+    assert {p.split for p in validation} == {"validation"} and {p.split for p in train} == {"train"}
+    ids = {p.problem_id for p in validation}
+    assert not ids & {p.problem_id for p in train}
+    assert ids | {p.problem_id for p in train} == {p.problem_id for p in whole}
+    assert ids == apps.validation_slice([p.problem_id for p in whole], 1, 0)
+    # the same problem as in train, but for its split
+    original = next(p for p in whole if p.problem_id in ids)
+    assert validation[0].hidden_tests == original.hidden_tests and validation[0].references == original.references
+    # deterministic; the seed decides; filters apply after the slice is drawn, so they do not move it
+    assert load_suite("apps", "validation", validation_size=1, **opts) == validation
+    slices = {frozenset(apps.validation_slice([p.problem_id for p in whole], 1, seed)) for seed in range(20)}
+    assert len(slices) > 1
+    for difficulty in ("introductory", "interview", "competition"):
+        kept = load_suite("apps", "validation", validation_size=1, difficulties=[difficulty], **opts)
+        assert [p.problem_id for p in kept] == [p.problem_id for p in validation if p.difficulty == difficulty]
+
+
+def test_apps_validation_needs_its_size(hf_cache):
+    with pytest.raises(ValueError, match="validation split is a seeded slice of the train split.*validation_size"):
+        load_suite("apps", "validation", source=str(APPS_DIR))
+    with pytest.raises(ValueError, match="validation_size=3 leaves no train problems"):
+        load_suite("apps", "train", source=str(APPS_DIR), validation_size=3)
+    with pytest.raises(ValueError, match="validation_size must be a positive integer"):
+        load_suite("apps", "validation", source=str(APPS_DIR), validation_size=0)
+    # the test split does not depend on it
+    assert load_suite("apps", "test", source=str(APPS_DIR), validation_size=1) == \
+        load_suite("apps", "test", source=str(APPS_DIR))
+
+
 def test_apps_hub_name_goes_through_load_dataset(monkeypatch):
     """The hub name is read with `datasets.load_dataset("codeparrot/apps", split=...)` (mocked: no network)."""
     import datasets
@@ -282,3 +330,36 @@ def test_apps_hub_name_goes_through_load_dataset(monkeypatch):
     assert [p.problem_id for p in problems] == ["train/0001", "train/2287"]
     assert calls == [("codeparrot/apps", "train", None),
                      ("json", "train", {"train": "hf://datasets/codeparrot/apps/train.jsonl"})]
+
+
+def test_validate_skips_a_split_that_needs_an_option_unless_asked_for(monkeypatch):
+    """`python -m envs.validate apps` reports APPS "validation" as skipped without validation_size (no execution:
+    the executor and scoring are stubbed; tests/test_suites_scoring.py runs the real report)."""
+    import io
+
+    import envs.execute
+    from envs import validate
+
+    class NoExecutor:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(envs.execute, "Executor", NoExecutor)
+    monkeypatch.setattr(validate, "score_programs",
+                        lambda executor, problems, programs: [type("R", (), {"passed": True})() for _ in programs])
+    out = io.StringIO()
+    assert validate.main(["apps", "--opt", f"source={APPS_DIR}"], out=out) == 1.0
+    text = out.getvalue()
+    assert "apps/train: 92/92" in text and "apps/test: 9/9" in text
+    assert "apps/validation: skipped (apps: the validation split is a seeded slice" in text
+    out = io.StringIO()
+    validate.main(["apps", "--opt", f"source={APPS_DIR}", "--opt", "validation_size=1"], out=out)
+    assert "apps/validation: " in out.getvalue() and "skipped" not in out.getvalue()
+    with pytest.raises(ValueError, match="validation_size"):
+        validate.main(["apps", "--split", "validation", "--opt", f"source={APPS_DIR}"], out=io.StringIO())

@@ -14,13 +14,27 @@ a function) or "\\nUse Standard Input format" + "\\nANSWER:\\n". Hidden tests ar
 call `TestSpec`. Example tests are parsed from the statement as CodeRL did (see `parse_example_tests`);
 problems without any get `example_tests=None`. Problems without hidden tests (a few rows of the data set have
 an empty `input_output`) are skipped with a warning unless `skip_untested=False`, which makes them an error.
+
+Validation: APPS publishes only train and test, so "validation" is a seeded held-out slice of the train split,
+chosen only when asked for with the loader option `validation_size` (and `validation_seed`, default 0):
+
+    load_apps("validation", validation_size=500)  # 500 train problems drawn with random.Random("apps/validation/0")
+    load_apps("train", validation_size=500)       # the train split without those 500
+    load_apps("train")                            # the whole train split, as published
+
+Give both loads the same options (the run does: `suite.options` go to every split it loads), so the two never
+share a problem; the slice is drawn from all train problems that have hidden tests, before `limit` and
+`difficulties` apply, so it does not change with them. Validation problems keep their ids (`train/NNNN`) and
+have `split="validation"`. Asking for "validation" without `validation_size` is an error.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import logging
+import random
 import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -32,7 +46,8 @@ log = logging.getLogger(__name__)
 
 SUITE = "apps"
 HUB_NAME = "codeparrot/apps"
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "validation")
+SOURCE_SPLITS = ("train", "test")  # what the data set holds; "validation" is a slice of "train"
 COLUMNS = ("problem_id", "question", "solutions", "input_output", "difficulty", "url", "starter_code")
 
 
@@ -304,37 +319,62 @@ def _is_directory_layout(source: str, split: str) -> bool:
 
 def load_apps(split: str, source: str = HUB_NAME, limit: int | None = None,
               difficulties: Iterable[str] | None = None, skip_untested: bool = True,
-              cache_dir: str | None = None) -> list[Problem]:
+              cache_dir: str | None = None, validation_size: int | None = None,
+              validation_seed: int = 0) -> list[Problem]:
     """The problems of one APPS split from `source` (hub name, local Hugging Face layout, or directory layout).
 
     `limit` keeps the first N problems (in problem-id order); `difficulties` keeps only those levels
     ("introductory", "interview", "competition"); `cache_dir` is passed to `datasets.load_dataset`.
+    `validation_size` (and `validation_seed`) hold out a seeded slice of train as the "validation" split, which
+    "train" then excludes (see the module docstring); without it "train" is the whole published split.
     """
     if split not in SPLITS:
         raise ValueError(f"{SUITE}: unknown split {split!r}; expected one of {SPLITS}")
+    if validation_size is not None and (not isinstance(validation_size, int) or validation_size <= 0):
+        raise ValueError(f"{SUITE}: validation_size must be a positive integer, got {validation_size!r}")
+    if split == "validation" and validation_size is None:
+        raise ValueError(f"{SUITE}: the validation split is a seeded slice of the train split; give its size with "
+                         f"the loader option validation_size=N (e.g. load_suite('apps', 'validation', "
+                         f"validation_size=500), and the same option when loading 'train', which then excludes it)")
     source = str(source)
-    if _is_directory_layout(source, split):
-        rows, layout = _directory_rows(Path(source) / split), "directory"
+    read_split = "train" if split == "validation" else split
+    if _is_directory_layout(source, read_split):
+        rows, layout = _directory_rows(Path(source) / read_split), "directory"
     else:
-        rows, layout = _hf_rows(source, split, cache_dir), "huggingface"
-    keep = set(difficulties) if difficulties is not None else None
+        rows, layout = _hf_rows(source, read_split, cache_dir), "huggingface"
     problems: list[Problem] = []
     untested = []
     for row, where in rows:
-        problem = problem_from_row(row, split, where, layout)
+        problem = problem_from_row(row, read_split, where, layout)
         if problem is None:
             if not skip_untested:
                 raise SpecError(f"{where}: field 'input_output' is empty (no hidden tests)")
             untested.append(where)
             continue
-        if keep is not None and problem.difficulty not in keep:
-            continue
         problems.append(problem)
     if untested:
         log.warning("%s [%s]: skipped %d problem(s) without hidden tests, e.g. %s",
-                    SUITE, split, len(untested), untested[0])
+                    SUITE, read_split, len(untested), untested[0])
     problems.sort(key=lambda p: p.problem_id)
+    if read_split == "train" and validation_size is not None:
+        held_out = validation_slice([p.problem_id for p in problems], validation_size, validation_seed, source)
+        if split == "validation":
+            problems = [dataclasses.replace(p, split="validation") for p in problems if p.problem_id in held_out]
+        else:
+            problems = [p for p in problems if p.problem_id not in held_out]
+    if difficulties is not None:
+        keep = set(difficulties)
+        problems = [p for p in problems if p.difficulty in keep]
     return problems[:limit] if limit is not None else problems
+
+
+def validation_slice(train_ids: list[str], size: int, seed: int, source: str = "") -> set[str]:
+    """The ids of the validation slice: `size` of the (sorted) train ids drawn with a seeded generator."""
+    if size >= len(train_ids):
+        raise ValueError(f"{SUITE}: validation_size={size} leaves no train problems ({source} has "
+                         f"{len(train_ids)} train problems with hidden tests)")
+    rng = random.Random(f"{SUITE}/validation/{seed}")
+    return set(rng.sample(sorted(train_ids), size))
 
 
 register_suite(SUITE, load_apps, splits=SPLITS,

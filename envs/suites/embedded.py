@@ -16,14 +16,20 @@ Difficulty is the pipeline depth: "easy" (1 operation), "medium" (2), "hard" (3)
 (the argument's type), the operations and their constants.
 
 What the test split holds out, so that memorising the train split does not solve it:
-- phrasings: each operation has three phrasings; the last one appears only in the test split (in a step of a
-  test problem with probability HELD_OUT_PHRASING_RATE);
-- names: HELD_OUT_NAMES of the test problems take their function and argument names from word pools the train
-  split never uses (a tiny model rarely copies an identifier it has never seen: these are the hardest problems);
+- phrasings: each operation has three phrasings; the last one appears only in the held-out splits (in a step of
+  a held-out problem with probability HELD_OUT_PHRASING_RATE);
+- names: HELD_OUT_NAMES of the held-out problems take their function and argument names from word pools the
+  train split never uses (a tiny model rarely copies an identifier it has never seen: these are the hardest
+  problems);
 - constants: the integer constants in `HELD_OUT_INTS` and the characters in `HELD_OUT_CHARS` appear in
-  statements and code of the test split only (with probability HELD_OUT_CONSTANT_RATE per constant);
+  statements and code of the held-out splits only (with probability HELD_OUT_CONSTANT_RATE per constant);
 - pairings: about one adjacent pair of operations in six (chosen by a hash) is never chained in the train split;
 - signatures: no test problem has the same (operations, constants, phrasings) as any train problem.
+
+The validation split (VALIDATION_SIZE problems) is drawn exactly like the test split (the same held-out factors
+at the same rates) from its own random stream, after train and test, so train and test are byte-identical with
+or without it; no validation problem shares a signature with a train or test problem. Tune on it; report the
+test split once.
 
 Tests are `assert` lines (TestSpec style "assert"). Each problem has `N_HIDDEN` hidden asserts on distinct
 inputs, chosen so that they tell the reference apart from its near misses (any operation dropped, any constant
@@ -41,8 +47,9 @@ Prompt format (a docstring holding the statement and the example asserts; the pr
     load_suite("embedded", "train")                  # TRAIN_SIZE problems
     load_suite("embedded", "test")                   # TEST_SIZE held-out problems
     load_suite("embedded", "test", limit=EVAL_SIZE)  # the evaluation subset the run loop uses by default
+    load_suite("embedded", "validation")             # VALIDATION_SIZE held-out problems drawn like test
 
-`python -m envs.suites.embedded [--split test] [--show 3]` prints counts per difficulty and a few problems.
+`python -m envs.suites.embedded [--split validation] [--show 3]` prints counts per difficulty and a few problems.
 
 Calibration (experiments/calibrate_embedded.py, the warm start's defaults, 200 test problems x 8 samples at
 temperature 0.8): pass@1 0.076, pass@8 0.225, 22.5% of problems with both passing and failing samples.
@@ -64,6 +71,9 @@ from envs.registry import register_suite
 SUITE = "embedded"
 TRAIN_SIZE = 4000
 TEST_SIZE = 200
+VALIDATION_SIZE = 200
+SPLITS = ("train", "test", "validation")
+HELD_OUT_SPLITS = ("test", "validation")  # drawn alike: every held-out factor below applies to both
 EVAL_SIZE = 100  # default number of held-out problems the run loop evaluates on (the first EVAL_SIZE of "test")
 DEFAULT_SEED = 0
 N_HIDDEN = 5
@@ -386,7 +396,7 @@ class _Generator:
     def __init__(self, split: str, rng: random.Random):
         self.split = split
         self.rng = rng
-        self.test = split == "test"
+        self.test = split in HELD_OUT_SPLITS  # validation is drawn exactly like test
 
     # -- names ----------------------------------------------------------------------------------------------
     def names(self, family: str) -> tuple[str, str]:
@@ -583,27 +593,51 @@ def _generate(seed: int, n_train: int, n_test: int) -> tuple[tuple[Problem, ...]
     return tuple(train), tuple(test)
 
 
+@functools.lru_cache(maxsize=4)
+def _generate_validation(seed: int, n_train: int, n_test: int, n_validation: int) -> tuple[Problem, ...]:
+    """The validation split: drawn like the test split from its own random stream (so train and test are the
+    same whether or not it is drawn), excluding every signature of train and test."""
+    train, test = _generate(seed, n_train, n_test)
+    exclude = {_problem_signature(p) for p in train + test}
+    validation, _ = _draw_problems("validation", n_validation, seed, exclude=exclude)
+    return tuple(validation)
+
+
+def _problem_signature(p: Problem) -> tuple:
+    """`_signature` of a generated problem, rebuilt from its metadata."""
+    m = p.metadata
+    steps = tuple(Step(OPERATIONS_BY_NAME[name], tuple(consts.items()), phrasing)
+                  for name, consts, phrasing in zip(m["operations"], m["constants"], m["phrasings"]))
+    return _signature(m["family"], steps)
+
+
 def load_embedded(split: str, seed: int = DEFAULT_SEED, n_train: int = TRAIN_SIZE, n_test: int = TEST_SIZE,
-                  limit: int | None = None) -> list[Problem]:
-    """The problems of one split ("train" or "test"), identical for identical arguments in any process.
+                  n_validation: int = VALIDATION_SIZE, limit: int | None = None) -> list[Problem]:
+    """The problems of one split ("train", "test" or "validation"), identical for identical arguments in any
+    process.
 
     `limit` keeps the first `limit` problems (the order is already random), e.g. `EVAL_SIZE` for the run loop.
+    The validation split depends on `n_train` and `n_test` (it excludes their signatures); train and test do
+    not depend on `n_validation`.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"suite {SUITE!r} has no split {split!r}; its splits are ('train', 'test')")
-    train, test = _generate(seed, n_train, n_test)
-    problems = list(train if split == "train" else test)
+    if split not in SPLITS:
+        raise ValueError(f"suite {SUITE!r} has no split {split!r}; its splits are {SPLITS}")
+    if split == "validation":
+        problems = list(_generate_validation(seed, n_train, n_test, n_validation))
+    else:
+        train, test = _generate(seed, n_train, n_test)
+        problems = list(train if split == "train" else test)
     return problems[:limit] if limit is not None else problems
 
 
-register_suite(SUITE, load_embedded, splits=("train", "test"),
-               description="generated MBPP-style pipelines of 1-3 operations; test split holds out phrasings, "
-                           "names, constants and pairings")
+register_suite(SUITE, load_embedded, splits=SPLITS,
+               description="generated MBPP-style pipelines of 1-3 operations; test and validation splits hold out "
+                           "phrasings, names, constants and pairings")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--split", default="test", choices=("train", "test"))
+    parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--show", type=int, default=2, help="how many problems to print in full")
     args = parser.parse_args(argv)

