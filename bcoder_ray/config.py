@@ -363,6 +363,9 @@ def config_from_dict(data: dict | None, where: str = "config") -> Config:
 
 
 def _parse_value(text: str, where: str) -> Any:
+    """A command-line value as YAML ("3e-5" a number, "[1, 5]" a list, "null", "~" and also "none": None)."""
+    if text.strip().lower() == "none":
+        return None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:

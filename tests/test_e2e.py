@@ -1,4 +1,4 @@
-"""End to end, CI-sized, on experiments/configs/ci_tiny.yaml: the real loop (warm start, human seed, rollout
+"""End to end, CI-sized, on the shipped ci_tiny config: the real loop (warm start, human seed, rollout
 actors, cached targets, stage φ and stage θ as TorchTrainer runs with 2 CPU workers, held-out evaluation, final
 table), interrupted and resumed:
 
@@ -27,7 +27,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-CI_CONFIG = REPO / "experiments" / "configs" / "ci_tiny.yaml"
+CI_CONFIG = "ci_tiny"
 
 
 def start_driver(args: list[str], log: Path) -> subprocess.Popen:
@@ -56,7 +56,7 @@ def kill_session(proc: subprocess.Popen) -> None:
 
 
 def batch_written(buffer_dir: Path, batch_key: str) -> bool:
-    from bcoder_ray.replay_buffer import part_name
+    from bcoder_ray.buffer import part_name
 
     return (buffer_dir / "samples" / part_name(batch_key)).exists()
 
@@ -77,7 +77,7 @@ def make_crashing_worker(marker: Path):
 
 def kill_in_second_iteration(run_dir: Path, tmp_path: Path, overrides: list[str]) -> None:
     log = tmp_path / "first.log"
-    first = start_driver(["--config", str(CI_CONFIG), "--run-dir", str(run_dir), *overrides], log)
+    first = start_driver(["--config", CI_CONFIG, "--run-dir", str(run_dir), *overrides], log)
     state_file = run_dir / "state.json"
     deadline = time.time() + 600
     try:
@@ -106,7 +106,7 @@ def test_tiny_run_killed_resumed_and_checked(tmp_path):
     kill_in_second_iteration(run_dir, tmp_path, ["--model.warm_start.cache_dir", str(tmp_path / "warm")])
     state = json.loads((run_dir / "state.json").read_text())
     assert state["completed_iterations"] == 1  # killed inside iteration 1
-    theta_before = state["theta"]
+    theta_before = state["algorithm"]["theta"]
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray.cloudpickle
@@ -136,23 +136,29 @@ def test_tiny_run_killed_resumed_and_checked(tmp_path):
     # φ trained once; θ continued from the checkpoint recorded before the kill; both load
     records = state.iterations
     assert [r["iteration"] for r in records] == [0, 1]
-    assert "phi" in records[0] and "phi" not in records[1]
-    assert records[0]["theta"]["checkpoint"] == theta_before != state.theta == records[1]["theta"]["checkpoint"]
+    assert set(records[0]["stages"]) == {"phi", "theta"} and set(records[1]["stages"]) == {"theta"}
+    theta, phi = state.algorithm["theta"], state.algorithm["phi"]
+    assert records[0]["stages"]["theta"]["checkpoint"] == theta_before != theta == \
+        records[1]["stages"]["theta"]["checkpoint"]
+    assert state.policy == theta and state.policy_version == "2"
     from transformers import AutoModelForCausalLM
 
     from bcoder_ray.algorithms.q_model import QModel
 
-    AutoModelForCausalLM.from_pretrained(state.theta)
-    q = QModel.create(state.theta_ckpt, parts=("theta", "phi"), theta_dir=state.theta, phi_dir=state.phi)
+    AutoModelForCausalLM.from_pretrained(theta)  # the published policy loads as a plain LM
+    q = QModel.create(state.theta_ckpt, parts=("theta", "phi"), theta_dir=theta, phi_dir=phi)
     assert q.theta is not None and q.phi is not None
 
-    # evaluation, metrics, TensorBoard, the final table
+    # evaluation (validation during the run, the test split once at the end), metrics, TensorBoard, the table
+    assert state.baseline["split"] == cfg.suite.validation_split and state.baseline_test["split"] == "test"
     assert state.baseline["overall"]["n_problems"] == cfg.suite.max_eval_problems
-    last = records[-1]["eval"]["overall"]
-    assert last["n_candidates"] == cfg.suite.max_eval_problems * cfg.evaluation.samples_per_problem
-    assert last["ranked_pass@k"]["1"] is not None
+    last = records[-1]["eval"]
+    assert last["split"] == cfg.suite.validation_split
+    assert last["overall"]["n_candidates"] == cfg.suite.max_eval_problems * cfg.evaluation.samples_per_problem
+    assert last["overall"]["ranked_pass@k"]["1"] is not None
+    assert state.final_test["split"] == "test" and state.final_test["overall"]["ranked_pass@k"]["1"] is not None
     for rec in records:
-        assert rec["theta"]["train_s"] > 0 and rec["buffer_rows"] > 0
+        assert rec["stages"]["theta"]["train_s"] > 0 and rec["buffer_rows"] > 0
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["iteration"] for x in lines] == [0, 1]
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())

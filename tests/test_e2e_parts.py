@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from bcoder_ray.algorithms.base import RolloutRequest
 from bcoder_ray.config import ConfigError
-from bcoder_ray.driver import CONFIG_FILE, RunState, prepare_run
+from bcoder_ray.driver import prepare_run
 from bcoder_ray.learner import learning_rate_factor
-from bcoder_ray.rollout import ActorPool, ActorSettings, iteration_slice, make_tasks
+from bcoder_ray.rollout import ActorPool, ActorSettings, PolicyRef, SamplingSpec, iteration_slice, make_tasks
+from bcoder_ray.run_folder import CONFIG_FILE, RunState
 
 
 def test_tasks_are_stable_and_cover_every_problem_once():
@@ -50,12 +52,12 @@ def test_prepare_run_refuses_to_reuse_or_redefine_a_run(tmp_path):
         prepare_run(run_dir=str(plan.run_dir))
     resumed = prepare_run(resume=str(plan.run_dir), overrides=["--run.iterations", "4"])
     assert resumed.resumed and resumed.cfg.run.iterations == 4
-    with pytest.raises(ConfigError, match=r"theta\.lr"):
-        prepare_run(resume=str(plan.run_dir), overrides=["--theta.lr", "1e-3"])
+    with pytest.raises(ConfigError, match=r"stages\.theta\.lr"):
+        prepare_run(resume=str(plan.run_dir), overrides=["--stages.theta.lr", "1e-3"])
     with pytest.raises(ConfigError, match="not a run folder"):
         prepare_run(resume=str(tmp_path / "nothing"))
     with pytest.raises(ConfigError, match="unknown key"):
-        prepare_run(run_dir=str(tmp_path / "x"), overrides=["--theta.nope", "1"])
+        prepare_run(run_dir=str(tmp_path / "x"), overrides=["--stages.theta.nope", "1"])
     with pytest.raises(ConfigError, match=r"model\.warm_start\.options.*n_layers"):
         prepare_run(run_dir=str(tmp_path / "x"), overrides=["--model.warm_start.options.n_layers", "2"])
     with pytest.raises(ConfigError, match=r"model\.warm_start\.options\.max_program_len"):
@@ -72,7 +74,7 @@ class FlakyWorker:
     def __init__(self, args, executor_handles=None, actor_name=""):
         self.root = Path(args)
 
-    def rollout(self, task):
+    def rollout(self, task, policy, sampling, request, split="train"):
         target = self.root / f"{task.key}.txt"
         if not target.exists():  # idempotent by key
             target.write_text(",".join(map(str, task.problem_indices)))
@@ -82,8 +84,6 @@ class FlakyWorker:
             os._exit(1)
         return task.key
 
-    def ping(self):
-        return "ok"
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,8 @@ def test_actor_pool_redoes_the_task_of_a_dead_actor(ray_local, tmp_path):
     try:
         tasks = make_tasks("it0", range(6), 2, iteration=0, seed=0)
         seen = []
-        results = pool.map("rollout", tasks, on_result=lambda t, r: seen.append(t.key))
+        results = pool.rollout(tasks, PolicyRef("ckpt", "0"), SamplingSpec(1, 1.0, 1.0, 8), RolloutRequest(),
+                               on_result=lambda t, r: seen.append(t.key))
     finally:
         pool.shutdown()
     assert results == [t.key for t in tasks]
@@ -139,7 +140,7 @@ def seeded_buffer(root: Path, checkpoint: str, problems):
     """A buffer with each problem's human program (passes) and a wrong program (fails)."""
     from transformers import AutoTokenizer
 
-    from bcoder_ray.replay_buffer import ReplayBuffer, make_row, prompt_rows
+    from bcoder_ray.buffer import ReplayBuffer, make_row, prompt_rows
     from bcoder_ray.tokenization import encode_program, tokenizer_fingerprint
     from envs.result import REWARD, ExecResult, Outcome
 
@@ -179,15 +180,21 @@ def test_training_progress_bar_is_drawn_by_the_driver_from_the_workers_count(ray
 
 
 def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp_path):
-    """apps_codet5.yaml's pieces on tiny stand-ins: an encoder-decoder θ_ckpt, bf16 autocast, gradient
-    accumulation, clipping, φ constant lr then θ linear decay, targets filled by the Ray Data job; the stages
-    run in Ray Train's local mode (no worker group) to stay fast."""
+    """apps_codet5.yaml's pieces on tiny stand-ins, through the algorithm interface: an encoder-decoder θ_ckpt,
+    bf16 autocast, gradient accumulation, clipping, φ constant lr then θ linear decay, targets filled by the Ray
+    Data job; the stages run in Ray Train's local mode (no worker group) to stay fast."""
+    import dataclasses
+
     import envs  # noqa: F401
     from envs.registry import load_suite
 
-    from bcoder_ray.learner import ScalingSpec, StageJob, TargetSpec, fill_targets, train_stage
+    from bcoder_ray.algorithms import make_algorithm
+    from bcoder_ray.algorithms.base import RunContext
     from bcoder_ray.algorithms.q_model import QModel
-    from bcoder_ray.algorithms.targets import targets_fingerprint
+    from bcoder_ray.cached_targets import AlgorithmRef, TargetJob, fill_targets
+    from bcoder_ray.config import StageConfig
+    from bcoder_ray.learner import ScalingSpec, StageJob, train_stage
+    from bcoder_ray.tokenization import pad_id
     from transformers import AutoTokenizer
 
     problems = load_suite("embedded", "train")[:6]
@@ -195,27 +202,43 @@ def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp
     buf = seeded_buffer(tmp_path / "buffer", ckpt, problems)
     tok = AutoTokenizer.from_pretrained(ckpt)
     storage = str(tmp_path / "train")
-    common = dict(checkpoint=ckpt, tokenizer_path=ckpt, steps=3, batch_size_per_worker=4, grad_accum=2,
-                  mixed_precision="bf16", grad_clip=1.0, weight_decay=0.05, report_every=2, progress=False)
+    ctx = RunContext(theta_ckpt=ckpt, tokenizer_path=ckpt, source_len=64, target_len=24)
+    config = {"name": "bcoder"}
+    algo = make_algorithm("bcoder", config, ctx)
+    ref = AlgorithmRef("bcoder", algo.config.model_dump(), dataclasses.asdict(ctx))
+    state: dict = {}
 
-    fp_phi = targets_fingerprint(ckpt, tok, max_prompt_len=64, max_program_len=24, alpha=1.0)
-    assert fill_targets(buf, fp_phi, TargetSpec(checkpoint=ckpt, tokenizer_path=ckpt, batch_size=4)) == 12
-    assert fill_targets(buf, fp_phi, TargetSpec(checkpoint=ckpt, tokenizer_path=ckpt, batch_size=4)) == 0
-    phi_job = StageJob(stage="phi", lr=1e-3, schedule="constant", **common)
-    phi = train_stage(phi_job, buf.ray_dataset(4, phi_job.batches_needed(0), targets_fingerprint=fp_phi),
+    def job(plan, schedule):
+        optim = StageConfig(steps=3, lr=1e-3, schedule=schedule, batch_size_per_worker=4, grad_accum=2,
+                            mixed_precision="bf16", grad_clip=1.0, weight_decay=0.05, report_every=2)
+        return StageJob("bcoder", algo.config.model_dump(), dataclasses.asdict(ctx), dataclasses.asdict(plan),
+                        optim.model_dump(mode="json"), progress=False)
+
+    phi_plan, theta_plan = algo.plan_iteration(0, state, "0")
+    assert (phi_plan.name, theta_plan.name) == ("phi", "theta")
+    targets = TargetJob(ref, phi_plan.targets, pad_id(tok), batch_size=4)
+    assert fill_targets(buf, targets) == 12
+    assert fill_targets(buf, targets) == 0  # cached: nothing twice
+    phi_job = job(phi_plan, "constant")
+    phi = train_stage(phi_job, buf.ray_dataset(4, phi_job.batches_needed(0),
+                                               targets_fingerprint=phi_plan.targets.fingerprint),
                       ScalingSpec(num_workers=0), storage_path=storage, name="phi-a")
     assert [h["step"] for h in phi.history] == [2, 3] and all(h["lr"] == 1e-3 for h in phi.history)
+    algo.after_stage(phi_plan, phi.checkpoint_dir, 0, state)
 
-    fp_theta = targets_fingerprint(ckpt, tok, max_prompt_len=64, max_program_len=24, alpha=1.0,
-                                   phi_checkpoint=phi.checkpoint_dir)
-    assert fill_targets(buf, fp_theta, TargetSpec(checkpoint=ckpt, tokenizer_path=ckpt,
-                                                  phi_dir=phi.checkpoint_dir, batch_size=4)) == 12
-    theta_job = StageJob(stage="theta", lr=1e-3, schedule="linear", **common)
+    theta_plan = algo.prepare_stage(theta_plan, state)  # θ's targets need the φ just trained
+    assert theta_plan.targets.spec["phi_dir"] == phi.checkpoint_dir
+    assert theta_plan.targets.fingerprint != phi_plan.targets.fingerprint
+    assert fill_targets(buf, TargetJob(ref, theta_plan.targets, pad_id(tok), batch_size=4)) == 12
+    theta_job = job(theta_plan, "linear")
+    fp_theta = theta_plan.targets.fingerprint
     theta = train_stage(theta_job, buf.ray_dataset(4, theta_job.batches_needed(0), targets_fingerprint=fp_theta),
                         ScalingSpec(num_workers=0), storage_path=storage, name="theta-a")
     lrs = [h["lr"] for h in theta.history]
     assert lrs[0] > lrs[-1] > 0  # linear decay
     assert all(h["grad_norm"] >= 0 and h["loss"] == h["loss"] for h in theta.history)  # finite (not NaN)
+    algo.after_stage(theta_plan, theta.checkpoint_dir, 0, state)
+    assert algo.policy(state) == theta.checkpoint_dir
     q = QModel.create(ckpt, parts=("theta", "phi"), theta_dir=theta.checkpoint_dir, phi_dir=phi.checkpoint_dir)
     assert q.kind == "encoder-decoder"
     with pytest.raises(FileExistsError, match="resumed"):
