@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bcoder_ray.formatting import pct
 from bcoder_ray.algorithms import make_algorithm
 from bcoder_ray.algorithms.base import StagePlan
 from bcoder_ray.buffer import ReplayBuffer, make_row, prompt_rows
@@ -82,10 +83,6 @@ def prepare_run(config: str | None = None, overrides: list[str] | None = None, r
 
 def _get(group: dict, variant: str, k: int) -> float | None:
     return (group.get(f"{variant}@k") or {}).get(str(k))
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
 
 
 class Run:
@@ -311,8 +308,8 @@ class Run:
                                          "sampling": dataclasses.asdict(sampling)})
         o = metrics["overall"]
         self.log(f"evaluation {label} ({time.time() - started:.0f}s): {o['n_problems']} problems × {sampling.n} "
-                 f"samples: pass@1 {_pct(_get(o, 'pass', 1))}"
-                 + (f", ranked pass@1 {_pct(_get(o, 'ranked_pass', 1))}" if ranker is not None else ""))
+                 f"samples: pass@1 {pct(_get(o, 'pass', 1))}"
+                 + (f", ranked pass@1 {pct(_get(o, 'ranked_pass', 1))}" if ranker is not None else ""))
         return {"label": policy.label, "split": split, "dir": str(folder), "overall": o,
                 "by_difficulty": metrics.get("by_difficulty", {}), "wall_s": time.time() - started}
 

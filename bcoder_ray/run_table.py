@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bcoder_ray.formatting import pct
 from bcoder_ray.config import Config
 from bcoder_ray.metrics import CANDIDATES_FILE, bootstrap_ci, group_by_problem, problem_variant_value, read_candidates
 from bcoder_ray.report import load_metrics, table1_markdown
@@ -14,10 +15,6 @@ from bcoder_ray.run_folder import RunState
 
 def _get(group: dict, variant: str, k: int) -> float | None:
     return (group.get(f"{variant}@k") or {}).get(str(k))
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
 
 
 def paired_difference(dir_a: str, variant_a: str, dir_b: str, variant_b: str, k: int, level: float,
@@ -56,13 +53,13 @@ def final_table(state: RunState, cfg: Config) -> str:
     if state.baseline or state.baseline_test:
         o = (state.baseline or {}).get("overall") or {}
         lines.append(f"| warm start (θ_ckpt) | {state.human_rows} | 0 | 0 | – | {_rate(probe.get(-1))} | "
-                     f"{_pct(_get(o, 'pass', 1))} | – |")
+                     f"{pct(_get(o, 'pass', 1))} | – |")
     for rec in state.iterations:
         o = (rec.get("eval") or {}).get("overall") or {}
         lines.append(f"| {rec['iteration']} | {rec.get('buffer_rows', '–')} | {rec['programs_sampled_total']} | "
                      f"{rec['programs_executed_total']} | {rec['rollout']['pass_rate']:.3f} | "
-                     f"{_rate(probe.get(rec['iteration']))} | {_pct(_get(o, 'pass', 1))} | "
-                     f"{_pct(_get(o, 'ranked_pass', 1))} |")
+                     f"{_rate(probe.get(rec['iteration']))} | {pct(_get(o, 'pass', 1))} | "
+                     f"{pct(_get(o, 'ranked_pass', 1))} |")
     base, last = state.baseline_test, state.final_test
     if base and last:
         o_last, o_base = last["overall"], base["overall"]
@@ -75,22 +72,22 @@ def final_table(state: RunState, cfg: Config) -> str:
                   " | ".join(f"ranked pass@{k}" for k in ks) + " |",
                   "| --- |" + " ---: |" * (2 * len(ks))]
         for name, o in (("warm start (θ_ckpt)", o_base), (f"last ({last.get('label', 'policy')})", o_last)):
-            lines.append(f"| {name} | " + " | ".join(_pct(_get(o, "pass", k)) for k in ks) + " | " +
-                         " | ".join(_pct(_get(o, "ranked_pass", k)) for k in ks) + " |")
+            lines.append(f"| {name} | " + " | ".join(pct(_get(o, "pass", k)) for k in ks) + " | " +
+                         " | ".join(pct(_get(o, "ranked_pass", k)) for k in ks) + " |")
         lines += ["", "| comparison (pass@1) | last iteration | warm start | difference | interval |",
                   "| --- | ---: | ---: | ---: | --- |"]
         for name, variant in (("ranked (last) vs unranked (warm start)", "ranked_pass"),
                               ("unranked (last) vs unranked (warm start)", "pass")):
             d = paired_difference(last["dir"], variant, base["dir"], "pass", 1, ev.confidence, seed=cfg.run.seed)
             diff, interval = _interval(d)
-            lines.append(f"| {name} | {_pct(_get(o_last, variant, 1))} | {_pct(_get(o_base, 'pass', 1))} | "
+            lines.append(f"| {name} | {pct(_get(o_last, variant, 1))} | {pct(_get(o_base, 'pass', 1))} | "
                          f"{diff} | {interval} |")
         if _get(o_last, "ranked_pass", 1) is not None:
             d = paired_difference(last["dir"], "ranked_pass", last["dir"], "pass", 1, ev.confidence,
                                   seed=cfg.run.seed)
             diff, interval = _interval(d)
-            lines.append(f"| ranked (last) vs unranked (last) | {_pct(_get(o_last, 'ranked_pass', 1))} | "
-                         f"{_pct(_get(o_last, 'pass', 1))} (last) | {diff} | {interval} |")
+            lines.append(f"| ranked (last) vs unranked (last) | {pct(_get(o_last, 'ranked_pass', 1))} | "
+                         f"{pct(_get(o_last, 'pass', 1))} (last) | {diff} | {interval} |")
         lines += ["", "Per difficulty on the test split (percent; the layout of the paper's Table 1):", "",
                   _difficulty_tables(base, last, ks)]
     return "\n".join(lines) + "\n"

@@ -1,8 +1,5 @@
 """What is in a buffer: rows by suite, source, outcome and iteration, pass rates, cached-target rows per
-fingerprint, files and bytes on disk. Works on the storage layer (`catalog.Catalog`), not on the facade.
-
-(`_pct` here formats a rate for the `stats` command; the project has other percentage formatters outside the
-buffer package, which must not import from outside it.)"""
+fingerprint, files and bytes on disk. Works on the storage layer (`catalog.Catalog`), not on the facade."""
 
 from __future__ import annotations
 
@@ -15,6 +12,7 @@ import pyarrow.compute as pc
 from bcoder_ray.buffer.catalog import Catalog
 from bcoder_ray.buffer.storage import QUARANTINE
 from bcoder_ray.buffer.targets import TARGETS_DIR
+from bcoder_ray.formatting import pct
 
 _COUNTED = ("suite", "source", "outcome", "iteration")
 
@@ -65,8 +63,10 @@ class BufferStats:
             s: AreaStats = getattr(self, area)
             label = "samples (train, learner-facing)" if area == "samples" else "eval (kept apart)"
             rate = s.pass_rate()
-            lines.append(f"{label}: {s.rows} rows; pass rate {_pct(rate)} "
-                         f"(generated {_pct(s.pass_rate('generated'))}, human {_pct(s.pass_rate('human'))})")
+            share = {"digits": 2, "missing": "n/a"}
+            lines.append(f"{label}: {s.rows} rows; pass rate {pct(rate, **share)} "
+                         f"(generated {pct(s.pass_rate('generated'), **share)}, "
+                         f"human {pct(s.pass_rate('human'), **share)})")
             if not s.rows:
                 continue
             for title, counts in (("suite", s.by_suite), ("source", s.by_source), ("outcome", s.by_outcome),
@@ -76,10 +76,6 @@ class BufferStats:
         if self.targets_rows:
             lines.append("cached targets: " + ", ".join(f"fp={k}: {v} rows" for k, v in sorted(self.targets_rows.items())))
         return "\n".join(lines)
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
 def _area_stats(catalog: Catalog, area: str) -> AreaStats:
