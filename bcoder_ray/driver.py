@@ -41,7 +41,7 @@ from bcoder_ray.config import Config, ConfigError
 from bcoder_ray.evaluation import write_evaluation
 from bcoder_ray.learner import ScalingSpec, StageJob, train_stage
 from bcoder_ray.ray_session import ray_session
-from bcoder_ray.resources import check_cpu_budget, local_cpus
+from bcoder_ray.resources import cluster_need, describe, local_cluster, plan_schedule
 from bcoder_ray.rollout import (ActorPool, ActorSettings, PolicyRef, PolicyWorker, SamplingSpec, WorkerArgs,
                                 iteration_slice, make_tasks)
 from bcoder_ray.run_folder import (CONFIG_FILE, TABLE_FILE, RunPlan, RunState, prepare_run as _prepare_run,
@@ -62,11 +62,11 @@ class RunSummary:
 
 
 def check_run(cfg: Config) -> None:
-    """Everything that can be checked before any work: components and the local CPU budget."""
+    """Everything that can be checked before any work: components, and the schedule on the local instance."""
     check_components(cfg)
-    cpus = local_cpus(cfg)
-    if cpus is not None:
-        check_cpu_budget(cfg, _algorithm_class(cfg).stage_names, cpus)
+    cluster = local_cluster(cfg)
+    if cluster is not None:
+        plan_schedule(cfg, _algorithm_class(cfg).stage_names, cluster)
 
 
 def _algorithm_class(cfg: Config):
@@ -144,19 +144,30 @@ class Run:
         stack.enter_context(ray_session(cfg))
         import ray
 
-        check_cpu_budget(cfg, self.algorithm.stage_names, ray.cluster_resources().get("CPU", 0.0))
-        r, e = cfg.rollout, cfg.executor
-        splits = {"train": self.train, **{name: probs for name, probs in self.eval_sets.items()}}
+        self.schedule = plan_schedule(cfg, self.algorithm.stage_names, cluster_need(ray.cluster_resources()))
+        for line in describe(self.schedule):
+            self.log(line)
+        self.pool = None
+        stack.callback(self.stop_pool)
+        self.start_pool()
+
+    def start_pool(self) -> None:
+        cfg, r, e = self.cfg, self.cfg.rollout, self.cfg.executor
+        splits = {"train": self.train, **self.eval_sets}
         args = WorkerArgs(problems=splits, tokenizer_path=self.ctx.tokenizer_path, source_len=cfg.model.source_len,
                           target_len=cfg.model.target_len, buffer_uri=self.buffer_uri(),
-                          context=dataclasses.asdict(self.ctx), imports=tuple(cfg.imports), run_id=st.run_id,
+                          context=dataclasses.asdict(self.ctx), imports=tuple(cfg.imports), run_id=self.state.run_id,
                           executor_workers=e.workers, executor_options=e.options,
                           num_threads=max(1, math.ceil(r.cpus_per_actor)), dtype=cfg.model.dtype)
         self.pool = ActorPool(self.worker_cls, ActorSettings(num_actors=r.num_actors, num_cpus=r.cpus_per_actor,
                                                              num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts,
                                                              max_task_retries=r.max_restarts),
                               args, executor_actors=e.num_actors, executor_cpus=e.cpus_per_actor)
-        stack.callback(self.pool.shutdown)
+
+    def stop_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
 
     def load_problems(self) -> None:
         """The RL loop's train problems (the first `max_train_problems`), the warm start's (the rest of the train
@@ -339,6 +350,8 @@ class Run:
         st.programs_sampled += roll["programs"]
         st.programs_executed += roll["executed"]
         record: dict[str, Any] = {"iteration": it, "rollout": roll, "stages": {}}
+        if self.schedule.release_actors:
+            self.stop_pool()  # their GPUs go to the learners (bcoder_ray.resources)
         for plan in algo.plan_iteration(it, st.algorithm, st.policy_version):
             plan = algo.prepare_stage(plan, st.algorithm)
             label = plan.label or plan.name
@@ -352,6 +365,8 @@ class Run:
                                        **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
         # 4. publish: the actors load the new policy by path on their next task
         st.policy, st.policy_version = algo.policy(st.algorithm), str(it + 1)
+        if self.pool is None:
+            self.start_pool()
         # 5. evaluate
         split = cfg.suite.validation_split
         if split and (it == cfg.run.iterations - 1 or (it + 1) % cfg.evaluation.every == 0):

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from bcoder_ray.components import check_components
     from bcoder_ray.config import load_config, shipped_configs
     from bcoder_ray.driver import prepare_run, run
-    from bcoder_ray.resources import cpu_budget
+    from bcoder_ray.resources import actor_need, learning_needs
 
     try:
         if args.list_algorithms or args.list_configs:
@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             check_components(cfg)
             print(cfg.to_yaml(), end="")
             stages = algorithm_class(cfg.algorithm.name).stage_names
-            print("# logical CPUs each phase holds at once (checked against the cluster at start):")
-            for phase, need in cpu_budget(cfg, stages).items():
-                print(f"#   {phase}: {need:g}")
+            print("# what each phase holds at once (checked against the cluster at start), alone:")
+            print(f"#   rollout actors: {actor_need(cfg)}")
+            for phase, need in learning_needs(cfg, stages).items():
+                print(f"#   {phase}: {need}")
             return 0
         plan = prepare_run(config=args.config, overrides=overrides, run_dir=args.run_dir, resume=args.resume,
                            imports=args.imports)

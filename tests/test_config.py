@@ -182,7 +182,7 @@ def test_run_py_lists_and_dry_runs():
     assert done.returncode == 0, done.stderr
     resolved = yaml.safe_load(done.stdout)
     assert resolved["algorithm"]["name"] == "bcoder" and resolved["stages"]["theta"]["steps"] == 10000
-    assert "logical CPUs each phase holds" in done.stdout
+    assert "what each phase holds at once" in done.stdout and "8 GPUs" in done.stdout
     bad = subprocess.run(run + ["--config", "ci_tiny", "--dry-run", "--stages.theta.lrr", "1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "stages.theta.lrr" in bad.stderr
