@@ -42,10 +42,20 @@ def decoder_body(lm: PreTrainedModel) -> nn.Module:
     return body
 
 
+def float32_linear(layer: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """`layer(hidden)` computed in float32 whatever the autocast or storage dtype: the quantities read off it (A =
+    α(ℓ - max ℓ), Q of taken and target actions, V, R̃) differ between tokens by far less than bf16 resolves."""
+    weight = layer.weight.float()
+    bias = None if layer.bias is None else layer.bias.float()
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return torch.nn.functional.linear(hidden.float(), weight, bias)
+
+
 def lm_head_logits(lm: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on decoder states, in float32 (`float32_linear`)."""
     if lm_kind(lm) == ENCODER_DECODER and getattr(lm.config, "scale_decoder_outputs", False):
         hidden = hidden * (lm.config.d_model ** -0.5)  # T5 v1.0 scales the decoder output before its tied head
-    return lm.get_output_embeddings()(hidden)
+    return float32_linear(lm.get_output_embeddings(), hidden)
 
 
 def check_logit_path(lm: PreTrainedModel, where: str) -> None:
@@ -71,10 +81,11 @@ def check_logit_path(lm: PreTrainedModel, where: str) -> None:
 
 def load_lm(name_or_path: str, *, dtype: torch.dtype | None = None,
             device: torch.device | str | None = None) -> PreTrainedModel:
-    """Load a causal or seq2seq LM, frozen (no parameter requires grad) and in eval mode."""
+    """Load a causal or seq2seq LM, frozen (no parameter requires grad) and in eval mode, in `dtype` (default
+    float32, whatever the checkpoint stores: trained weights stay float32 masters under bf16 autocast)."""
     config = AutoConfig.from_pretrained(name_or_path)
     cls = AutoModelForSeq2SeqLM if lm_kind(config) == ENCODER_DECODER else AutoModelForCausalLM
-    lm = cls.from_pretrained(name_or_path, dtype=dtype)
+    lm = cls.from_pretrained(name_or_path, dtype=dtype or torch.float32)
     if lm_kind(lm) == ENCODER_DECODER and lm.config.decoder_start_token_id is None:
         raise ValueError(f"{name_or_path}: encoder-decoder config has no decoder_start_token_id")
     lm.requires_grad_(False)

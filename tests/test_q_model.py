@@ -208,3 +208,30 @@ def test_fused_logit_statistics_match_plain_autograd():
     assert torch.allclose(log_z.double(), ref_log_z.detach(), atol=1e-6)
     (weights[0] * ref_max + weights[1] * ref_taken + weights[2] * ref_log_z).sum().backward()
     assert torch.allclose(fused, logits.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["decoder-only", "encoder-decoder"])
+def test_bf16_autocast_keeps_a_q_and_v_in_float32(kind, tmp_path):
+    """Under bf16 autocast the body runs in bf16 but the heads read off it (LM head, V heads) run in float32, so
+    A_θ, Q_θ and V are float32 and, at initialisation, A_θ is within bf16's error of the hidden states alone of
+    the float32 A_ckpt (the cached target), not within a bf16 rounding of the logits (about 0.04 per token)."""
+    from learner_fixtures import example_rows, tiny_checkpoint
+
+    from bcoder_ray.algorithms.targets import frozen_target_tensors
+    from bcoder_ray.batch import collate
+
+    ckpt = tiny_checkpoint(kind, str(tmp_path / "ckpt"))
+    model = QModel.create(ckpt, parts=("ckpt", "phi", "theta"))
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # float32 masters, whatever is stored
+    batch = collate(example_rows(), 0)
+    reference = frozen_target_tensors(model, batch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        encoded = model.encode(batch)
+        out = model.theta_outputs(batch, encoded, model.phi_raw_values(batch, encoded))
+        logits = model.theta.logits(model.theta.states(batch, encoded))
+    assert out.advantage.dtype == out.q.dtype == out.value.dtype == logits.dtype == torch.float32
+    mask = batch.program_mask.bool()
+    err = (out.advantage - reference.a_ckpt)[mask].abs().max()
+    # the states differ by bf16's relative resolution (2^-8) of their own size; the head sums d_model of them
+    scale = float(logits.abs().max())
+    assert err <= 4 * 2 ** -8 * scale

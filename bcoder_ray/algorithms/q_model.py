@@ -68,8 +68,8 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 from bcoder_ray.batch import Batch
 from bcoder_ray.lm import (DECODER_ONLY, ENCODER_DECODER, Encoded, PolicyLM, SharedEncoder, Trunk,  # noqa: F401
-                           decoder_body, hidden_size, lm_kind, load_lm, new_head, positions_from_mask,
-                           token_logit_stats)
+                           decoder_body, float32_linear, hidden_size, lm_kind, load_lm, new_head,
+                           positions_from_mask, token_logit_stats)
 
 PARTS = ("ckpt", "phi", "theta")
 STAGES = ("phi", "theta", "none")
@@ -99,7 +99,7 @@ class ValueNet(Trunk):
         self.v_head = v_head
 
     def raw_values(self, batch: Batch, encoded: Encoded | None) -> torch.Tensor:
-        return self.v_head(self.states(batch, encoded)).squeeze(-1)
+        return float32_linear(self.v_head, self.states(batch, encoded)).squeeze(-1)
 
 
 class QNet(PolicyLM):
@@ -112,7 +112,7 @@ class QNet(PolicyLM):
         self.uses_phi = uses_phi
 
     def residual_value(self, hidden: torch.Tensor) -> torch.Tensor:
-        return (self.h1(hidden) - self.h2(hidden)).squeeze(-1)
+        return (float32_linear(self.h1, hidden) - float32_linear(self.h2, hidden)).squeeze(-1)
 
 
 @dataclass
@@ -285,7 +285,7 @@ class QModel(nn.Module):
     @staticmethod
     def _load_phi(directory: str, kind: str, encoder: SharedEncoder | None, dtype) -> ValueNet:
         from safetensors.torch import load_file
-        base = AutoModel.from_pretrained(directory, dtype=dtype)
+        base = AutoModel.from_pretrained(directory, dtype=dtype or torch.float32)
         if kind == ENCODER_DECODER:
             _adopt_encoder(base, encoder, directory)
             body = base.get_decoder()
