@@ -273,7 +273,9 @@ class Run:
         job = StageJob(algorithm=cfg.algorithm.name, algorithm_config=cfg.algorithm.model_dump(),
                        context=dataclasses.asdict(self.ctx), plan=dataclasses.asdict(plan),
                        optim=st.model_dump(mode="json"), imports=tuple(cfg.imports), seed=cfg.run.seed + it,
-                       progress=cfg.run.progress)
+                       progress=cfg.run.progress, step_offset=it * st.steps,
+                       tensorboard_dir=str((self.run_dir / "tensorboard" / label).resolve())
+                       if cfg.run.tensorboard else None)
         rows = plan.rows
         dataset = self.buffer.ray_dataset(
             st.batch_size_per_worker, job.batches_needed(st.num_workers), rho_real=rows.rho_real,
@@ -286,10 +288,6 @@ class Run:
         self.log(f"stage {label}: {st.steps} steps × {st.batch_size_per_worker}×{st.num_workers}×{st.grad_accum} "
                  f"programs ({name})")
         result = train_stage(job, dataset, scaling, storage_path=str((self.run_dir / "train").resolve()), name=name)
-        for entry in result.history:
-            for k, v in entry.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.scalar(f"{label}/{k}", float(v), it * st.steps + int(entry["step"]))
         last = result.history[-1] if result.history else {}
         self.log(f"stage {label} done in {result.wall_s:.0f}s: " +
                  ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))

@@ -56,6 +56,8 @@ class StageJob:
     imports: tuple[str, ...] = ()  # modules that register outside algorithms
     seed: int = 0
     progress: bool = True
+    tensorboard_dir: str | None = None  # rank 0 streams its metrics there while the stage runs
+    step_offset: int = 0  # the TensorBoard step of this stage's step 0 (stages of earlier iterations before it)
 
     @property
     def steps(self) -> int:
@@ -165,6 +167,11 @@ def train_loop_per_worker(config: dict) -> None:
     model_ready = time.time()
     batches = _batches(ray.train.get_dataset_shard("train"), o.batch_size_per_worker)
     progress = config.get("progress_counter") if ctx.get_world_rank() == 0 else None  # the driver draws the bar
+    writer = None
+    if job.tensorboard_dir and ctx.get_world_rank() == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(job.tensorboard_dir)
     history: list[dict] = []
     window: dict[str, float] = {}
     n_window = 0
@@ -207,9 +214,16 @@ def train_loop_per_worker(config: dict) -> None:
                          programs_per_s=n_window * o.grad_accum * o.batch_size_per_worker * world
                          / max(now - last_report, 1e-9))
             history.append(entry)
+            if writer is not None:  # live: visible in TensorBoard while the stage runs
+                for k, v in entry.items():
+                    if k != "step":
+                        writer.add_scalar(f"{job.stage}/{k}", float(v), job.step_offset + step + 1)
+                writer.flush()
             window, n_window, last_report = {}, 0, now
             if not last:
                 ray.train.report({**entry, "stage": job.stage})
+    if writer is not None:
+        writer.close()
     final = {**(history[-1] if history else {}), "stage": job.stage, "history": history,
              "train_s": time.time() - started, "model_setup_s": model_ready - entered,
              "worker_entered_at": entered}

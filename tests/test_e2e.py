@@ -162,6 +162,8 @@ def test_tiny_run_killed_resumed_and_checked(tmp_path):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["iteration"] for x in lines] == [0, 1]
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())
+    for stage in ("phi", "theta"):  # streamed by rank 0 while each stage ran
+        assert list((run_dir / "tensorboard" / stage).glob("events.out.tfevents*")), stage
     table_md = (run_dir / "table.md").read_text()
     assert summary.table == table_md
     assert "ranked (last) vs unranked (warm start)" in table_md and "unranked (last) vs unranked" in table_md
