@@ -34,11 +34,12 @@ from typing import Any
 from bcoder_ray.formatting import pct
 from bcoder_ray.algorithms import make_algorithm
 from bcoder_ray.algorithms.base import StagePlan
-from bcoder_ray.buffer import ReplayBuffer, make_row, prompt_rows
+from bcoder_ray.buffer import ReplayBuffer, prompt_rows
 from bcoder_ray.cached_targets import AlgorithmRef, TargetJob, fill_targets
 from bcoder_ray.components import check_components, run_context, warm_start_cache, warm_start_config
 from bcoder_ray.config import Config, ConfigError
 from bcoder_ray.evaluation import write_evaluation
+from bcoder_ray.human_seed import human_rows
 from bcoder_ray.learner import ScalingSpec, StageJob, train_stage
 from bcoder_ray.ray_session import ray_session
 from bcoder_ray.resources import cluster_need, describe, local_cluster, plan_schedule
@@ -47,11 +48,10 @@ from bcoder_ray.rollout import (ActorPool, ActorSettings, PolicyRef, PolicyWorke
 from bcoder_ray.run_folder import (CONFIG_FILE, TABLE_FILE, RunPlan, RunState, prepare_run as _prepare_run,
                                    write_metrics_lines)
 from bcoder_ray.run_table import final_table
-from bcoder_ray.tokenization import decode_program, encode_program, eos_id, pad_id, tokenizer_fingerprint
+from bcoder_ray.tokenization import pad_id
 from bcoder_ray.warm_start import warm_start
 from envs.execute import Executor
 from envs.registry import load_suite
-from envs.scoring import score_programs
 
 
 @dataclass
@@ -205,24 +205,18 @@ class Run:
         """Prompts of every problem, and the train problems' human programs, executed as stored: a program
         longer than `model.target_len` is stored cut at the limit, and its reward is that of the cut text."""
         m, tok = self.cfg.model, self.tokenizer
-        fp = tokenizer_fingerprint(tok)
         everything = self.train + [p for probs in self.eval_sets.values() for p in probs]
         self.buffer.put_prompts(prompt_rows(everything, tok, max_len=m.source_len))
-        pairs = [(p, ref) for p in self.train for ref in p.references]
-        if not pairs:
+        if not any(p.references for p in self.train):
             raise ConfigError(f"suite {self.cfg.suite.name!r}: the train problems have no human programs")
-        ids = [encode_program(tok, ref, m.target_len) for _, ref in pairs]
-        truncated = [not x or x[-1] != eos_id(tok) for x in ids]
-        texts = [decode_program(tok, x) if cut else ref for x, cut, (_, ref) in zip(ids, truncated, pairs)]
         with Executor(workers=self.cfg.executor.workers, **self.cfg.executor.options) as ex:
-            results = score_programs(ex, [p for p, _ in pairs], texts)
-        rows = [make_row(p, text, x, res, source="human", tokenizer_hash=fp, iteration=0, policy_version="human",
-                         actor="seed", sampling="{}", truncated=cut, run_id=self.state.run_id)
-                for (p, _), text, x, cut, res in zip(pairs, texts, ids, truncated, results)]
+            rows = human_rows(self.train, tok, m.target_len, ex, run_id=self.state.run_id)
         self.buffer.append(rows, batch_key=f"human-seed-{self.cfg.suite.name}")
         self.state.human_rows = len(rows)
-        self.log(f"buffer seeded: {len(rows)} human programs ({sum(r.passed for r in results)} pass their tests; "
-                 f"{sum(truncated)} cut at {m.target_len} tokens, labelled by the cut text)")
+        passed, cut = sum(r["outcome"] == "passed" for r in rows), sum(r["truncated"] for r in rows)
+        self.state.human_truncated = cut
+        self.log(f"buffer seeded: {len(rows)} human programs ({passed} pass their tests as stored; {cut} cut at "
+                 f"{m.target_len} tokens, labelled by the cut text)")
 
     # ------------------------------------------------------------------------------------------ the steps
     def rollout(self, it: int) -> dict | None:

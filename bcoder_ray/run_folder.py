@@ -49,6 +49,7 @@ class RunState:
     programs_executed: int = 0  # cumulative, generated programs run in the sandbox (cache misses)
     infra_failures: int = 0  # cumulative, programs whose verdict the sandbox could not give (not written)
     human_rows: int = 0
+    human_truncated: int = 0  # human programs stored cut at the length limit (labelled by the cut text)
     baseline: dict | None = None  # evaluation of θ_ckpt on the validation split before the first iteration
     baseline_test: dict | None = None  # θ_ckpt on the test split (once)
     final_test: dict | None = None  # the last policy on the test split (once, at the end)
