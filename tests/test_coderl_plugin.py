@@ -247,3 +247,88 @@ def test_critic_sampling_is_refused_without_example_tests():
         require_examples([problems[0], bare[1]])
     if all(p.example_tests for p in problems):
         require_examples(problems)
+
+
+def _word_tokenizer(path) -> str:
+    words = ["<pad>", "<eos>", "<unk>", "def", "return", "f", "x", "(", ")", ":", "+", "1", "=", "assert", "==",
+             "s", "[", "]", ",", "'", "a", "b", "for", "in", "if", "not"]
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(str(path))
+    return str(path)
+
+
+def test_critic_sampling_beside_plain_sampling_at_the_same_budget(gpt2, tmp_path):
+    from bcoder_ray.candidates import SamplingSettings, load_sampler
+    from bcoder_ray.algorithms.critic import BINARY_CLASSES
+    from bcoder_ray.coderl_sampling import compare_with_plain, summary_lines
+    from bcoder_ray.metrics import read_candidates
+    from envs.execute import Executor
+    from envs.registry import load_suite
+
+    problems = load_suite("embedded", "test")[:2]
+    sampler = load_sampler(gpt2, tokenizer=_word_tokenizer(tmp_path / "tok"), label="tiny")
+    critic = Critic.create(gpt2, classes=BINARY_CLASSES, seed=1).eval()
+    settings = SamplingSettings(m=3, temperature=1.0, top_p=1.0, max_prompt_len=32, max_new_tokens=8, seed=5)
+    with Executor(workers=1) as ex:
+        out = compare_with_plain(problems, sampler, ex, settings, critic, n=3, rounds=2, out_dir=tmp_path / "cs",
+                                 ks=(1,))
+    assert out["budget"] == 6
+    for arm in ("critic_sampling", "plain"):
+        records = read_candidates(tmp_path / "cs" / arm)
+        assert len(records) == 2 * 6 and all(r.rtilde is not None and r.example_passed is not None for r in records)
+        assert set(out[arm]["overall"]["n@k"]) == {"1@6", "5@6"}
+    rounds = out["critic_sampling"]["rounds"]
+    assert [sum(r["counts"]) for p in rounds for r in p["rounds"]] == [3, 3, 3, 3]
+    assert len(summary_lines(out)) == 2
+
+
+def test_actor_targets_read_outcomes_and_greedy_rewards_from_the_buffer(gpt2, tmp_path):
+    from bcoder_ray.algorithms.coderl import ActorTargets
+    from bcoder_ray.algorithms.critic import FOUR_CLASSES, outcome_labels, token_values
+    from bcoder_ray.buffer import ReplayBuffer, make_row
+    from envs.registry import load_suite
+    from envs.result import REWARD, ExecResult, Outcome
+
+    p0, p1 = load_suite("embedded", "train")[:2]
+    buffer = ReplayBuffer(str(tmp_path / "buffer"))
+
+    def row(problem, ids, outcome, version, decoding="sample", source="generated"):
+        return make_row(problem, "x", ids, ExecResult(outcome, REWARD[outcome]), source=source, tokenizer_hash="t",
+                        iteration=int(version) if version.isdigit() else 0, policy_version=version, actor="a",
+                        sampling="{}", decoding=decoding)
+
+    buffer.append([row(p0, [3, 4, EOS], Outcome.FAILED, "0"), row(p0, [5, EOS], Outcome.COMPILE_ERROR, "0"),
+                   row(p0, [6, EOS], Outcome.RUNTIME_ERROR, "0", "greedy"), row(p1, [7, EOS], Outcome.PASSED, "0"),
+                   row(p0, [8, 9, EOS], Outcome.PASSED, "human", source="human")], batch_key="it0-t0000")
+    critic_dir = str(tmp_path / "critic")
+    Critic.create(gpt2, seed=2).save(critic_dir)
+    targets = ActorTargets({"critic_dir": critic_dir, "use_critic": True, "use_baseline": True},
+                           str(tmp_path / "buffer"))
+
+    def batch_of(wanted):
+        table = buffer.read(columns=["sample_id", "source", "program_ids", "reward", "policy_version", "problem_id",
+                                     "decoding"]).to_pylist()
+        rows = [r for r in table if wanted(r)]
+        return rows, collate([{**r, "prompt_ids": [3, 4]} for r in rows], PAD, info_columns=("sample_id", "source"))
+
+    rows, batch = batch_of(lambda r: r["problem_id"] == p0.problem_id and r["decoding"] == "sample")
+    out = targets(batch)
+    for b, r in enumerate(rows):
+        n = len(r["program_ids"])
+        if r["source"] == "human":
+            assert out["q_hat"][b] == [0.0] * n and out["r_baseline"][b] == [0.0] * n
+            continue
+        assert out["r_baseline"][b] == [REWARD[Outcome.RUNTIME_ERROR]] * n       # the greedy row of p0, v0
+        u = "failed" if r["reward"] == REWARD[Outcome.FAILED] else "compile_error"
+        q = token_values(targets.critic, batch, outcome_labels([u] * batch.size, FOUR_CLASSES))[b, :n].tolist()
+        assert out["q_hat"][b] == pytest.approx(q, abs=1e-6)
+    _, lone = batch_of(lambda r: r["problem_id"] == p1.problem_id)
+    with pytest.raises(ValueError, match="no greedy row"):
+        targets(lone)
+    # rows appended after the lookup was read (a later iteration) are found: the lookup reloads on a miss
+    buffer.append([row(p1, [9, EOS], Outcome.FAILED, "1"), row(p1, [10, EOS], Outcome.PASSED, "1", "greedy")],
+                  batch_key="it1-t0000")
+    _, later = batch_of(lambda r: r["policy_version"] == "1" and r["decoding"] == "sample")
+    assert targets(later)["r_baseline"] == [[1.0, 1.0]]
