@@ -8,7 +8,6 @@ import dataclasses
 
 import pyarrow as pa
 import pytest
-import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
