@@ -23,6 +23,11 @@ from bcoder_ray.buffer import rows_from_batch
 from bcoder_ray.quiet import quiet_libraries
 
 
+IDENTITY_COLUMNS = ("sample_id", "suite", "problem_id", "source")
+"""Columns of the rows lacking targets that a target computer sees in `Batch.info` (e.g. to join other buffer
+rows by sample id)."""
+
+
 @dataclass(frozen=True)
 class AlgorithmRef:
     """An algorithm by plain data, rebuilt in any process (`make_algorithm`)."""
@@ -63,7 +68,9 @@ class TargetComputer:
         for row in rows:
             row.setdefault("reward", 0.0)  # collate wants one; frozen targets do not depend on it
             row.setdefault("is_human", row.get("source") == "human")
-        values = self.compute(collate(rows, self.job.pad_id))
+        # the rows' identity columns (as `missing_targets` hands them out) ride along in `Batch.info`
+        info = tuple(c for c in IDENTITY_COLUMNS if c in batch.column_names)
+        values = self.compute(collate(rows, self.job.pad_id, info_columns=info))
         columns = {name: batch.column(name) for name in ("sample_file", "row_index", "sample_id")
                    if name in batch.column_names}
         for name in self.job.targets.columns:

@@ -49,7 +49,7 @@ def check_components(cfg: Config) -> None:
         warm_start_config(cfg)
 
 
-def run_context(cfg: Config, theta_ckpt: str) -> RunContext:
+def run_context(cfg: Config, theta_ckpt: str, buffer_uri: str | None = None) -> RunContext:
     m = cfg.model
     return RunContext(theta_ckpt=theta_ckpt, tokenizer_path=m.tokenizer or theta_ckpt, source_len=m.source_len,
-                      target_len=m.target_len, dtype=m.dtype, seed=cfg.run.seed)
+                      target_len=m.target_len, dtype=m.dtype, seed=cfg.run.seed, buffer_uri=buffer_uri)

@@ -126,7 +126,7 @@ class Run:
         st.run_id = st.run_id or uuid.uuid4().hex[:12]
         self.load_problems()
         st.theta_ckpt = self.resolve_checkpoint()
-        self.ctx = run_context(cfg, st.theta_ckpt)
+        self.ctx = run_context(cfg, st.theta_ckpt, self.buffer_uri())
         self.algorithm = make_algorithm(cfg.algorithm.name, cfg.algorithm, self.ctx, cfg.imports)
         st.save(self.run_dir)
         from transformers import AutoTokenizer

@@ -58,13 +58,15 @@ def _pad_left(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
 @torch.no_grad()
 def _sample_rows(model: Any, policy: PolicyLM, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
                  eos_id: int, pad_id: int, temperature: float, top_p: float,
-                 generator: torch.Generator) -> tuple[list[list[int]], list[list[float]]]:
+                 generator: torch.Generator, decoder_prefix: Sequence[int] = ()
+                 ) -> tuple[list[list[int]], list[list[float]]]:
     device = policy.lm.get_output_embeddings().weight.device
     ids, mask = _pad_left(rows, pad_id, device)
     encoded = None
     if policy.kind == ENCODER_DECODER:
         encoded = model.encoder(ids, mask)
-        step_ids = torch.full((len(rows), 1), policy.decoder_start_id, dtype=torch.long, device=device)
+        step_ids = torch.tensor([[policy.decoder_start_id, *decoder_prefix]] * len(rows), dtype=torch.long,
+                                device=device)
         hidden, cache = policy.decode(step_ids, encoded=encoded, use_cache=True)
     else:
         positions = positions_from_mask(mask)
@@ -105,10 +107,14 @@ def _sample_rows(model: Any, policy: PolicyLM, rows: Sequence[Sequence[int]], *,
 
 def sample_programs(model: Any, prompts: Sequence[Sequence[int]], n: int, *, max_new_tokens: int, eos_id: int,
                     pad_id: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                    batch_size: int | None = None, network: str = "theta", return_logprobs: bool = False):
+                    batch_size: int | None = None, network: str = "theta", return_logprobs: bool = False,
+                    prefix: Sequence[int] = ()):
     """Algorithm 2 for every prompt, ``n`` samples each (see the module docstring). ``model`` holds the network
     named ``network`` (a ``bcoder_ray.lm.PolicyLM``) and ``encoder`` (the frozen ``SharedEncoder`` or None): a
-    B-Coder ``QModel``, or any published policy loaded with ``bcoder_ray.policy.load_policy``."""
+    B-Coder ``QModel``, or any published policy loaded with ``bcoder_ray.policy.load_policy``.
+
+    ``prefix``: program tokens every sample continues (Critic Sampling's seeds); each returned program starts
+    with it and has at most ``max_new_tokens`` tokens in all (prefix included). No log-probabilities then."""
     policy = {"theta": model.theta, "ckpt": model.ckpt}.get(network)
     if policy is None:
         raise ValueError(f"sample_programs: network {network!r} is not held by this QModel (theta or ckpt)")
@@ -119,7 +125,13 @@ def sample_programs(model: Any, prompts: Sequence[Sequence[int]], n: int, *, max
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"sample_programs: prompt {i} is empty")
-    rows = [list(p) for p in prompts for _ in range(n)]
+    prefix = [int(t) for t in prefix]
+    if prefix and (return_logprobs or len(prefix) >= max_new_tokens or eos_id in prefix):
+        raise ValueError(f"sample_programs: a prefix ({len(prefix)} tokens) must be shorter than max_new_tokens="
+                         f"{max_new_tokens}, hold no EOS, and comes without log-probabilities")
+    decoder_prefix = prefix if policy.kind == ENCODER_DECODER else []
+    rows = [list(p) + ([] if decoder_prefix else prefix) for p in prompts for _ in range(n)]
+    new_tokens = max_new_tokens - len(prefix)
     device = policy.lm.get_output_embeddings().weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     step = batch_size or max(len(rows), 1)
@@ -129,10 +141,10 @@ def sample_programs(model: Any, prompts: Sequence[Sequence[int]], n: int, *, max
     policy.eval()                                           # no dropout while sampling
     try:
         for start in range(0, len(rows), step):
-            ids, lps = _sample_rows(model, policy, rows[start:start + step], max_new_tokens=max_new_tokens,
+            ids, lps = _sample_rows(model, policy, rows[start:start + step], max_new_tokens=new_tokens,
                                     eos_id=eos_id, pad_id=pad_id, temperature=temperature, top_p=top_p,
-                                    generator=generator)
-            programs += ids
+                                    generator=generator, decoder_prefix=decoder_prefix)
+            programs += [prefix + x for x in ids]
             logprobs += lps
     finally:
         policy.train(was_training)

@@ -8,6 +8,9 @@ Evaluate (sample m per problem, execute, rank, write candidates.jsonl + metrics.
     python experiments/evaluate.py --checkpoint LM --suite mbpp --split test --out runs/eval/lm   # any HF LM
     python experiments/evaluate.py --run-dir runs/ppo --rank-with runs/bcoder --out DIR   # another run's ranker
 
+Critic Sampling (CodeRL runs; problems with example tests), beside plain sampling at the same budget:
+    python experiments/evaluate.py --run-dir runs/coderl --critic-sampling --cs-n 8 --cs-rounds 2 --out DIR
+
 Rank candidates written by another model with a run's ranker (Table 3); lines need problem_id and program:
     python experiments/evaluate.py --rank-file other.jsonl --rank-with runs/x --suite apps --split test --out DIR
 
@@ -99,6 +102,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--n-at-k", nargs="+", default=[], metavar="N@K",
                    help="also n@k: n submissions (top n by R̃ after the example filter) from k samples")
     s.add_argument("--confidence", type=float, default=0.95, help="level of the pass@1 intervals")
+    s.add_argument("--critic-sampling", action="store_true",
+                   help="CodeRL's Critic Sampling with --run-dir's φ_test, beside plain sampling at the same budget "
+                        "(--cs-n × --cs-rounds programs per problem), as n@k in the filtered setting; needs "
+                        "problems with example tests")
+    s.add_argument("--cs-n", type=int, default=None, help="Critic Sampling: N programs per round (default: --m)")
+    s.add_argument("--cs-rounds", type=int, default=2, help="Critic Sampling: rounds")
     s.add_argument("--no-rank", action="store_true", help="do not rank")
     s.add_argument("--no-examples", action="store_true", help="do not run the example tests (no filtered metrics)")
     s.add_argument("--workers", type=int, default=None, help="sandbox processes (default: the executor's)")
@@ -125,6 +134,36 @@ def write_figures(folder: Path, ks: list[int]) -> list[str]:
     plot_rtilde_density(records, folder / "fig3_rtilde_density.png")
     plot_ranking_gain(records, folder / "fig5_ranking_gain.png", ks=ks)
     return [order["statement"], f"wrote {folder / 'fig3_rtilde_density.png'}, {folder / 'fig5_ranking_gain.png'}"]
+
+
+def critic_sampling_main(args: argparse.Namespace, problems) -> int:
+    """--critic-sampling: CodeRL's Critic Sampling and plain sampling at the same budget, into --out."""
+    from bcoder_ray.algorithms.critic_sampling import CriticSamplingRefused
+    from bcoder_ray.candidates import SamplingSettings
+    from bcoder_ray.coderl_sampling import compare_with_plain, load_phi_test, require_examples, summary_lines
+    from bcoder_ray.config import ConfigError
+    from bcoder_ray.run_folder import load_run, sampler_and_ranker
+    from envs.execute import Executor
+
+    if not args.run_dir:
+        raise SystemExit("--critic-sampling needs --run-dir RUN_DIR (a CodeRL run: its actor and φ_test)")
+    try:
+        require_examples(problems)
+        critic = load_phi_test(load_run(args.run_dir), device=args.device)
+        sampler, _, _ = sampler_and_ranker(checkpoint=args.checkpoint, run_dir=args.run_dir, rank=False,
+                                           tokenizer=args.tokenizer, label=args.label, device=args.device)
+    except (CriticSamplingRefused, ConfigError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--critic-sampling refused: {e}") from None
+    settings = SamplingSettings(m=args.m, temperature=args.temperature, top_p=args.top_p,
+                                max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,
+                                seed=args.seed, prompts_per_call=args.prompts_per_call)
+    with Executor(workers=args.workers) as executor:
+        result = compare_with_plain(problems, sampler, executor, settings, critic, n=args.cs_n or args.m,
+                                    rounds=args.cs_rounds, out_dir=args.out, ks=args.ks, ci_level=args.confidence)
+    for line in summary_lines(result):
+        print(line)
+    print(f"wrote {Path(args.out) / 'critic_sampling'} and {Path(args.out) / 'plain'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         problems = problems[: args.limit]
     if not problems:
         raise SystemExit(f"suite {args.suite!r} split {args.split!r} has no problems with options {options}")
+    if args.critic_sampling:
+        return critic_sampling_main(args, problems)
     sampler, ranker, rank_tokenizer = models_from_args(args)
     out = Path(args.out)
     with Executor(workers=args.workers) as executor:

@@ -6,6 +6,8 @@ tests are given), rank the rest by R̃ and print the best, with its R̃ and, whe
     python experiments/generate.py --checkpoint CKPT --theta THETA --phi PHI --problem embedded/test/test-00003
     python experiments/generate.py --checkpoint CKPT --statement @statement.txt --format raw
 
+    python experiments/generate.py --run-dir runs/coderl --problem embedded/test/test-00003 --critic-sampling
+
 --statement TEXT (or @FILE) is turned into the model's prompt by --format: "embedded" (the default suite's
 docstring with the example asserts), "mbpp", "apps" (CodeRL's QUESTION/ANSWER format), or "raw" (as given).
 --tests is a TESTS.json (envs/problem.py) or a file of `assert ...` lines. --problem SUITE/SPLIT/ID takes a
@@ -92,9 +94,49 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-prompt-len", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show", type=int, default=1, help="print the best N candidates")
+    p.add_argument("--critic-sampling", action="store_true",
+                   help="CodeRL's Critic Sampling with --run-dir's φ_test (needs example tests): --m programs "
+                        "per round, --cs-rounds rounds; the pool's example passers by p(passed) come first")
+    p.add_argument("--cs-rounds", type=int, default=2, help="Critic Sampling: rounds")
     p.add_argument("--workers", type=int, default=1, help="sandbox processes")
     p.add_argument("--device", default=None)
     return p.parse_args(argv)
+
+
+def critic_sampling_main(args: argparse.Namespace, problem) -> int:
+    """--critic-sampling: the pool of CodeRL's Critic Sampling for one problem, best first."""
+    from bcoder_ray.algorithms.critic_sampling import CriticSamplingRefused
+    from bcoder_ray.candidates import SamplingSettings
+    from bcoder_ray.coderl_sampling import critic_sampling_records, load_phi_test, require_examples
+    from bcoder_ray.config import ConfigError
+    from bcoder_ray.run_folder import load_run, sampler_and_ranker
+    from envs.execute import Executor
+
+    if not args.run_dir:
+        raise SystemExit("--critic-sampling needs --run-dir RUN_DIR (a CodeRL run: its actor and φ_test)")
+    try:
+        require_examples([problem])
+        critic = load_phi_test(load_run(args.run_dir), device=args.device)
+        sampler, _, _ = sampler_and_ranker(checkpoint=args.checkpoint, run_dir=args.run_dir, rank=False,
+                                           tokenizer=args.tokenizer, device=args.device)
+    except (CriticSamplingRefused, ConfigError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--critic-sampling refused: {e}") from None
+    settings = SamplingSettings(m=args.m, temperature=args.temperature, top_p=args.top_p,
+                                max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,
+                                seed=args.seed, prompts_per_call=1)
+    with Executor(workers=args.workers) as executor:
+        records, summaries = critic_sampling_records([problem], sampler, executor, settings, critic, n=args.m,
+                                                     rounds=args.cs_rounds)
+    order = sorted(range(len(records)), key=lambda i: (not records[i].example_passed, -records[i].rtilde, i))
+    passing = sum(r.example_passed for r in records)
+    print(f"# critic sampling: {len(records)} programs in {args.cs_rounds} rounds with {sampler.label}; "
+          f"{passing} pass the example tests; seeds per round: {[r['seeds'] for r in summaries[0]['rounds']]}")
+    for rank, i in enumerate(order[: args.show], 1):
+        r = records[i]
+        print(f"# candidate {rank} (pool index {i}): p(passed) = {r.rtilde:.4f}, examples "
+              f"{'passed' if r.example_passed else 'failed'}, outcome on the tests: {r.outcome}")
+        print(r.program)
+    return 0 if passing else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             statement = Path(statement[1:]).read_text(encoding="utf-8")
         tests = read_tests(args.tests) if args.tests else None
         problem = adhoc_problem(make_prompt(statement, tests, args.format), tests, statement=statement)
+    if args.critic_sampling:
+        return critic_sampling_main(args, problem)
     try:
         sampler, ranker, _ = sampler_and_ranker(checkpoint=args.checkpoint, run_dir=args.run_dir,
                                                 rank_with=args.rank_with, tokenizer=args.tokenizer,

@@ -5,11 +5,11 @@ Importing this package registers the project's own: `bcoder` (the default), `bco
 `ranking` (B-Coder). No Ray in this package.
 """
 
-from bcoder_ray.algorithms import bcoder
+from bcoder_ray.algorithms import bcoder, coderl
 from bcoder_ray.algorithms.registry import (algorithm_class, algorithm_names, import_modules, load_ranker,
                                             make_algorithm, parse_algorithm_config, register_algorithm)
 
-for _cls in (bcoder.BCoder, bcoder.BCoderOptimality, bcoder.DuelingDQN):
+for _cls in (bcoder.BCoder, bcoder.BCoderOptimality, bcoder.DuelingDQN, coderl.CodeRL):
     register_algorithm(_cls)
 
 __all__ = ["algorithm_class", "algorithm_names", "import_modules", "load_ranker", "make_algorithm",

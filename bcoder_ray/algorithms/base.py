@@ -50,6 +50,9 @@ class RunContext:
     target_len: int
     dtype: str = "float32"
     seed: int = 0
+    buffer_uri: str | None = None
+    """The run's replay buffer (None outside a run), for cached targets that join other rows of it (CodeRL's
+    greedy baseline r(W^b) of the same problem and policy)."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,8 @@ def checkpoint_label(path: str) -> str:
 
 
 TargetComputer = Callable[[Batch], Mapping[str, list]]
-"""Per-token target columns for a batch: {column: one list per row, as long as the row's program}."""
+"""Per-token target columns for a batch: {column: one list per row, as long as the row's program}. The batch's
+`info` holds the rows' sample_id, suite, problem_id and source (`cached_targets.IDENTITY_COLUMNS`)."""
 
 
 class Algorithm(ABC):
