@@ -51,9 +51,10 @@ def learning_needs(cfg: Config, stages: tuple[str, ...]) -> dict[str, Need]:
     for name in stages:
         s = cfg.stage(name)
         gpus = (s.gpus_per_worker or 1.0) if s.use_gpu else 0.0
-        workers = max(1, s.num_workers)  # local mode (0) runs one loop in the driver, on its share
-        out[f"stage {name} ({s.num_workers} workers + a Ray Data read task)"] = \
-            Need(workers * s.cpus_per_worker + b.dataset_cpus, workers * gpus)
+        # local mode (0 workers) runs the loop in the driver process, which holds no Ray resources
+        where = f"{s.num_workers} workers" if s.num_workers else "in the driver"
+        out[f"stage {name} ({where} + a Ray Data read task)"] = \
+            Need(s.num_workers * s.cpus_per_worker + b.dataset_cpus, s.num_workers * gpus)
     if b.targets_via == "ray_data":
         out["the target-filling Ray Data actor"] = Need(b.targets_cpus, b.targets_gpus)
     return out
