@@ -28,7 +28,7 @@ tokenizer, the lengths and the dtype, plus:
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from typing import Literal, Mapping
 
 import torch
 from pydantic import model_validator
