@@ -347,6 +347,12 @@ class Run:
         for plan in algo.plan_iteration(it, st.algorithm, st.policy_version):
             plan = algo.prepare_stage(plan, st.algorithm)
             label = plan.label or plan.name
+            if plan.skip_if_empty and not self.buffer.read(columns=["sample_id"],
+                                                           filters=dict(plan.rows.filters) or None).num_rows:
+                self.log(f"stage {label}: no buffer rows match {dict(plan.rows.filters)}; skipped")
+                algo.after_stage(plan, None, it, st.algorithm)
+                record["stages"][label] = {"skipped": True}
+                continue
             # 2. targets
             filled = self.fill_targets(plan)
             # 3. learn

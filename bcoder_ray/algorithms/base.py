@@ -78,6 +78,12 @@ class TargetsPlan:
     columns: tuple[str, ...]
     spec: Mapping[str, Any] = field(default_factory=dict)
     rows: Rows = field(default_factory=Rows)
+    """The rows to fill (`rows.filters`) and the sample columns the computer sees besides the learner's
+    (`rows.extra_columns`, e.g. "reward"; per-token ones named in `rows.token_columns`)."""
+    group_by: tuple[str, ...] = ()
+    """Sample columns whose values make a group (e.g. ("suite", "problem_id", "policy_version")): the computer is
+    handed whole groups of the rows lacking targets, never a group split across batches (the group's values are
+    in `Batch.info`); for targets that depend on the other rows of a group, e.g. GRPO's advantages."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,9 @@ class StagePlan:
     spec: Mapping[str, Any] = field(default_factory=dict)
     label: str = ""
     """The stage's name in logs, checkpoints and metrics (default: `name`)."""
+    skip_if_empty: bool = False
+    """When no buffer row matches `rows.filters`, the driver fills no targets, runs no Ray Train stage and calls
+    `after_stage(plan, None, ...)` (e.g. ReST-EM in an iteration where no sampled program passed)."""
 
 
 @dataclass(frozen=True)
@@ -179,8 +188,11 @@ class Algorithm(ABC):
         """The stages of `iteration`, in order. `state` holds what `after_stage` recorded so far; the rollout of
         this iteration sampled with policy `policy_version` (the buffer's `policy_version` of its rows)."""
 
-    def after_stage(self, plan: StagePlan, checkpoint: str, iteration: int, state: dict) -> None:
-        """Record a finished stage's checkpoint in `state` (default: under the stage's name)."""
+    def after_stage(self, plan: StagePlan, checkpoint: str | None, iteration: int, state: dict) -> None:
+        """Record a finished stage's checkpoint in `state` (default: under the stage's name). `checkpoint` is None
+        when a `skip_if_empty` stage found no rows and did not run (default: the state is kept)."""
+        if checkpoint is None:
+            return
         state[plan.name] = checkpoint
         state[f"{plan.name}_iteration"] = iteration
 

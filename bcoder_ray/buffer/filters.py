@@ -166,7 +166,8 @@ class Filters:
                 return False
             if excluded("policy_version", self.policy_versions):
                 return False
-        if "iteration" in stats and source != "human":
+        # the window selects generated rows only: a group that may hold human rows is not ruled out by it
+        if "iteration" in stats and (source == "generated" or (source is None and excluded("source", ("human",)))):
             lo, hi = stats["iteration"]
             if self.iteration_min is not None and hi < self.iteration_min:
                 return False

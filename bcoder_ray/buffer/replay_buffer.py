@@ -12,7 +12,7 @@ Public API (`bcoder_ray.buffer`; this module is its facade, the parts live besid
     buf.append_eval(rows, batch_key: str) -> int  # any split: kept apart in eval/, never read by learners
     buf.lookup_results([(program_hash, tests_hash), ...]) -> {(program_hash, tests_hash): {outcome, reward,
         tests_passed, tests_total, error, timeout, exec_time}}     # exec_result(row) -> a cached ExecResult
-    buf.missing_targets(fingerprint, filters=None, max_rows=4096) -> Iterator[pa.Table]
+    buf.missing_targets(fingerprint, filters=None, max_rows=4096, columns=()) -> Iterator[pa.Table]
     buf.write_targets(table, fingerprint, batch_key) -> int
     buf.sampler(batch_size, rho_real=0.5, filters=None, seed=0, targets_fingerprint=None,
                 require_targets=True, num_batches=None, extra_columns=()) -> MixedSampler (iterable of pa.Table)
@@ -283,9 +283,10 @@ class ReplayBuffer:
 
     # ---- cached targets --------------------------------------------------------------------------------------
     def missing_targets(self, fingerprint: str, filters: Filters | dict | None = None,
-                        max_rows: int = 4096) -> Iterator[pa.Table]:
+                        max_rows: int = 4096, columns: Sequence[str] = ()) -> Iterator[pa.Table]:
         """Learner rows without targets for `fingerprint`, as tables of at most `max_rows` rows with
-        sample_file, row_index, sample_id, suite, problem_id, tokenizer_hash, source, prompt_ids, program_ids:
+        sample_file, row_index, sample_id, suite, problem_id, tokenizer_hash, source, prompt_ids, program_ids
+        (and the sample `columns` asked for, e.g. reward: context for the computer, not to be passed back):
         compute the targets and hand them (with sample_file, row_index, sample_id) to `write_targets`."""
         fdir = fingerprint_dir(fingerprint)
         sidecars: dict[str, list[FileEntry]] = {}
@@ -294,8 +295,9 @@ class ReplayBuffer:
         filters = Filters.coerce(filters)
         expr = filters.expression()
         prompts = PromptIndex(self.catalog)
-        columns = sorted({"sample_id", "suite", "problem_id", "tokenizer_hash", "source", "program_ids",
-                          *filters.columns()})
+        base = ("sample_id", "suite", "problem_id", "tokenizer_hash", "source", "program_ids")
+        extra = [c for c in dict.fromkeys(columns) if c not in base and c != "prompt_ids"]
+        columns = sorted({*base, *extra, *filters.columns()})
         for entry in self.files(SAMPLES):
             t = self.catalog.read_samples(entry, columns)
             covered = np.zeros(t.num_rows, bool)
@@ -311,7 +313,8 @@ class ReplayBuffer:
             out = pa.table({"sample_file": pa.array([entry.name] * t.num_rows), "row_index": t["row_index"],
                             "sample_id": t["sample_id"], "suite": t["suite"], "problem_id": t["problem_id"],
                             "tokenizer_hash": t["tokenizer_hash"], "source": t["source"],
-                            "prompt_ids": prompt_ids, "program_ids": t["program_ids"]})
+                            "prompt_ids": prompt_ids, "program_ids": t["program_ids"],
+                            **{c: t[c] for c in extra}})
             for start in range(0, out.num_rows, max_rows):
                 yield out.slice(start, max_rows)
 
