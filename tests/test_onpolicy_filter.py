@@ -1,7 +1,7 @@
 """The on-policy row filter of PPO/GRPO (bcoder_ray.algorithms.onpolicy) over buffer tables.
 
-The buffer's schema is about to gain nullable ``decoding``, ``logprobs``, ``truncated`` and ``run_id`` columns;
-these tests append them to today's rows (``synthetic_rows`` / ``rows_to_table``) as the new schema will hold them.
+The buffer's schema (version 2) has nullable ``decoding``, ``logprobs``, ``truncated`` and ``run_id`` columns;
+these tests set them on synthetic rows (``synthetic_rows`` / ``rows_to_table``).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from bcoder_ray.buffer.synthetic import synthetic_rows
 def _with_new_columns(table: pa.Table, decoding: list, has_logprobs: list[bool]) -> pa.Table:
     lengths = table["program_ids"].to_pylist()
     logprobs = [[-0.5] * len(ids) if ok else None for ids, ok in zip(lengths, has_logprobs)]
-    return table.append_column("decoding", pa.array(decoding, pa.string())) \
-        .append_column("logprobs", pa.array(logprobs, pa.list_(pa.float32()))) \
-        .append_column("truncated", pa.array([False] * table.num_rows)) \
-        .append_column("run_id", pa.array(["run"] * table.num_rows))
+    columns = {"decoding": pa.array(decoding, pa.string()), "logprobs": pa.array(logprobs, pa.list_(pa.float32())),
+               "truncated": pa.array([False] * table.num_rows), "run_id": pa.array(["run"] * table.num_rows)}
+    for name, values in columns.items():  # the buffer's v2 rows have these columns: replace them
+        table = table.drop_columns([name]) if name in table.column_names else table
+        table = table.append_column(name, values)
+    return table
 
 
 def _hand_table() -> pa.Table:
