@@ -12,7 +12,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from bcoder_ray.algorithms.onpolicy import on_policy_expression, on_policy_mask, select_on_policy
+from onpolicy_reference import on_policy_expression, on_policy_mask, select_on_policy
 from bcoder_ray.buffer.schema import rows_to_table
 from bcoder_ray.buffer.synthetic import synthetic_rows
 

@@ -16,7 +16,7 @@ import torch
 from bcoder_ray.algorithms import make_algorithm
 from bcoder_ray.algorithms.base import RunContext, StagePlan
 from bcoder_ray.algorithms.lm_policy import VALUE_HEAD_FILE
-from bcoder_ray.algorithms.onpolicy import select_on_policy
+from onpolicy_reference import select_on_policy
 from bcoder_ray.algorithms.pg_losses import group_advantages, policy_forward
 from bcoder_ray.batch import collate
 from bcoder_ray.buffer import ReplayBuffer, rows_from_batch

@@ -1,5 +1,6 @@
-"""The on-policy selection of PPO and GRPO over buffer rows (docs/baselines.md §2: "each update uses only programs
-sampled by the current policy"; the buffer keeps every row, the algorithms read through this filter).
+"""A reference implementation, in plain pyarrow, of the on-policy selection of PPO and GRPO (baselines.md §2: "each
+update uses only programs sampled by the current policy"): the oracle the tests hold the buffer's own filter
+(`bcoder_ray.buffer.Filters` with policy_versions, decoding, sources, require_logprobs) against.
 
 A row is eligible when all hold:
 - ``policy_version`` equals the current policy's (the buffer column is a string; ints are compared as ``str``);
