@@ -33,7 +33,7 @@ from typing import Any
 
 from bcoder_ray.formatting import pct
 from bcoder_ray.algorithms import make_algorithm
-from bcoder_ray.algorithms.base import StagePlan
+from bcoder_ray.algorithms.base import Rows, StagePlan
 from bcoder_ray.buffer import ReplayBuffer, prompt_rows
 from bcoder_ray.cached_targets import AlgorithmRef, TargetJob, fill_targets
 from bcoder_ray.components import check_components, run_context, warm_start_cache, warm_start_config
@@ -46,9 +46,9 @@ from bcoder_ray.resources import cluster_need, describe, local_cluster, plan_sch
 from bcoder_ray.rollout import (ActorPool, ActorSettings, PolicyRef, PolicyWorker, SamplingSpec, WorkerArgs,
                                 iteration_slice, make_tasks)
 from bcoder_ray.run_folder import (CONFIG_FILE, TABLE_FILE, RunPlan, RunState, prepare_run as _prepare_run,
-                                   write_metrics_lines)
+                                   version_name, write_metrics_lines)
 from bcoder_ray.run_table import final_table
-from bcoder_ray.tokenization import pad_id
+from bcoder_ray.tokenization import pad_id, tokenizer_fingerprint
 from bcoder_ray.warm_start import warm_start
 from envs.execute import Executor
 from envs.registry import load_suite
@@ -116,14 +116,17 @@ class Run:
     def policy_ref(self, label: str | None = None) -> PolicyRef:
         st = self.state
         return PolicyRef(path=st.policy or st.theta_ckpt, version=st.policy_version,
-                         label=label or ("warm-start" if st.policy is None else f"policy-v{st.policy_version}"))
+                         label=label or ("warm-start" if st.policy is None
+                                        else f"policy-{st.policy_version.rpartition('/')[2]}"))
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, stack: contextlib.ExitStack) -> None:
         cfg, st = self.cfg, self.state
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
-        st.run_id = st.run_id or uuid.uuid4().hex[:12]
+        if not st.run_id:  # a new run: its policy versions carry its id (unique in a shared buffer)
+            st.run_id = uuid.uuid4().hex[:12]
+            st.policy_version = version_name(st.run_id, 0)
         self.load_problems()
         st.theta_ckpt = self.resolve_checkpoint()
         self.ctx = run_context(cfg, st.theta_ckpt, self.buffer_uri())
@@ -211,7 +214,8 @@ class Run:
             raise ConfigError(f"suite {self.cfg.suite.name!r}: the train problems have no human programs")
         with Executor(workers=self.cfg.executor.workers, **self.cfg.executor.options) as ex:
             rows = human_rows(self.train, tok, m.target_len, ex, run_id=self.state.run_id)
-        self.buffer.append(rows, batch_key=f"human-seed-{self.cfg.suite.name}")
+        # one seed per suite and tokenizer: a second run sharing the buffer (buffer.uri) adds nothing twice
+        self.buffer.append(rows, batch_key=f"human-seed-{self.cfg.suite.name}-{tokenizer_fingerprint(tok)[:12]}")
         self.state.human_rows = len(rows)
         passed, cut = sum(r["outcome"] == "passed" for r in rows), sum(r["truncated"] for r in rows)
         self.state.human_truncated = cut
@@ -230,7 +234,7 @@ class Run:
             indices = indices[: max(0, left // per_problem)]
         if not indices:
             return None
-        tasks = make_tasks(f"it{it}", indices, r.problems_per_task, it, cfg.run.seed)
+        tasks = make_tasks(f"{st.run_id}-it{it}", indices, r.problems_per_task, it, cfg.run.seed)
         started = time.time()
         bar = self.bar(len(indices) * per_problem, f"rollout it{it} (sample+execute)")
         summaries = self.pool.rollout(tasks, self.policy_ref(), sampling, request,
@@ -245,6 +249,17 @@ class Run:
         self.log(f"rollout it{it}: {out['programs']} programs ({out['written']} new rows), pass rate "
                  f"{out['pass_rate']:.3f}, {out['programs_per_s']:.1f} programs/s")
         return out
+
+    def scoped(self, plan: StagePlan) -> StagePlan:
+        """The plan's rows (and its targets' rows) restricted to this run's suite and tokenizer: a buffer shared
+        by several runs (`buffer.uri`) may hold other suites' rows, and rows of another tokenizer's token ids."""
+        scope = {"suites": (self.cfg.suite.name,), "tokenizer_hash": tokenizer_fingerprint(self.tokenizer)}
+
+        def within(rows: Rows) -> Rows:
+            return dataclasses.replace(rows, filters={**scope, **dict(rows.filters)})
+
+        targets = plan.targets and dataclasses.replace(plan.targets, rows=within(plan.targets.rows))
+        return dataclasses.replace(plan, rows=within(plan.rows), targets=targets)
 
     def fill_targets(self, plan: StagePlan) -> int:
         if plan.targets is None:
@@ -345,7 +360,7 @@ class Run:
         if self.schedule.release_actors:
             self.stop_pool()  # their GPUs go to the learners (bcoder_ray.resources)
         for plan in algo.plan_iteration(it, st.algorithm, st.policy_version):
-            plan = algo.prepare_stage(plan, st.algorithm)
+            plan = self.scoped(algo.prepare_stage(plan, st.algorithm))
             label = plan.label or plan.name
             if plan.skip_if_empty and not self.buffer.read(columns=["sample_id"],
                                                            filters=dict(plan.rows.filters) or None).num_rows:
@@ -362,7 +377,7 @@ class Run:
                                        "targets_filled": filled,
                                        **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
         # 4. publish: the actors load the new policy by path on their next task
-        st.policy, st.policy_version = algo.policy(st.algorithm), str(it + 1)
+        st.policy, st.policy_version = algo.policy(st.algorithm), version_name(st.run_id, it + 1)
         if self.pool is None:
             self.start_pool()
         # 5. evaluate

@@ -44,7 +44,7 @@ class RunState:
     theta_ckpt: str | None = None  # θ_ckpt path (given or warm-started)
     algorithm: dict = field(default_factory=dict)  # the algorithm's checkpoints (`Algorithm.after_stage`)
     policy: str | None = None  # the published policy (an LM folder); None: θ_ckpt
-    policy_version: str = "0"  # of the published policy: "0" = θ_ckpt, "k" = after iteration k-1
+    policy_version: str = "0"  # of the published policy: "<run_id>/0" = θ_ckpt, "<run_id>/k" = after iteration k-1
     programs_sampled: int = 0  # for training, cumulative: what run.budget_programs counts
     programs_executed: int = 0  # cumulative, generated programs run in the sandbox (cache misses)
     infra_failures: int = 0  # cumulative, programs whose verdict the sandbox could not give (not written)
@@ -71,6 +71,11 @@ class RunState:
 
     def save(self, run_dir: Path) -> None:
         atomic_write_text(run_dir / STATE_FILE, json.dumps(dataclasses.asdict(self), indent=2, default=str) + "\n")
+
+
+def version_name(run_id: str, k: int) -> str:
+    """The buffer's `policy_version` of a run's k-th policy (0: θ_ckpt): unique across runs sharing a buffer."""
+    return f"{run_id}/{k}"
 
 
 @dataclass

@@ -84,8 +84,9 @@ def kill_in_second_iteration(run_dir: Path, tmp_path: Path, overrides: list[str]
         while time.time() < deadline:
             if first.poll() is not None:
                 pytest.fail(f"the driver ended before it was killed:\n{log.read_text()[-3000:]}")
-            if state_file.exists() and json.loads(state_file.read_text())["completed_iterations"] == 1 \
-                    and batch_written(run_dir / "buffer", "it1-t0000"):
+            state = json.loads(state_file.read_text()) if state_file.exists() else {}
+            if state.get("completed_iterations") == 1 \
+                    and batch_written(run_dir / "buffer", f"{state['run_id']}-it1-t0000"):
                 break
             time.sleep(0.5)
         else:
@@ -130,7 +131,8 @@ def test_tiny_run_killed_resumed_and_checked(tmp_path):
     assert sources.count("human") == state.human_rows >= n_train
     generated = [(i, v) for i, v, s in zip(table.column("iteration").to_pylist(),
                                            table.column("policy_version").to_pylist(), sources) if s == "generated"]
-    assert sorted(generated) == [(0, "0")] * (n_train * m) + [(1, "1")] * (n_train * m)  # θ_ckpt, then θ_0
+    rid = state.run_id  # policy versions carry the run's id: unique in a buffer shared by runs
+    assert sorted(generated) == [(0, f"{rid}/0")] * (n_train * m) + [(1, f"{rid}/1")] * (n_train * m)  # θ_ckpt, θ_0
     assert set(table.column("split").to_pylist()) == {cfg.suite.train_split}  # held-out rows never go there
 
     # φ trained once; θ continued from the checkpoint recorded before the kill; both load
@@ -140,7 +142,7 @@ def test_tiny_run_killed_resumed_and_checked(tmp_path):
     theta, phi = state.algorithm["theta"], state.algorithm["phi"]
     assert records[0]["stages"]["theta"]["checkpoint"] == theta_before != theta == \
         records[1]["stages"]["theta"]["checkpoint"]
-    assert state.policy == theta and state.policy_version == "2"
+    assert state.policy == theta and state.policy_version == f"{rid}/2"
     from transformers import AutoModelForCausalLM
 
     from bcoder_ray.algorithms.q_model import QModel

@@ -244,3 +244,12 @@ def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp
     with pytest.raises(FileExistsError, match="resumed"):
         train_stage(theta_job, buf.ray_dataset(4, 6, targets_fingerprint=fp_theta), ScalingSpec(num_workers=0),
                     storage_path=storage, name="theta-a")
+
+
+def test_runs_sharing_a_buffer_write_under_keys_and_versions_of_their_own():
+    from bcoder_ray.run_folder import version_name
+
+    assert version_name("runa", 1) != version_name("runb", 1)
+    a = make_tasks("runa-it0", range(4), 2, iteration=0, seed=0)
+    b = make_tasks("runb-it0", range(4), 2, iteration=0, seed=0)
+    assert not {t.key for t in a} & {t.key for t in b}  # a second run's batches are not skipped as written
