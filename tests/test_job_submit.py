@@ -59,12 +59,12 @@ def test_ray_job_submit_runs_the_loop(tmp_path):
     try:
         wait_for_dashboard(address, env, head)
         submit = subprocess.run(
-            [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+            [RAY, "job", "submit", "--address", address, "--runtime-env", "runtime_env.yaml", "--",
              sys.executable, "experiments/run.py", "--config", "ci_tiny",
              "--run-dir", str(run_dir), "--run.iterations", "1",
              "--buffer.targets_via", "ray_data",  # the map_batches path (the e2e test covers the actor path)
              "--model.warm_start.cache_dir", str(tmp_path / "warm")],
-            env=env, capture_output=True, text=True, timeout=540)
+            env=env, capture_output=True, text=True, timeout=540, cwd=REPO)  # the shipped runtime env
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
         assert "succeeded" in submit.stdout.lower()
     finally:
