@@ -45,7 +45,8 @@ SLOW["assert"] = SLOW["check"] = SLOW["call"]
 
 @pytest.fixture(scope="module")
 def ex():
-    with Executor(workers=2, timeout_per_test=1.5, timeout_per_program=4.0) as e:
+    with Executor(workers=2, cpu_time_per_test=0.5, cpu_time_per_program=1.0, timeout_per_test=1.5,
+                  timeout_per_program=4.0) as e:
         yield e
 
 
@@ -168,7 +169,7 @@ def test_expected_values_never_reach_the_child():
     for secret in ("SECRET-A", "0.123456", "4.56789", "77"):
         assert secret not in wire
     assert [i["holes"] for i in plan.payload["items"]] == [["(f(1))"], ["(g(2))"], ["(h(3))"], ["(sorted(k(4)))"]]
-    assert not any(i.child_judged for i in plan.items)
+    assert all(i.splittable for i in plan.items) and not plan.in_test_process
     for style, spec in (("stdio", STDIO), ("call", CALL)):
         wire = json.dumps(make_plan("x", spec).payload)
         assert "5\\n" not in wire and '"expected"' not in wire
@@ -185,17 +186,73 @@ def test_holes_keep_their_source_text(ex):
     assert ex.run("def g(s, n):\n    return s[:n]\n", spec).outcome == Outcome.PASSED
 
 
-def test_unjudgeable_shapes_run_in_child_and_are_counted(ex):
-    loop = TestSpec("check", entry_point="f",
-                    check="def check(candidate):\n    for i in range(3):\n        assert candidate(i) == i + 1\n")
-    plan = make_plan(GOOD["call"], loop)
-    assert plan.child_judged_check
-    r = ex.run(GOOD["call"], loop)
-    assert r.outcome == Outcome.PASSED and r.unjudgeable == 1 and not r.tests[0].judged_in_parent
-    spec = TestSpec("assert", asserts=("assert f(1) == 2 or f(2) == 9",))
-    r = ex.run(GOOD["call"], spec)
-    assert r.outcome == Outcome.PASSED and r.unjudgeable == 1
-    assert ex.run(GOOD["call"], ASSERT).unjudgeable == 0
+LOOPED = TestSpec("check", entry_point="f", check=(
+    "CASES = [(0, 1), (1, 2), (2, 3)]  # SECRET-CASES\n\ndef helper(n):\n    return n + 1\n\n"
+    "def check(candidate):\n    expected = {i: helper(i) for i in range(3)}  # SECRET-LOCALS\n"
+    "    for i, want in CASES:\n        assert candidate(i) == want == expected[i]\n"))
+
+
+def test_tests_that_cannot_be_split_run_in_the_test_process(ex):
+    plan = make_plan(GOOD["call"], LOOPED)
+    assert plan.in_test_process and plan.payload["serve"]
+    assert "SECRET" not in json.dumps(plan.payload) and "SECRET" in json.dumps(plan.test_payload)
+    r = ex.run(GOOD["call"], LOOPED)
+    assert (r.outcome, r.tests[0].status) == (Outcome.PASSED, "passed")
+    assert ex.run(WRONG["call"], LOOPED).outcome == Outcome.FAILED
+    assert ex.run(RAISES["call"], TestSpec("check", entry_point="f", check=(
+        "def check(candidate):\n    for i in (1, 5):\n        assert candidate(i) == i + 1\n"))).outcome \
+        == Outcome.RUNTIME_ERROR
+    spec = TestSpec("assert", asserts=("assert f(1) == 2 or f(2) == 9", "assert f(5) == 6"))
+    assert make_plan(GOOD["call"], spec).in_test_process
+    assert [t.status for t in ex.run(GOOD["call"], spec).tests] == ["passed", "passed"]
+    assert [t.status for t in ex.run(WRONG["call"], spec).tests] == ["passed", "failed"]
+    # names of the program the test uses (a HumanEval prompt's helper) are proxies too
+    helper = TestSpec("check", entry_point="f", check=(
+        "def check(candidate):\n    for i in range(3):\n        assert candidate(i) == g(i) + 1\n"))
+    assert ex.run("def g(x):\n    return x\ndef f(x):\n    return x + 1\n", helper).outcome == Outcome.PASSED
+    assert ex.run("g = 'not callable'\ndef f(x):\n    return x + 1\n", helper).outcome == Outcome.RUNTIME_ERROR
+
+
+# Programs that look for the looped check's cases or locals inside their own process, or return rigged
+# objects. Each would pass if the test ran in its process (a control below shows the memory scan works).
+# No program source holds the needle whole: the worker reads each program's source, and what it once held
+# is in the memory of the processes it forks later.
+_SCAN = ("import ctypes, re, sys\ndef scan(needle):\n"
+         "    own = id(needle) + sys.getsizeof(b'') - 1  # the needle's own bytes do not count\n"
+         "    pattern = re.compile(re.escape(needle))\n    with open('/proc/self/maps') as maps:\n"
+         "        regions = [line.split() for line in maps]\n    for parts in regions:\n"
+         "        if not parts[1].startswith('r') or parts[-1] in ('[vvar]', '[vsyscall]', '[vvar_vclock]'):\n"
+         "            continue\n        lo, hi = (int(x, 16) for x in parts[0].split('-'))\n"
+         "        for m in pattern.finditer((ctypes.c_char * (hi - lo)).from_address(lo)):\n"
+         "            if lo + m.start() != own:\n                return True\n    return False\n")
+PEEKERS = {
+    "frames": ("import sys\ndef f(x):\n    fr = sys._getframe(1)\n    while fr is not None:\n"
+               "        for k, v in list(fr.f_locals.items()) + list(fr.f_globals.items()):\n"
+               "            if k in ('CASES', 'want', 'expected'):\n                return dict(v)[x] if k != 'want' else v\n"
+               "        fr = fr.f_back\n    return None\n"),
+    "gc": ("import gc\ndef f(x):\n    for o in gc.get_objects():\n"
+           "        if isinstance(o, list) and o and all(isinstance(t, tuple) and len(t) == 2 for t in o):\n"
+           "            d = dict(o)\n            if x in d:\n                return d[x]\n"
+           "        if isinstance(o, str) and 'SECRET-' + 'CASES' in o:\n            return x + 1\n    return None\n"),
+    "memory": _SCAN + "def f(x):\n    return x + 1 if scan(b'SECRET-' + b'CASES') else None\n",
+    "rigged_eq": ("class A:\n    def __eq__(self, o):\n        return True\n    __hash__ = object.__hash__\n"
+                  "def f(x):\n    return A()\n"),
+    "rigged_int": ("class I(int):\n    def __eq__(self, o):\n        return True\n    def __add__(self, o):\n"
+                   "        return self\n    __hash__ = int.__hash__\ndef f(x):\n    return I(0)\n"),
+}
+
+
+@pytest.mark.parametrize("name", list(PEEKERS))
+def test_looped_check_cannot_be_read_or_rigged_by_the_program(ex, name):
+    r = ex.run(PEEKERS[name], LOOPED)
+    assert r.outcome == Outcome.FAILED, (name, r.error)
+
+
+def test_memory_scan_control_finds_what_is_in_the_process(ex):
+    """The scan of `PEEKERS['memory']` finds a string that is in the program's process (the program's own
+    source, built at run time so that the needle is not a constant of the scan)."""
+    prog = _SCAN + "MARK = 'MARK-' + 'IN-PROCESS'\ndef f(x):\n    return x + 1 if scan(MARK.encode()) else None\n"
+    assert ex.run(prog, LOOPED).outcome == Outcome.PASSED
 
 
 def test_redefined_builtin_is_the_programs():
