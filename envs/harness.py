@@ -97,12 +97,15 @@ def compile_program(src: str, wrap_return: bool) -> object:
 
 
 class _Sender:
-    """Writes frames to the worker, coalescing those sent within FLUSH_WINDOW seconds of the first unsent one
-    (fewer wake-ups of the worker). Frames still buffered when the program crashes or times out are lost:
-    that only moves the reported failure to an earlier test, never changes the outcome. The per-test clock,
-    restarted by each frame the worker receives, loses at most FLUSH_WINDOW."""
+    """Writes frames to the worker. A test's frame goes out at once (the worker restarts its per-test clocks,
+    CPU and wall, on each frame it receives); `compiled` and `loaded` wait for the first test's frame, and
+    the test process's `tick`s are coalesced within FLUSH_WINDOW seconds of the first unsent one (so a
+    per-test clock of the test process restarts at most one call late). Frames still buffered when the
+    program crashes or times out are lost: that only moves the reported failure to an earlier test, never
+    changes the outcome."""
 
     FLUSH_WINDOW = 0.002
+    HELD = ("compiled", "loaded", "tick")
 
     def __init__(self, fd: int):
         self.fd, self.buf, self.since = fd, [], 0.0
@@ -112,7 +115,7 @@ class _Sender:
         if not self.buf:
             self.since = now
         self.buf.append(wire.encode_frame(obj))
-        if flush or now - self.since >= self.FLUSH_WINDOW:
+        if flush or obj["k"] not in self.HELD or now - self.since >= self.FLUSH_WINDOW:
             self.flush()
 
     def flush(self) -> None:

@@ -63,8 +63,7 @@ def judge_reply(plan: Plan, reply: dict) -> tuple[ExecResult, str | None]:
         return _result(tests, wall, error=tests[0].error), None
     if timed_out:
         res.limit = limit
-        if res.error == "wall-clock limit exceeded" or not res.error:
-            res.error = _limit_message(limit)
+        res.error = _limit_message(limit)
         for t in res.tests:
             if t.status == "timeout":
                 t.error = _limit_message(limit)
