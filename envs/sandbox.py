@@ -53,10 +53,10 @@ class Limits:
     programs that sleep or block), and when one fires on a program that was starved of CPU the result is
     an infrastructure timeout, not the program's."""
 
-    cpu_time_per_test: float = 10.0
-    cpu_time_per_program: float = 20.0
-    timeout_per_test: float = 30.0  # wall clock, backstop
-    timeout_per_program: float = 60.0  # wall clock, backstop
+    cpu_time_per_test: float = 15.0
+    cpu_time_per_program: float = 30.0
+    timeout_per_test: float = 60.0  # wall clock, backstop
+    timeout_per_program: float = 120.0  # wall clock, backstop
     memory_mb: int = 1024
     max_output_bytes: int = 8 * 1024 * 1024
     max_processes: int = 64
