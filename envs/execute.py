@@ -15,8 +15,8 @@ Limits (Executor keys, defaults): `cpu_time_per_test` 15 s and `cpu_time_per_pro
 program's whole process tree (descendants included; load does not change them). Every reference-passing MBPP
 and HumanEval program fits with at least 2x to spare: the slowest, MBPP 123, spends 5.2-6.1 s of CPU on one
 assert (6.2 s in all). Wall-clock backstops `timeout_per_test` 60 s and `timeout_per_program` 120 s (for
-programs that sleep or block), `memory_mb` 1 GiB of address space, 8 MiB of output per test, 64 processes (effective when the worker can give
-its children their own uid). `ExecResult.limit` names the limit that fired. A program's outcome (eq. 2):
+programs that sleep or block), `memory_mb` 1 GiB of address space, 8 MiB of output per test, 64 processes
+(effective when the worker can give its children their own uid). `ExecResult.limit` names the limit that fired. A program's outcome (eq. 2):
 compile error, else runtime error if any test raised, crashed or timed out, else failed if any answer was
 wrong, else passed (`envs/harness_judge.py`); comparison rules in `envs/compare.py`.
 

@@ -97,25 +97,27 @@ def compile_program(src: str, wrap_return: bool) -> object:
 
 
 class _Sender:
-    """Writes frames to the worker. A test's frame goes out at once (the worker restarts its per-test clocks,
-    CPU and wall, on each frame it receives); `compiled` and `loaded` wait for the first test's frame, and
-    the test process's `tick`s are coalesced within FLUSH_WINDOW seconds of the first unsent one (so a
-    per-test clock of the test process restarts at most one call late). Frames still buffered when the
-    program crashes or times out are lost: that only moves the reported failure to an earlier test, never
-    changes the outcome."""
+    """Writes frames to the worker, which restarts its per-test clocks (CPU and wall) on each frame it
+    receives. A frame that comes FLUSH_WINDOW or more after the previous one (it ends a test that took that
+    long) goes out at once, with any held before it; the frames of quicker tests are held until FLUSH_WINDOW
+    after the first of them, or until a slow one (fewer wake-ups of the worker). So a held frame is always
+    from a quick test, and a slow test's clocks include at most about FLUSH_WINDOW of the quick tests before
+    it. Frames still held when the program crashes or times out are lost: that only moves the reported
+    failure to an earlier test, never changes the outcome."""
 
     FLUSH_WINDOW = 0.002
-    HELD = ("compiled", "loaded", "tick")
 
     def __init__(self, fd: int):
-        self.fd, self.buf, self.since = fd, [], 0.0
+        self.fd, self.buf, self.since, self.last = fd, [], 0.0, time.monotonic()
 
     def __call__(self, obj: dict, flush: bool = False) -> None:
         now = time.monotonic()
+        slow = now - self.last >= self.FLUSH_WINDOW
+        self.last = now
         if not self.buf:
             self.since = now
         self.buf.append(wire.encode_frame(obj))
-        if flush or obj["k"] not in self.HELD or now - self.since >= self.FLUSH_WINDOW:
+        if flush or slow or now - self.since >= self.FLUSH_WINDOW:
             self.flush()
 
     def flush(self) -> None:

