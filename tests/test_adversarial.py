@@ -170,10 +170,10 @@ CASES: dict[str, tuple[str, TestSpec, str, bool | None]] = {
 def batch():
     os.environ["BCODER_ADV_SECRET"] = SECRET  # must not reach any program
     try:
-        # busy programs meet the CPU limits, sleepers the wall clocks (ample, so that load cannot starve a
-        # busy program into an infrastructure timeout)
-        ex = Executor(workers=2, cpu_time_per_test=0.5, cpu_time_per_program=1.0, timeout_per_test=3.0,
-                      timeout_per_program=6.0, memory_mb=512, max_output_bytes=1 << 20)
+        # busy programs meet the CPU limits, sleepers the wall clocks: ample, so that a busy program is still
+        # stopped by its CPU limit, not starved into an infrastructure timeout, when it gets 4% of a CPU
+        ex = Executor(workers=2, cpu_time_per_test=0.3, cpu_time_per_program=0.6, timeout_per_test=8.0,
+                      timeout_per_program=16.0, memory_mb=512, max_output_bytes=1 << 20)
         names = list(CASES)
         results = dict(zip(names, ex.run_batch([(CASES[n][0], CASES[n][1]) for n in names])))
         yield ex, results
