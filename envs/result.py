@@ -84,7 +84,8 @@ class ExecResult:
     def from_json(cls, d: dict) -> "ExecResult":
         d = dict(d)
         d["outcome"] = Outcome(d["outcome"])
-        d["tests"] = [TestResult(**t) for t in d.get("tests", [])]
+        # (results written before the child-judged path went carry a `judged_in_parent` flag per test)
+        d["tests"] = [TestResult(**{k: v for k, v in t.items() if k != "judged_in_parent"}) for t in d.get("tests", [])]
         return cls(**d)
 
 
