@@ -138,17 +138,17 @@ class Trunk(nn.Module):
 
     def decode(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None, encoded: Encoded | None = None,
-               past_key_values=None, use_cache: bool = False):
-        """One call of the body: returns (last hidden states [B, L, d], cache)."""
+               cache=None, use_cache: bool = False):
+        """One call of the body: returns (last hidden states [B, L, d], cache). `cache` is the KV cache of the
+        previous call (transformers' `cache` argument, which replaces `past_key_values`)."""
         if self.kind == ENCODER_DECODER:
             if encoded is None:
                 raise ValueError("encoder-decoder decode needs the encoder output")
             out = self.body(input_ids=input_ids, encoder_hidden_states=encoded.hidden,
-                            encoder_attention_mask=encoded.mask, past_key_values=past_key_values,
-                            use_cache=use_cache)
+                            encoder_attention_mask=encoded.mask, cache=cache, use_cache=use_cache)
         else:
             out = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, use_cache=use_cache)
+                            cache=cache, use_cache=use_cache)
         return out.last_hidden_state, (out.past_key_values if use_cache else None)
 
     def states(self, batch: Batch, encoded: Encoded | None) -> torch.Tensor:

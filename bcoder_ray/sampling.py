@@ -91,12 +91,12 @@ def _sample_rows(model: Any, policy: PolicyLM, rows: Sequence[Sequence[int]], *,
         if bool(finished.all()) or out.shape[1] == max_new_tokens:
             break
         if policy.kind == ENCODER_DECODER:
-            hidden, cache = policy.decode(tokens[:, None], encoded=encoded, past_key_values=cache, use_cache=True)
+            hidden, cache = policy.decode(tokens[:, None], encoded=encoded, cache=cache, use_cache=True)
         else:
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
             last_position = last_position + 1
             hidden, cache = policy.decode(tokens[:, None], attention_mask=mask, position_ids=last_position,
-                                          past_key_values=cache, use_cache=True)
+                                          cache=cache, use_cache=True)
     programs, program_logps = [], []
     for row, lp in zip(out.tolist(), logps.tolist()):
         keep = row.index(eos_id) + 1 if eos_id in row else len(row)

@@ -11,10 +11,22 @@ process (`envs/harness_plan.py`) and verdicts are taken here (`envs/harness_judg
 Results are cached in memory by `cache_key(program, tests)` = (program_hash, tests.content_hash());
 `seed_cache` takes results known from elsewhere (the replay buffer).
 
-Defaults: 4 s per test and 20 s per program of wall clock, 1 GiB of address space, 8 MiB of output per test,
-64 processes (effective when the worker can give its children their own uid). A program's outcome (eq. 2):
+Limits (Executor keys, defaults): `cpu_time_per_test` 15 s and `cpu_time_per_program` 30 s of CPU time of the
+program's whole process tree (descendants included; load does not change them). Every reference-passing MBPP
+and HumanEval program fits with at least 2x to spare: the slowest, MBPP 123, spends 5.2-6.1 s of CPU on one
+assert (6.2 s in all). Wall-clock backstops `timeout_per_test` 60 s and `timeout_per_program` 120 s (for
+programs that sleep or block), `memory_mb` 1 GiB of address space, 8 MiB of output per test, 64 processes
+(effective when the worker can give its children their own uid). `ExecResult.limit` names the limit that fired. A program's outcome (eq. 2):
 compile error, else runtime error if any test raised, crashed or timed out, else failed if any answer was
 wrong, else passed (`envs/harness_judge.py`); comparison rules in `envs/compare.py`.
+
+Infrastructure failures are not verdicts: a worker that dies or is killed from outside, a fork or pipe that
+fails, a process killed by the OOM killer, a wall-clock backstop that fires while the program was runnable but
+not scheduled (`/proc/PID/schedstat`). The job is then retried on a fresh worker, up to `infra_retries` (2)
+times. A process death that reproduces on every fresh worker is the program's own doing and is its runtime
+error; anything else comes back as `ExecResult.is_infra` (`outcome` `Outcome.INFRA_ERROR`, `reward` None,
+`infra_error` the message), which is never cached (nor taken by `seed_cache`) and must never become a reward.
+`Executor.infra_stats` counts retries and infrastructure results.
 
 Workers start lazily, on the first program that is not a cache hit, and stop on `close()`, at the end of a
 `with` block, when the Executor is garbage collected, or when this process exits (their stdin closes and a
@@ -24,7 +36,9 @@ Shell interface:
     python -m envs.execute TESTS.json PROGRAM.py          one JSON result (outcome, reward, tests, ...)
     python -m envs.execute --batch JOBS.jsonl [--workers N]
         JOBS.jsonl lines: {"id": ..., "program": "...", "tests": {TESTS.json object}}; prints one JSON line
-        per job (id, outcome, reward, ...) in input order and a programs/s summary on stderr.
+        per job (id, outcome, reward, ..., infra_error) in input order and a programs/s summary on stderr.
+        An infrastructure failure has outcome "infra_error" (never one of the four program outcomes), reward
+        null and the message in infra_error.
 """
 
 from __future__ import annotations
@@ -41,15 +55,16 @@ import time
 import weakref
 from typing import Iterable, Mapping, Sequence
 
-from .harness_judge import crashed, judge
+from .harness_judge import crashed, judge_reply
 from .harness_plan import make_plan
 from .harness_wire import encode_frame
 from .problem import SpecError, TestSpec, program_hash
-from .result import ExecResult
+from .result import ExecResult, infra_result
 from .sandbox import Limits, SandboxOptions, Worker, WorkerError, describe
 
 CacheKey = tuple[str, str]
 WATCHDOG_SLACK = 10.0  # seconds past timeout_per_program before the parent kills a silent worker
+PROGRAM_KINDS = {"child", "worker"}  # suspects that are the program's doing when every fresh worker sees them
 PIPELINE = 2  # jobs a worker holds: the one it runs and the next
 PIPELINE_MAX_FRAME = 32 * 1024  # larger jobs are sent only to an idle worker (a pipe holds 64 KiB)
 
@@ -68,19 +83,31 @@ def default_workers() -> int:
 class Executor:
     """A pool of sandbox workers with an execution cache. Thread-safe (calls are serialised)."""
 
-    def __init__(self, workers: int | None = None, *, timeout_per_test: float = 4.0,
-                 timeout_per_program: float = 20.0, memory_mb: int = 1024, cache: bool = True,
-                 max_output_bytes: int = 8 * 1024 * 1024, max_processes: int = 64,
+    def __init__(self, workers: int | None = None, *, cpu_time_per_test: float = Limits.cpu_time_per_test,
+                 cpu_time_per_program: float = Limits.cpu_time_per_program,
+                 timeout_per_test: float = Limits.timeout_per_test,
+                 timeout_per_program: float = Limits.timeout_per_program, memory_mb: int = 1024, cache: bool = True,
+                 max_output_bytes: int = 8 * 1024 * 1024, max_processes: int = 64, infra_retries: int = 2,
                  namespaces: bool = True, filesystem: bool = True, drop_privileges: bool = True,
-                 user_namespace: bool | None = None):
+                 user_namespace: bool | None = None, fault: str | None = None):
         self.n_workers = int(workers) if workers else default_workers()
         if self.n_workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        self.limits = Limits(timeout_per_test=float(timeout_per_test),
+        for name, v in (("cpu_time_per_test", cpu_time_per_test), ("cpu_time_per_program", cpu_time_per_program),
+                        ("timeout_per_test", timeout_per_test), ("timeout_per_program", timeout_per_program)):
+            if not float(v) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {v!r}")
+        if int(infra_retries) < 0:
+            raise ValueError(f"infra_retries must be >= 0, got {infra_retries!r}")
+        self.limits = Limits(cpu_time_per_test=float(cpu_time_per_test),
+                             cpu_time_per_program=float(cpu_time_per_program),
+                             timeout_per_test=float(timeout_per_test),
                              timeout_per_program=float(timeout_per_program), memory_mb=int(memory_mb),
                              max_output_bytes=int(max_output_bytes), max_processes=int(max_processes))
         self.options = SandboxOptions(namespaces=namespaces, filesystem=filesystem,
-                                      drop_privileges=drop_privileges, user_namespace=user_namespace)
+                                      drop_privileges=drop_privileges, user_namespace=user_namespace, fault=fault)
+        self.infra_retries = int(infra_retries)
+        self.infra_stats: collections.Counter = collections.Counter()  # "retries", "infra_results"
         self.use_cache = cache
         self._cache: dict[CacheKey, ExecResult] = {}
         self._workers: list[Worker | None] = []
@@ -105,10 +132,12 @@ class Executor:
             self._finalizer()
 
     def seed_cache(self, results: Mapping[CacheKey, ExecResult]) -> None:
-        """Add known results (e.g. from the replay buffer), keyed by `cache_key(program, tests)`."""
+        """Add known results (e.g. from the replay buffer), keyed by `cache_key(program, tests)`; results that
+        are no verdict (`is_infra`) are left out."""
         with self._lock:
             for key, res in results.items():
-                self._cache[tuple(key)] = res
+                if not res.is_infra:
+                    self._cache[tuple(key)] = res
 
     def cached(self, program: str, tests: TestSpec) -> ExecResult | None:
         res = self._cache.get(cache_key(program, tests)) if self.use_cache else None
@@ -149,9 +178,9 @@ class Executor:
                     todo.setdefault(key, []).append(i)
             if todo:
                 bar = _progress(len(todo)) if progress else None
-                pending = collections.deque((key, jobs[idx[0]][0], jobs[idx[0]][1]) for key, idx in todo.items())
+                pending = collections.deque(_Job(key, jobs[idx[0]][0], jobs[idx[0]][1]) for key, idx in todo.items())
                 for key, res in self._execute(pending, bar):
-                    if self.use_cache:
+                    if self.use_cache and not res.is_infra:
                         self._cache[key] = res
                     first, *rest = todo[key]
                     out[first] = res
@@ -175,29 +204,40 @@ class Executor:
     def _execute(self, pending: collections.deque, bar) -> Iterable[tuple[CacheKey, ExecResult]]:
         """Keep every worker busy. A worker holds up to PIPELINE jobs: the next small job waits in its
         stdin while the current one runs, so the worker never idles on a round trip to this process.
-        The parent's watchdog times the job a worker is running (the head of its queue)."""
+        The parent's watchdog times the job a worker is running (the head of its queue). A job whose run
+        may have been the sandbox's failure is retried first thing on a fresh worker (`fresh`)."""
         self._ensure_workers(min(self.n_workers, len(pending)))
         workers = [w for w in self._workers[:self.n_workers] if w is not None]
         queues: dict[Worker, collections.deque] = {w: collections.deque() for w in workers}
+        fresh: dict[Worker, _Job] = {}
         deadline: dict[Worker, float] = {}
         limit = self.limits.timeout_per_program + WATCHDOG_SLACK
-        while pending or any(queues.values()):
+        while pending or fresh or any(queues.values()):
             for w in list(queues):
-                while pending and len(queues[w]) < PIPELINE:
-                    key, program, tests = pending[0]
-                    plan = make_plan(program, tests)
-                    frame = encode_frame({"id": next(self._job_ids), "payload": plan.payload,
-                                          "limits": self.limits.for_style(plan.style)})
+                while (pending or w in fresh) and len(queues[w]) < PIPELINE:
+                    retry = w in fresh
+                    job = fresh.pop(w) if retry else pending.popleft()
+                    plan = make_plan(job.program, job.tests)
+                    head = {"id": next(self._job_ids), "payload": plan.payload,
+                            "limits": self.limits.for_style(plan.style)}
+                    if plan.in_test_process:
+                        head["test_process"] = True
+                    frame = encode_frame(head)
+                    if plan.in_test_process:  # read by the test process itself, never by the worker
+                        frame += encode_frame(plan.test_payload)
                     if queues[w] and len(frame) > PIPELINE_MAX_FRAME:
+                        if retry:
+                            fresh[w] = job
+                        else:
+                            pending.appendleft(job)
                         break  # a large job would block on the pipe: send it when the worker is free
-                    pending.popleft()
                     try:
                         w.submit(frame)
                     except WorkerError:
-                        pending.appendleft((key, program, tests))
-                        yield from self._fail_worker(w, queues, deadline, pending, "the sandbox worker died")
+                        queues[w].append((job, plan, time.monotonic()))
+                        yield from self._fail_worker(w, queues, deadline, pending, fresh, "the sandbox worker died")
                         break
-                    queues[w].append((key, program, tests, plan, time.monotonic()))
+                    queues[w].append((job, plan, time.monotonic()))
                     if len(queues[w]) == 1:
                         deadline[w] = time.monotonic() + limit
             busy = [w for w in queues if queues[w]]
@@ -207,38 +247,88 @@ class Executor:
             ready, _, _ = select.select(busy, [], [], wait)
             for w in ready:
                 replies = w.read_replies()
-                if replies is None:  # the worker died: the program killed it, or it crashed
-                    yield from self._fail_worker(w, queues, deadline, pending, "the sandbox worker died")
+                if replies is None:  # the worker died: the program killed it, it crashed, or it was killed
+                    yield from self._fail_worker(w, queues, deadline, pending, fresh, "the sandbox worker died")
                     continue
                 for reply in replies:
-                    key, _, _, plan, _ = queues[w].popleft()
+                    job, plan, _ = queues[w].popleft()
                     deadline[w] = time.monotonic() + limit
+                    res, suspect = judge_reply(plan, reply)
+                    if suspect is not None or reply.get("fatal"):
+                        out = self._suspect(w, job, res, suspect or "infra", queues, deadline, pending, fresh)
+                        if out is not None:
+                            if bar is not None:
+                                bar.update(1)
+                            yield job.key, out
+                        break  # w was replaced; its other replies (none: it ran one job at a time) are void
                     if bar is not None:
                         bar.update(1)
-                    yield key, judge(plan, reply)
+                    res.attempts = job.attempts + 1
+                    yield job.key, res
             now = time.monotonic()
             for w in [w for w in busy if w in queues and queues[w] and deadline[w] <= now]:
-                yield from self._fail_worker(w, queues, deadline, pending,
-                                             "wall-clock limit exceeded (sandbox worker unresponsive)", True)
+                yield from self._fail_worker(w, queues, deadline, pending, fresh,
+                                             "wall-clock limit exceeded (sandbox worker unresponsive)", hung=True)
 
-    def _fail_worker(self, w: Worker, queues: dict, deadline: dict, pending: collections.deque, message: str,
-                     timeout: bool = False) -> Iterable[tuple[CacheKey, ExecResult]]:
-        """Replace a dead or hung worker: its running job gets `message`; its queued jobs go back to
-        `pending` (they never started)."""
+    def _suspect(self, w: Worker, job: "_Job", res: ExecResult, kind: str, queues: dict, deadline: dict,
+                 pending: collections.deque, fresh: dict) -> ExecResult | None:
+        """A run that may have been the sandbox's failure: replace the worker and retry the job on the new
+        one, or, with the retries spent, decide. Returns the final result, or None when retried."""
+        job.kinds.append(kind)
+        job.attempts += 1
+        new = self._replace_in(w, queues, deadline, pending)
+        if job.attempts <= self.infra_retries:
+            self.infra_stats["retries"] += 1
+            fresh[new] = job
+            return None
+        if set(job.kinds) <= PROGRAM_KINDS:  # the same on every fresh worker: the program's doing
+            res.attempts = job.attempts
+            return res
+        self.infra_stats["infra_results"] += 1
+        if res.is_infra:
+            res.attempts = job.attempts
+            return res
+        return infra_result(f"{res.error} (on {job.attempts} fresh workers: {', '.join(job.kinds)})",
+                            len(res.tests), res.wall_time, attempts=job.attempts)
+
+    def _replace_in(self, w: Worker, queues: dict, deadline: dict, pending: collections.deque) -> Worker:
+        """Replace worker `w`; the jobs it still held (never started) go back to the front of `pending`."""
         jobs = queues.pop(w)
         deadline.pop(w, None)
-        queues[self._replace(w)] = collections.deque()
-        if jobs:
-            key, program, tests, plan, t0 = jobs.popleft()
-            yield key, crashed(plan, message, time.monotonic() - t0, timeout=timeout)
-        for key, program, tests, _, _ in reversed(jobs):
-            pending.appendleft((key, program, tests))
+        for job, _, _ in reversed(jobs):
+            pending.appendleft(job)
+        new = self._replace(w)
+        queues[new] = collections.deque()
+        return new
+
+    def _fail_worker(self, w: Worker, queues: dict, deadline: dict, pending: collections.deque, fresh: dict,
+                     message: str, hung: bool = False) -> Iterable[tuple[CacheKey, ExecResult]]:
+        """A dead or hung worker: its running job is a suspect ("worker": the program may have killed it;
+        "hung": the worker's own clocks failed, never the program's); its queued jobs go back to `pending`."""
+        running = queues[w].popleft() if queues[w] else None
+        if running is None:
+            self._replace_in(w, queues, deadline, pending)
+            return
+        job, plan, t0 = running
+        res = crashed(plan, message, time.monotonic() - t0, timeout=hung)
+        out = self._suspect(w, job, res, "hung" if hung else "worker", queues, deadline, pending, fresh)
+        if out is not None:
+            yield job.key, out
 
     def _replace(self, w: Worker) -> Worker:
         w.kill()
         new = Worker(w.index, self.options)
         self._workers[w.index] = new
         return new
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    key: CacheKey
+    program: str
+    tests: TestSpec
+    attempts: int = 0  # runs that ended in a suspected sandbox failure
+    kinds: list = dataclasses.field(default_factory=list)  # their suspect kinds
 
 
 def _shutdown(workers: list) -> None:
@@ -271,13 +361,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("program", nargs="?", help="PROGRAM.py")
     ap.add_argument("--batch", metavar="JOBS.jsonl", help='lines of {"id", "program", "tests"}')
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--timeout-per-test", type=float, default=4.0)
-    ap.add_argument("--timeout-per-program", type=float, default=20.0)
+    ap.add_argument("--cpu-time-per-test", type=float, default=Limits.cpu_time_per_test, help="CPU seconds")
+    ap.add_argument("--cpu-time-per-program", type=float, default=Limits.cpu_time_per_program, help="CPU seconds")
+    ap.add_argument("--timeout-per-test", type=float, default=Limits.timeout_per_test, help="wall-clock backstop")
+    ap.add_argument("--timeout-per-program", type=float, default=Limits.timeout_per_program,
+                    help="wall-clock backstop")
     ap.add_argument("--memory-mb", type=int, default=1024)
+    ap.add_argument("--infra-retries", type=int, default=2, help="retries on a fresh worker after a sandbox failure")
     ap.add_argument("--no-namespaces", action="store_true", help="degraded isolation (testing)")
     ap.add_argument("--isolation", action="store_true", help="print the isolation in force on stderr")
     args = ap.parse_args(argv)
-    kw = dict(timeout_per_test=args.timeout_per_test, timeout_per_program=args.timeout_per_program,
+    kw = dict(cpu_time_per_test=args.cpu_time_per_test, cpu_time_per_program=args.cpu_time_per_program,
+              infra_retries=args.infra_retries,
+              timeout_per_test=args.timeout_per_test, timeout_per_program=args.timeout_per_program,
               memory_mb=args.memory_mb, namespaces=not args.no_namespaces)
     if args.batch:
         if args.tests or args.program:

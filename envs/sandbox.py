@@ -13,8 +13,9 @@ and available as `Worker.isolation`):
 - privileges: as root, each worker's children run as their own unprivileged uid (`uid_base + index`), which
   also makes RLIMIT_NPROC effective (it is not enforced for root); in a user namespace they drop every
   capability. Always no_new_privs.
-- always: rlimits (address space, CPU, file size = output cap, no core, processes), wall clocks ending in
-  SIGKILL, stdin from a file holding exactly the test's input (or /dev/null), a scrubbed environment, all
+- always: rlimits (address space, CPU, file size = output cap, no core, processes), CPU time of the
+  program's process tree per test and per program, wall clocks as a backstop, each ending in SIGKILL,
+  stdin from a file holding exactly the test's input (or /dev/null), a scrubbed environment, all
   other descriptors closed, a private work dir removed afterwards, a non-dumpable worker.
 """
 
@@ -48,10 +49,15 @@ _LOGGED: set[str] = set()  # isolation summaries already logged by this process
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-program resource limits (wall clocks in seconds)."""
+    """Per-program resource limits. The verdict limits are CPU seconds of the program's whole process tree
+    (descendants included), which load does not change; the wall clocks are only a generous backstop (for
+    programs that sleep or block), and when one fires on a program that was starved of CPU the result is
+    an infrastructure timeout, not the program's."""
 
-    timeout_per_test: float = 4.0
-    timeout_per_program: float = 20.0
+    cpu_time_per_test: float = 15.0
+    cpu_time_per_program: float = 30.0
+    timeout_per_test: float = 60.0  # wall clock, backstop
+    timeout_per_program: float = 120.0  # wall clock, backstop
     memory_mb: int = 1024
     max_output_bytes: int = 8 * 1024 * 1024
     max_processes: int = 64
@@ -76,6 +82,8 @@ class SandboxOptions:
     uid_base: int = 61000
     tmp_mb: int = 128  # the private /tmp (work dirs), in memory
     user_namespace: bool | None = None  # None: only when not root (True as root tests the ordinary-user path)
+    fault: str | None = None  # test hook: "fork" makes every fork of the worker fail; "starve" makes every
+    #                          wall-clock timeout look starved of CPU
 
 
 class WorkerError(RuntimeError):
@@ -117,7 +125,7 @@ class Worker:
                "drop_caps": bool(userns and drop),
                "filesystem": bool(use_ns and self.options.filesystem),
                "binds": _binds(), "masks": _masks(), "tmp_mb": self.options.tmp_mb,
-               "host_mnt_ns": _mnt_ns()}
+               "host_mnt_ns": _mnt_ns(), "fault": self.options.fault}
         cmd = [sys.executable, "-I", "-c", _BOOT.format(path=_ZYGOTE), json.dumps(cfg)]
         if use_ns:
             ns = ["--user", "--map-root-user"] if userns else []
@@ -223,8 +231,9 @@ def describe(iso: dict) -> str:
         parts.append("all capabilities dropped")
     else:
         parts.append("same uid as the caller")
-    parts.append("rlimits AS/CPU/FSIZE/CORE/NPROC, no_new_privs, wall clocks with SIGKILL, scrubbed env, "
-                 "private work dir")
+    parts.append("rlimits AS/CPU/FSIZE/CORE/NPROC, no_new_privs, CPU-time limits on the process tree and "
+                 "wall-clock backstops with SIGKILL, scrubbed env, private work dir, tests that cannot be split "
+                 "into calls run in a test process of their own")
     return "; ".join(parts)
 
 

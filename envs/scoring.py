@@ -1,7 +1,10 @@
 """The one path from (problem, program) pairs to verdicts and eq. 2 rewards, through the executor's batch API.
 
 Rollout workers, evaluation, `envs.validate` and the gymnasium env's terminal reward all call
-`score_programs`, so a reward means the same thing everywhere.
+`score_programs`, so a reward means the same thing everywhere. A result with `is_infra` (outcome
+`Outcome.INFRA_ERROR`, reward None, `infra_error` the message) is no verdict: the sandbox failed on every
+fresh worker it was retried on. Callers drop it (never write it to the buffer as a reward), count it, and
+re-run the program if they need its verdict.
 
     with Executor(workers=2) as ex:
         results = score_programs(ex, [problem] * len(programs), programs)            # hidden tests: eq. 2
@@ -35,7 +38,8 @@ def select_tests(problem: Problem, which: str = "hidden") -> TestSpec | None:
 
 def score_programs(executor: BatchExecutor, problems: Sequence[Problem], programs: Sequence[str],
                    which: str = "hidden") -> list[ExecResult]:
-    """Run `programs[i]` against the `which` tests of `problems[i]`, all in one executor batch, in order."""
+    """Run `programs[i]` against the `which` tests of `problems[i]`, all in one executor batch, in order.
+    Results with `is_infra` are passed on as they are (see the module's docstring)."""
     if len(problems) != len(programs):
         raise ValueError(f"score_programs: {len(problems)} problems but {len(programs)} programs")
     jobs = []

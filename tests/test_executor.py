@@ -9,8 +9,12 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 
 import psutil
 import pytest
@@ -20,7 +24,7 @@ from envs.execute import Executor, cache_key, execute
 from envs.harness_plan import make_plan, shadowed_names
 from envs.harness_wire import WireError, canonical, decode_value
 from envs.problem import TestSpec
-from envs.result import ExecResult, Outcome
+from envs.result import OUTCOMES, ExecResult, Outcome
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +49,8 @@ SLOW["assert"] = SLOW["check"] = SLOW["call"]
 
 @pytest.fixture(scope="module")
 def ex():
-    with Executor(workers=2, timeout_per_test=1.5, timeout_per_program=4.0) as e:
+    with Executor(workers=2, cpu_time_per_test=0.5, cpu_time_per_program=1.0, timeout_per_test=1.5,
+                  timeout_per_program=4.0) as e:
         yield e
 
 
@@ -168,7 +173,7 @@ def test_expected_values_never_reach_the_child():
     for secret in ("SECRET-A", "0.123456", "4.56789", "77"):
         assert secret not in wire
     assert [i["holes"] for i in plan.payload["items"]] == [["(f(1))"], ["(g(2))"], ["(h(3))"], ["(sorted(k(4)))"]]
-    assert not any(i.child_judged for i in plan.items)
+    assert all(i.splittable for i in plan.items) and not plan.in_test_process
     for style, spec in (("stdio", STDIO), ("call", CALL)):
         wire = json.dumps(make_plan("x", spec).payload)
         assert "5\\n" not in wire and '"expected"' not in wire
@@ -185,17 +190,73 @@ def test_holes_keep_their_source_text(ex):
     assert ex.run("def g(s, n):\n    return s[:n]\n", spec).outcome == Outcome.PASSED
 
 
-def test_unjudgeable_shapes_run_in_child_and_are_counted(ex):
-    loop = TestSpec("check", entry_point="f",
-                    check="def check(candidate):\n    for i in range(3):\n        assert candidate(i) == i + 1\n")
-    plan = make_plan(GOOD["call"], loop)
-    assert plan.child_judged_check
-    r = ex.run(GOOD["call"], loop)
-    assert r.outcome == Outcome.PASSED and r.unjudgeable == 1 and not r.tests[0].judged_in_parent
-    spec = TestSpec("assert", asserts=("assert f(1) == 2 or f(2) == 9",))
-    r = ex.run(GOOD["call"], spec)
-    assert r.outcome == Outcome.PASSED and r.unjudgeable == 1
-    assert ex.run(GOOD["call"], ASSERT).unjudgeable == 0
+LOOPED = TestSpec("check", entry_point="f", check=(
+    "CASES = [(0, 1), (1, 2), (2, 3)]  # SECRET-CASES\n\ndef helper(n):\n    return n + 1\n\n"
+    "def check(candidate):\n    expected = {i: helper(i) for i in range(3)}  # SECRET-LOCALS\n"
+    "    for i, want in CASES:\n        assert candidate(i) == want == expected[i]\n"))
+
+
+def test_tests_that_cannot_be_split_run_in_the_test_process(ex):
+    plan = make_plan(GOOD["call"], LOOPED)
+    assert plan.in_test_process and plan.payload["serve"]
+    assert "SECRET" not in json.dumps(plan.payload) and "SECRET" in json.dumps(plan.test_payload)
+    r = ex.run(GOOD["call"], LOOPED)
+    assert (r.outcome, r.tests[0].status) == (Outcome.PASSED, "passed")
+    assert ex.run(WRONG["call"], LOOPED).outcome == Outcome.FAILED
+    assert ex.run(RAISES["call"], TestSpec("check", entry_point="f", check=(
+        "def check(candidate):\n    for i in (1, 5):\n        assert candidate(i) == i + 1\n"))).outcome \
+        == Outcome.RUNTIME_ERROR
+    spec = TestSpec("assert", asserts=("assert f(1) == 2 or f(2) == 9", "assert f(5) == 6"))
+    assert make_plan(GOOD["call"], spec).in_test_process
+    assert [t.status for t in ex.run(GOOD["call"], spec).tests] == ["passed", "passed"]
+    assert [t.status for t in ex.run(WRONG["call"], spec).tests] == ["passed", "failed"]
+    # names of the program the test uses (a HumanEval prompt's helper) are proxies too
+    helper = TestSpec("check", entry_point="f", check=(
+        "def check(candidate):\n    for i in range(3):\n        assert candidate(i) == g(i) + 1\n"))
+    assert ex.run("def g(x):\n    return x\ndef f(x):\n    return x + 1\n", helper).outcome == Outcome.PASSED
+    assert ex.run("g = 'not callable'\ndef f(x):\n    return x + 1\n", helper).outcome == Outcome.RUNTIME_ERROR
+
+
+# Programs that look for the looped check's cases or locals inside their own process, or return rigged
+# objects. Each would pass if the test ran in its process (a control below shows the memory scan works).
+# No program source holds the needle whole: the worker reads each program's source, and what it once held
+# is in the memory of the processes it forks later.
+_SCAN = ("import ctypes, re, sys\ndef scan(needle):\n"
+         "    own = id(needle) + sys.getsizeof(b'') - 1  # the needle's own bytes do not count\n"
+         "    pattern = re.compile(re.escape(needle))\n    with open('/proc/self/maps') as maps:\n"
+         "        regions = [line.split() for line in maps]\n    for parts in regions:\n"
+         "        if not parts[1].startswith('r') or parts[-1] in ('[vvar]', '[vsyscall]', '[vvar_vclock]'):\n"
+         "            continue\n        lo, hi = (int(x, 16) for x in parts[0].split('-'))\n"
+         "        for m in pattern.finditer((ctypes.c_char * (hi - lo)).from_address(lo)):\n"
+         "            if lo + m.start() != own:\n                return True\n    return False\n")
+PEEKERS = {
+    "frames": ("import sys\ndef f(x):\n    fr = sys._getframe(1)\n    while fr is not None:\n"
+               "        for k, v in list(fr.f_locals.items()) + list(fr.f_globals.items()):\n"
+               "            if k in ('CASES', 'want', 'expected'):\n                return dict(v)[x] if k != 'want' else v\n"
+               "        fr = fr.f_back\n    return None\n"),
+    "gc": ("import gc\ndef f(x):\n    for o in gc.get_objects():\n"
+           "        if isinstance(o, list) and o and all(isinstance(t, tuple) and len(t) == 2 for t in o):\n"
+           "            d = dict(o)\n            if x in d:\n                return d[x]\n"
+           "        if isinstance(o, str) and 'SECRET-' + 'CASES' in o:\n            return x + 1\n    return None\n"),
+    "memory": _SCAN + "def f(x):\n    return x + 1 if scan(b'SECRET-' + b'CASES') else None\n",
+    "rigged_eq": ("class A:\n    def __eq__(self, o):\n        return True\n    __hash__ = object.__hash__\n"
+                  "def f(x):\n    return A()\n"),
+    "rigged_int": ("class I(int):\n    def __eq__(self, o):\n        return True\n    def __add__(self, o):\n"
+                   "        return self\n    __hash__ = int.__hash__\ndef f(x):\n    return I(0)\n"),
+}
+
+
+@pytest.mark.parametrize("name", list(PEEKERS))
+def test_looped_check_cannot_be_read_or_rigged_by_the_program(ex, name):
+    r = ex.run(PEEKERS[name], LOOPED)
+    assert r.outcome == Outcome.FAILED, (name, r.error)
+
+
+def test_memory_scan_control_finds_what_is_in_the_process(ex):
+    """The scan of `PEEKERS['memory']` finds a string that is in the program's process (the program's own
+    source, built at run time so that the needle is not a constant of the scan)."""
+    prog = _SCAN + "MARK = 'MARK-' + 'IN-PROCESS'\ndef f(x):\n    return x + 1 if scan(MARK.encode()) else None\n"
+    assert ex.run(prog, LOOPED).outcome == Outcome.PASSED
 
 
 def test_redefined_builtin_is_the_programs():
@@ -321,28 +382,58 @@ def test_degraded_isolation_paths(options):
         assert iso["user_namespace"] and iso["drop_caps"]
 
 
+def _reachable_as_others(paths: list[str], stage: str) -> str:
+    """Shell commands (for a private mount namespace) that make `paths` reachable by any user without changing
+    the host: each directory on the way that others cannot enter (e.g. root's 0700 home holding a virtual
+    environment) is covered with a world-enterable tmpfs, and the paths inside it are bound back."""
+    blocked: dict[str, list[str]] = {}
+    for path in sorted({os.path.abspath(p) for p in paths}):
+        ancestors = [path]
+        while ancestors[-1] != "/":
+            ancestors.append(os.path.dirname(ancestors[-1]))
+        shut = [a for a in reversed(ancestors[1:]) if not os.stat(a).st_mode & 0o001]
+        if shut:
+            blocked.setdefault(shut[0], []).append(path)
+    tops = [b for b in blocked if not any(b != o and b.startswith(o.rstrip("/") + "/") for o in blocked)]
+    cmds, k = [], 0
+    for top in tops:
+        inside = sorted({p for b, ps in blocked.items() if b == top or b.startswith(top + "/") for p in ps})
+        inside = [p for p in inside if not any(p != q and p.startswith(q + "/") for q in inside)]
+        saved = []
+        for p in inside:
+            cmds.append(f"mkdir -p {stage}/{k} && mount --bind {p} {stage}/{k}")
+            saved.append((f"{stage}/{k}", p))
+            k += 1
+        cmds.append(f"mount -t tmpfs -o mode=755 tmpfs {top}")
+        cmds += [f"mkdir -p {p} && mount --bind {s} {p}" for s, p in saved]
+    return "".join(c + " && " for c in cmds)
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("unshare"),
                     reason="needs root to become an ordinary user")
 def test_works_as_an_ordinary_user(tmp_path):
-    """Run the shell interface as `nobody` (the Python install under /root is made reachable in a private
-    mount namespace): the worker then uses a user namespace and drops every capability."""
-    (tmp_path / "t.json").write_text(json.dumps(STDIO.to_json()))
-    (tmp_path / "p.py").write_text(GOOD["stdio"])
-    os.chmod(tmp_path, 0o755)
-    for parent in tmp_path.parents:
-        if str(parent) in ("/", "/tmp"):
-            break
-        os.chmod(parent, os.stat(parent).st_mode | 0o005)
-    real = os.path.realpath(sys.executable)
-    prefix = real.split("/bin/")[0] if real.startswith("/root/") else None
-    mounts = ""
-    if prefix:
-        mounts = (f"mount --bind {prefix} /mnt && mount -t tmpfs -o mode=755 tmpfs /root && "
-                  f"mkdir -p {prefix} && mount --bind /mnt {prefix} && ")
-    cmd = (f"{mounts}cd {tmp_path} && setpriv --reuid=65534 --regid=65534 --clear-groups env PYTHONPATH={REPO} "
-           f"HOME={tmp_path} {sys.executable} -m envs.execute --isolation t.json p.py")
-    out = subprocess.run(["unshare", "--mount", "sh", "-c", cmd], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    """Run the shell interface as `nobody`: the worker then uses a user namespace and drops every capability.
+    Wherever this Python environment and the checkout live (a virtual environment under root's home, say),
+    a private mount namespace makes them reachable for `nobody`."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "t.json").write_text(json.dumps(STDIO.to_json()))
+    (work / "p.py").write_text(GOOD["stdio"])
+    needed = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
+              os.path.dirname(sys.executable), REPO, str(work)]
+    needed += [p for p in sys.path if p and os.path.isdir(p) and not p.startswith(str(tmp_path))]
+    stage = tempfile.mkdtemp(prefix="bcoder-stage-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        mounts = _reachable_as_others(needed, stage)
+        assert f"tmpfs {os.path.dirname(stage)}" not in mounts  # the staging place itself stays visible
+        os.chmod(work, 0o777)
+        cmd = (f"{mounts}cd {work} && setpriv --reuid=65534 --regid=65534 --clear-groups env "
+               f"PYTHONPATH={REPO} HOME={work} {sys.executable} -m envs.execute --isolation t.json p.py")
+        out = subprocess.run(["unshare", "--mount", "sh", "-c", cmd], capture_output=True, text=True,
+                             timeout=120)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    assert out.returncode == 0, (cmd, out.stderr)
     assert json.loads(out.stdout)["outcome"] == "passed"
     assert "user namespace" in out.stderr and "all capabilities dropped" in out.stderr
 
@@ -379,3 +470,118 @@ def test_cli_reports_bad_input(tmp_path):
     (tmp_path / "prog.py").write_text("x = 1")
     out = _cli(str(tmp_path / "tests.json"), str(tmp_path / "prog.py"))
     assert out.returncode == 2 and "fn_name" in out.stderr and "tests.json" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------- limits
+
+SPIN = "def f(x):\n    while True:\n        pass\n"
+SPIN_IN_DESCENDANT = ("import os, time\ndef f(x):\n    if os.fork() == 0:\n        while True:\n            pass\n"
+                      "    time.sleep(10 ** 6)\n")
+
+
+def test_cpu_time_limits_fire_first_and_count_descendants():
+    """CPU limits far below the wall backstops: the CPU limit is what stops a busy program, including one
+    whose CPU time is spent by a process it forked while it sleeps itself."""
+    many = TestSpec("call", fn_name="f", cases=tuple({"args": [i], "expected": i} for i in range(8)))
+    burn = "def f(x):\n    import time\n    t = time.process_time()\n    while time.process_time() - t < 0.3:\n" \
+           "        pass\n    return x\n"
+    with Executor(workers=1, cpu_time_per_test=0.5, cpu_time_per_program=1.0, timeout_per_test=20.0,
+                  timeout_per_program=40.0) as e:
+        spin, desc, prog = e.run_batch([(SPIN, CALL), (SPIN_IN_DESCENDANT, CALL), (burn, many)])
+    for r, limit in ((spin, "cpu_time_per_test"), (desc, "cpu_time_per_test"), (prog, "cpu_time_per_program")):
+        assert (r.outcome, r.timeout, r.limit, r.is_infra) == (Outcome.RUNTIME_ERROR, True, limit, False), r
+        assert "CPU time limit exceeded" in r.error
+    assert spin.cpu_time >= 0.5 and desc.cpu_time >= 0.5 and prog.cpu_time >= 1.0
+    assert [t.status for t in prog.tests][:3] == ["passed"] * 3 and prog.tests[-1].status == "not_run"
+
+
+def test_programs_that_sleep_or_block_are_stopped_by_the_wall_clock(ex):
+    blocks = "import os\ndef f(x):\n    r, w = os.pipe()\n    os.read(r, 1)\n"
+    for prog, spec in ((SLOW["call"], CALL), (blocks, CALL), ("import os\nr, w = os.pipe()\nos.read(r, 1)\n", STDIO),
+                       ("import time\ntime.sleep(10 ** 6)\n", STDIO)):
+        r = ex.run(prog, spec)
+        assert (r.outcome, r.timeout, r.limit, r.is_infra) == \
+            (Outcome.RUNTIME_ERROR, True, "timeout_per_test", False), (prog, r)
+
+
+# ---------------------------------------------------------------------------------------------- infrastructure
+
+def test_a_fork_that_fails_is_an_infrastructure_error_never_cached():
+    with Executor(workers=1, fault="fork", infra_retries=2) as e:
+        r = e.run(GOOD["call"], CALL)
+        assert r.is_infra and r.outcome == Outcome.INFRA_ERROR and r.outcome.value not in OUTCOMES
+        assert r.reward is None and not r.passed and "BlockingIOError" in r.infra_error
+        assert r.attempts == 3 and e.infra_stats == {"retries": 2, "infra_results": 1}
+        again = e.run(GOOD["call"], CALL)  # not cached: it runs (and fails) again
+        assert again.is_infra and not again.cached and e.infra_stats["infra_results"] == 2
+        e.seed_cache({cache_key(GOOD["call"], CALL): r})  # nor can the buffer bring it back
+        assert not e.run(GOOD["call"], CALL).cached
+        checked = e.run(GOOD["call"], LOOPED)  # the test process's fork fails the same way
+        assert checked.is_infra and checked.attempts == 3
+    d = r.to_json()
+    assert d["outcome"] == "infra_error" and d["reward"] is None and d["infra_error"] == r.infra_error
+    assert ExecResult.from_json(json.loads(json.dumps(d))).is_infra
+    with Executor(workers=1, fault="fork", infra_retries=0) as e:
+        assert e.run(GOOD["call"], CALL).attempts == 1 and e.infra_stats == {"infra_results": 1}
+
+
+def test_a_starved_program_is_an_infrastructure_timeout():
+    """`fault="starve"` makes the run-queue check say the program waited for a CPU all along."""
+    with Executor(workers=1, fault="starve", timeout_per_test=0.5, infra_retries=1) as e:
+        r = e.run(SLOW["call"], CALL)
+        assert r.is_infra and r.limit == "timeout_per_test" and "not scheduled" in r.infra_error
+        assert r.attempts == 2 and not e.run(SLOW["call"], CALL).cached
+        assert e.run(GOOD["call"], CALL).outcome == Outcome.PASSED  # no backstop fired: a verdict
+
+
+def _kill_when_running(e: Executor, target: str, times: int) -> threading.Thread:
+    """Kill (SIGKILL, from outside) the worker, or the program's process, once a job is running in it;
+    `times` times, each on a fresh worker."""
+    def run():
+        killed: set[int] = set()
+        while len(killed) < times:
+            for top in list(e.worker_pids):
+                if top in killed:
+                    continue
+                try:
+                    tree = psutil.Process(top).children(recursive=True)
+                except psutil.NoSuchProcess:
+                    continue
+                programs = [p for p in tree if p.ppid() != top and p.ppid() != os.getpid()]
+                if programs and all(p.status() == psutil.STATUS_SLEEPING for p in programs):
+                    victim = top if target == "worker" else programs[-1].pid
+                    try:
+                        os.kill(victim, signal.SIGKILL)
+                    except ProcessLookupError:
+                        continue
+                    killed.add(top)
+            time.sleep(0.01)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+NAPS = "import time\ndef f(x):\n    time.sleep(0.5)\n    return x + 1\n"
+
+
+@pytest.mark.parametrize("target", ["worker", "program"])
+def test_a_kill_from_outside_is_retried_on_a_fresh_worker(target):
+    with Executor(workers=1, infra_retries=2) as e:
+        first = e.worker_pids
+        killer = _kill_when_running(e, target, 1)
+        e.isolation  # start the worker, so the killer sees it
+        r = e.run(NAPS, CALL)
+        killer.join(timeout=30)
+        assert not killer.is_alive()
+        assert (r.outcome, r.attempts, r.is_infra) == (Outcome.PASSED, 2, False), r
+        assert e.infra_stats == {"retries": 1} and e.worker_pids != first
+
+
+def test_a_kill_on_every_fresh_worker_is_the_programs_runtime_error():
+    with Executor(workers=1, infra_retries=1) as e:
+        e.isolation
+        killer = _kill_when_running(e, "program", 2)
+        r = e.run(NAPS, CALL)
+        killer.join(timeout=30)
+        assert (r.outcome, r.attempts, r.is_infra) == (Outcome.RUNTIME_ERROR, 2, False), r
+        assert "killed by signal 9" in r.error

@@ -72,9 +72,14 @@ def test_cached_targets_give_the_live_loss_and_gradients(checkpoint, stage, oper
         fn = lambda m, b: theta_loss(m, b, gamma=GAMMA, operator=operator)  # noqa: E731
     loss_live, grads_live, metrics_live = _loss_and_grads(model, params, fn, live)
     loss_cached, grads_cached, metrics_cached = _loss_and_grads(model, params, fn, cached)
-    assert torch.allclose(loss_live, loss_cached, rtol=1e-6, atol=1e-7)
+    # Live and cached targets differ only by float32 rounding (eps = 2**-23), accumulated over the sums a value
+    # passes through: the batch's tokens (4 rows of <= 10 positions), per layer (2), forward and backward, the
+    # d_ff (64), d_model (32) and attention (<= 10 positions) sums, and the vocabulary's softmax (48). Bounds
+    # relative to each tensor's scale, since cancellation can leave entries near zero.
+    tol = (40 + 2 * 2 * (64 + 32 + 10) + 48) * torch.finfo(torch.float32).eps
+    assert torch.allclose(loss_live, loss_cached, rtol=tol, atol=tol * float(loss_live.abs()))
     for g_live, g_cached in zip(grads_live, grads_cached):
-        assert torch.allclose(g_live, g_cached, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(g_live, g_cached, rtol=tol, atol=tol * float(g_live.abs().max()))
     assert metrics_live.keys() == metrics_cached.keys()
     assert any(g.abs().sum() > 0 for g in grads_live)
 

@@ -21,8 +21,8 @@ APPS_DIR = Path(__file__).resolve().parent / "fixtures" / "apps_dir"
 
 @pytest.fixture(scope="module")
 def executor():
-    # generous limits: APPS 4184's reference 5 sieves to 10^7 (about 1.5 s alone, over 4 s on a loaded machine)
-    with Executor(workers=2, timeout_per_test=30, timeout_per_program=60) as ex:
+    # the default limits (CPU time, so load does not matter): APPS 4184's reference 5 sieves to 10^7, about 1.5 s
+    with Executor(workers=2) as ex:
         yield ex
 
 
@@ -98,3 +98,12 @@ def test_example_tests_for_the_filtered_setting(executor, apps_problems):
         score_programs(executor, [none], [wrong], which="example")
     with pytest.raises(ValueError, match="unknown test set 'visible'"):
         select_tests(none, "visible")
+
+
+def test_infrastructure_failures_come_back_from_scoring_as_no_verdict(apps_problems):
+    """score_programs hands the executor's infrastructure status on unchanged: no outcome, no reward."""
+    problem = next(iter(apps_problems.values()))
+    with Executor(workers=1, fault="fork", infra_retries=0) as ex:
+        results = score_programs(ex, [problem] * 2, [problem.references[0], "x = ("])
+    assert all(r.is_infra and r.outcome == Outcome.INFRA_ERROR and r.reward is None for r in results)
+    assert [r.outcome for r in results if not r.is_infra] == []
