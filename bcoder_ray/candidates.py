@@ -84,15 +84,39 @@ class ScoredCandidate:
     decoding: str = "sample"  # "sample" or "greedy"
     truncated: bool = False  # cut at the length limit (no EOS at the end)
 
+    @property
+    def infra(self) -> bool:
+        """Its verdict could not be given (the sandbox failed): it is dropped, counted, never a failed sample."""
+        return self.result is not None and self.result.is_infra
+
     def record(self) -> CandidateRecord:
-        if self.result is None:
-            raise ValueError(f"{self.problem.key} sample {self.sample_index}: not executed, no candidate record")
+        if self.result is None or self.result.is_infra:
+            raise ValueError(f"{self.problem.key} sample {self.sample_index}: no verdict, no candidate record")
         return CandidateRecord(
             suite=self.problem.suite, split=self.problem.split, problem_id=self.problem.problem_id,
             difficulty=self.problem.difficulty, sample_index=self.sample_index, program=self.program,
             outcome=self.result.outcome.value, reward=self.result.reward, passed=self.result.passed,
             example_passed=None if self.example_result is None else self.example_result.passed,
             rtilde=self.rtilde, model=self.model, ranker=self.ranker if self.rtilde is not None else None)
+
+
+INFRA_RERUNS = 2  # extra rounds for programs whose verdict the sandbox could not give (after its own retries)
+
+
+def score_with_reruns(executor: Any, problems: Sequence[Problem], programs: Sequence[str],
+                      reruns: int = INFRA_RERUNS) -> list[ExecResult]:
+    """`envs.scoring.score_programs`, with the programs whose result is an infrastructure failure (no verdict,
+    `ExecResult.is_infra`) run again, up to `reruns` more rounds; what still fails stays an infra result, which
+    callers drop and count (never a reward, never a failed sample)."""
+    results = list(scoring.score_programs(executor, problems, programs))
+    for _ in range(reruns):
+        again = [i for i, r in enumerate(results) if r.is_infra]
+        if not again:
+            break
+        for i, r in zip(again, scoring.score_programs(executor, [problems[i] for i in again],
+                                                      [programs[i] for i in again])):
+            results[i] = r
+    return results
 
 
 def sample_and_score(problems: Sequence[Problem], sampler: Sampler, executor: Any | None,
@@ -125,7 +149,7 @@ def sample_and_score(problems: Sequence[Problem], sampler: Sampler, executor: An
     results: list[ExecResult | None] = [None] * len(texts)
     example_results: list[ExecResult | None] = [None] * len(texts)
     if executor is not None:
-        results = list(scoring.score_programs(executor, flat_problems, texts))
+        results = score_with_reruns(executor, flat_problems, texts)
         if examples:
             example_results = scoring.score_examples(executor, flat_problems, texts)
     scores: list[float | None] = [None] * len(texts)

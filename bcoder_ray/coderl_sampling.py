@@ -27,7 +27,7 @@ from bcoder_ray.algorithms.base import Ranker
 from bcoder_ray.algorithms.critic import Critic, p_passed_prefixes
 from bcoder_ray.algorithms.critic_sampling import CriticSamplingRefused, critic_sampling, require_example_tests
 from bcoder_ray.batch import collate
-from bcoder_ray.candidates import Sampler, SamplingSettings, sample_and_score
+from bcoder_ray.candidates import Sampler, SamplingSettings, sample_and_score, score_with_reruns
 from bcoder_ray.metrics import CandidateRecord
 from bcoder_ray.tokenization import decode_program, encode_prompt, eos_id, pad_id
 from envs import scoring
@@ -128,8 +128,10 @@ def critic_sampling_records(problems: Sequence[Problem], sampler: Sampler, execu
                                  lambda programs, prompt=prompt: values.prefixes(prompt, programs),
                                  seed=settings.seed)
         texts = [decode_program(tok, w) for w in result.programs]
-        hidden = scoring.score_programs(executor, [problem] * len(texts), texts)
+        hidden = score_with_reruns(executor, [problem] * len(texts), texts)
         for i, (text, res, ex, score) in enumerate(zip(texts, hidden, result.passes_examples, result.p_passed)):
+            if res.is_infra:  # no verdict: left out, never a failed sample
+                continue
             records.append(CandidateRecord(
                 suite=problem.suite, split=problem.split, problem_id=problem.problem_id,
                 difficulty=problem.difficulty, sample_index=i, program=text, outcome=res.outcome.value,
@@ -162,7 +164,7 @@ def compare_with_plain(problems: Sequence[Problem], sampler: Sampler, executor: 
     plain_settings = replace(settings, m=budget)
     ranker = PhiTestRanker(PhiTestValues(critic, pad_id(sampler.tokenizer)))
     plain = sample_and_score(problems, sampler, executor, plain_settings, examples=True, ranker=ranker)
-    pm = write_evaluation(out / "plain", [c.record() for c in plain], ks=ks, ci_level=ci_level, seed=settings.seed,
+    pm = write_evaluation(out / "plain", [c.record() for c in plain if not c.infra], ks=ks, ci_level=ci_level, seed=settings.seed,
                           n_at_k_pairs=pairs, meta={**common, "sampling": asdict(plain_settings)})
     return {"critic_sampling": cs, "plain": pm, "budget": budget}
 

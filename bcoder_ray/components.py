@@ -41,12 +41,19 @@ def warm_start_cache(cfg: Config) -> str:
 def check_components(cfg: Config) -> None:
     """Options passed through to components (executor, warm start) must be ones they take."""
     params = inspect.signature(Executor.__init__).parameters
-    unknown = sorted(set(cfg.executor.options) - set(params) - {"workers"})
-    if unknown or "workers" in cfg.executor.options:
-        raise ConfigError(f"executor.options: unknown key(s) {unknown or ['workers']} (use executor.workers for "
-                          f"the pool size); envs.execute.Executor takes {sorted(set(params) - {'self'})}")
+    own = {"workers", "infra_retries"}  # keys of their own in the executor section
+    unknown = sorted(set(cfg.executor.options) - set(params) - own)
+    if unknown or own & set(cfg.executor.options):
+        raise ConfigError(f"executor.options: unknown key(s) {unknown or sorted(own & set(cfg.executor.options))} "
+                          f"(use executor.workers / executor.infra_retries); envs.execute.Executor takes "
+                          f"{sorted(set(params) - {'self'})}")
     if cfg.model.checkpoint is None:
         warm_start_config(cfg)
+
+
+def executor_kwargs(cfg: Config) -> dict:
+    """The keyword arguments of `envs.execute.Executor` the config gives."""
+    return {"workers": cfg.executor.workers, "infra_retries": cfg.executor.infra_retries, **cfg.executor.options}
 
 
 def run_context(cfg: Config, theta_ckpt: str, buffer_uri: str | None = None) -> RunContext:

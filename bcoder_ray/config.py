@@ -183,6 +183,9 @@ class EvaluationConfig(SamplingConfig):
 class ExecutorConfig(Section):
     workers: int | None = Field(None, ge=1)
     """Sandbox processes per executor; null: the executor's default."""
+    infra_retries: int = Field(2, ge=0)
+    """A program whose run the sandbox itself failed (worker killed, fork failed, starved) is retried on this
+    many fresh workers; still failing, it gets no verdict and is never written as a reward."""
     num_actors: int = Field(0, ge=0)
     """0: each policy actor runs its own executor; N: N shared executor actors."""
     cpus_per_actor: float = Field(1.0, ge=0)

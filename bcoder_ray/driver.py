@@ -36,7 +36,8 @@ from bcoder_ray.algorithms import make_algorithm
 from bcoder_ray.algorithms.base import Rows, StagePlan
 from bcoder_ray.buffer import ReplayBuffer, prompt_rows
 from bcoder_ray.cached_targets import AlgorithmRef, TargetJob, fill_targets
-from bcoder_ray.components import check_components, run_context, warm_start_cache, warm_start_config
+from bcoder_ray.components import (check_components, executor_kwargs, run_context, warm_start_cache,
+                                   warm_start_config)
 from bcoder_ray.config import Config, ConfigError
 from bcoder_ray.evaluation import write_evaluation
 from bcoder_ray.human_seed import human_rows
@@ -160,7 +161,7 @@ class Run:
         args = WorkerArgs(problems=splits, tokenizer_path=self.ctx.tokenizer_path, source_len=cfg.model.source_len,
                           target_len=cfg.model.target_len, buffer_uri=self.buffer_uri(),
                           context=dataclasses.asdict(self.ctx), imports=tuple(cfg.imports), run_id=self.state.run_id,
-                          executor_workers=e.workers, executor_options=e.options,
+                          executor=executor_kwargs(cfg),
                           num_threads=max(1, math.ceil(r.cpus_per_actor)), dtype=cfg.model.dtype)
         self.pool = ActorPool(self.worker_cls, ActorSettings(num_actors=r.num_actors, num_cpus=r.cpus_per_actor,
                                                              num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts,
@@ -212,8 +213,11 @@ class Run:
         self.buffer.put_prompts(prompt_rows(everything, tok, max_len=m.source_len))
         if not any(p.references for p in self.train):
             raise ConfigError(f"suite {self.cfg.suite.name!r}: the train problems have no human programs")
-        with Executor(workers=self.cfg.executor.workers, **self.cfg.executor.options) as ex:
-            rows = human_rows(self.train, tok, m.target_len, ex, run_id=self.state.run_id)
+        with Executor(**executor_kwargs(self.cfg)) as ex:
+            rows, infra = human_rows(self.train, tok, m.target_len, ex, run_id=self.state.run_id)
+        if infra:
+            self.log(f"{infra} human programs got no verdict (sandbox failures on every re-run): not written")
+        self.state.infra_failures += infra
         # one seed per suite and tokenizer: a second run sharing the buffer (buffer.uri) adds nothing twice
         self.buffer.append(rows, batch_key=f"human-seed-{self.cfg.suite.name}-{tokenizer_fingerprint(tok)[:12]}")
         self.state.human_rows = len(rows)
@@ -241,13 +245,15 @@ class Run:
                                       on_result=lambda task, s: bar.update(s["programs"]))
         bar.close()
         wall = time.time() - started
-        total = {k: sum(s[k] for s in summaries) for k in ("programs", "written", "passed", "executed", "greedy")}
+        total = {k: sum(s[k] for s in summaries)
+                 for k in ("programs", "written", "passed", "executed", "greedy", "infra")}
         out = {**total, "reward_mean": sum(s["reward_sum"] for s in summaries) / max(1, total["programs"]),
                "exec_s": sum(s["exec_s"] for s in summaries), "wall_s": wall,
                "pass_rate": total["passed"] / max(1, total["programs"]),
                "programs_per_s": total["programs"] / max(wall, 1e-9), "policy_version": st.policy_version}
         self.log(f"rollout it{it}: {out['programs']} programs ({out['written']} new rows), pass rate "
-                 f"{out['pass_rate']:.3f}, {out['programs_per_s']:.1f} programs/s")
+                 f"{out['pass_rate']:.3f}, {out['programs_per_s']:.1f} programs/s"
+                 + (f"; {out['infra']} without a verdict (sandbox failures: not written)" if out["infra"] else ""))
         return out
 
     def scoped(self, plan: StagePlan) -> StagePlan:
@@ -315,13 +321,16 @@ class Run:
         started = time.time()
         bar = self.bar(len(problems) * sampling.n, f"evaluate {label}")
         parts = self.pool.candidates(tasks, self.policy_ref(), sampling, split, ranker=ranker,
-                                     examples=ev.filtered, on_result=lambda task, recs: bar.update(len(recs)))
+                                     examples=ev.filtered, on_result=lambda task, out: bar.update(len(out["records"])))
         bar.close()
+        infra = sum(part["infra"] for part in parts)
+        self.state.infra_failures += infra
         folder = self.run_dir / "eval" / label
         policy = self.policy_ref()
-        metrics = write_evaluation(folder, [r for part in parts for r in part], ks=ev.ks, ci_level=ev.confidence,
-                                   seed=self.cfg.run.seed,
+        metrics = write_evaluation(folder, [r for part in parts for r in part["records"]], ks=ev.ks,
+                                   ci_level=ev.confidence, seed=self.cfg.run.seed,
                                    meta={"label": label, "split": split, "policy": dataclasses.asdict(policy),
+                                         "infra_failures": infra,
                                          "ranker": None if ranker is None else ranker.label,
                                          "sampling": dataclasses.asdict(sampling)})
         o = metrics["overall"]
@@ -340,7 +349,8 @@ class Run:
         r = self.cfg.rollout
         sampling = dataclasses.replace(self.sampling(r), n=self.cfg.run.probe_samples)
         tasks = make_tasks("probe", range(n), r.problems_per_task, -1, self.cfg.run.seed)
-        records = [x for part in self.pool.candidates(tasks, self.policy_ref(), sampling, "train") for x in part]
+        records = [x for part in self.pool.candidates(tasks, self.policy_ref(), sampling, "train")
+                   for x in part["records"]]
         rate = sum(x.passed for x in records) / max(1, len(records))
         self.state.probe.append({"iteration": it, "pass_rate": rate, "programs": len(records)})
         self.scalar("probe/pass_rate", rate, it + 1)
@@ -356,6 +366,7 @@ class Run:
             return None
         st.programs_sampled += roll["programs"]
         st.programs_executed += roll["executed"]
+        st.infra_failures += roll["infra"]
         record: dict[str, Any] = {"iteration": it, "rollout": roll, "stages": {}}
         if self.schedule.release_actors:
             self.stop_pool()  # their GPUs go to the learners (bcoder_ray.resources)

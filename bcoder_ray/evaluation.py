@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from bcoder_ray.algorithms.base import Ranker
-from bcoder_ray.candidates import Sampler, SamplingSettings, ScoredCandidate, sample_and_score
+from bcoder_ray.candidates import Sampler, SamplingSettings, ScoredCandidate, sample_and_score, score_with_reruns
 from bcoder_ray.metrics import (CANDIDATES_FILE, METRICS_FILE, CandidateError, CandidateRecord,
                                 as_candidate_records, metrics_from_candidates, read_candidates,
                                 rtilde_outcome_order, write_candidates)
@@ -62,9 +62,10 @@ def evaluate(problems: Sequence[Problem], sampler: Sampler, executor: Any, setti
         raise ValueError(f"evaluate: the largest k ({max(ks)}) exceeds m = {settings.m} candidates per problem")
     candidates = sample_and_score(problems, sampler, executor, settings, examples=examples, ranker=ranker)
     info = {"label": sampler.label, "sampling": asdict(settings), "policy": sampler.path,
-            "ranker": ranker.label if ranker is not None else None}
+            "ranker": ranker.label if ranker is not None else None,
+            "infra_failures": sum(c.infra for c in candidates)}  # no verdict on any re-run: left out
     info.update(dict(meta or {}))
-    return write_evaluation(out_dir, [c.record() for c in candidates], ks=ks, ci_level=ci_level,
+    return write_evaluation(out_dir, [c.record() for c in candidates if not c.infra], ks=ks, ci_level=ci_level,
                             seed=settings.seed, meta=info, n_at_k_pairs=n_at_k_pairs)
 
 
@@ -112,9 +113,12 @@ def rank_candidates_file(in_path: str | os.PathLike, problems: Iterable[Problem]
     if to_run:
         probs = [by_key[(rows[i]["suite"], rows[i]["split"], rows[i]["problem_id"])] for i in to_run]
         texts = [rows[i]["program"] for i in to_run]
-        hidden = scoring.score_programs(executor, probs, texts)
+        hidden = score_with_reruns(executor, probs, texts)
         example = scoring.score_examples(executor, probs, texts)
         for i, res, ex in zip(to_run, hidden, example):
+            if res.is_infra:
+                raise CandidateError(f"{rows[i]['where']}: the sandbox gave no verdict on any re-run "
+                                     f"({res.infra_error}); rank the file again")
             rows[i].update(outcome=res.outcome.value, reward=res.reward, passed=res.passed,
                            example_passed=None if ex is None else ex.passed)
 

@@ -7,21 +7,23 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from bcoder_ray.buffer import make_row
+from bcoder_ray.candidates import score_with_reruns
 from bcoder_ray.tokenization import decode_program, encode_program, eos_id, tokenizer_fingerprint
 from envs.problem import Problem
-from envs.scoring import score_programs
 
 
 def human_rows(problems: Sequence[Problem], tokenizer: Any, max_program_len: int, executor: Any,
-               run_id: str | None = None) -> list[dict]:
-    """One row per reference program of `problems`, executed as stored (see the module docstring)."""
+               run_id: str | None = None) -> tuple[list[dict], int]:
+    """(one row per reference program of `problems`, executed as stored (see the module docstring); the number
+    left out because the sandbox gave no verdict on any re-run)."""
     pairs = [(p, ref) for p in problems for ref in p.references]
     ids = [encode_program(tokenizer, ref, max_program_len) for _, ref in pairs]
     eos = eos_id(tokenizer)
     cut = [not x or x[-1] != eos for x in ids]
     texts = [decode_program(tokenizer, x) if c else ref for x, c, (_, ref) in zip(ids, cut, pairs)]
-    results = score_programs(executor, [p for p, _ in pairs], texts) if pairs else []
+    results = score_with_reruns(executor, [p for p, _ in pairs], texts) if pairs else []
     fp = tokenizer_fingerprint(tokenizer)
-    return [make_row(p, text, x, res, source="human", tokenizer_hash=fp, iteration=0, policy_version="human",
+    rows = [make_row(p, text, x, res, source="human", tokenizer_hash=fp, iteration=0, policy_version="human",
                      actor="seed", sampling="{}", truncated=c, run_id=run_id)
-            for (p, _), text, x, c, res in zip(pairs, texts, ids, cut, results)]
+            for (p, _), text, x, c, res in zip(pairs, texts, ids, cut, results) if not res.is_infra]
+    return rows, len(pairs) - len(rows)

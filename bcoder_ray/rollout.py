@@ -14,7 +14,7 @@ folder) and, for ranking, whatever `RankerRef` it is handed.
 - Fault tolerance is Ray's: an actor that dies is restarted (`max_restarts`) and the call it was running is
   retried on it (`max_task_retries`); `ray.util.ActorPool` hands tasks to free actors as they finish.
 - Executors scale apart from the actors: with `executor_actors = 0` each policy actor runs its own sandbox
-  pool of `executor_workers` processes; with N > 0 the pool starts N `ExecutorWorker` actors (each with its own
+  pool (`WorkerArgs.executor`: the Executor's keyword arguments); with N > 0 the pool starts N `ExecutorWorker` actors (each with its own
   CPU share and sandbox processes) shared by all policy actors, e.g. GPU samplers with CPU executors.
 """
 
@@ -86,8 +86,7 @@ class WorkerArgs:
     context: dict = field(default_factory=dict)  # RunContext fields (for rankers and target computers)
     imports: tuple[str, ...] = ()  # modules that register outside algorithms
     run_id: str | None = None
-    executor_workers: int | None = None
-    executor_options: dict = field(default_factory=dict)
+    executor: dict = field(default_factory=dict)  # keyword arguments of envs.execute.Executor
     num_threads: int = 1
     dtype: str = "float32"
 
@@ -133,10 +132,10 @@ def iteration_slice(n_problems: int, per_iteration: int | None, iteration: int) 
 class ExecutorWorker:
     """A Ray actor around one `envs.execute.Executor` (its sandbox processes live with it)."""
 
-    def __init__(self, workers: int | None, options: dict):
+    def __init__(self, options: dict):
         from envs.execute import Executor
 
-        self._executor = Executor(workers=workers, **options)
+        self._executor = Executor(**options)
         self._executor.__enter__()
 
     def run_batch(self, jobs):
@@ -195,7 +194,7 @@ class PolicyWorker:
             else:
                 from envs.execute import Executor
 
-                self._executor = Executor(workers=self.args.executor_workers, **self.args.executor_options)
+                self._executor = Executor(**self.args.executor)
                 self._executor.__enter__()
         return self._executor
 
@@ -247,6 +246,8 @@ class PolicyWorker:
         scored = self._score(split, task, policy, sampling, examples=False, logprobs=request.logprobs)
         if request.greedy_baseline:
             scored += self._score(split, task, policy, sampling, examples=False, decoding="greedy", n=1)
+        infra = sum(c.infra for c in scored)
+        scored = [c for c in scored if not c.infra]  # no verdict: never written as a reward
         rows = [make_row(c.problem, c.program, c.program_ids, c.result, source="generated",
                          tokenizer_hash=self.tokenizer_hash, iteration=task.iteration,
                          policy_version=policy.version, actor=self.actor_name,
@@ -256,7 +257,7 @@ class PolicyWorker:
         written = self._get_buffer().append(rows, batch_key=task.key)
         self._after_write(task)
         results = [c.result for c in scored]
-        return {"key": task.key, "programs": len(rows), "written": written,
+        return {"key": task.key, "programs": len(rows), "written": written, "infra": infra,
                 "greedy": sum(c.decoding == "greedy" for c in scored),
                 "passed": sum(r.passed for r in results), "executed": sum(not r.cached for r in results),
                 "reward_sum": float(sum(r.reward for r in results)),
@@ -267,10 +268,12 @@ class PolicyWorker:
         """Hook between the buffer write and the reply (tests inject a crash here)."""
 
     def candidates(self, task: Task, policy: PolicyRef, sampling: SamplingSpec, split: str,
-                   ranker: RankerRef | None, examples: bool) -> list:
+                   ranker: RankerRef | None, examples: bool) -> dict:
         """Evaluation candidate records (`bcoder_ray.metrics.CandidateRecord`) for held-out problems, scored by
-        `ranker` when given (never written to the buffer)."""
-        return [c.record() for c in self._score(split, task, policy, sampling, examples=examples, ranker=ranker)]
+        `ranker` when given (never written to the buffer), and how many candidates had no verdict (the sandbox
+        failed on every re-run: left out, not counted as failed)."""
+        scored = self._score(split, task, policy, sampling, examples=examples, ranker=ranker)
+        return {"records": [c.record() for c in scored if not c.infra], "infra": sum(c.infra for c in scored)}
 
     def fill_targets(self, chunk: TargetChunk, job: TargetJob) -> int:
         """Cached targets for `chunk.table` (rows from `ReplayBuffer.missing_targets`), written under `chunk.key`."""
@@ -293,7 +296,7 @@ class ActorPool:
         if executor_actors > 0:
             remote_exec = ray.remote(ExecutorWorker).options(num_cpus=executor_cpus, max_restarts=-1,
                                                              max_task_retries=-1)
-            self._executors = [remote_exec.remote(args.executor_workers, args.executor_options)
+            self._executors = [remote_exec.remote(args.executor)
                                for _ in range(executor_actors)]
         remote_cls = ray.remote(worker_cls).options(
             num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, max_restarts=settings.max_restarts,
@@ -318,7 +321,7 @@ class ActorPool:
 
     def candidates(self, tasks: Iterable[Task], policy: PolicyRef, sampling: SamplingSpec, split: str,
                    ranker: RankerRef | None = None, examples: bool = False,
-                   on_result: Callable[[Task, list], None] | None = None) -> list[list]:
+                   on_result: Callable[[Task, dict], None] | None = None) -> list[dict]:
         return self._map(lambda a, t: a.candidates.remote(t, policy, sampling, split, ranker, examples), tasks,
                          on_result)
 

@@ -34,6 +34,8 @@ from envs.result import ExecResult
 from envs.scoring import BatchExecutor, score_program
 from envs.tokenization import decode_program, encode_prompt, eos_id, pad_id
 
+INFRA_RERUNS = 2  # re-runs of a program whose run the sandbox itself failed (no verdict)
+
 
 def default_tokenizer():
     """ByT5's byte-level tokenizer: needs no files and can spell any program."""
@@ -165,6 +167,13 @@ class TokenEnv(gym.Env):
         self._done = True
         program = self.program
         result: ExecResult = score_program(self.executor, self.problem, program)
+        for _ in range(INFRA_RERUNS):  # the sandbox failed (no verdict): run it again
+            if not result.is_infra:
+                break
+            result = score_program(self.executor, self.problem, program)
+        if result.is_infra:
+            raise RuntimeError(f"{self.problem.key}: the sandbox gave no verdict for the episode's program after "
+                               f"{INFRA_RERUNS} re-runs ({result.infra_error}); this is not the program's outcome")
         info.update({
             "program": program,
             "outcome": result.outcome.value,

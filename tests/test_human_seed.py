@@ -26,8 +26,9 @@ def test_a_truncated_human_program_is_labelled_by_its_cut_text(problems, tokeniz
     full = [len(encode_program(tokenizer, p.references[0], 10_000)) for p in problems]
     limit = min(full) // 2  # every reference is cut
     with Executor(workers=1) as ex:
-        cut_rows = human_rows(problems, tokenizer, limit, ex)
-        whole_rows = human_rows(problems, tokenizer, max(full), ex)
+        cut_rows, lost = human_rows(problems, tokenizer, limit, ex)
+        whole_rows, lost_whole = human_rows(problems, tokenizer, max(full), ex)
+    assert lost == lost_whole == 0  # every program got a verdict
     for row, p in zip(cut_rows, problems):
         assert row["truncated"] is True and len(row["program_ids"]) == limit
         assert row["program_ids"][-1] != eos_id(tokenizer)
