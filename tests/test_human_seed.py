@@ -37,3 +37,35 @@ def test_a_truncated_human_program_is_labelled_by_its_cut_text(problems, tokeniz
     for row, p in zip(whole_rows, problems):
         assert row["truncated"] is False and row["program"] == p.references[0]
         assert row["outcome"] == "passed" and row["reward"] == 1.0
+
+
+class FlakySandbox:
+    """An executor whose sandbox fails (no verdict) for programs containing `bad`, always, and for the others
+    on the first attempt only: what the re-runs and the drop are for."""
+
+    def __init__(self, real, bad: str):
+        self.real, self.bad, self.seen = real, bad, set()
+
+    def run_batch(self, jobs):
+        from envs.result import infra_result
+
+        out = []
+        for (program, tests), result in zip(jobs, self.real.run_batch(jobs)):
+            first = program not in self.seen
+            self.seen.add(program)
+            out.append(infra_result("worker killed from outside", len(result.tests))
+                       if self.bad in program or first else result)
+        return out
+
+
+def test_programs_without_a_verdict_are_rerun_then_left_out_never_labelled(problems, tokenizer):
+    from bcoder_ray.candidates import score_with_reruns
+
+    with Executor(workers=1) as ex:
+        sandbox = FlakySandbox(ex, bad=problems[0].references[0][:20])
+        results = score_with_reruns(sandbox, problems, [p.references[0] for p in problems])
+        assert [r.is_infra for r in results] == [True, False, False, False]  # re-runs give the others theirs
+        assert all(r.outcome.value == "passed" for r in results[1:])
+        rows, lost = human_rows(problems, tokenizer, 10_000, FlakySandbox(ex, bad=problems[0].references[0][:20]))
+    assert lost == 1 and len(rows) == len(problems) - 1
+    assert problems[0].problem_id not in {r["problem_id"] for r in rows}  # not written as a reward
