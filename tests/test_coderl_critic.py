@@ -142,9 +142,9 @@ def test_critic_loss_decreases_on_a_separable_toy_set(checkpoint):
         loss, metrics = critic_loss(critic, batch, labels)
         loss.backward()
         optimiser.step()
-    assert metrics["loss"] < 0.5 * float(first)
+    assert metrics["loss"] < 0.5 * float(first.detach())
     final, metrics = critic_loss(critic, batch, labels)
-    assert metrics["accuracy"] == 1.0 and float(final) < 0.5 * float(first)
+    assert metrics["accuracy"] == 1.0 and float(final.detach()) < 0.5 * float(first.detach())
     assert all(p.grad is not None for p in critic.head.parameters())
 
 
@@ -156,7 +156,7 @@ def test_critic_loss_is_eq9_cross_entropy(checkpoint):
     with torch.no_grad():
         probs = critic(batch).pooled_logits.softmax(-1)
     expected = -torch.log(probs[torch.arange(4), labels]).mean()      # eq. 9: -log p_φ(u | W, D), mean
-    assert abs(float(loss) - float(expected)) < TOL and metrics["n"] == 4.0
+    assert abs(float(loss.detach()) - float(expected)) < TOL and metrics["n"] == 4.0
     with pytest.raises(ValueError, match="labels have shape"):
         critic_loss(critic, batch, labels[:3])
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):

@@ -32,7 +32,7 @@ def test_shipped_configs_load_and_the_default_is_the_embedded_one():
     assert {"ci_tiny", "embedded", "mbpp", "apps_codet5"} <= set(shipped_configs())
     for name in shipped_configs():
         cfg = load_config(name)
-        assert cfg.algorithm.name == "bcoder" and set(cfg.stages) == {"phi", "theta"}
+        assert cfg.algorithm.name == "bcoder" and {"phi", "theta"} <= set(cfg.stages)
     assert DEFAULT_CONFIG == "embedded"
     cfg = load_config()
     assert cfg.suite.name == "embedded" and cfg.model.checkpoint is None and cfg.run.iterations >= 3
