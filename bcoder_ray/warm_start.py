@@ -2,11 +2,19 @@
 
 This is θ_ckpt of the embedded default: with no checkpoint given, the run trains one itself.
 
-    path = warm_start(load_suite("embedded", "train"), WarmStartConfig(), cache_root="runs/.cache/warm_start")
+    train = load_suite("embedded", "train")
+    path = warm_start(train[576:], WarmStartConfig(), cache_root="runs/.cache/warm_start")
     model = GPT2LMHeadModel.from_pretrained(path); tokenizer = AutoTokenizer.from_pretrained(path)
 
+`warm_start` learns from exactly the problems it is given. The run gives it the train problems the RL loop does
+not roll out on (train[suite.max_train_problems:]), so the loop samples problems whose solutions the warm start
+never imitated (experiments/calibrate_embedded.py applies the same rule, `--rl-problems`).
+
 1. A byte-level BPE tokenizer (`tokenizers`) is trained on the training prompts and references, with an EOS
-   and a PAD special token, and wrapped as a `transformers.PreTrainedTokenizerFast`.
+   and a PAD special token, and wrapped as a `transformers.PreTrainedTokenizerFast`. With the default
+   pretokenizer "digits" only numbers are cut out before merging, so merges span spaces: the templated
+   statements and programs take about half the tokens of GPT-2's word-level cut ("gpt2"), which halves the
+   cost of training and of every later forward pass, while a constant is the same token in statement and code.
 2. A tiny GPT-2 (`GPT2LMHeadModel` from a `GPT2Config`) is built from the config's sizes.
 3. It is trained on prompt_ids + program_ids, the ids made by `bcoder_ray.tokenization` exactly as sampling,
    the buffer and the learner make them. The loss is the cross-entropy of the program tokens (eq. 1 on human
@@ -42,7 +50,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from bcoder_ray.tokenization import encode_program, encode_prompt, pad_id
 from envs.problem import Problem
 
-WARM_START_VERSION = 1  # bump when the procedure changes, so old cache entries are not reused
+WARM_START_VERSION = 2  # bump when the procedure changes, so old cache entries are not reused
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 RECORD_FILE = "warm_start.json"
@@ -54,13 +62,15 @@ class WarmStartConfig:
     """Everything that decides the warm-start model; all fields but `num_threads` enter the cache key."""
 
     vocab_size: int = 1536
-    n_embd: int = 128
+    pretokenizer: str = "digits"  # how text is cut before BPE merges (see PRETOKENIZERS)
+    activation: str = "gelu_pytorch_tanh"  # GPT-2's tanh GELU as one fused kernel ("gelu_new": the same, unfused)
+    n_embd: int = 192
     n_layer: int = 4
     n_head: int = 4
     dropout: float = 0.0
     max_prompt_len: int = 192  # must match the run's prompt truncation (bcoder_ray.tokenization)
     max_program_len: int = 128  # must match the run's program length limit
-    steps: int = 700  # ~5 minutes on 2 idle cores (experiments/calibrate_embedded.py)
+    steps: int = 900
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 50
@@ -74,11 +84,20 @@ class WarmStartConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in ("pretokenizer", "activation"):
+                continue
             if f.name in ("dropout", "min_lr_ratio", "weight_decay", "prompt_loss_weight"):
                 if not 0 <= value <= 1:
                     raise ValueError(f"WarmStartConfig.{f.name} must be in [0, 1], got {value}")
             elif f.name not in ("seed", "num_threads", "warmup_steps") and not value > 0:
                 raise ValueError(f"WarmStartConfig.{f.name} must be positive, got {value}")
+        if self.pretokenizer not in PRETOKENIZERS:
+            raise ValueError(f"WarmStartConfig.pretokenizer must be one of {sorted(PRETOKENIZERS)}, "
+                             f"got {self.pretokenizer!r}")
+        from transformers.activations import ACT2FN
+
+        if self.activation not in ACT2FN:
+            raise ValueError(f"WarmStartConfig.activation must be a transformers activation, got {self.activation!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"WarmStartConfig.n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
 
@@ -118,12 +137,34 @@ def is_complete(path: str | Path) -> bool:
     return (Path(path) / RECORD_FILE).is_file()
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (lossless on any text) with EOS and PAD special tokens."""
+PRETOKENIZERS = {
+    # GPT-2's: words, numbers and punctuation runs are cut apart, so a merge never spans a space
+    "gpt2": "GPT-2's byte-level regex (a token never spans a word boundary)",
+    # only runs of digits are cut out: every number is its own token(s), so a constant in a statement and the
+    # same constant in code are the same token; everything else may merge across spaces, so the templated
+    # statements and code take about half the tokens of "gpt2" (faster training and sampling)
+    "digits": "numbers cut out, merges across spaces elsewhere",
+}
+
+
+def _pre_tokenizer(kind: str):
+    from tokenizers import Regex, pre_tokenizers
+
+    if kind == "gpt2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if kind == "digits":
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\d+"), "isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raise ValueError(f"unknown pretokenizer {kind!r}; known: {sorted(PRETOKENIZERS)}")
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int, pretokenizer: str = "gpt2") -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (lossless on any text) with EOS and PAD special tokens; `pretokenizer` (a key
+    of PRETOKENIZERS) decides where text is cut before merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = _pre_tokenizer(pretokenizer)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -135,8 +176,8 @@ def build_model(cfg: WarmStartConfig, tokenizer: PreTrainedTokenizerFast) -> GPT
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=cfg.max_prompt_len + cfg.max_program_len, n_embd=cfg.n_embd,
         n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-        attn_pdrop=cfg.dropout, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+        attn_pdrop=cfg.dropout, activation_function=cfg.activation, bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return GPT2LMHeadModel(config)
 
 
@@ -193,12 +234,21 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 def warm_start_loss(model: GPT2LMHeadModel, batch: dict[str, torch.Tensor], prompt_loss_weight: float
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(total loss, program loss): cross-entropy on the program tokens (eq. 1 on human programs), plus
-    `prompt_loss_weight` times the language-model loss on the prompt tokens."""
+    `prompt_loss_weight` times the language-model loss on the prompt tokens (each a mean over its own tokens,
+    as `token_cross_entropy` computes it; here from one log-softmax over the logits)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    program_loss = token_cross_entropy(logits, batch["labels"])
+    program_labels, prompt_labels = batch["labels"][:, 1:], batch["prompt_labels"][:, 1:]
+    is_program = program_labels != IGNORE_INDEX
+    is_prompt = prompt_labels != IGNORE_INDEX
+    targets = torch.where(is_program, program_labels, prompt_labels if prompt_loss_weight > 0 else IGNORE_INDEX)
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                  targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                                                  reduction="none").view_as(targets)
+    program_loss = (per_token * is_program).sum() / is_program.sum().clamp(min=1)
     if prompt_loss_weight == 0:
         return program_loss, program_loss
-    return program_loss + prompt_loss_weight * token_cross_entropy(logits, batch["prompt_labels"]), program_loss
+    prompt_loss = (per_token * is_prompt).sum() / is_prompt.sum().clamp(min=1)
+    return program_loss + prompt_loss_weight * prompt_loss, program_loss
 
 
 def learning_rate(cfg: WarmStartConfig, step: int) -> float:
@@ -261,16 +311,20 @@ def warm_start(problems: list[Problem], cfg: WarmStartConfig, cache_root: str | 
     torch.set_num_threads(cfg.num_threads or _available_cores())
     try:
         torch.manual_seed(cfg.seed)
-        tokenizer = train_tokenizer([text for pair in pairs for text in pair], cfg.vocab_size)
+        tokenizer = train_tokenizer([text for pair in pairs for text in pair], cfg.vocab_size, cfg.pretokenizer)
         examples = encode_pairs(tokenizer, pairs, cfg.max_prompt_len, cfg.max_program_len)
         model = build_model(cfg, tokenizer)
+        train_started, cpu_started = time.time(), time.process_time()
         losses = train_model(model, examples, cfg, pad_id(tokenizer), progress=progress)
+        train_wall, train_cpu = time.time() - train_started, time.process_time() - cpu_started
     finally:
         torch.set_num_threads(threads_before)
     tail = losses[-50:]
     record = {"key": final.name.removeprefix("warm-"), "version": WARM_START_VERSION, "config": asdict(cfg),
               "data_hash": data_hash(pairs), "examples": len(examples), "parameters": model.num_parameters(),
               "final_loss": sum(tail) / len(tail), "wall_time_s": round(time.time() - started, 1),
+              "train_loop_s": round(train_wall, 1), "steps_per_s": round(cfg.steps / train_wall, 3),
+              "train_cpu_s": round(train_cpu, 1), "load_average": [round(x, 2) for x in os.getloadavg()],
               "torch": torch.__version__, "threads": cfg.num_threads or _available_cores()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache_root))
     try:

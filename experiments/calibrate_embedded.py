@@ -1,17 +1,26 @@
 """Calibrate the embedded suite: train the warm-start LM, then measure its held-out pass@1 and pass@k.
 
     python experiments/calibrate_embedded.py                      # the defaults of WarmStartConfig
-    python experiments/calibrate_embedded.py --steps 300 --eval-problems 50 --threads 2
+    python experiments/calibrate_embedded.py --steps 300 --eval-problems 50 --num-threads 2 --no-test
+
+The warm start learns from the train problems the RL loop does not roll out on, as the run's does: the loop
+takes train[:--rl-problems] (default 576 = suite.max_train_problems of embedded.yaml), the warm start
+train[--rl-problems:]. The figures are tuned on `--split` (default validation); the test split is evaluated
+beside it, once, for the record (`--no-test` while tuning). Then `--rl-samples` programs (default 4, at
+`--rl-temperature` 1.0 as rollouts sample) per RL problem give the pass rate the loop starts from.
 
 Samples `--samples` programs per held-out problem with HF `model.generate(do_sample=True, temperature, top_p)`,
 scores them with the real executor (`envs.scoring.score_programs` -> `Executor.run_batch`), and prints pass@1,
 pass@k (unbiased estimator, `bcoder_ray.metrics.pass_at_k`) overall and per difficulty, greedy pass@1, the
-fraction of problems with both passing and failing samples (the ones RL can learn from), the outcome mix and the
-wall times of the warm start and of the evaluation. The warm start is cached (`--cache-root`); pass
-`--fresh` to retrain into a temporary folder and time it.
+fraction of problems with both passing and failing samples (the ones RL can learn from), the outcome mix, the
+number of distinct programs, and the wall times of the warm start (its training loop, steps/s, CPU seconds and
+the load average) and of the evaluation. The warm start is cached (`--cache-root`); pass `--fresh` to retrain
+into a temporary folder and time it.
 
-Measured (suite as shipped, WarmStartConfig defaults: 1.03M-parameter GPT-2, 4 layers x 128, BPE 1536, 700 steps of
-batch 32, lr 2e-3, prompt_loss_weight 0.5; 200 held-out problems x 8 samples at temperature 0.8):
+Earlier measurement (before the validation split and the train split rule; test split, WarmStartConfig
+defaults of then: 1.03M-parameter GPT-2, 4 layers x 128, BPE 1536 with GPT-2's pretokenizer, 700 steps of
+batch 32, lr 2e-3, prompt_loss_weight 0.5, trained on all 4000 train problems; 200 problems x 8 samples at
+temperature 0.8):
 
     python experiments/calibrate_embedded.py --steps 700 --eval-problems 200 --num-threads 1 --executor-workers 1
     pass@1 0.076 (95% CI 0.052-0.104), pass@5 0.189, pass@8 0.225, greedy pass@1 0.145,
@@ -32,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -97,18 +107,56 @@ def summarize(problems: Sequence[Problem], passed: Sequence[Sequence[bool]], ks:
     return report
 
 
+def _field_type(f: dataclasses.Field) -> type:
+    return {"int": int, "int | None": int, "float": float, "str": str}.get(str(f.type), int)
+
+
+def evaluate(executor, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem],
+             cfg: WarmStartConfig, samples: int, temperature: float, top_p: float, greedy: bool) -> dict:
+    """pass@k of `samples` programs per problem (and greedy pass@1 when `greedy`), scored by the executor."""
+    started = time.time()
+    sampled_programs = sample(model, tokenizer, problems, samples, cfg.max_prompt_len, cfg.max_program_len,
+                              temperature, top_p, cfg.seed)
+    greedy_programs = sample(model, tokenizer, problems, 1, cfg.max_prompt_len, cfg.max_program_len, 1.0, 1.0,
+                             cfg.seed, greedy=True) if greedy else []
+    flat_problems = [p for p, progs in zip(problems, sampled_programs) for _ in progs] + \
+        [p for p, _ in zip(problems, greedy_programs)]
+    flat_programs = [prog for progs in sampled_programs for prog in progs] + [g[0] for g in greedy_programs]
+    results = score_programs(executor, flat_problems, flat_programs)
+    sampled = results[: len(problems) * samples]
+    passed = [[r.passed for r in sampled[i * samples:(i + 1) * samples]] for i in range(len(problems))]
+    out = {"problems": len(problems), "samples": samples, "temperature": temperature, "top_p": top_p,
+           "sample_pass_rate": sum(r.passed for r in sampled) / len(sampled),
+           "distinct_programs": len({(p.key, prog) for p, prog in zip(flat_problems, flat_programs[: len(sampled)])}),
+           "outcomes": dict(Counter(r.outcome.value for r in sampled)),
+           "metrics": summarize(problems, passed, [k for k in (1, 5, samples) if k <= samples])}
+    if greedy:
+        out["greedy_pass@1"] = sum(r.passed for r in results[len(sampled):]) / len(problems)
+    out["wall_s"] = round(time.time() - started, 1)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     defaults = WarmStartConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for f in dataclasses.fields(WarmStartConfig):
-        kind = {"int | None": int}.get(str(f.type), {"int": int, "float": float}.get(str(f.type), None))
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind or int, default=getattr(defaults, f.name))
+        parser.add_argument("--" + f.name.replace("_", "-"), type=_field_type(f), default=getattr(defaults, f.name))
     parser.add_argument("--suite-seed", type=int, default=0)
-    parser.add_argument("--train-problems", type=int, default=None, help="first N train problems (default: all)")
-    parser.add_argument("--eval-problems", type=int, default=200, help="first N test problems")
+    parser.add_argument("--rl-problems", type=int, default=576,
+                        help="the first N train problems are the RL loop's (suite.max_train_problems); the warm "
+                             "start learns only from the others, train[N:], as the run's does")
+    parser.add_argument("--train-problems", type=int, default=None,
+                        help="at most N of the warm start's problems train[rl_problems:] (default: all)")
+    parser.add_argument("--split", default="validation", help="the split the figures are tuned on")
+    parser.add_argument("--no-test", action="store_true",
+                        help="do not evaluate the test split (while tuning); by default it is reported beside")
+    parser.add_argument("--eval-problems", type=int, default=200, help="first N problems of each held-out split")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--rl-samples", type=int, default=4,
+                        help="programs per RL problem, sampled like rollouts, for their pass rate (0: skip)")
+    parser.add_argument("--rl-temperature", type=float, default=1.0)
     parser.add_argument("--executor-workers", type=int, default=2)
     parser.add_argument("--cache-root", default=str(Path.home() / ".cache" / "bcoder-ray" / "warm_start"))
     parser.add_argument("--fresh", action="store_true", help="train into a temporary cache (always retrains)")
@@ -118,41 +166,40 @@ def main(argv: list[str] | None = None) -> dict:
 
     from envs.execute import Executor
 
-    train = load_suite("embedded", "train", seed=args.suite_seed)[: args.train_problems]
-    test = load_suite("embedded", "test", seed=args.suite_seed, limit=args.eval_problems)
+    train = load_suite("embedded", "train", seed=args.suite_seed)
+    rl_problems, warm_problems = train[: args.rl_problems], train[args.rl_problems:][: args.train_problems]
+    splits = [args.split] + ([] if args.no_test or args.split == "test" else ["test"])
+    held_out = {split: load_suite("embedded", split, seed=args.suite_seed, limit=args.eval_problems)
+                for split in splits}
     cache_root = tempfile.mkdtemp(prefix="warm-calibration-") if args.fresh else args.cache_root
+    load_before = os.getloadavg()
     started = time.time()
-    path = warm_start(train, cfg, cache_root)
+    path = warm_start(warm_problems, cfg, cache_root)
     warm_wall = time.time() - started
+    load_after = os.getloadavg()
     record = json.loads((path / "warm_start.json").read_text())
     torch.set_num_threads(cfg.num_threads or torch.get_num_threads())
     model = GPT2LMHeadModel.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
 
-    started = time.time()
-    samples = sample(model, tokenizer, test, args.samples, cfg.max_prompt_len, cfg.max_program_len,
-                     args.temperature, args.top_p, cfg.seed)
-    greedy = sample(model, tokenizer, test, 1, cfg.max_prompt_len, cfg.max_program_len, 1.0, 1.0, cfg.seed,
-                    greedy=True)
-    flat_problems = [p for p, progs in zip(test, samples) for _ in progs] + list(test)
-    flat_programs = [prog for progs in samples for prog in progs] + [g[0] for g in greedy]
-    with Executor(workers=args.executor_workers) as executor:
-        results = score_programs(executor, flat_problems, flat_programs)
-    eval_wall = time.time() - started
-    sampled, greedy_results = results[: -len(test)], results[-len(test):]
-    passed = [[r.passed for r in sampled[i * args.samples:(i + 1) * args.samples]] for i in range(len(test))]
-
-    figures = {
+    figures: dict = {
         "command": " ".join(["python experiments/calibrate_embedded.py"] + (argv if argv is not None else sys.argv[1:])),
         "config": dataclasses.asdict(cfg), "warm_start_path": str(path), "parameters": record["parameters"],
-        "train_problems": len(train), "eval_problems": len(test), "samples": args.samples,
-        "temperature": args.temperature, "top_p": args.top_p,
+        "warm_start_problems": f"train[{args.rl_problems}:] ({len(warm_problems)} problems)",
         "final_train_loss": record["final_loss"], "warm_start_train_wall_s": record["wall_time_s"],
-        "warm_start_call_wall_s": round(warm_wall, 1), "evaluation_wall_s": round(eval_wall, 1),
-        "greedy_pass@1": sum(r.passed for r in greedy_results) / len(test),
-        "outcomes": dict(Counter(r.outcome.value for r in sampled)),
-        "metrics": summarize(test, passed, [k for k in (1, 5, args.samples) if k <= args.samples]),
+        "warm_start_train_loop_s": record.get("train_loop_s"), "steps_per_s": record.get("steps_per_s"),
+        "warm_start_train_cpu_s": record.get("train_cpu_s"), "warm_start_load_average": record.get("load_average"),
+        "warm_start_call_wall_s": round(warm_wall, 1),
+        "load_average_before_after": [round(x, 2) for x in load_before + load_after],
     }
+    with Executor(workers=args.executor_workers) as executor:
+        for split, problems in held_out.items():
+            figures[split] = evaluate(executor, model, tokenizer, problems, cfg, args.samples, args.temperature,
+                                      args.top_p, greedy=True)
+            print(f"{split}: " + json.dumps(figures[split]["metrics"]["all"]), flush=True)
+        if args.rl_samples and rl_problems:
+            figures["rl_problems"] = evaluate(executor, model, tokenizer, rl_problems, cfg, args.rl_samples,
+                                              args.rl_temperature, 1.0, greedy=False)
     print(json.dumps(figures, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")

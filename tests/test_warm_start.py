@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,6 +40,9 @@ def trained(problems: list[Problem], tmp_path_factory: pytest.TempPathFactory) -
 
 def test_saved_model_and_tokenizer_load_and_round_trip(trained: Path, problems: list[Problem]) -> None:
     assert is_complete(trained) and trained.name.startswith("warm-")
+    record = json.loads((trained / ws.RECORD_FILE).read_text())
+    assert record["config"]["steps"] == TINY.steps and record["steps_per_s"] > 0
+    assert record["examples"] == len(problems)
     model = GPT2LMHeadModel.from_pretrained(trained)
     tokenizer = AutoTokenizer.from_pretrained(trained)
     assert isinstance(tokenizer, PreTrainedTokenizerFast)
@@ -72,6 +76,8 @@ def test_cache_hit_returns_same_path_without_training(trained: Path, problems: l
     assert cached_path(problems, replace(TINY, steps=5), trained.parent) != trained
     assert cached_path(problems, replace(TINY, lr=1e-3), trained.parent) != trained
     assert cached_path(problems[1:], TINY, trained.parent) != trained
+    assert cached_path(problems, replace(TINY, pretokenizer="gpt2"), trained.parent) != trained
+    assert cached_path(problems, replace(TINY, activation="gelu_new"), trained.parent) != trained
     assert [p.name for p in trained.parent.iterdir()] == [trained.name]  # no temporary folder left behind
 
 
@@ -102,6 +108,43 @@ def test_losses_on_program_and_prompt_tokens() -> None:
     assert ws.token_cross_entropy(logits, batch["prompt_labels"]) == pytest.approx(prompt_expected.item(), rel=1e-5)
 
 
+def test_one_log_softmax_loss_equals_the_two_token_means() -> None:
+    """warm_start_loss computes both means from one cross-entropy pass; it must equal token_cross_entropy's."""
+    torch.manual_seed(0)
+    batch = ws.collate([([5, 6, 7], [8, 9, 1]), ([5], [8, 1]), ([4, 4], [1])], pad=2)
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": self.logits})()
+
+    logits = torch.randn(3, 6, 12)
+    for weight in (0.0, 0.5, 1.0):
+        total, program = ws.warm_start_loss(Fixed(logits), batch, weight)
+        expected_program = ws.token_cross_entropy(logits, batch["labels"])
+        expected_prompt = ws.token_cross_entropy(logits, batch["prompt_labels"])
+        assert program.item() == pytest.approx(expected_program.item(), rel=1e-6)
+        assert total.item() == pytest.approx((expected_program + weight * expected_prompt).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("pretokenizer", sorted(ws.PRETOKENIZERS))
+def test_tokenizers_are_lossless_and_keep_numbers_whole(problems: list[Problem], pretokenizer: str) -> None:
+    texts = [t for pair in ws.training_pairs(problems) for t in pair]
+    tokenizer = ws.train_tokenizer(texts, 400, pretokenizer)
+    for p in problems[:20]:
+        program = p.references[0]
+        assert decode_program(tokenizer, encode_program(tokenizer, program, 10_000)) == program
+        assert tokenizer.decode(encode_prompt(tokenizer, p.prompt, 10_000)) == p.prompt
+    if pretokenizer == "digits":  # a number never shares a token with a letter, space or bracket
+        for token in tokenizer.convert_ids_to_tokens(tokenizer(" ".join(texts[:40]))["input_ids"]):
+            assert not any(c.isdigit() for c in token) or token.isdigit(), token
+        gpt2 = ws.train_tokenizer(texts, 400, "gpt2")
+        assert sum(len(tokenizer(t)["input_ids"]) for t in texts) < sum(len(gpt2(t)["input_ids"]) for t in texts)
+
+
 def test_training_reduces_the_loss(problems: list[Problem]) -> None:
     tokenizer = ws.train_tokenizer([t for pair in ws.training_pairs(problems) for t in pair], 320)
     examples = ws.encode_pairs(tokenizer, ws.training_pairs(problems), 160, 64)
@@ -129,6 +172,8 @@ def test_config_validation() -> None:
         WarmStartConfig(n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="steps"):
         WarmStartConfig(steps=0)
+    with pytest.raises(ValueError, match="pretokenizer"):
+        WarmStartConfig(pretokenizer="words")
     with pytest.raises(ValueError, match="no reference"):
         warm_start([], TINY, "/nonexistent")
     assert ws.learning_rate(TINY, 0) < ws.learning_rate(TINY, 1) == pytest.approx(TINY.lr)
