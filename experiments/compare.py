@@ -220,17 +220,25 @@ def _same_key(folder: Path, key: dict) -> bool:
     return json.loads(path.read_text()) == json.loads(json.dumps(key, default=str))
 
 
-def execute(job: Job, args, prov: dict) -> None:
-    from bcoder_ray.driver import prepare_run, run
+def reusable(job: Job) -> bool:
+    """A completed run made with the same resolved config and code version."""
     from bcoder_ray.run_folder import STATE_FILE, RunState
 
     folder = job.run_dir
+    return (folder / STATE_FILE).exists() and _same_key(folder, job.key) and \
+        RunState.load(folder).final_test is not None
+
+
+def execute(job: Job, args, prov: dict) -> None:
+    from bcoder_ray.driver import prepare_run, run
+    from bcoder_ray.run_folder import STATE_FILE
+
+    folder = job.run_dir
+    if reusable(job):
+        job.status = "reused"
+        log(f"{folder.name}: reused (same config and code version, completed)")
+        return
     if (folder / STATE_FILE).exists() and _same_key(folder, job.key):
-        st = RunState.load(folder)
-        if st.final_test is not None:
-            job.status = "reused"
-            log(f"{folder.name}: reused (same config and code version, completed)")
-            return
         plan = prepare_run(resume=str(folder), imports=args.imports)
         job.status = "resumed"
     else:
@@ -517,9 +525,14 @@ def main(argv: list[str] | None = None) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    with ray_session(cfgs[0]):  # one Ray instance for every run (the driver joins it)
-        for job in jobs:
-            execute(job, args, prov)
+    todo = [job for job in jobs if not reusable(job)]
+    for job in jobs:
+        if job not in todo:
+            execute(job, args, prov)  # marks it reused
+    if todo:
+        with ray_session(cfgs[0]):  # one Ray instance for every run (the driver joins it)
+            for job in todo:
+                execute(job, args, prov)
 
     ks = sorted({1, *cfgs[0].evaluation.ks})
     results = [run_result(j, ks) for j in jobs]
