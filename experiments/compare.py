@@ -22,8 +22,9 @@ validation evaluation; the test split is read only for the chosen setting. The r
 
 A run folder whose `compare_key.json` matches (the resolved config minus run_dir, and the code version: commit,
 dirty flag, hash of the uncommitted changes) and whose run completed is reused, not rerun; one that matches but
-stopped early is resumed. Output in `--out`: compare.md, compare.json, figure1.png (probe pass rate against
-programs sampled), and provenance.json in every run folder made here.
+stopped early is resumed (`--report-only` writes the report from completed folders without running). Output in
+`--out`: compare.md, compare.json, figure1.png (probe pass rate against programs sampled), and provenance.json
+in every run folder made here.
 """
 
 from __future__ import annotations
@@ -271,6 +272,8 @@ def run_result(job: Job, ks: list[int]) -> dict:
 
     st = RunState.load(job.run_dir)
     cfg = job.key["config"]
+    stored = job.run_dir / KEY_FILE
+    made_by = json.loads(stored.read_text()).get("code") if stored.is_file() else None
     budget = cfg["run"]["budget_programs"]
     val = next((r for r in reversed(st.iterations) if r.get("eval")), None)
     last_it = st.iterations[-1]["iteration"] if st.iterations else None
@@ -278,7 +281,8 @@ def run_result(job: Job, ks: list[int]) -> dict:
     out = {"label": job.label, "algorithm": job.algorithm, "seed": job.seed, "setting": job.setting,
            "run_dir": str(job.run_dir), "status": job.status, "budget": budget,
            "programs_sampled": st.programs_sampled, "programs_executed": st.programs_executed,
-           "infra_failures": st.infra_failures, "iterations": len(st.iterations),
+           "infra_failures": st.infra_failures, "theta_ckpt": st.theta_ckpt, "code": made_by,
+           "iterations": len(st.iterations),
            "budget_respected": st.programs_sampled <= budget,
            "train_wall_s": sum(r.get("wall_s", 0.0) for r in st.iterations),
            "invocation_wall_s": job.wall_s,
@@ -333,7 +337,7 @@ def choose(label: str, grid: list[dict], results: list[dict], select_by: str) ->
 def summarise(labels: list[str], chosen: dict[str, dict], results: list[dict], ks: list[int]) -> list[dict]:
     """Per algorithm (its chosen setting): the spread over seeds of each figure, and paired intervals per seed
     against the same run's warm start and the same seed's bcoder run."""
-    bcoder = {r["seed"]: r for r in results if r["algorithm"] == "bcoder" and r["setting"] == chosen.get(r["label"])}
+    bcoder = {}
     bcoder_label = next((lab for lab in labels if any(r["label"] == lab and r["algorithm"] == "bcoder"
                                                       for r in results)), None)
     if bcoder_label:
@@ -396,23 +400,29 @@ def _interval(per_seed: dict, key: str) -> str:
 
 def markdown(summary: list[dict], sweeps_out: dict, info: dict, ks: list[int]) -> str:
     k_hi = max(ks)
+    c = info["code"]
+    code = f"{(c['commit'] or '?')[:10]}" + (f" (dirty, diff {c['diff_hash']})" if c["dirty"] else "")
     lines = [f"# Comparison at an equal budget: {', '.join(r['label'] for r in summary)}", "",
              f"Suite {info['suite']} (train {info['train_split']}, validation {info['validation_split'] or '–'}, "
              f"test {info['test_split']}); budget {info['budget']} programs sampled and scored for training per run "
              f"(`run.budget_programs`; extra samples such as greedy baselines included, human seed, evaluation and "
-             f"infrastructure failures excluded); seeds {info['seeds']}; one warm start (θ_ckpt) shared by every "
-             f"run. Test split: {info['test_problems']} problems × {info['eval_samples']} samples; code "
-             f"{(info['code']['commit'] or '?')[:10]}{' (dirty ' + str(info['code']['diff_hash']) + ')' if info['code']['dirty'] else ''}.",
-             ""]
+             f"infrastructure failures excluded); seeds {info['seeds']}; {info['warm_starts']}. Test split: "
+             f"{info['test_problems']} problems × {info['eval_samples']} samples; code {code}.", ""]
+    made = [json.loads(x) for x in info["run_code"]]
+    if made != [c]:
+        lines += ["Runs made by other code versions (report written with `--report-only`): " + ", ".join(
+            f"{(m or {}).get('commit', '?')[:10]}" + (f" (dirty, diff {m['diff_hash']})" if (m or {}).get("dirty")
+                                                       else "") for m in made) + ".", ""]
     if not info["validation_split"]:
         lines += ["**No validation figures exist**: `suite.validation_split` is null, so no setting was chosen on "
                   "a validation split (sweeps are refused).", ""]
     lines += [f"| algorithm | test pass@1 | test pass@{k_hi} | ranked pass@1 | ranked pass@{k_hi} | budget used | "
-              f"programs executed | train wall (s) | runs |",
+              f"programs executed | iterations wall (s) | runs |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in summary:
         ranked = r["has_ranker"]
-        used = _fig(r["programs_sampled"], pct=False) + f" / {r['budget']}" + ("" if r["budget_respected"] else " (OVER)")
+        used = _fig(r["programs_sampled"], pct=False) + f" / {r['budget']}" + \
+            ("" if r["budget_respected"] else " (OVER)")
         lines.append(f"| {r['label']} | {_fig(r['test_pass@1'])} | {_fig(r[f'test_pass@{k_hi}'])} | "
                      f"{_fig(r['test_ranked_pass@1']) if ranked else 'no ranker'} | "
                      f"{_fig(r[f'test_ranked_pass@{k_hi}']) if ranked else '–'} | {used} | "
@@ -468,6 +478,8 @@ def parse_args(argv: list[str]):
                    help="settings to choose from on the validation split; repeatable (grid = product)")
     p.add_argument("--select-by", choices=("pass", "ranked_pass"), default="pass",
                    help="validation metric@1 a sweep maximises (ranked_pass falls back to pass without a ranker)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the completed run folders, whatever code version made them (no run)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
     args, common = p.parse_known_args(argv)
     if args.budget < 1 or args.seeds < 1:
@@ -525,9 +537,19 @@ def main(argv: list[str] | None = None) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    todo = [job for job in jobs if not reusable(job)]
+    if args.report_only:
+        from bcoder_ray.run_folder import STATE_FILE, RunState
+
+        missing = [str(j.run_dir) for j in jobs if not (j.run_dir / STATE_FILE).exists()
+                   or RunState.load(j.run_dir).final_test is None]
+        if missing:
+            print(f"--report-only: no completed run in {missing}", file=sys.stderr)
+            return 2
+        for job in jobs:
+            job.status = "reused" if reusable(job) else "report-only"
+    todo = [] if args.report_only else [job for job in jobs if not reusable(job)]
     for job in jobs:
-        if job not in todo:
+        if job not in todo and not args.report_only:
             execute(job, args, prov)  # marks it reused
     if todo:
         with ray_session(cfgs[0]):  # one Ray instance for every run (the driver joins it)
@@ -551,6 +573,10 @@ def main(argv: list[str] | None = None) -> int:
             "test_problems": c0.suite.max_eval_problems or "all", "eval_samples": c0.evaluation.samples_per_problem,
             "select_by": args.select_by, "probe_problems": args.probe_problems, "common_overrides": common,
             "specs": [dataclasses.asdict(s) for s in specs]}
+    starts = sorted({str(r["theta_ckpt"]) for r in results})
+    info["run_code"] = sorted({json.dumps(r["code"], sort_keys=True) for r in results})
+    info["warm_starts"] = ("one warm start (θ_ckpt) shared by every run" if len(starts) == 1 else
+                           f"{len(starts)} different warm starts (θ_ckpt): {starts}")
     md = markdown(summary, sweeps_out, info, ks)
     (out / "compare.md").write_text(md)
     figure1(summary, results, out / "figure1.png")
