@@ -6,6 +6,8 @@
 - Figure 3, `plot_rtilde_density`: the density of R̃ by true outcome (passed, failed, runtime error, compile
   error), from saved candidates; the title states whether mean R̃ orders them as the paper expects.
 - Figure 5, `plot_ranking_gain`: the pass@k gained by ranking with R̃ against the number m of candidates.
+- Figure 1 at an equal budget, `plot_budget_curve`: the probe pass rate against programs sampled, one line per
+  algorithm (`experiments/compare.py`).
 
 Each function takes data (or a candidates file) and a path, writes the PNG and returns the path.
 """
@@ -166,6 +168,36 @@ def plot_ranking_gain(source: str | os.PathLike | Iterable[CandidateRecord | Map
     ax.set_xlabel("m (candidates per problem)")
     ax.set_ylabel("ranked − plain pass@k (points)")
     ax.set_title(title + (" (filtered)" if gain.get("filtered") else ""))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_budget_curve(runs: Mapping[str, Sequence[Sequence[Mapping]]], path: str | os.PathLike,
+                      ylabel: str = "probe pass rate on training problems (%)",
+                      title: str = "Pass rate against programs sampled (Figure 1)") -> Path:
+    """One line per algorithm: points {"programs", "pass_rate"} (pass rate in [0, 1], programs sampled so far;
+    the warm start at 0), one list per seed; with several seeds the line is their mean at each point index and
+    the band ± one standard deviation."""
+    if not runs:
+        raise ValueError("plot_budget_curve: no runs given")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, seeds in runs.items():
+        seeds = [sorted(s, key=lambda p: p["programs"]) for s in seeds if s]
+        if not seeds:
+            continue
+        n = min(len(s) for s in seeds)
+        x = np.array([[s[i]["programs"] for i in range(n)] for s in seeds], dtype=float).mean(axis=0)
+        y = 100.0 * np.array([[s[i]["pass_rate"] for i in range(n)] for s in seeds], dtype=float)
+        (line,) = ax.plot(x, y.mean(axis=0), marker="o", label=label if len(seeds) == 1 else
+                          f"{label} ({len(seeds)} seeds)")
+        if len(seeds) > 1:
+            sd = y.std(axis=0, ddof=1)
+            ax.fill_between(x, y.mean(axis=0) - sd, y.mean(axis=0) + sd, color=line.get_color(), alpha=0.15,
+                            linewidth=0)
+    ax.set_xlabel("programs sampled for training (cumulative)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)

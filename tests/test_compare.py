@@ -1,0 +1,93 @@
+"""experiments/compare.py on a tiny comparison (ci_tiny, bcoder and bcoder_optimality, one iteration, a budget
+of a few programs), in this process and one Ray instance: compare.md / compare.json / figure1.png with a row per
+algorithm, the budget respected by every run, and a second invocation that reuses both run folders (no new Ray
+Train run); and, without Ray, the spec and sweep parsing, the choice on validation figures, and --sweep refused
+without a validation split. The warm start is trained once, under tmp."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUDGET = 12
+
+
+def load_compare():
+    spec = importlib.util.spec_from_file_location("bcoder_compare", REPO / "experiments" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def argv(out: Path, cache: Path, *extra: str) -> list[str]:
+    return ["--config", "ci_tiny", "--algorithms", "bcoder", "bcoder_optimality", "--budget", str(BUDGET),
+            "--out", str(out), "--probe-problems", "3", "--suite.validation_split", "null",
+            "--run.iterations", "1", "--run.tensorboard", "false", "--model.warm_start.cache_dir", str(cache),
+            "--suite.max_eval_problems", "3", "--stages.phi.num_workers", "0", "--stages.theta.num_workers", "0",
+            *extra]  # Ray Train local mode: no worker group to start
+
+
+def train_runs(run_dir: Path) -> set[str]:
+    return {p.name for p in (run_dir / "train").iterdir()} if (run_dir / "train").is_dir() else set()
+
+
+def test_specs_sweep_grid_and_the_choice_on_validation(tmp_path):
+    compare = load_compare()
+    names = ["bcoder", "bcoder_optimality"]
+    spec = compare.parse_spec("hi=bcoder:--algorithm.alpha 2.0 --stages.theta.lr 1e-4", names)
+    assert (spec.label, spec.name, spec.config, spec.overrides) == \
+        ("hi", "bcoder", None, ["--algorithm.alpha", "2.0", "--stages.theta.lr", "1e-4"])
+    assert compare.parse_spec("config=ci_tiny", names).config == "ci_tiny"
+    with pytest.raises(compare.ConfigError, match="neither a registered algorithm"):
+        compare.parse_spec("nope", names)
+    sweeps = compare.parse_sweeps(["stages.theta.lr=1e-4,3e-4", "hi:algorithm.alpha=1,2"])
+    assert compare.grid_for("bcoder", sweeps) == [{"stages.theta.lr": "1e-4"}, {"stages.theta.lr": "3e-4"}]
+    assert len(compare.grid_for("hi", sweeps)) == 4
+    grid = compare.grid_for("bcoder", sweeps)
+    results = [{"label": "bcoder", "setting": g, "seed": s,
+                "validation": {"iteration": 1, "is_last_iteration": True, "pass@1": v, "ranked_pass@1": None}}
+               for g, vals in zip(grid, ([0.1, 0.3], [0.2, 0.1])) for s, v in enumerate(vals)]
+    chosen, rows = compare.choose("bcoder", grid, results, "pass")
+    assert chosen == {"stages.theta.lr": "1e-4"} and rows[0]["validation"]["mean"] == pytest.approx(0.2)
+    assert compare.choose("bcoder", grid, results, "ranked_pass")[0] == chosen  # falls back to pass@1
+    # no validation split: no validation figures exist, so a sweep is refused before any run starts
+    assert compare.main(argv(tmp_path / "cmp", tmp_path / "ws", "--sweep", "stages.theta.lr=1e-3,3e-3")) == 2
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.slow  # a few minutes on 2 busy cores: Ray start, a warm start, two runs
+def test_compare_writes_a_row_per_algorithm_respects_the_budget_and_reuses_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    compare = load_compare()
+    out, cache = tmp_path / "cmp", tmp_path / "warm_start"
+
+    assert compare.main(argv(out, cache)) == 0
+    md, report = (out / "compare.md").read_text(), json.loads((out / "compare.json").read_text())
+    assert (out / "figure1.png").stat().st_size > 0
+    assert [a["label"] for a in report["algorithms"]] == ["bcoder", "bcoder_optimality"]
+    assert "| bcoder |" in md and "| bcoder_optimality |" in md and "No validation figures exist" in md
+    assert report["no_validation"] and not report["reused"]
+    for r in report["runs"]:
+        assert r["status"] == "ran" and 0 < r["programs_sampled"] <= BUDGET and r["budget_respected"]
+        assert r["test"]["pass@1"] is not None and r["probe"][0]["programs"] == 0 and len(r["probe"]) == 2
+        assert json.loads((Path(r["run_dir"]) / "provenance.json").read_text())["packages"]["ray"]
+    assert report["algorithms"][1]["paired"]["0"]["vs_bcoder"]["n_problems"] == 3
+    assert report["provenance"]["cpu_count"] and "commit" in report["provenance"]
+    before = {r["run_dir"]: (train_runs(Path(r["run_dir"])), os.stat(Path(r["run_dir"]) / "state.json").st_mtime_ns)
+              for r in report["runs"]}
+
+    assert compare.main(argv(out, cache)) == 0
+    again = json.loads((out / "compare.json").read_text())
+    assert again["reused"] and [r["status"] for r in again["runs"]] == ["reused", "reused"]
+    after = {r["run_dir"]: (train_runs(Path(r["run_dir"])), os.stat(Path(r["run_dir"]) / "state.json").st_mtime_ns)
+             for r in again["runs"]}
+    assert after == before
+    assert [a["test_pass@1"]["mean"] for a in again["algorithms"]] == \
+        [a["test_pass@1"]["mean"] for a in report["algorithms"]]
