@@ -48,11 +48,15 @@ from bcoder_ray.rollout import (ActorPool, ActorSettings, PolicyRef, PolicyWorke
                                 iteration_slice, make_tasks)
 from bcoder_ray.run_folder import (CONFIG_FILE, TABLE_FILE, RunPlan, RunState, prepare_run as _prepare_run,
                                    version_name, write_metrics_lines)
-from bcoder_ray.run_table import final_table
+from bcoder_ray.plots import plot_budget_curve
+from bcoder_ray.run_table import final_table, probe_points
 from bcoder_ray.tokenization import pad_id, tokenizer_fingerprint
 from bcoder_ray.warm_start import warm_start
 from envs.execute import Executor
 from envs.registry import load_suite
+
+
+PROBE_FIGURE = "probe_curve.png"  # Figure 1 of the run: the probe set's pass rate per iteration
 
 
 @dataclass
@@ -448,6 +452,8 @@ class Run:
             self.train_loop()
         table = final_table(self.state, self.cfg)
         (self.run_dir / TABLE_FILE).write_text(table)
+        if self.state.probe:
+            plot_budget_curve({self.cfg.algorithm.name: [probe_points(self.state)]}, self.run_dir / PROBE_FIGURE)
         return RunSummary(self.run_dir, self.state, table)
 
 

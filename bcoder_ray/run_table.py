@@ -93,6 +93,14 @@ def final_table(state: RunState, cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def probe_points(state: RunState) -> list[dict]:
+    """Figure 1's points of a run: the probe set's pass rate against programs sampled for training so far
+    (the warm start at 0)."""
+    sampled = {-1: 0, **{r["iteration"]: r["programs_sampled_total"] for r in state.iterations}}
+    return [{"programs": sampled[p["iteration"]], "pass_rate": p["pass_rate"]}
+            for p in sorted(state.probe, key=lambda p: p["iteration"]) if p["iteration"] in sampled]
+
+
 def _rate(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
 

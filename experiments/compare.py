@@ -50,6 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runnable from a checkout without install
 
 from bcoder_ray.config import ConfigError  # noqa: E402
+from bcoder_ray.run_table import probe_points  # noqa: E402
 
 PACKAGES = ("torch", "transformers", "ray", "pyarrow", "numpy")
 KEY_FILE = "compare_key.json"
@@ -292,10 +293,7 @@ def run_result(job: Job, ks: list[int]) -> dict:
            "validation": None if val is None else {
                "iteration": val["iteration"], "is_last_iteration": val["iteration"] == last_it,
                **{f"{v}@{k}": _get(val["eval"]["overall"], v, k) for v in ("pass", "ranked_pass") for k in ks}},
-           "probe": [{"programs": 0, "pass_rate": p["pass_rate"]} for p in st.probe if p["iteration"] == -1]}
-    sampled = {r["iteration"]: r["programs_sampled_total"] for r in st.iterations}
-    out["probe"] += [{"programs": sampled[p["iteration"]], "pass_rate": p["pass_rate"]}
-                     for p in sorted(st.probe, key=lambda p: p["iteration"]) if p["iteration"] in sampled]
+           "probe": probe_points(st)}
     out["has_ranker"] = any(out["test"][f"ranked_pass@{k}"] is not None for k in ks)
     return out
 
