@@ -80,7 +80,7 @@ def test_options_off_is_plain_reinforce():
     gen = ~human
     loss, metrics = coderl_actor_loss(log_p, mask, human, reward, use_baseline=False, use_critic=False)
     reinforce = -(reward[gen] * (log_p[gen] * mask[gen]).sum(1)).mean()        # -E[r Σ_t log p] (eq. 2-3)
-    assert math.isclose(metrics["l_rl"], float(reinforce), rel_tol=RTOL)
+    assert math.isclose(metrics["l_rl"], float(reinforce.detach()), rel_tol=RTOL)
     # the rows' baseline and q̂ are ignored when switched off; q̂ = 1 and r(W^b) = 0 give the same loss
     ones = coderl_actor_loss(log_p, mask, human, reward, torch.zeros(4), torch.ones(4, 3))[0]
     assert math.isclose(ones.item(), loss.item(), rel_tol=RTOL)
