@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
+                      model_validator)
 
 from bcoder_ray.algorithms import algorithm_class, import_modules, parse_algorithm_config
 from bcoder_ray.algorithms.base import AlgorithmConfig
@@ -246,7 +247,7 @@ class Config(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     suite: SuiteConfig = Field(default_factory=SuiteConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    algorithm: AlgorithmConfig = Field(default_factory=lambda: parse_algorithm_config({"name": "bcoder"}))
+    algorithm: SerializeAsAny[AlgorithmConfig] = Field(default_factory=lambda: parse_algorithm_config({"name": "bcoder"}))
     """`name` chooses the algorithm; the other keys are that algorithm's fields."""
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
@@ -407,8 +408,9 @@ def _is_list_field(data: dict, keys: list[str]) -> bool:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """`--a.b value` / `--a.b=value` pairs set into a nested mapping (each value parsed as YAML). A changed
-    `--algorithm.name` drops the file's algorithm fields the new algorithm does not have (they belonged to the
-    other one)."""
+    `--algorithm.name` keeps only the file's algorithm fields that both algorithms have with the same default:
+    the others belonged to the other algorithm (bcoder's `operator: conservative` would turn bcoder_optimality
+    back into bcoder)."""
     data = json.loads(json.dumps(data, default=str))  # a deep copy of plain data
     i = 0
     while i < len(overrides):
@@ -438,10 +440,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             old = data.get("algorithm") or {}
             if old.get("name", "bcoder") != value:
                 try:
-                    fields = set(algorithm_class(value).Config.model_fields)
+                    new_fields = algorithm_class(value).Config.model_fields
+                    old_fields = algorithm_class(str(old.get("name", "bcoder"))).Config.model_fields
                 except UnknownAlgorithmError as e:
                     raise ConfigError(f"--algorithm.name: {e}") from None
-                data["algorithm"] = {k: v for k, v in old.items() if k in fields}
+                # keep the file's settings the two algorithms share with the same default (γ, α, ...); drop
+                # the ones that define the other algorithm (e.g. bcoder's operator: conservative)
+                data["algorithm"] = {k: v for k, v in old.items() if k in new_fields and k in old_fields
+                                     and new_fields[k].default == old_fields[k].default}
         cursor = data
         for k in keys[:-1]:
             if not isinstance(cursor.get(k), dict):

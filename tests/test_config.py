@@ -87,9 +87,13 @@ def test_the_algorithm_section_is_typed_by_its_name():
     cfg = tiny(["--algorithm.name", "dueling_dqn"])
     assert isinstance(cfg.algorithm, DuelingDQNConfig)
     assert cfg.algorithm.operator == "optimality" and cfg.algorithm.init_from_lm is False
-    # the file's fields of the previous algorithm that the new one also has are kept
-    data = apply_overrides({"algorithm": {"name": "bcoder", "alpha": 2.0}}, ["--algorithm.name", "dueling_dqn"])
+    # the file's shared settings are kept; the ones that define the other algorithm are not
+    data = apply_overrides({"algorithm": {"name": "bcoder", "alpha": 2.0, "operator": "conservative",
+                                          "init_from_lm": True}}, ["--algorithm.name", "dueling_dqn"])
     assert data["algorithm"] == {"name": "dueling_dqn", "alpha": 2.0}
+    embedded = load_config("embedded", ["--algorithm.name", "bcoder_optimality"])  # its file says conservative
+    assert embedded.algorithm.operator == "optimality"
+    assert yaml.safe_load(cfg.to_yaml())["algorithm"]["init_from_lm"] is False  # written whole (run folders)
     with pytest.raises(ConfigError, match=r"algorithm\.name.*unknown algorithm 'nosuch'.*bcoder"):
         tiny(["--algorithm.name", "nosuch"])
 
