@@ -42,6 +42,7 @@ from bcoder_ray.config import Config, ConfigError
 from bcoder_ray.evaluation import write_evaluation
 from bcoder_ray.human_seed import human_rows
 from bcoder_ray.learner import ScalingSpec, StageJob, train_stage
+from bcoder_ray.reuse import READS_DIR, reuse_stats
 from bcoder_ray.ray_session import ray_session
 from bcoder_ray.resources import cluster_need, describe, local_cluster, plan_schedule
 from bcoder_ray.rollout import (ActorPool, ActorSettings, PolicyRef, PolicyWorker, SamplingSpec, WorkerArgs,
@@ -289,21 +290,22 @@ class Run:
         cfg = self.cfg
         st = cfg.stage(plan.name)
         label = plan.label or plan.name
+        name = f"{label}-iter{it}-{uuid.uuid4().hex[:6]}"
         job = StageJob(algorithm=cfg.algorithm.name, algorithm_config=cfg.algorithm.model_dump(),
                        context=dataclasses.asdict(self.ctx), plan=dataclasses.asdict(plan),
                        optim=st.model_dump(mode="json"), imports=tuple(cfg.imports), seed=cfg.run.seed + it,
                        progress=cfg.run.progress, step_offset=it * st.steps,
                        tensorboard_dir=str((self.run_dir / "tensorboard" / label).resolve())
-                       if cfg.run.tensorboard else None)
+                       if cfg.run.tensorboard else None,
+                       reads_dir=str((self.run_dir / READS_DIR / name).resolve()))
         rows = plan.rows
         dataset = self.buffer.ray_dataset(
             st.batch_size_per_worker, job.batches_needed(st.num_workers), rho_real=rows.rho_real,
             filters=dict(rows.filters) or None, seed=cfg.run.seed * 1000 + it,
             targets_fingerprint=plan.targets.fingerprint if plan.targets else None,
-            extra_columns=tuple(rows.extra_columns), num_cpus=cfg.buffer.dataset_cpus)
+            extra_columns=(*rows.extra_columns, "sample_id"), num_cpus=cfg.buffer.dataset_cpus)
         scaling = ScalingSpec(num_workers=st.num_workers, use_gpu=st.use_gpu, cpus_per_worker=st.cpus_per_worker,
                               gpus_per_worker=st.gpus_per_worker)
-        name = f"{label}-iter{it}-{uuid.uuid4().hex[:6]}"
         self.log(f"stage {label}: {st.steps} steps × {st.batch_size_per_worker}×{st.num_workers}×{st.grad_accum} "
                  f"programs ({name})")
         result = train_stage(job, dataset, scaling, storage_path=str((self.run_dir / "train").resolve()), name=name)
@@ -444,6 +446,9 @@ class Run:
             write_metrics_lines(self.run_dir, st)
         if st.final_test is None and st.iterations:
             st.final_test = self.evaluate(su.test_split, "final-test", rank=True)
+            st.save(self.run_dir)
+        if st.iterations:
+            st.reuse = reuse_stats(self.run_dir, self.buffer, st.run_id)
             st.save(self.run_dir)
 
     def execute(self) -> RunSummary:

@@ -21,7 +21,9 @@ old run, so the driver names runs by stage, iteration and attempt.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
 import math
 import os
 import sys
@@ -38,10 +40,12 @@ from bcoder_ray.algorithms import make_algorithm
 from bcoder_ray.algorithms.base import Rows, StagePlan, TargetsPlan
 from bcoder_ray.batch import collate
 from bcoder_ray.buffer import rows_from_batch
+from bcoder_ray.io import atomic_write_text
 from bcoder_ray.quiet import quiet_libraries, quiet_ray_logs
 from bcoder_ray.tokenization import pad_id
 
 CHECKPOINT_DIR_NAME = "final"
+READS_FILE = "reads-rank{rank}.json"  # {sample_id: reads}: the buffer rows one rank's optimiser steps consumed
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class StageJob:
     progress: bool = True
     tensorboard_dir: str | None = None  # rank 0 streams its metrics there while the stage runs
     step_offset: int = 0  # the TensorBoard step of this stage's step 0 (stages of earlier iterations before it)
+    reads_dir: str | None = None  # each rank writes there how often it read each buffer row (READS_FILE)
 
     @property
     def steps(self) -> int:
@@ -130,6 +135,10 @@ def _batches(shard, batch_size: int):
             raise RuntimeError("learner: the training dataset shard is empty (no buffer rows with targets?)")
 
 
+def write_reads(path: str, reads: collections.Counter) -> None:
+    atomic_write_text(path, json.dumps(dict(sorted(reads.items()))))
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's per-worker function: one stage, `steps` optimiser steps, then a checkpoint."""
     import ray.train
@@ -172,6 +181,7 @@ def train_loop_per_worker(config: dict) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(job.tensorboard_dir)
+    reads: collections.Counter[str] = collections.Counter()  # off-policy reuse: reads of each buffer row
     history: list[dict] = []
     window: dict[str, float] = {}
     n_window = 0
@@ -179,7 +189,10 @@ def train_loop_per_worker(config: dict) -> None:
     for step in range(o.steps):
         step_metrics: dict[str, float] = {}
         for micro in range(o.grad_accum):
-            batch = collate(rows_from_batch(next(batches)), pad, token_columns=token_columns,
+            table = next(batches)
+            if "sample_id" in table.column_names:
+                reads.update(table["sample_id"].to_pylist())
+            batch = collate(rows_from_batch(table), pad, token_columns=token_columns,
                             info_columns=info_columns).to(device)
             sync = micro == o.grad_accum - 1 or not hasattr(loss_module, "no_sync")
             with (contextlib.nullcontext() if sync else loss_module.no_sync()), \
@@ -224,6 +237,8 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report({**entry, "stage": job.stage})
     if writer is not None:
         writer.close()
+    if job.reads_dir and reads:
+        write_reads(os.path.join(job.reads_dir, READS_FILE.format(rank=ctx.get_world_rank())), reads)
     final = {**(history[-1] if history else {}), "stage": job.stage, "history": history,
              "train_s": time.time() - started, "model_setup_s": model_ready - entered,
              "worker_entered_at": entered}

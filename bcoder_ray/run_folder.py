@@ -54,6 +54,7 @@ class RunState:
     baseline_test: dict | None = None  # θ_ckpt on the test split (once)
     final_test: dict | None = None  # the last policy on the test split (once, at the end)
     probe: list[dict] = field(default_factory=list)  # pass rate on the fixed probe set, per iteration
+    reuse: dict | None = None  # off-policy reuse of the run's generated rows (bcoder_ray.reuse.reuse_stats)
     iterations: list[dict] = field(default_factory=list)
 
     @classmethod

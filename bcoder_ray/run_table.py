@@ -88,6 +88,11 @@ def final_table(state: RunState, cfg: Config) -> str:
             diff, interval = _interval(d)
             lines.append(f"| ranked (last) vs unranked (last) | {pct(_get(o_last, 'ranked_pass', 1))} | "
                          f"{pct(_get(o_last, 'pass', 1))} (last) | {diff} | {interval} |")
+        if state.reuse and state.reuse.get("generated_rows"):
+            u = state.reuse
+            lines += ["", f"Off-policy reuse: the learners read the {u['generated_rows']} programs this run generated "
+                      f"{u['reads_mean']:.2f} times on average (at most {u['reads_max']}); "
+                      f"{pct(u['never_read_share'])} were never read."]
         lines += ["", "Per difficulty on the test split (percent; the layout of the paper's Table 1):", "",
                   _difficulty_tables(base, last, ks)]
     return "\n".join(lines) + "\n"

@@ -293,7 +293,7 @@ def run_result(job: Job, ks: list[int]) -> dict:
            "validation": None if val is None else {
                "iteration": val["iteration"], "is_last_iteration": val["iteration"] == last_it,
                **{f"{v}@{k}": _get(val["eval"]["overall"], v, k) for v in ("pass", "ranked_pass") for k in ks}},
-           "probe": probe_points(st)}
+           "probe": probe_points(st), "reuse": st.reuse or {}}
     out["has_ranker"] = any(out["test"][f"ranked_pass@{k}"] is not None for k in ks)
     return out
 
@@ -352,6 +352,8 @@ def summarise(labels: list[str], chosen: dict[str, dict], results: list[dict], k
             row[key] = _mean_std([r[key] for r in mine])
         for key in mine[0]["test"]:
             row[f"test_{key}"] = _mean_std([r["test"][key] for r in mine])
+        for key in ("reads_mean", "reads_max", "never_read_share"):
+            row[f"reuse_{key}"] = _mean_std([r["reuse"].get(key) for r in mine])
         row["warm_start_test_pass@1"] = _mean_std([r["warm_start_test"]["pass@1"] for r in mine])
         comps = {}
         for r in mine:
@@ -436,6 +438,12 @@ def markdown(summary: list[dict], sweeps_out: dict, info: dict, ks: list[int]) -
         p = r["paired"]
         lines.append(f"| {r['label']} | {_interval(p, 'vs_warm_start')} | {_interval(p, 'ranked_vs_warm_start')} | "
                      f"{_interval(p, 'vs_bcoder')} | {_interval(p, 'ranked_vs_bcoder_ranked')} |")
+    lines += ["", "Off-policy reuse: reads by the learners of each program the run generated (greedy baselines "
+              "included; human programs not counted), over all its stages and iterations:", "",
+              "| algorithm | mean reads per generated row | max reads | share never read |", "| --- | ---: | ---: | ---: |"]
+    for r in summary:
+        lines.append(f"| {r['label']} | {_fig(r['reuse_reads_mean'], pct=False, digits=2)} | "
+                     f"{_fig(r['reuse_reads_max'], pct=False)} | {_fig(r['reuse_never_read_share'])} |")
     if sweeps_out:
         lines += ["", f"Sweeps: chosen per algorithm by validation {info['select_by']}@1 (mean over seeds) of the "
                   f"last iteration's validation evaluation; the test split is reported for the chosen setting only.",

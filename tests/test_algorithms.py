@@ -66,6 +66,11 @@ def test_algorithm_runs_one_iteration_of_the_real_loop(name, ray_instance, warm_
     table = (tmp_path / name / "table.md").read_text()
     assert f": {name} on embedded" in table and "\n| 0 |" in table
     assert json.loads((tmp_path / name / "state.json").read_text())["algorithm"]
+    # off-policy reuse: every row an optimiser step consumed is counted once (2 steps × 4 rows a stage)
+    learned = [s for s in record["stages"].values() if not s.get("skipped")]
+    reuse = state.reuse
+    assert reuse["generated_reads"] + reuse["other_reads"] == 2 * 4 * len(learned)
+    assert reuse["generated_rows"] == record["rollout"]["written"]
 
 
 def test_list_algorithms_includes_an_outside_one_given_by_import():
