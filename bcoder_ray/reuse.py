@@ -31,7 +31,8 @@ def read_counts(run_dir: str | Path) -> collections.Counter[str]:
 
 
 def reuse_stats(run_dir: str | Path, buffer: ReplayBuffer, run_id: str) -> dict:
-    """{generated_rows, reads_mean, reads_max, never_read_share, generated_reads, human_reads} of a run."""
+    """{generated_rows, reads_mean, reads_max, never_read_share, generated_reads, other_reads} of a run
+    (other_reads: reads of human rows and of other runs' rows)."""
     reads = read_counts(run_dir)
     rows = buffer.read(columns=["sample_id", "run_id"], filters={"sources": ("generated",)})
     ids = {sid for sid, rid in zip(rows["sample_id"].to_pylist(), rows["run_id"].to_pylist()) if rid == run_id}
