@@ -198,6 +198,11 @@ class ExecutorConfig(Section):
 class BufferConfig(Section):
     uri: str | None = None
     """null: <run_dir>/buffer; any URI the replay buffer accepts (s3://...)."""
+    human_programs: Literal["loop", "train"] = "loop"
+    """Whose human programs seed the buffer: "loop", the RL loop's problems (`suite.max_train_problems`);
+    "train", every problem of the train split, the warm start's included (the paper's setting: all human
+    solutions are off-policy data beside the generated programs; the CE and advantage terms then keep
+    rehearsing what the warm start learned instead of fitting the loop's few hundred problems only)."""
     targets_via: Literal["ray_data", "actors"] = "ray_data"
     """Cached targets filled by a Ray Data map_batches job, or by the running policy actors."""
     dataset_cpus: float = Field(0.25, ge=0)

@@ -40,7 +40,7 @@ from bcoder_ray.components import (check_components, executor_kwargs, run_contex
                                    warm_start_config)
 from bcoder_ray.config import Config, ConfigError
 from bcoder_ray.evaluation import write_evaluation
-from bcoder_ray.human_seed import human_rows
+from bcoder_ray.human_seed import human_rows, seeded_problems
 from bcoder_ray.learner import ScalingSpec, StageJob, train_stage
 from bcoder_ray.reuse import READS_DIR, reuse_stats
 from bcoder_ray.ray_session import ray_session
@@ -211,20 +211,23 @@ class Run:
         return self.cfg.buffer.uri or str((self.run_dir / "buffer").resolve())
 
     def seed_buffer(self) -> None:
-        """Prompts of every problem, and the train problems' human programs, executed as stored: a program
-        longer than `model.target_len` is stored cut at the limit, and its reward is that of the cut text."""
-        m, tok = self.cfg.model, self.tokenizer
-        everything = self.train + [p for probs in self.eval_sets.values() for p in probs]
+        """Prompts of every problem, and the human programs of the loop's problems (of the whole train split
+        with `buffer.human_programs: train`), executed as stored: a program longer than `model.target_len` is
+        stored cut at the limit, and its reward is that of the cut text."""
+        m, tok, mode = self.cfg.model, self.tokenizer, self.cfg.buffer.human_programs
+        seeded = seeded_problems(self.train, self.warm_start_problems, mode)
+        everything = seeded + [p for probs in self.eval_sets.values() for p in probs]
         self.buffer.put_prompts(prompt_rows(everything, tok, max_len=m.source_len))
-        if not any(p.references for p in self.train):
+        if not any(p.references for p in seeded):
             raise ConfigError(f"suite {self.cfg.suite.name!r}: the train problems have no human programs")
         with Executor(**executor_kwargs(self.cfg)) as ex:
-            rows, infra = human_rows(self.train, tok, m.target_len, ex, run_id=self.state.run_id)
+            rows, infra = human_rows(seeded, tok, m.target_len, ex, run_id=self.state.run_id)
         if infra:
             self.log(f"{infra} human programs got no verdict (sandbox failures on every re-run): not written")
         self.state.infra_failures += infra
         # one seed per suite and tokenizer: a second run sharing the buffer (buffer.uri) adds nothing twice
-        self.buffer.append(rows, batch_key=f"human-seed-{self.cfg.suite.name}-{tokenizer_fingerprint(tok)[:12]}")
+        scope = "" if len(seeded) == len(self.train) else f"-{mode}{len(seeded)}"
+        self.buffer.append(rows, batch_key=f"human-seed-{self.cfg.suite.name}{scope}-{tokenizer_fingerprint(tok)[:12]}")
         self.state.human_rows = len(rows)
         passed, cut = sum(r["outcome"] == "passed" for r in rows), sum(r["truncated"] for r in rows)
         self.state.human_truncated = cut

@@ -12,6 +12,17 @@ from bcoder_ray.tokenization import decode_program, encode_program, eos_id, toke
 from envs.problem import Problem
 
 
+def seeded_problems(loop: Sequence[Problem], warm_start: Sequence[Problem], mode: str) -> list[Problem]:
+    """The problems whose human programs seed the buffer (`buffer.human_programs`): "loop", the RL loop's;
+    "train", the loop's then the warm start's others (each problem once, whichever lists hold it)."""
+    if mode == "loop":
+        return list(loop)
+    if mode != "train":
+        raise ValueError(f"buffer.human_programs must be 'loop' or 'train', got {mode!r}")
+    ids = {p.problem_id for p in loop}
+    return list(loop) + [p for p in warm_start if p.problem_id not in ids]
+
+
 def human_rows(problems: Sequence[Problem], tokenizer: Any, max_program_len: int, executor: Any,
                run_id: str | None = None) -> tuple[list[dict], int]:
     """(one row per reference program of `problems`, executed as stored (see the module docstring); the number

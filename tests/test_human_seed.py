@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import envs  # noqa: F401  (registers the suites)
-from bcoder_ray.human_seed import human_rows
+from bcoder_ray.human_seed import human_rows, seeded_problems
 from bcoder_ray.tokenization import decode_program, encode_program, eos_id
 from bcoder_ray.warm_start import train_tokenizer
 from envs.execute import Executor
@@ -69,3 +69,14 @@ def test_programs_without_a_verdict_are_rerun_then_left_out_never_labelled(probl
         rows, lost = human_rows(problems, tokenizer, 10_000, FlakySandbox(ex, bad=problems[0].references[0][:20]))
     assert lost == 1 and len(rows) == len(problems) - 1
     assert problems[0].problem_id not in {r["problem_id"] for r in rows}  # not written as a reward
+
+
+def test_seeded_problems_are_the_loops_or_the_whole_train_split_once_each():
+    train = load_suite("embedded", "train")[:10]
+    loop, warm = train[:4], train[4:]
+    assert seeded_problems(loop, warm, "loop") == loop
+    assert [p.problem_id for p in seeded_problems(loop, warm, "train")] == [p.problem_id for p in train]
+    # without max_train_problems the warm start learns from the loop's own problems: nothing is seeded twice
+    assert [p.problem_id for p in seeded_problems(train, train, "train")] == [p.problem_id for p in train]
+    with pytest.raises(ValueError, match="human_programs"):
+        seeded_problems(loop, warm, "all")
