@@ -82,3 +82,24 @@ def test_list_algorithms_includes_an_outside_one_given_by_import():
     out = subprocess.run([sys.executable, str(repo / "experiments" / "run.py"), "--import", "tests.toy_algorithm",
                           "--list-algorithms"], capture_output=True, text=True, cwd=repo, check=True).stdout
     assert "toy_ce" in out.split() and "bcoder" in out.split()
+
+
+def test_bcoder_with_the_whole_train_splits_human_programs(ray_instance, warm_cache, tmp_path):
+    """`buffer.human_programs: train` (the embedded default): the warm start's problems' human programs are
+    buffer rows too, labelled by execution like the loop's, while the rollout samples the loop's problems only."""
+    from bcoder_ray.buffer import ReplayBuffer
+    from bcoder_ray.driver import prepare_run, run
+    from envs.registry import load_suite
+
+    extra = ["--buffer.human_programs", "train"]
+    plan = prepare_run(config="ci_tiny", overrides=overrides("bcoder", warm_cache) + extra,
+                       run_dir=str(tmp_path / "run"))
+    state = run(plan).state
+    train = load_suite("embedded", "train")
+    loop = {p.problem_id for p in train[:8]}
+    rows = ReplayBuffer(str(tmp_path / "run" / "buffer")).read(columns=["problem_id", "source", "outcome"])
+    human = [r for r in rows.to_pylist() if r["source"] == "human"]
+    assert state.human_rows == len(human) == sum(len(p.references) for p in train)
+    assert {r["problem_id"] for r in human} == {p.problem_id for p in train}
+    generated = {r["problem_id"] for r in rows.to_pylist() if r["source"] == "generated"}
+    assert generated and generated <= loop

@@ -95,8 +95,14 @@ def token_scores(model: QModel, prompts: Sequence[Sequence[int]], programs: Sequ
 
 def score_programs(model: QModel, prompts: Sequence[Sequence[int]], programs: Sequence[Sequence[int]], *,
                    gamma: float, pad_id: int, batch_size: int = 16) -> list[float]:
-    return [s.total for s in token_scores(model, prompts, programs, gamma=gamma, pad_id=pad_id,
-                                          batch_size=batch_size)]
+    """R̃ of each (prompt, program), each distinct pair scored once: a repeated program gets the very same score
+    (scored in another batch, its padding would differ and the float rounding with it, so ties would not be ties)."""
+    pairs = [(tuple(p), tuple(w)) for p, w in zip(prompts, programs, strict=True)]
+    distinct = list(dict.fromkeys(pairs))
+    totals = [s.total for s in token_scores(model, [p for p, _ in distinct], [w for _, w in distinct], gamma=gamma,
+                                            pad_id=pad_id, batch_size=batch_size)]
+    by_pair = dict(zip(distinct, totals))
+    return [by_pair[x] for x in pairs]
 
 
 def rank(model: QModel, prompt: Sequence[int], candidates: Sequence[Sequence[int]], *, gamma: float, pad_id: int,
