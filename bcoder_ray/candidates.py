@@ -19,7 +19,7 @@ from bcoder_ray import sampling
 from bcoder_ray.algorithms.base import Ranker, checkpoint_label
 from bcoder_ray.algorithms.q_model import QModel
 from bcoder_ray.metrics import CandidateRecord
-from bcoder_ray.tokenization import decode_program, encode_prompt, eos_id, pad_id
+from bcoder_ray.tokenization import decode_program, encode_prompt, eos_id, load_tokenizer, pad_id
 from envs import scoring
 from envs.problem import Problem
 from envs.result import ExecResult
@@ -59,10 +59,8 @@ class Sampler:
 def load_sampler(path: str, *, tokenizer: str | None = None, label: str | None = None, dtype: Any = None,
                  device: str | None = None) -> Sampler:
     """The LM at `path` (any folder `from_pretrained` loads, or a hub name) ready to sample."""
-    from transformers import AutoTokenizer
-
     model = QModel.create(str(path), parts=("ckpt",), dtype=dtype, device=device)
-    return Sampler(model=model, tokenizer=AutoTokenizer.from_pretrained(str(tokenizer or path)),
+    return Sampler(model=model, tokenizer=load_tokenizer(str(tokenizer or path)),
                    label=label or checkpoint_label(str(path)), path=str(path))
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +34,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationEr
 from bcoder_ray.algorithms import algorithm_class, import_modules, parse_algorithm_config
 from bcoder_ray.algorithms.base import AlgorithmConfig
 from bcoder_ray.algorithms.registry import UnknownAlgorithmError, all_stage_names
+from bcoder_ray.shared_storage import is_local_path
 
 CONFIG_PACKAGE = "bcoder_ray.configs"
 DEFAULT_CONFIG = "embedded"
@@ -460,17 +460,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             cursor = cursor[k]
         cursor[keys[-1]] = value
     return data
-
-
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def is_local_path(name: str) -> bool:
-    """Whether a model name is meant as a local path (absolute, relative with ./ ~ or several parts, or
-    existing) rather than a hub name "org/model"."""
-    if os.path.exists(os.path.expanduser(name)):
-        return True
-    return name.startswith(("/", ".", "~")) or not _HUB_NAME.match(name)
 
 
 def validate(cfg: Config, check_paths: bool = True) -> None:

@@ -51,7 +51,7 @@ from bcoder_ray.run_folder import (CONFIG_FILE, TABLE_FILE, RunPlan, RunState, p
                                    version_name, write_metrics_lines)
 from bcoder_ray.plots import plot_budget_curve
 from bcoder_ray.run_table import final_table, probe_points
-from bcoder_ray.tokenization import pad_id, tokenizer_fingerprint
+from bcoder_ray.tokenization import load_tokenizer, pad_id, tokenizer_fingerprint
 from bcoder_ray.warm_start import warm_start
 from envs.execute import Executor
 from envs.registry import load_suite
@@ -138,9 +138,7 @@ class Run:
         self.ctx = run_context(cfg, st.theta_ckpt, self.buffer_uri())
         self.algorithm = make_algorithm(cfg.algorithm.name, cfg.algorithm, self.ctx, cfg.imports)
         st.save(self.run_dir)
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(self.ctx.tokenizer_path)
+        self.tokenizer = load_tokenizer(self.ctx.tokenizer_path)
         self.buffer = ReplayBuffer(self.buffer_uri())
         if not st.seeded:
             self.seed_buffer()

@@ -42,7 +42,7 @@ from bcoder_ray.batch import collate
 from bcoder_ray.buffer import rows_from_batch
 from bcoder_ray.io import atomic_write_text
 from bcoder_ray.quiet import quiet_libraries, quiet_ray_logs
-from bcoder_ray.tokenization import pad_id
+from bcoder_ray.tokenization import load_tokenizer, pad_id
 
 CHECKPOINT_DIR_NAME = "final"
 READS_FILE = "reads-rank{rank}.json"  # {sample_id: reads}: the buffer rows one rank's optimiser steps consumed
@@ -143,7 +143,6 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train's per-worker function: one stage, `steps` optimiser steps, then a checkpoint."""
     import ray.train
     import ray.train.torch
-    from transformers import AutoTokenizer
 
     entered = time.time()
     job = StageJob(**config["job"])
@@ -157,7 +156,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     algorithm = make_algorithm(job.algorithm, job.algorithm_config, job.context, job.imports)
     plan = plan_from_dict(job.plan)
-    tokenizer = AutoTokenizer.from_pretrained(algorithm.ctx.tokenizer_path)
+    tokenizer = load_tokenizer(algorithm.ctx.tokenizer_path)
     pad = pad_id(tokenizer)
     token_columns = plan.rows.token_columns
     info_columns = tuple(c for c in plan.rows.extra_columns if c not in token_columns)

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig, PreTrainedModel
 
 from bcoder_ray.batch import Batch
+from bcoder_ray.shared_storage import local_dir
 
 ENCODER_DECODER = "encoder-decoder"
 DECODER_ONLY = "decoder-only"
@@ -83,6 +84,7 @@ def load_lm(name_or_path: str, *, dtype: torch.dtype | None = None,
             device: torch.device | str | None = None) -> PreTrainedModel:
     """Load a causal or seq2seq LM, frozen (no parameter requires grad) and in eval mode, in `dtype` (default
     float32, whatever the checkpoint stores: trained weights stay float32 masters under bf16 autocast)."""
+    name_or_path = local_dir(str(name_or_path))
     config = AutoConfig.from_pretrained(name_or_path)
     cls = AutoModelForSeq2SeqLM if lm_kind(config) == ENCODER_DECODER else AutoModelForCausalLM
     lm = cls.from_pretrained(name_or_path, dtype=dtype or torch.float32)

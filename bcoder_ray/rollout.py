@@ -36,7 +36,7 @@ from bcoder_ray.buffer import ReplayBuffer, make_row
 from bcoder_ray.cached_targets import TargetChunk, TargetComputer, TargetJob
 from bcoder_ray.candidates import SamplingSettings, load_sampler, sample_and_score
 from bcoder_ray.quiet import quiet_libraries
-from bcoder_ray.tokenization import encode_prompt, tokenizer_fingerprint
+from bcoder_ray.tokenization import encode_prompt, load_tokenizer, tokenizer_fingerprint
 from envs.problem import Problem
 
 
@@ -169,13 +169,12 @@ class PolicyWorker:
 
     def __init__(self, args: WorkerArgs, executor_handles: Sequence[Any] | None = None, actor_name: str = ""):
         import torch
-        from transformers import AutoTokenizer
 
         torch.set_num_threads(max(1, args.num_threads))
         quiet_libraries()
         self.args = args
         self.actor_name = actor_name or f"actor-{os.getpid()}"
-        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
+        self.tokenizer = load_tokenizer(args.tokenizer_path)
         self.tokenizer_hash = tokenizer_fingerprint(self.tokenizer)
         self.problems = args.problems
         self._prompt_ids: dict[str, list[list[int]]] = {

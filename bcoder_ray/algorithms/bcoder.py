@@ -29,6 +29,8 @@ from bcoder_ray.algorithms.losses import phi_loss, theta_loss
 from bcoder_ray.algorithms.q_model import META_FILE, QModel
 from bcoder_ray.algorithms.targets import compute_frozen_targets, targets_fingerprint
 from bcoder_ray.batch import Batch
+from bcoder_ray.shared_storage import local_dir
+from bcoder_ray.tokenization import load_tokenizer
 
 
 class BCoderConfig(AlgorithmConfig):
@@ -120,9 +122,7 @@ class BCoder(Algorithm):
 
     @cached_property
     def _tokenizer(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.ctx.tokenizer_path)
+        return load_tokenizer(self.ctx.tokenizer_path)
 
     def _targets(self, phi_dir: str | None, needs_actions: bool) -> TargetsPlan | None:
         """Stage φ: â and A_ckpt; stage θ: â (conservative operator) and V_φ (when θ uses φ)."""
@@ -190,7 +190,7 @@ class BCoder(Algorithm):
         return compute
 
     def load_ranker(self, spec: Mapping[str, Any], label: str, device=None) -> Ranker:
-        theta_dir, phi_dir = spec["theta_dir"], spec.get("phi_dir")
+        theta_dir, phi_dir = local_dir(spec["theta_dir"], "theta checkpoint"), spec.get("phi_dir")
         with open(os.path.join(theta_dir, META_FILE), encoding="utf-8") as f:
             uses_phi = bool(json.load(f).get("uses_phi", True))
         if uses_phi and phi_dir is None:

@@ -47,6 +47,8 @@ from bcoder_ray.algorithms.coderl_losses import REDUCTIONS, coderl_actor_loss, t
 from bcoder_ray.algorithms.critic import (BINARY_CLASSES, FOUR_CLASSES, Critic, check_critic_tokenizer,
                                           critic_loss, outcome_labels, p_passed, token_values)
 from bcoder_ray.batch import Batch, collate
+from bcoder_ray.shared_storage import local_dir
+from bcoder_ray.tokenization import load_tokenizer, pad_id
 
 TARGET_COLUMNS = ("q_hat", "r_baseline")
 STAGES = ("critic", "critic_test", "actor")
@@ -185,6 +187,7 @@ def load_trainable_lm(path: str, device=None):
 
     from bcoder_ray.lm import ENCODER_DECODER, lm_kind
 
+    path = local_dir(path, "actor checkpoint")
     config = AutoConfig.from_pretrained(path)
     cls = AutoModelForSeq2SeqLM if lm_kind(config) == ENCODER_DECODER else AutoModelForCausalLM
     lm = cls.from_pretrained(path)
@@ -391,11 +394,7 @@ class CodeRL(Algorithm):
     # -- the workers' side
     @cached_property
     def _pad(self) -> int:
-        from transformers import AutoTokenizer
-
-        from bcoder_ray.tokenization import pad_id
-
-        return pad_id(AutoTokenizer.from_pretrained(self.ctx.tokenizer_path))
+        return pad_id(load_tokenizer(self.ctx.tokenizer_path))
 
     def build_stage(self, plan: StagePlan, device=None) -> StageModule:
         x = self.ctx

@@ -50,6 +50,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 from bcoder_ray.batch import Batch
 from bcoder_ray.lm import ENCODER_DECODER, hidden_size, lm_kind, new_head, positions_from_mask
+from bcoder_ray.shared_storage import local_dir
 from bcoder_ray.tokenization import tokenizer_fingerprint
 from envs.result import OUTCOMES, Outcome
 
@@ -130,7 +131,7 @@ class Critic(nn.Module):
                dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "Critic":
         """Body = the checkpoint's base model (no LM head), trainable; head ~ N(0, 0.02²), bias 0, from ``seed``."""
         classes = _check_classes(classes)
-        body = AutoModel.from_pretrained(checkpoint, dtype=dtype)
+        body = AutoModel.from_pretrained(local_dir(checkpoint), dtype=dtype)
         like = next(body.parameters())
         generator = torch.Generator().manual_seed(seed)
         head = new_head(hidden_size(body), len(classes), like, generator)
@@ -141,6 +142,7 @@ class Critic(nn.Module):
     def load(cls, directory: str, *, dtype: torch.dtype | None = None,
              device: torch.device | str | None = None) -> "Critic":
         from safetensors.torch import load_file
+        directory = local_dir(directory, "critic checkpoint")
         meta = read_meta(directory)
         body = AutoModel.from_pretrained(directory, dtype=dtype)
         state = load_file(os.path.join(directory, HEAD_FILE))

@@ -27,7 +27,8 @@ from bcoder_ray.algorithms.base import Algorithm, Rows, RunContext, StageModule,
 from bcoder_ray.algorithms.pg_losses import ValueHead
 from bcoder_ray.algorithms.targets import checkpoint_identity
 from bcoder_ray.lm import PolicyLM, load_lm
-from bcoder_ray.tokenization import tokenizer_fingerprint
+from bcoder_ray.shared_storage import local_dir
+from bcoder_ray.tokenization import load_tokenizer, tokenizer_fingerprint
 
 VALUE_HEAD_FILE = "ppo_value_head.safetensors"
 ON_POLICY_COLUMNS = ("logprobs",)
@@ -46,6 +47,7 @@ def load_value_head(directory: str | None, policy: PolicyLM, seed: int) -> Value
     """PPO's value head saved in `directory` beside its LM, or a fresh one (seeded: every process that builds
     the fresh head of θ_ckpt gets the same weights) when `directory` is None or holds none."""
     head = ValueHead.for_policy(policy, seed=seed)
+    directory = local_dir(directory, "value head checkpoint") if directory else directory
     path = os.path.join(directory, VALUE_HEAD_FILE) if directory else None
     if path and os.path.exists(path):
         from safetensors.torch import load_file
@@ -115,9 +117,7 @@ class LMPolicyAlgorithm(Algorithm):
 
     @cached_property
     def _tokenizer(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.ctx.tokenizer_path)
+        return load_tokenizer(self.ctx.tokenizer_path)
 
     def policy(self, state: dict) -> str | None:
         return state.get(self.stage)

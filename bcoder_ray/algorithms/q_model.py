@@ -67,6 +67,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from bcoder_ray.batch import Batch
+from bcoder_ray.shared_storage import local_dir
 from bcoder_ray.lm import (DECODER_ONLY, ENCODER_DECODER, Encoded, PolicyLM, SharedEncoder, Trunk,  # noqa: F401
                            decoder_body, float32_linear, hidden_size, lm_kind, load_lm, new_head,
                            positions_from_mask, token_logit_stats)
@@ -216,6 +217,9 @@ class QModel(nn.Module):
         unknown = set(parts) - set(PARTS)
         if unknown or not parts:
             raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {parts}")
+        checkpoint = local_dir(checkpoint)
+        phi_dir = local_dir(phi_dir, "phi checkpoint") if phi_dir else phi_dir
+        theta_dir = local_dir(theta_dir, "theta checkpoint") if theta_dir else theta_dir
         config = AutoConfig.from_pretrained(checkpoint)
         kind = lm_kind(config)
         generator = torch.Generator().manual_seed(seed)

@@ -16,6 +16,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bcoder_ray.buffer.schema import DICTIONARY_COLUMNS, STATISTICS_COLUMNS
+from bcoder_ray.shared_storage import require_shared, resolve
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +47,6 @@ class FileEntry:
         return self.name[: -len(".parquet")] if self.name.endswith(".parquet") else self.name
 
 
-def resolve(uri: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, root path) for a local path, a `scheme://` URI, or a path on a given filesystem."""
-    if filesystem is not None:
-        root = uri.split("://", 1)[1] if "://" in uri else uri
-        if isinstance(filesystem, pafs.LocalFileSystem):
-            root = os.path.abspath(root)
-        return filesystem, root.rstrip("/")
-    if "://" not in uri:
-        uri = os.path.abspath(uri)
-    fs, root = pafs.FileSystem.from_uri(uri)
-    return fs, root.rstrip("/")
-
-
 def parquet_options(schema: pa.Schema, compression: str) -> dict:
     """Writer options: dictionary encoding and statistics only on the small columns (both cost time on
     per-token lists); dense per-token floats uncompressed (they barely compress, and compressing them took a
@@ -83,6 +71,8 @@ class Store:
 
     def __init__(self, uri: str, filesystem: pafs.FileSystem | None = None, compression: str = "snappy"):
         self.uri = uri
+        if filesystem is None:
+            require_shared(uri, "buffer.uri")
         self.fs, self.root = resolve(uri, filesystem)
         self.compression = compression
         # Object stores make an object visible only once its upload completes: one PUT is atomic there.
