@@ -29,6 +29,16 @@ VARIANT_NAMES = {
     "filtered_pass": "filtered",
     "filtered_ranked_pass": "filtered, ranked by R̃",
 }
+
+
+def variant_name(chosen: str, metrics: Mapping) -> str:
+    """The variant's name in tables; a ranked variant names its ranker (CodeRL's critic ranks too, not R̃)."""
+    name = VARIANT_NAMES[chosen]
+    if "ranked" in chosen and str(metrics.get("ranker") or "").startswith("critic"):
+        name = name.replace("R̃", "the critic")
+    return name
+
+
 SHORT_DIFFICULTY = {"introductory": "intro", "interview": "inter", "competition": "comp"}
 
 # Section 7 of docs/bcoder.md: the paper's Table 1 (APPS test set, no example tests), in percent.
@@ -119,7 +129,7 @@ def table1_rows(entries: Sequence[tuple[str | None, Mapping]], ks: Sequence[int]
                 values[str(k)][column] = None if value is None else 100.0 * value
         m_max = metrics["overall"].get("m_max")
         sampling = metrics.get("sampling") or {}
-        details = [VARIANT_NAMES[chosen], f"m={m_max}"]
+        details = [variant_name(chosen, metrics), f"m={m_max}"]
         if sampling.get("temperature") is not None:
             details.append(f"T={sampling['temperature']:g}")
         rows.append({"label": f"{label or row_label(metrics)} ({', '.join(details)})", "variant": chosen,
@@ -153,7 +163,7 @@ def summary_line(metrics: Mapping, k: int = 1, variant: str = "auto") -> str:
     chosen = choose_variant(metrics, variant)
     overall = metrics["overall"]
     value = overall.get(f"{chosen}@k", {}).get(str(k))
-    text = f"{VARIANT_NAMES[chosen]} pass@{k} = " + ("–" if value is None else f"{100 * value:.2f}%")
+    text = f"{variant_name(chosen, metrics)} pass@{k} = " + ("–" if value is None else f"{100 * value:.2f}%")
     ci = overall.get(f"{chosen}@1_ci") if k == 1 else None
     if ci and value is not None:
         text += f" [{100 * ci['low']:.2f}, {100 * ci['high']:.2f}] ({100 * ci['level']:g}% CI)"

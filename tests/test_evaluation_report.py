@@ -84,6 +84,7 @@ def test_metrics_json_round_trip_and_bad_files(tmp_path):
         load_metrics(tmp_path / "missing.json")
     assert summary_line(metrics).startswith("ranked by R̃ pass@1 = ")
     assert "CI" in summary_line(metrics)
+    assert summary_line({**metrics, "ranker": "critic-final"}).startswith("ranked by the critic pass@1 = ")
 
 
 def test_rtilde_order_statement():
