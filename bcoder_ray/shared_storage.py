@@ -5,11 +5,11 @@ node mounts, and the node-local copies that model loaders read.
     uri = upload_dir("/tmp/warm_start/abc", join_uri(storage_uri, "models", "theta_ckpt"))
     path = local_dir(uri)          # a folder on this node, downloaded once per node, that `from_pretrained` reads
 
-A run that spans several nodes names its shared locations in config (`run.storage_uri`, `buffer.uri`); before
-any work the driver writes a probe file at each and a task on every node must read it back
-(`bcoder_ray.ray_session.probe_every_node`). Processes started with `BCODER_REQUIRE_URIS=1` refuse to read or
-write a plain local path as a shared location (`require_shared`), so a test on one machine, whose nodes share
-its disk, cannot pass by reading a path only the driver's node would have on a real cluster.
+Every model and tokenizer load goes through `local_dir`, so a checkpoint recorded as a URI loads on any node;
+the buffer's location is `buffer.uri`. Processes started with `BCODER_REQUIRE_URIS=1` refuse a plain local path
+as a shared location (`require_shared`), so a test on one machine, whose nodes share its disk, cannot pass by
+reading a path only the driver's node would have on a real cluster. (Not built yet: `run.storage_uri` for Ray
+Train's storage and the warm start, and a probe that every node reads before any work.)
 """
 
 from __future__ import annotations
@@ -131,8 +131,3 @@ def read_text(uri: str) -> str:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
         return f.read().decode()
-
-
-def delete_file(uri: str) -> None:
-    fs, path = resolve(uri)
-    fs.delete_file(path)

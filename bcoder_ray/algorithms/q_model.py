@@ -67,10 +67,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from bcoder_ray.batch import Batch
-from bcoder_ray.shared_storage import local_dir
 from bcoder_ray.lm import (DECODER_ONLY, ENCODER_DECODER, Encoded, PolicyLM, SharedEncoder, Trunk,  # noqa: F401
                            decoder_body, float32_linear, hidden_size, lm_kind, load_lm, new_head,
                            positions_from_mask, token_logit_stats)
+from bcoder_ray.shared_storage import local_dir
 
 PARTS = ("ckpt", "phi", "theta")
 STAGES = ("phi", "theta", "none")
