@@ -64,7 +64,17 @@ class RunConfig(Section):
     seed: int = 0
     """Seeds the warm start, sampling, data order and initialisation."""
     run_dir: str | None = None
-    """null: runs/<name>-<timestamp> under the current directory."""
+    """null: runs/<name>-<timestamp> under the current directory. The driver's own files (state, config,
+    evaluations, TensorBoard, tables) stay here, on the driver's machine."""
+    storage_uri: str | None = None
+    """Where the files every node reads go, under <storage_uri>/<run folder name>/: Ray Train's runs and their
+    checkpoints (train/), θ_ckpt when it is a local folder (models/theta_ckpt/), and the buffer unless buffer.uri
+    is set (buffer/). A URI (s3://bucket/prefix, with ?endpoint_override=... for an S3-compatible endpoint) or a
+    path on a filesystem every node mounts. null: the run folder (one machine: a cluster of more than one node is
+    refused before any work)."""
+    id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    """The run's id, in its batch keys, policy versions and rollout seeds (unique in a shared buffer). null: a
+    fresh one; set it only to repeat a run exactly (never two runs with one id on one buffer)."""
     progress: bool = True
     """tqdm progress bars on stderr."""
     tensorboard: bool = True
@@ -197,7 +207,8 @@ class ExecutorConfig(Section):
 
 class BufferConfig(Section):
     uri: str | None = None
-    """null: <run_dir>/buffer; any URI the replay buffer accepts (s3://...)."""
+    """null: <run.storage_uri>/<run folder name>/buffer, or <run_dir>/buffer without run.storage_uri; any URI the
+    replay buffer accepts (s3://...), or a path; a location outside the run is shared by the runs naming it."""
     human_programs: Literal["loop", "train"] = "loop"
     """Whose human programs seed the buffer: "loop", the RL loop's problems (`suite.max_train_problems`);
     "train", every problem of the train split, the warm start's included (the paper's setting: all human
@@ -239,6 +250,17 @@ class StageConfig(Section):
     """With use_gpu; 0 means one GPU per worker."""
     report_every: int = Field(10, ge=1)
     """ray.train.report metrics every N steps (a checkpoint at the end)."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Also report a checkpoint the stage can continue from every N optimiser steps (trained parameters,
+    optimiser, scheduler, RNG and step; the data position is the step): a worker failure restarts the workers
+    from it (Ray Train's max_failures), and `--resume` of an interrupted run continues the stage from it. 0: a
+    checkpoint at the end only (a failure restarts the stage from step 0). Needs num_workers >= 1."""
+
+    @model_validator(mode="after")
+    def _checkpoints_need_workers(self) -> "StageConfig":
+        if self.checkpoint_every and self.num_workers == 0:
+            raise ValueError("checkpoint_every needs num_workers >= 1 (Ray Train's local mode keeps no checkpoints)")
+        return self
 
     @model_validator(mode="after")
     def _fp16_needs_gpu(self) -> "StageConfig":

@@ -22,6 +22,7 @@ table: `bcoder_ray.run_table`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import sys
@@ -51,6 +52,8 @@ from bcoder_ray.run_folder import (CONFIG_FILE, TABLE_FILE, RunPlan, RunState, p
                                    version_name, write_metrics_lines)
 from bcoder_ray.plots import plot_budget_curve
 from bcoder_ray.run_table import final_table, probe_points
+from bcoder_ray.shared_storage import is_dir, is_local_path, join_uri, upload_dir
+from bcoder_ray.storage_probe import check_every_node_sees
 from bcoder_ray.tokenization import load_tokenizer, pad_id, tokenizer_fingerprint
 from bcoder_ray.warm_start import warm_start
 from envs.execute import Executor
@@ -100,6 +103,9 @@ class Run:
         self.run_dir = plan.run_dir
         self.state = RunState.load(self.run_dir)
         self.writer = None
+        # what every node reads: Ray Train's runs, θ_ckpt, the buffer (bcoder_ray.shared_storage)
+        storage = self.cfg.run.storage_uri
+        self.storage = join_uri(storage, self.run_dir.name) if storage else str(self.run_dir.resolve())
 
     # ------------------------------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
@@ -131,10 +137,14 @@ class Run:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
         if not st.run_id:  # a new run: its policy versions carry its id (unique in a shared buffer)
-            st.run_id = uuid.uuid4().hex[:12]
+            st.run_id = cfg.run.id or uuid.uuid4().hex[:12]
             st.policy_version = version_name(st.run_id, 0)
+        stack.enter_context(ray_session(cfg))
+        # before any work: on a cluster, every node must see where the run's shared files go
+        check_every_node_sees({"run.storage_uri": self.storage, "buffer.uri": self.buffer_uri()})
         self.load_problems()
         st.theta_ckpt = self.resolve_checkpoint()
+        check_every_node_sees({}, folders={"model.checkpoint": st.theta_ckpt} if is_dir(st.theta_ckpt) else {})
         self.ctx = run_context(cfg, st.theta_ckpt, self.buffer_uri())
         self.algorithm = make_algorithm(cfg.algorithm.name, cfg.algorithm, self.ctx, cfg.imports)
         st.save(self.run_dir)
@@ -148,7 +158,6 @@ class Run:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = stack.enter_context(contextlib.closing(SummaryWriter(str(self.run_dir / "tensorboard"))))
-        stack.enter_context(ray_session(cfg))
         import ray
 
         self.schedule = plan_schedule(cfg, self.algorithm.stage_names, cluster_need(ray.cluster_resources()))
@@ -192,21 +201,27 @@ class Run:
             self.eval_sets[split] = problems if s.max_eval_problems is None else problems[: s.max_eval_problems]
 
     def resolve_checkpoint(self) -> str:
+        """θ_ckpt: the recorded one (a resume), the given one, or a warm start; a local folder is uploaded to
+        <run storage>/models/theta_ckpt when run.storage_uri is set, so every node loads it."""
         m, st = self.cfg.model, self.state
-        if m.checkpoint is not None:
-            return m.checkpoint
-        if st.theta_ckpt and Path(st.theta_ckpt).is_dir():
+        if st.theta_ckpt and is_dir(st.theta_ckpt):
             return st.theta_ckpt
-        cache = warm_start_cache(self.cfg)
-        self.log(f"warm start: {len(self.warm_start_problems)} problems, cache {cache}")
-        started = time.time()
-        path = str(warm_start(self.warm_start_problems, warm_start_config(self.cfg), cache,
-                              progress=self.cfg.run.progress))
-        self.log(f"warm start ready in {time.time() - started:.0f}s: {path}")
+        if m.checkpoint is not None:
+            path = m.checkpoint
+        else:
+            cache = warm_start_cache(self.cfg)
+            self.log(f"warm start: {len(self.warm_start_problems)} problems, cache {cache}")
+            started = time.time()
+            path = str(warm_start(self.warm_start_problems, warm_start_config(self.cfg), cache,
+                                  progress=self.cfg.run.progress))
+            self.log(f"warm start ready in {time.time() - started:.0f}s: {path}")
+        if self.cfg.run.storage_uri and is_local_path(path) and Path(path).expanduser().is_dir():
+            path = upload_dir(str(Path(path).expanduser()), join_uri(self.storage, "models", "theta_ckpt"))
+            self.log(f"θ_ckpt uploaded to {path}")
         return path
 
     def buffer_uri(self) -> str:
-        return self.cfg.buffer.uri or str((self.run_dir / "buffer").resolve())
+        return self.cfg.buffer.uri or join_uri(self.storage, "buffer")
 
     def seed_buffer(self) -> None:
         """Prompts of every problem, and the human programs of the loop's problems (of the whole train split
@@ -287,18 +302,19 @@ class Run:
                  f"{time.time() - started:.0f}s")
         return n
 
-    def learn(self, plan: StagePlan, it: int):
+    def learn(self, plan: StagePlan, it: int, running: dict[str, str]):
+        """Train one stage; `running` ({label: Ray Train run name}, saved in state.json before the stage starts)
+        names the run an interrupted attempt left, which continues from its last checkpoint."""
         cfg = self.cfg
         st = cfg.stage(plan.name)
         label = plan.label or plan.name
-        name = f"{label}-iter{it}-{uuid.uuid4().hex[:6]}"
+        resume = label in running
+        name = running.setdefault(label, f"{label}-iter{it}-{uuid.uuid4().hex[:6]}")
+        self.state.save(self.run_dir)
         job = StageJob(algorithm=cfg.algorithm.name, algorithm_config=cfg.algorithm.model_dump(),
                        context=dataclasses.asdict(self.ctx), plan=dataclasses.asdict(plan),
                        optim=st.model_dump(mode="json"), imports=tuple(cfg.imports), seed=cfg.run.seed + it,
-                       progress=cfg.run.progress, step_offset=it * st.steps,
-                       tensorboard_dir=str((self.run_dir / "tensorboard" / label).resolve())
-                       if cfg.run.tensorboard else None,
-                       reads_dir=str((self.run_dir / READS_DIR / name).resolve()))
+                       progress=cfg.run.progress, step_offset=it * st.steps)
         rows = plan.rows
         dataset = self.buffer.ray_dataset(
             st.batch_size_per_worker, job.batches_needed(st.num_workers), rho_real=rows.rho_real,
@@ -308,8 +324,11 @@ class Run:
         scaling = ScalingSpec(num_workers=st.num_workers, use_gpu=st.use_gpu, cpus_per_worker=st.cpus_per_worker,
                               gpus_per_worker=st.gpus_per_worker)
         self.log(f"stage {label}: {st.steps} steps × {st.batch_size_per_worker}×{st.num_workers}×{st.grad_accum} "
-                 f"programs ({name})")
-        result = train_stage(job, dataset, scaling, storage_path=str((self.run_dir / "train").resolve()), name=name)
+                 f"programs ({name}{', continued from its last checkpoint' if resume else ''})")
+        result = train_stage(job, dataset, scaling, storage_path=join_uri(self.storage, "train"), name=name,
+                             tensorboard_dir=self.run_dir / "tensorboard" / label if cfg.run.tensorboard else None,
+                             reads_dir=self.run_dir / READS_DIR / name, resume=resume)
+        del running[label]
         last = result.history[-1] if result.history else {}
         self.log(f"stage {label} done in {result.wall_s:.0f}s: " +
                  ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
@@ -374,26 +393,34 @@ class Run:
         st.programs_sampled += roll["programs"]
         st.programs_executed += roll["executed"]
         st.infra_failures += roll["infra"]
-        record: dict[str, Any] = {"iteration": it, "rollout": roll, "stages": {}}
+        if st.in_progress is None or st.in_progress["iteration"] != it:  # (else: resumed inside this iteration)
+            st.in_progress = {"iteration": it, "algorithm": copy.deepcopy(st.algorithm), "stages": {}, "running": {}}
+        progress = st.in_progress
+        record: dict[str, Any] = {"iteration": it, "rollout": roll, "stages": progress["stages"]}
         if self.schedule.release_actors:
             self.stop_pool()  # their GPUs go to the learners (bcoder_ray.resources)
-        for plan in algo.plan_iteration(it, st.algorithm, st.policy_version):
+        for plan in algo.plan_iteration(it, copy.deepcopy(progress["algorithm"]), st.policy_version):
             plan = self.scoped(algo.prepare_stage(plan, st.algorithm))
             label = plan.label or plan.name
+            if label in progress["stages"]:
+                self.log(f"stage {label}: finished before the interruption; not redone")
+                continue
             if plan.skip_if_empty and not self.buffer.read(columns=["sample_id"],
                                                            filters=dict(plan.rows.filters) or None).num_rows:
                 self.log(f"stage {label}: no buffer rows match {dict(plan.rows.filters)}; skipped")
                 algo.after_stage(plan, None, it, st.algorithm)
-                record["stages"][label] = {"skipped": True}
+                progress["stages"][label] = {"skipped": True}
+                st.save(self.run_dir)
                 continue
             # 2. targets
             filled = self.fill_targets(plan)
             # 3. learn
-            result = self.learn(plan, it)
+            result = self.learn(plan, it, progress["running"])
             algo.after_stage(plan, result.checkpoint_dir, it, st.algorithm)
-            record["stages"][label] = {"checkpoint": result.checkpoint_dir, "wall_s": result.wall_s,
-                                       "targets_filled": filled,
-                                       **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+            progress["stages"][label] = {"checkpoint": result.checkpoint_dir, "wall_s": result.wall_s,
+                                         "targets_filled": filled,
+                                         **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+            st.save(self.run_dir)  # a resume continues after this stage
         # 4. publish: the actors load the new policy by path on their next task
         st.policy, st.policy_version = algo.policy(st.algorithm), version_name(st.run_id, it + 1)
         if self.pool is None:
@@ -443,6 +470,7 @@ class Run:
                 break
             st.iterations.append(record)
             st.completed_iterations = it + 1
+            st.in_progress = None
             st.save(self.run_dir)
             write_metrics_lines(self.run_dir, st)
         if st.final_test is None and st.iterations:

@@ -4,8 +4,9 @@
                    plan=asdict(plan), optim=cfg.stage("theta").model_dump(), seed=3)
     dataset = buffer.ray_dataset(B, job.batches_needed(num_workers), rho_real=plan.rows.rho_real, ...)
     result = train_stage(job, dataset, ScalingSpec(num_workers=2, cpus_per_worker=0.5),
-                         storage_path=run_dir / "train", name="theta-iter1-a0")
-    result.checkpoint_dir      # what the stage's `StageModule.save` wrote
+                         storage_path="s3://bucket/runs/r1/train", name="theta-iter1-a0",
+                         tensorboard_dir=run_dir / "tensorboard" / "theta", reads_dir=run_dir / "reads" / "theta-iter1-a0")
+    result.checkpoint_dir      # what the stage's `StageModule.save` wrote: s3://bucket/runs/r1/train/theta-iter1-a0/final
 
 Each worker rebuilds the algorithm from plain data (`bcoder_ray.algorithms.make_algorithm`, after importing the
 modules that register outside algorithms), builds the stage's `StageModule` (`Algorithm.build_stage`), wraps it
@@ -13,7 +14,10 @@ with `ray.train.torch.prepare_model` (DDP over exactly its trainable parameters)
 shard of the buffer's Ray Data view (`ray.train.get_dataset_shard`), and optimises with AdamW under the
 configured schedule, gradient accumulation, mixed precision and clipping. Metrics go out with
 `ray.train.report` every `report_every` steps; the last report carries the checkpoint (rank 0 writes it) and the
-whole metric history, which the driver turns into TensorBoard scalars.
+whole metric history. Ray Train's storage is `storage_path`, a local path or a URI every node reaches (with its
+pyarrow filesystem: `bcoder_ray.shared_storage.resolve`), and the checkpoint comes back as a location of the same
+kind. The workers write nothing else: the progress bar, live TensorBoard scalars and the per-rank read counts go
+through a `bcoder_ray.stage_channel.StageChannel` actor, and the driver writes those files.
 
 Every call gets its own Ray Train run name: a reused `RunConfig(name, storage_path)` would silently resume an
 old run, so the driver names runs by stage, iteration and attempt.
@@ -23,29 +27,29 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import math
 import os
-import sys
+import shutil
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
 from bcoder_ray.algorithms import make_algorithm
 from bcoder_ray.algorithms.base import Rows, StagePlan, TargetsPlan
 from bcoder_ray.batch import collate
 from bcoder_ray.buffer import rows_from_batch
-from bcoder_ray.io import atomic_write_text
 from bcoder_ray.quiet import quiet_libraries, quiet_ray_logs
+from bcoder_ray.shared_storage import is_uri, join_uri, resolve, upload_dir, uri_of
+from bcoder_ray.stage_channel import stage_channel
 from bcoder_ray.tokenization import load_tokenizer, pad_id
 
 CHECKPOINT_DIR_NAME = "final"
-READS_FILE = "reads-rank{rank}.json"  # {sample_id: reads}: the buffer rows one rank's optimiser steps consumed
+RESUME_FILE = "resume.pt"  # in a resumable checkpoint: trained parameters, optimiser, scheduler, RNG, step
 
 
 @dataclass(frozen=True)
@@ -60,9 +64,7 @@ class StageJob:
     imports: tuple[str, ...] = ()  # modules that register outside algorithms
     seed: int = 0
     progress: bool = True
-    tensorboard_dir: str | None = None  # rank 0 streams its metrics there while the stage runs
     step_offset: int = 0  # the TensorBoard step of this stage's step 0 (stages of earlier iterations before it)
-    reads_dir: str | None = None  # each rank writes there how often it read each buffer row (READS_FILE)
 
     @property
     def steps(self) -> int:
@@ -135,10 +137,6 @@ def _batches(shard, batch_size: int):
             raise RuntimeError("learner: the training dataset shard is empty (no buffer rows with targets?)")
 
 
-def write_reads(path: str, reads: collections.Counter) -> None:
-    atomic_write_text(path, json.dumps(dict(sorted(reads.items()))))
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's per-worker function: one stage, `steps` optimiser steps, then a checkpoint."""
     import ray.train
@@ -171,21 +169,23 @@ def train_loop_per_worker(config: dict) -> None:
     use_amp = o.mixed_precision != "no"
     amp_dtype = torch.bfloat16 if o.mixed_precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if o.mixed_precision == "fp16" else None
+    resumable = [*params, optimizer, scheduler, scaler]
+    # a worker-group restart (Ray Train's max_failures) or a resumed run continues from the last checkpoint
+    start_step, history = load_resume_state(ray.train.get_checkpoint(), job, resumable, device)
 
     model_ready = time.time()
     batches = _batches(ray.train.get_dataset_shard("train"), o.batch_size_per_worker)
-    progress = config.get("progress_counter") if ctx.get_world_rank() == 0 else None  # the driver draws the bar
-    writer = None
-    if job.tensorboard_dir and ctx.get_world_rank() == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(job.tensorboard_dir)
+    channel = config["channel"]  # to the driver: steps and metric entries (rank 0), read counts (every rank)
+    rank0 = ctx.get_world_rank() == 0
     reads: collections.Counter[str] = collections.Counter()  # off-policy reuse: reads of each buffer row
-    history: list[dict] = []
+    for _ in range(start_step * o.grad_accum):  # the data position: the batches the steps before consumed
+        table = next(batches)
+        if "sample_id" in table.column_names:
+            reads.update(table["sample_id"].to_pylist())
     window: dict[str, float] = {}
     n_window = 0
     started = last_report = time.time()
-    for step in range(o.steps):
+    for step in range(start_step, o.steps):
         step_metrics: dict[str, float] = {}
         for micro in range(o.grad_accum):
             table = next(batches)
@@ -216,8 +216,8 @@ def train_loop_per_worker(config: dict) -> None:
         for k, v in step_metrics.items():
             window[k] = window.get(k, 0.0) + v
         n_window += 1
-        if progress is not None:
-            progress.set.remote(step + 1)
+        if rank0:
+            channel.set_steps.remote(step + 1)
         last = step == o.steps - 1
         if (step + 1) % o.report_every == 0 or last:
             now = time.time()
@@ -226,18 +226,16 @@ def train_loop_per_worker(config: dict) -> None:
                          programs_per_s=n_window * o.grad_accum * o.batch_size_per_worker * world
                          / max(now - last_report, 1e-9))
             history.append(entry)
-            if writer is not None:  # live: visible in TensorBoard while the stage runs
-                for k, v in entry.items():
-                    if k != "step":
-                        writer.add_scalar(f"{job.stage}/{k}", float(v), job.step_offset + step + 1)
-                writer.flush()
+            if rank0:  # live: the driver writes it to TensorBoard while the stage runs
+                channel.add_entry.remote(entry)
             window, n_window, last_report = {}, 0, now
-            if not last:
-                ray.train.report({**entry, "stage": job.stage})
-    if writer is not None:
-        writer.close()
-    if job.reads_dir and reads:
-        write_reads(os.path.join(job.reads_dir, READS_FILE.format(rank=ctx.get_world_rank())), reads)
+        if not last and o.checkpoint_every and (step + 1) % o.checkpoint_every == 0:
+            report_resumable(rank0, job, step + 1, resumable, history, {**(history[-1] if history else {}),
+                                                                         "stage": job.stage})
+        elif not last and ((step + 1) % o.report_every == 0):
+            ray.train.report({**history[-1], "stage": job.stage})
+    if reads:
+        ray.get(channel.add_reads.remote(ctx.get_world_rank(), dict(reads)))
     final = {**(history[-1] if history else {}), "stage": job.stage, "history": history,
              "train_s": time.time() - started, "model_setup_s": model_ready - entered,
              "worker_entered_at": entered}
@@ -247,101 +245,136 @@ def train_loop_per_worker(config: dict) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
-        if ctx.get_world_rank() == 0:
+        if rank0:
             stage.save(tmp, tokenizer)
+            if o.checkpoint_every:  # a run resumed after its last report finds a finished stage
+                save_resume_state(tmp, job, o.steps, resumable, history)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(final, checkpoint=checkpoint, checkpoint_dir_name=CHECKPOINT_DIR_NAME)
+
+
+def _state(obj):
+    return obj.detach().cpu().clone() if isinstance(obj, torch.Tensor) else obj.state_dict()
+
+
+def save_resume_state(folder: str, job: StageJob, step: int, resumable: list, history: list[dict]) -> None:
+    """What continuing the stage after optimiser step `step` needs: the trained parameters (in the order of
+    `trainable_parameters()`), the optimiser's, scheduler's and grad scaler's states, the RNG states (every rank
+    is seeded alike) and the metric history. The data position is `step` itself: each rank's shard yields the
+    same batches in the same order on every attempt (the dataset is read in order, `DataConfig`)."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({"stage": job.stage, "steps": job.steps, "step": step, "history": history, "rng": rng,
+                "state": [None if x is None else _state(x) for x in resumable]}, os.path.join(folder, RESUME_FILE))
+
+
+def load_resume_state(checkpoint, job: StageJob, resumable: list, device) -> tuple[int, list[dict]]:
+    """(the step to continue from, the metric history so far) from a checkpoint `save_resume_state` wrote,
+    restoring `resumable` in place; (0, []) without one."""
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as folder:
+        path = os.path.join(folder, RESUME_FILE)
+        if not os.path.exists(path):
+            raise RuntimeError(f"Ray Train run of stage {job.stage!r}: its checkpoint {checkpoint.path} has no "
+                               f"{RESUME_FILE} (written by another version, or checkpoint_every was 0)")
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    if (saved["stage"], saved["steps"], len(saved["state"])) != (job.stage, job.steps, len(resumable)):
+        raise RuntimeError(f"{checkpoint.path}/{RESUME_FILE}: stage {saved['stage']!r} of {saved['steps']} steps "
+                           f"with {len(saved['state'])} states; this is {job.stage!r} of {job.steps} steps with "
+                           f"{len(resumable)}")
+    with torch.no_grad():
+        for target, state in zip(resumable, saved["state"]):
+            if isinstance(target, torch.Tensor):
+                target.copy_(state.to(target.device))
+            elif target is not None:
+                target.load_state_dict(state)
+    torch.set_rng_state(saved["rng"]["cpu"])
+    if saved["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    return int(saved["step"]), list(saved["history"])
+
+
+def report_resumable(rank0: bool, job: StageJob, step: int, resumable: list, history: list[dict],
+                     metrics: dict) -> None:
+    """Report a checkpoint the stage can continue from (rank 0 writes it; every rank reports)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank0:
+            save_resume_state(tmp, job, step, resumable, history)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{step:06d}")
 
 
 # ------------------------------------------------------------------------------------------ driver side
 
 
-class StepCounter:
-    """Rank 0's optimiser steps, for the driver's progress bar (a Ray actor with no CPU). The bar is drawn by the
-    driver from this count: bars drawn from worker log lines outlive workers that Ray Train stops."""
+def in_order_data_config():
+    """Ray Train's ingest defaults, read in order and split without regard to locality: each rank's shard yields
+    the same batches in the same order on every attempt, so a resumed stage's data position is its step. (The
+    batches are token ids, small beside a step's compute: locality saves little.)"""
+    from ray.train import DataConfig
 
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def set(self, steps: int) -> None:
-        self.steps = steps
-
-    def get(self) -> int:
-        return self.steps
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options, enable_shard_locality=False)
 
 
-@contextlib.contextmanager
-def driver_progress_bar(total: int, desc: str, enabled: bool):
-    """Yield a `StepCounter` actor handle for the workers (None when disabled) while a thread draws its count."""
-    if not enabled:
-        yield None
-        return
-    import ray
-    from tqdm.auto import tqdm
-
-    counter = ray.remote(num_cpus=0)(StepCounter).remote()
-    stop = threading.Event()
-    bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
-
-    def refresh() -> None:
-        try:
-            steps = ray.get(counter.get.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - a missed refresh of a progress bar is not an error
-            return
-        if steps != bar.n:
-            bar.update(steps - bar.n)
-
-    def poll() -> None:
-        while not stop.wait(1.0):
-            refresh()
-
-    thread = threading.Thread(target=poll, name=f"progress-{desc}", daemon=True)
-    thread.start()
-    try:
-        yield counter
-    finally:
-        stop.set()
-        thread.join()
-        refresh()  # the final count, so a finished stage ends its bar at its total
-        bar.close()
-        ray.kill(counter)
-
-
-def train_stage(job: StageJob, dataset, scaling: ScalingSpec, *, storage_path: str, name: str) -> StageResult:
-    """Run one stage as a `TorchTrainer` (fresh run `name` under `storage_path`) and return its checkpoint."""
+def train_stage(job: StageJob, dataset, scaling: ScalingSpec, *, storage_path: str, name: str,
+                tensorboard_dir: str | os.PathLike | None = None,
+                reads_dir: str | os.PathLike | None = None, resume: bool = False) -> StageResult:
+    """Run one stage as a `TorchTrainer` (run `name` under `storage_path`, a local path or a URI) and return its
+    checkpoint's location (a URI when `storage_path` is one). The driver writes rank 0's metrics under
+    `tensorboard_dir` while the stage runs and every rank's read counts under `reads_dir`. `name` must be new
+    unless `resume`: then an interrupted run of that name continues from its last checkpoint (Ray Train restores
+    it; `checkpoint_every` steps apart)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if os.path.exists(os.path.join(storage_path, name)):
+    fs, root = resolve(str(storage_path))
+    run_root = f"{root}/{name}"
+    if not resume and fs.get_file_info(run_root).type != pafs.FileType.NotFound:
         raise FileExistsError(f"Ray Train run {name!r} already exists under {storage_path}; it would be resumed")
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker or 1
     loop_config: dict[str, Any] = {"job": asdict(job)}
+    local_copy = None
     if scaling.num_workers == 0:  # Ray Train's local mode: the loop runs in this process, no worker group
-        loop_config["local_checkpoint_dir"] = os.path.join(os.path.abspath(storage_path), name, CHECKPOINT_DIR_NAME)
-        os.makedirs(loop_config["local_checkpoint_dir"])
+        if is_uri(str(storage_path)):  # saved here, uploaded after the stage
+            local_copy = tempfile.mkdtemp(prefix=f"bcoder-{name}-")
+            loop_config["local_checkpoint_dir"] = os.path.join(local_copy, CHECKPOINT_DIR_NAME)
+        else:
+            loop_config["local_checkpoint_dir"] = os.path.join(run_root, CHECKPOINT_DIR_NAME)
+        os.makedirs(loop_config["local_checkpoint_dir"], exist_ok=resume)
     started = time.time()
-    with driver_progress_bar(job.steps, f"train {job.stage}", job.progress) as counter:
-        loop_config["progress_counter"] = counter
+    with stage_channel(job.steps, f"train {job.stage}", progress=job.progress, tensorboard_dir=tensorboard_dir,
+                       step_offset=job.step_offset, tag=job.stage, reads_dir=reads_dir) as channel:
+        loop_config["channel"] = channel
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                          resources_per_worker=resources),
-            run_config=RunConfig(name=name, storage_path=os.path.abspath(storage_path),
+            run_config=RunConfig(name=name, storage_path=root, storage_filesystem=fs,
                                  failure_config=FailureConfig(max_failures=scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=1),
                                  logging_config=LoggingConfig(log_level="WARNING")),
             datasets={"train": dataset},
+            dataset_config=in_order_data_config(),
         )
         result = trainer.fit()
     finished = time.time()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint")
+    checkpoint = uri_of(result.checkpoint.path, like=str(storage_path))
+    if local_copy is not None:
+        checkpoint = upload_dir(loop_config["local_checkpoint_dir"],
+                                join_uri(str(storage_path), name, CHECKPOINT_DIR_NAME))
+        shutil.rmtree(local_copy, ignore_errors=True)
     metrics = dict(result.metrics or {})
     history = metrics.pop("history", [])
     if "worker_entered_at" in metrics:  # how long Ray Train took to start the workers
         metrics["worker_start_s"] = metrics.pop("worker_entered_at") - started
-    return StageResult(checkpoint_dir=result.checkpoint.path, metrics=metrics, history=history,
-                       wall_s=finished - started)
+    return StageResult(checkpoint_dir=checkpoint, metrics=metrics, history=history, wall_s=finished - started)

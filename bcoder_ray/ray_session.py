@@ -48,7 +48,7 @@ def ray_session(cfg: Config) -> Iterator[None]:
     if address:
         ray.init(address=address)  # a job's own runtime env (working dir) stays as submitted
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,  # never another instance
                  object_store_memory=cfg.ray.object_store_mb * 1024 ** 2,
                  include_dashboard=cfg.ray.include_dashboard,
                  runtime_env={"worker_process_setup_hook": "bcoder_ray.quiet.quiet_ray_logs",

@@ -12,7 +12,10 @@
 Resume (`--resume RUN_DIR`): iterations listed complete in state.json are skipped; the interrupted iteration is
 redone from its start. Its rollout tasks have the same keys and seeds, so the buffer's idempotent `append`
 writes nothing for a task that already landed (no row lost or duplicated); target writes are keyed the same
-way; Ray Train runs get fresh names (an old partial run is never silently resumed).
+way. Its stages that finished are not redone (`in_progress` records them, planned from the algorithm state the
+iteration started with); the stage that was running continues under its recorded Ray Train run name from its
+last checkpoint (`stages.<stage>.checkpoint_every`; from step 0 without one). Any other Ray Train run gets a
+fresh name: an old run is never resumed by accident.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ class RunState:
     final_test: dict | None = None  # the last policy on the test split (once, at the end)
     probe: list[dict] = field(default_factory=list)  # pass rate on the fixed probe set, per iteration
     reuse: dict | None = None  # off-policy reuse of the run's generated rows (bcoder_ray.reuse.reuse_stats)
+    # the iteration in progress: {"iteration", "algorithm" (the state it planned from), "stages" (the records of
+    # its finished stages), "running" ({stage label: Ray Train run name})}; None between iterations
+    in_progress: dict | None = None
     iterations: list[dict] = field(default_factory=list)
 
     @classmethod

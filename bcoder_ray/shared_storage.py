@@ -8,8 +8,9 @@ node mounts, and the node-local copies that model loaders read.
 Every model and tokenizer load goes through `local_dir`, so a checkpoint recorded as a URI loads on any node;
 the buffer's location is `buffer.uri`. Processes started with `BCODER_REQUIRE_URIS=1` refuse a plain local path
 as a shared location (`require_shared`), so a test on one machine, whose nodes share its disk, cannot pass by
-reading a path only the driver's node would have on a real cluster. (Not built yet: `run.storage_uri` for Ray
-Train's storage and the warm start, and a probe that every node reads before any work.)
+reading a path only the driver's node would have on a real cluster. `run.storage_uri` holds a run's Ray Train
+storage, its models and (by default) its buffer; `bcoder_ray.storage_probe` checks before any work that every
+node of a cluster sees them.
 """
 
 from __future__ import annotations
@@ -70,6 +71,22 @@ def join_uri(base: str, *parts: str) -> str:
     return joined + sep + query
 
 
+def uri_of(path: str, like: str) -> str:
+    """`path`, a path on the filesystem that `resolve(like)` returns (what Ray Train reports as a checkpoint's
+    path), as a location of `like`'s kind: the same scheme and `?query` for a URI, the path for a local `like`."""
+    if not is_uri(like):
+        return path
+    scheme = like.split("://", 1)[0]
+    query = like.partition("?")[2]
+    return f"{scheme}://{path.lstrip('/')}" + (f"?{query}" if query else "")
+
+
+def is_dir(path: str) -> bool:
+    """Whether the local path or URI `path` is a folder."""
+    fs, root = resolve(path)
+    return fs.get_file_info(root).type == pafs.FileType.Directory
+
+
 def require_shared(path: str, key: str) -> None:
     """Raise `NotSharedError` when this process must only use shared locations (`BCODER_REQUIRE_URIS=1`) and
     `path`, given by config key `key`, is a plain path on this node."""
@@ -83,13 +100,19 @@ def node_cache_dir() -> str:
     return os.environ.get(NODE_CACHE_ENV) or os.path.join(tempfile.gettempdir(), "bcoder-ray-files")
 
 
+def _in_node_cache(path: str) -> bool:
+    cache = os.path.realpath(node_cache_dir())
+    return os.path.commonpath([cache, os.path.realpath(path)]) == cache
+
+
 def local_dir(path: str, key: str = "model") -> str:
     """A folder on this node holding `path`: a URI is downloaded once per node (the copy is reused while it
     is complete; checkpoints under a run's storage are written once under unique names), a hub name is
-    returned as it is (the loader fetches it), a local path is returned after `require_shared`."""
+    returned as it is (the loader fetches it), a local path is returned after `require_shared` (a path inside
+    this node's cache, a copy made here, as it is: loaders call this again on what an outer loader got)."""
     path = str(path)
     if not is_uri(path):
-        if is_local_path(path):
+        if is_local_path(path) and not _in_node_cache(path):  # a copy made here is this node's own
             require_shared(path, key)
         return path
     target = os.path.join(node_cache_dir(), hashlib.sha256(path.encode()).hexdigest()[:20])
@@ -98,8 +121,8 @@ def local_dir(path: str, key: str = "model") -> str:
     fs, root = resolve(path)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{key}: {path!r} is not a folder on its filesystem")
-    os.makedirs(node_cache_dir(), exist_ok=True)
     tmp = f"{target}.{uuid.uuid4().hex}.partial"
+    os.makedirs(tmp)  # copy_files creates the sub-folders only
     pafs.copy_files(root, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     open(os.path.join(tmp, COMPLETE_MARKER), "w").close()
     try:

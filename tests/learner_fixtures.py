@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          T5Config, T5ForConditionalGeneration)
 
 KINDS = ("decoder-only", "encoder-decoder")
+# the causal families users fine-tune now (rotary positions, grouped-query attention, RMSNorm, SwiGLU; Qwen2 with
+# biased q/k/v and tied embeddings, Llama untied), as tiny random-weight stand-ins beside GPT-2 and T5
+FAMILIES = KINDS + ("qwen2", "llama")
 EOS = 1
 PAD = 0
 
 
 def tiny_checkpoint(kind: str, directory: str, *, vocab_size: int = 48, seed: int = 0, eos: int = EOS,
                     pad: int = PAD) -> str:
-    """A 2-layer GPT-2 (decoder-only) or T5 (encoder-decoder) with d_model 32, random weights, no dropout."""
+    """A 2-layer GPT-2 (decoder-only), T5 (encoder-decoder), Qwen2 or Llama with d_model 32, random weights, no
+    dropout."""
     torch.manual_seed(seed)
     if kind == "decoder-only":
         config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64,
@@ -24,6 +29,14 @@ def tiny_checkpoint(kind: str, directory: str, *, vocab_size: int = 48, seed: in
                           dropout_rate=0.0, decoder_start_token_id=pad, pad_token_id=pad, eos_token_id=eos,
                           initializer_factor=1.5)
         model = T5ForConditionalGeneration(config)
+    elif kind in ("qwen2", "llama"):
+        family = {"qwen2": (Qwen2Config, Qwen2ForCausalLM, True), "llama": (LlamaConfig, LlamaForCausalLM, False)}
+        config_cls, model_cls, tied = family[kind]
+        config = config_cls(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                            bos_token_id=eos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=tied,
+                            attention_dropout=0.0, initializer_range=0.2)
+        model = model_cls(config)
     else:
         raise ValueError(kind)
     model.save_pretrained(directory)

@@ -16,43 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from driver_process import kill_session, start_driver
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
 CI_CONFIG = "ci_tiny"
-
-
-def start_driver(args: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, str(REPO / "experiments" / "run.py"), *args], cwd=REPO, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and every process of its session (the local Ray it started: Ray's workers sit in
-    process groups of their own, but in the driver's session), as a machine crash would."""
-    import psutil
-
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=60)
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == proc.pid:
-                p.kill()
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
 
 
 def batch_written(buffer_dir: Path, batch_key: str) -> bool:

@@ -3,6 +3,7 @@ actor pool redoing a task whose actor died (with an idempotent store standing in
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -158,25 +159,33 @@ def seeded_buffer(root: Path, checkpoint: str, problems):
 
 
 @pytest.mark.slow
-def test_training_progress_bar_is_drawn_by_the_driver_from_the_workers_count(ray_local, capsys):
+def test_a_stages_bar_scalars_and_reads_are_written_by_the_driver_from_what_the_workers_send(ray_local, capsys,
+                                                                                          tmp_path):
     import ray
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from bcoder_ray.learner import driver_progress_bar
+    from bcoder_ray.stage_channel import READS_FILE, stage_channel
 
     @ray.remote(num_cpus=0)
-    def worker(counter) -> int:
+    def worker(channel, rank: int) -> None:
         for step in range(1, 4):
-            counter.set.remote(step)
-        return ray.get(counter.get.remote())
+            if rank == 0:
+                ray.get(channel.set_steps.remote(step))
+                ray.get(channel.add_entry.remote({"step": step, "loss": 1.0 / step}))
+        ray.get(channel.add_reads.remote(rank, {f"s{rank}": rank + 1, "h": 2}))
 
-    with driver_progress_bar(3, "train test", enabled=True) as counter:
-        assert ray.get(worker.remote(counter)) == 3
+    with stage_channel(3, "train test", progress=True, tensorboard_dir=tmp_path / "tb", step_offset=10, tag="theta",
+                       reads_dir=tmp_path / "reads") as channel:
+        ray.get([worker.remote(channel, r) for r in (0, 1)])
     err = capsys.readouterr().err
     assert "train test: 100%" in err and "3/3" in err  # the final count is drawn before the bar closes
-    with pytest.raises(ray.exceptions.RayActorError):  # the counter actor is gone with its bar
-        ray.get(counter.get.remote(), timeout=30)
-    with driver_progress_bar(3, "off", enabled=False) as counter:
-        assert counter is None
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("theta/loss")] == [(11, 1.0), (12, 0.5), (13, pytest.approx(1 / 3))]
+    assert json.loads((tmp_path / "reads" / READS_FILE.format(rank=1)).read_text()) == {"h": 2, "s1": 2}
+    assert json.loads((tmp_path / "reads" / READS_FILE.format(rank=0)).read_text()) == {"h": 2, "s0": 1}
+    with pytest.raises(ray.exceptions.RayActorError):  # the channel actor is gone with its stage
+        ray.get(channel.drain.remote(), timeout=30)
 
 
 def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp_path):

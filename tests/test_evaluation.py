@@ -184,8 +184,8 @@ def test_generate_filters_on_examples_and_ranks_by_rtilde(q_models, problems, ex
 
 
 def test_cli_evaluate_table_recompute_figures_and_generate(tmp_path, system, run_folder, capsys):
-    from experiments import evaluate as evaluate_cli
-    from experiments import generate as generate_cli
+    from bcoder_ray.cli import evaluate as evaluate_cli
+    from bcoder_ray.cli import generate as generate_cli
 
     common = ["--suite", "embedded", "--split", "test", "--limit", "2", "--m", "3",
               "--ks", "1", "2", "--temperature", "1.0", "--top-p", "1.0", "--max-new-tokens", "10",

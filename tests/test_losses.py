@@ -17,13 +17,13 @@ from bcoder_ray.batch import NO_ACTION, collate
 from bcoder_ray.algorithms.losses import phi_loss, td_targets, theta_loss
 from bcoder_ray.algorithms.q_model import QModel
 from bcoder_ray.algorithms.targets import compute_frozen_targets, targets_fingerprint
-from learner_fixtures import EOS, KINDS, PAD, example_rows, perturb, tiny_checkpoint
+from learner_fixtures import EOS, FAMILIES, KINDS, PAD, example_rows, perturb, tiny_checkpoint
 
 torch.set_num_threads(1)
 GAMMA = 0.9
 
 
-@pytest.fixture(scope="module", params=KINDS)
+@pytest.fixture(scope="module", params=FAMILIES)
 def checkpoint(request, tmp_path_factory):
     return tiny_checkpoint(request.param, str(tmp_path_factory.mktemp(request.param)))
 

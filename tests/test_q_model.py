@@ -9,13 +9,13 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from bcoder_ray.batch import collate
 from bcoder_ray.algorithms.losses import phi_loss, theta_loss
 from bcoder_ray.algorithms.q_model import QModel, capped_value, load_lm, softabs, token_logit_stats
-from learner_fixtures import KINDS, PAD, example_rows, perturb, tiny_checkpoint
+from learner_fixtures import FAMILIES, PAD, example_rows, perturb, tiny_checkpoint
 
 torch.set_num_threads(1)
 GAMMA = 0.999
 
 
-@pytest.fixture(scope="module", params=KINDS)
+@pytest.fixture(scope="module", params=FAMILIES)
 def checkpoint(request, tmp_path_factory):
     return tiny_checkpoint(request.param, str(tmp_path_factory.mktemp(request.param)))
 

@@ -10,7 +10,7 @@ import pytest
 
 from bcoder_ray.buffer import ReplayBuffer
 from bcoder_ray.buffer.synthetic import synthetic_rows
-from bcoder_ray.learner import READS_FILE, write_reads
+from bcoder_ray.stage_channel import READS_FILE, write_reads
 from bcoder_ray.reuse import READS_DIR, read_counts, reuse_stats
 
 

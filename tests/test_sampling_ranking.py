@@ -8,14 +8,14 @@ import torch
 from bcoder_ray.algorithms.q_model import QModel, capped_value
 from bcoder_ray.algorithms.ranking import rank, score_programs, token_scores
 from bcoder_ray.sampling import sample_programs, warp_scores
-from learner_fixtures import EOS, KINDS, PAD, perturb, tiny_checkpoint
+from learner_fixtures import EOS, FAMILIES, PAD, perturb, tiny_checkpoint
 
 torch.set_num_threads(1)
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
 PROGRAMS = [[14, 15, 16, EOS], [17, EOS], [18, 19, 20, 21, 22], [EOS]]
 
 
-@pytest.fixture(scope="module", params=KINDS)
+@pytest.fixture(scope="module", params=FAMILIES)
 def checkpoint(request, tmp_path_factory):
     return tiny_checkpoint(request.param, str(tmp_path_factory.mktemp(request.param)))
 

@@ -59,10 +59,17 @@ def test_a_model_folder_on_s3_is_copied_to_the_node_once(bucket_uri, tmp_path, m
     assert (open(os.path.join(local, "config.json")).read() == '{"a": 1}'
             and open(os.path.join(local, "sub", "w.bin"), "rb").read() == b"\x00\x01" * 1000)
     assert os.path.exists(os.path.join(local, COMPLETE_MARKER))
+    monkeypatch.setenv(REQUIRE_URIS_ENV, "1")
+    assert local_dir(local) == local  # this node's own copy is not a shared location given by config
     os.remove(os.path.join(local, "config.json"))  # a second call reuses the complete copy, downloads nothing
     assert local_dir(uri) == local and not os.path.exists(os.path.join(local, "config.json"))
     with pytest.raises(FileNotFoundError, match="not a folder"):
         local_dir(join_uri(bucket_uri, "run-a", "missing"))
+    flat = tmp_path / "flat"  # no sub-folder: the copy's own folder is made first
+    flat.mkdir()
+    (flat / "config.json").write_text("{}")
+    flat_copy = local_dir(upload_dir(str(flat), join_uri(bucket_uri, "run-a", "flat")))
+    assert sorted(os.listdir(flat_copy)) == sorted(["config.json", COMPLETE_MARKER])
     write_text(join_uri(bucket_uri, "run-a", "probe.txt"), "hello")
     assert read_text(join_uri(bucket_uri, "run-a", "probe.txt")) == "hello"
 

@@ -37,6 +37,7 @@ import torch
 
 from bcoder_ray.batch import NO_ACTION, Batch, collate
 from bcoder_ray.algorithms.q_model import Encoded, QModel
+from bcoder_ray.shared_storage import is_uri, local_dir
 from bcoder_ray.tokenization import tokenizer_fingerprint
 
 _IDENTITY_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt")
@@ -93,7 +94,10 @@ def compute_frozen_targets(model: QModel, batch: Batch | Sequence[Mapping], *,
 
 
 def checkpoint_identity(name_or_path: str) -> str:
-    """A content identity for a local checkpoint directory (cheap: sizes and edges of files), else the name."""
+    """A content identity for a checkpoint folder (cheap: sizes and edges of files; a URI's node-local copy),
+    else the name."""
+    if is_uri(name_or_path):
+        name_or_path = local_dir(name_or_path)
     if not os.path.isdir(name_or_path):
         return f"name:{name_or_path}"
     h = hashlib.sha256()
