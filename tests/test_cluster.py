@@ -14,7 +14,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from driver_process import REPO, kill_session, start_driver
+from s3_server import moto_bucket
 
 pytestmark = pytest.mark.cluster
 
@@ -41,22 +41,12 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def s3_uri():
-    import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
-
     saved = {k: os.environ.get(k) for k in CREDENTIALS}
     os.environ.update(CREDENTIALS)  # inherited by the cluster's raylets, hence by every worker
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
     try:
-        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
-                          secret_key="testing", region="us-east-1", allow_bucket_creation=True).create_dir("shared")
-        yield f"s3://shared?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        with moto_bucket() as uri:
+            yield uri
     finally:
-        server.stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -4,10 +4,9 @@ to a node-local folder once, and the `BCODER_REQUIRE_URIS` guard that refuses no
 from __future__ import annotations
 
 import os
-import socket
 
-import pyarrow.fs as pafs
 import pytest
+from s3_server import moto_bucket
 
 from bcoder_ray.buffer import ReplayBuffer
 from bcoder_ray.shared_storage import (COMPLETE_MARKER, NODE_CACHE_ENV, REQUIRE_URIS_ENV, NotSharedError,
@@ -18,19 +17,8 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 
 @pytest.fixture(scope="module")
 def bucket_uri():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
-                          secret_key="testing", region="us-east-1", allow_bucket_creation=True).create_dir("shared")
-        yield f"s3://shared?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    finally:
-        server.stop()
+    with moto_bucket() as uri:
+        yield uri
 
 
 def test_join_uri_appends_parts_before_the_query():
