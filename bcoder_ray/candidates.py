@@ -13,13 +13,17 @@ Q_θ/α is sampling from ℓ_θ: `bcoder_ray.sampling`), CodeRL's actor, the PPO
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+import torch
 
 from bcoder_ray import sampling
 from bcoder_ray.algorithms.base import Ranker, checkpoint_label
 from bcoder_ray.algorithms.q_model import QModel
+from bcoder_ray.lm import LoadOptions, generation_eos_ids, generation_eos_ids_of
 from bcoder_ray.metrics import CandidateRecord
-from bcoder_ray.tokenization import decode_program, encode_prompt, eos_id, load_tokenizer, pad_id
+from bcoder_ray.tokenization import decode_program, encode_prompt, load_tokenizer, pad_id, stop_ids
+from bcoder_ray.vllm_sampling import ENGINES, VLLMEngine
 from envs import scoring
 from envs.problem import Problem
 from envs.result import ExecResult
@@ -48,20 +52,50 @@ class SamplingSettings:
 @dataclass
 class Sampler:
     """A published policy loaded for sampling: the LM (as `QModel.ckpt`, with the frozen encoder of an
-    encoder-decoder), its tokenizer and its name in records."""
+    encoder-decoder), its tokenizer, its name in records and the token ids that end a program (EOS first)."""
 
-    model: QModel
+    model: QModel | None
     tokenizer: Any
     label: str
     path: str
+    stop_ids: tuple[int, ...] = ()
+    engine: VLLMEngine | None = None  # rollout.engine vllm: it samples, and `model` is None
+
+    def __post_init__(self) -> None:
+        if not self.stop_ids:
+            self.stop_ids = stop_ids(self.tokenizer)
 
 
 def load_sampler(path: str, *, tokenizer: str | None = None, label: str | None = None, dtype: Any = None,
-                 device: str | None = None) -> Sampler:
-    """The LM at `path` (any folder `from_pretrained` loads, or a hub name) ready to sample."""
-    model = QModel.create(str(path), parts=("ckpt",), dtype=dtype, device=device)
-    return Sampler(model=model, tokenizer=load_tokenizer(str(tokenizer or path)),
-                   label=label or checkpoint_label(str(path)), path=str(path))
+                 device: str | None = None, options: LoadOptions | Mapping[str, Any] | None = None,
+                 checkpoint: str | None = None, eos_token_ids: Sequence[int] | None = None,
+                 engine: str = "torch", seed: int = 0) -> Sampler:
+    """The LM at `path` (any folder `from_pretrained` loads, or a hub name) ready to sample. `options` (the run's
+    `LoadOptions`, or `RunContext.load_options`) go to the model's and the tokenizer's loads; given `checkpoint`
+    (the run's θ_ckpt), the revision only to loads of θ_ckpt itself. A program ends at the tokenizer's EOS or at
+    one of `eos_token_ids` (`model.eos_token_ids`; None: those of the model's generation config). `engine`
+    "vllm": a `VLLMEngine` samples (decoder-only, on a GPU; `seed` is its engine seed) and no torch model is
+    loaded."""
+    options = LoadOptions.from_mapping(options)
+    tokenizer = str(tokenizer or path)
+
+    def options_for(source: str) -> LoadOptions:
+        return options if checkpoint is None else options.for_source(source, checkpoint)
+
+    if engine not in ENGINES:
+        raise ValueError(f"load_sampler: engine must be one of {ENGINES}, got {engine!r}")
+    tok = load_tokenizer(tokenizer, options=options_for(tokenizer))
+    label = label or checkpoint_label(str(path))
+    if engine == "vllm":
+        if eos_token_ids is None:
+            eos_token_ids = generation_eos_ids_of(str(path), options_for(str(path)))
+        vllm = VLLMEngine(str(path), tokenizer, dtype=str(dtype or torch.float32).removeprefix("torch."),
+                          seed=seed, options=options_for(str(path)))
+        return Sampler(model=None, tokenizer=tok, label=label, path=str(path),
+                       stop_ids=stop_ids(tok, eos_token_ids), engine=vllm)
+    model = QModel.create(str(path), parts=("ckpt",), dtype=dtype, device=device, options=options_for(str(path)))
+    extra = generation_eos_ids(model.ckpt.lm) if eos_token_ids is None else tuple(eos_token_ids)
+    return Sampler(model=model, tokenizer=tok, label=label, path=str(path), stop_ids=stop_ids(tok, extra))
 
 
 @dataclass
@@ -134,15 +168,20 @@ def sample_and_score(problems: Sequence[Problem], sampler: Sampler, executor: An
     if not problems:
         return []
     temperature = 0.0 if decoding == "greedy" else settings.temperature
-    sampled, sampled_logps = sampling.sample_programs(
-        sampler.model, prompt_ids, settings.m, max_new_tokens=settings.max_new_tokens, eos_id=eos_id(tok),
-        pad_id=pad_id(tok), temperature=temperature, top_p=settings.top_p, seed=settings.seed,
-        batch_size=settings.prompts_per_call * settings.m, network="ckpt", return_logprobs=True)
+    if sampler.engine is not None:
+        sampled, sampled_logps = sampler.engine.sample(
+            prompt_ids, settings.m, max_new_tokens=settings.max_new_tokens, stop_ids=sampler.stop_ids,
+            temperature=temperature, top_p=settings.top_p, seed=settings.seed)
+    else:
+        sampled, sampled_logps = sampling.sample_programs(
+            sampler.model, prompt_ids, settings.m, max_new_tokens=settings.max_new_tokens, eos_id=sampler.stop_ids,
+            pad_id=pad_id(tok), temperature=temperature, top_p=settings.top_p, seed=settings.seed,
+            batch_size=settings.prompts_per_call * settings.m, network="ckpt", return_logprobs=True)
     flat_problems = [p for p in problems for _ in range(settings.m)]
     flat_prompts = [list(ids) for ids in prompt_ids for _ in range(settings.m)]
     flat_ids = [list(ids) for per_problem in sampled for ids in per_problem]
     flat_logps = [list(lp) for per_problem in sampled_logps for lp in per_problem]
-    texts = [decode_program(tok, ids) for ids in flat_ids]
+    texts = [decode_program(tok, ids, sampler.stop_ids) for ids in flat_ids]
 
     results: list[ExecResult | None] = [None] * len(texts)
     example_results: list[ExecResult | None] = [None] * len(texts)
@@ -153,11 +192,10 @@ def sample_and_score(problems: Sequence[Problem], sampler: Sampler, executor: An
     scores: list[float | None] = [None] * len(texts)
     if ranker is not None:
         scores = list(ranker.score(flat_prompts, flat_ids))
-    eos = eos_id(tok)
     return [ScoredCandidate(problem=p, sample_index=i % settings.m, prompt_ids=pr, program_ids=ids, program=text,
                             result=res, example_result=ex, rtilde=score, model=sampler.label,
                             ranker=ranker.label if ranker is not None else None,
                             logprobs=lp if logprobs else None, decoding=decoding,
-                            truncated=not ids or ids[-1] != eos)
+                            truncated=not ids or ids[-1] not in sampler.stop_ids)
             for i, (p, pr, ids, lp, text, res, ex, score) in enumerate(
                 zip(flat_problems, flat_prompts, flat_ids, flat_logps, texts, results, example_results, scores))]

@@ -28,8 +28,9 @@ from bcoder_ray.algorithms.critic import Critic, p_passed_prefixes
 from bcoder_ray.algorithms.critic_sampling import CriticSamplingRefused, critic_sampling, require_example_tests
 from bcoder_ray.batch import collate
 from bcoder_ray.candidates import Sampler, SamplingSettings, sample_and_score, score_with_reruns
+from bcoder_ray.lm import LoadOptions
 from bcoder_ray.metrics import CandidateRecord
-from bcoder_ray.tokenization import decode_program, encode_prompt, eos_id, pad_id
+from bcoder_ray.tokenization import decode_program, encode_prompt, pad_id
 from envs import scoring
 from envs.problem import Problem
 
@@ -61,7 +62,7 @@ def load_phi_test(run, device=None) -> Critic:
         raise CriticSamplingRefused(f"{run.run_dir}: --critic-sampling needs a CodeRL run with a trained binary "
                                     f"critic φ_test (algorithm {run.cfg.algorithm.name!r}; coderl with "
                                     f"critic_test: true)")
-    return Critic.load(path, device=device).eval()
+    return Critic.load(path, device=device, options=LoadOptions.from_mapping(run.context()["load_options"])).eval()
 
 
 class PhiTestValues:
@@ -100,6 +101,9 @@ def critic_sampling_records(problems: Sequence[Problem], sampler: Sampler, execu
     """Critic Sampling on each problem: the pool's candidate records (rtilde = φ_test's p(passed), example and
     hidden verdicts) and per-problem round summaries (seed lengths, |F|)."""
     require_examples(problems)
+    if sampler.model is None:
+        raise ValueError("Critic Sampling continues program prefixes with the torch sampler: rollout.engine vllm "
+                         "does not apply to it")
     tok = sampler.tokenizer
     values = PhiTestValues(critic, pad_id(tok))
     records: list[CandidateRecord] = []
@@ -113,21 +117,21 @@ def critic_sampling_records(problems: Sequence[Problem], sampler: Sampler, execu
                 if count == 0:
                     continue
                 out += sampling.sample_programs(
-                    sampler.model, [prompt], count, max_new_tokens=settings.max_new_tokens, eos_id=eos_id(tok),
+                    sampler.model, [prompt], count, max_new_tokens=settings.max_new_tokens, eos_id=sampler.stop_ids,
                     pad_id=pad_id(tok), temperature=settings.temperature, top_p=settings.top_p,
                     seed=stable_seed(seed, problem.key, j), batch_size=settings.prompts_per_call * max(1, count),
                     network="ckpt", prefix=prefix)[0]
             return out
 
         def example_pass_fn(programs, problem=problem):
-            texts = [decode_program(tok, w) for w in programs]
+            texts = [decode_program(tok, w, sampler.stop_ids) for w in programs]
             return [r is not None and r.passed for r in scoring.score_examples(executor, [problem] * len(texts),
                                                                                texts)]
 
         result = critic_sampling(n, rounds, sample_fn, example_pass_fn,
                                  lambda programs, prompt=prompt: values.prefixes(prompt, programs),
                                  seed=settings.seed)
-        texts = [decode_program(tok, w) for w in result.programs]
+        texts = [decode_program(tok, w, sampler.stop_ids) for w in result.programs]
         hidden = score_with_reruns(executor, [problem] * len(texts), texts)
         for i, (text, res, ex, score) in enumerate(zip(texts, hidden, result.passes_examples, result.p_passed)):
             if res.is_infra:  # no verdict: left out, never a failed sample

@@ -9,6 +9,7 @@ import os
 
 from bcoder_ray.algorithms.base import RunContext
 from bcoder_ray.config import Config, ConfigError
+from bcoder_ray.lm import LoadOptions
 from bcoder_ray.warm_start import WarmStartConfig
 from envs.execute import Executor
 
@@ -59,4 +60,6 @@ def executor_kwargs(cfg: Config) -> dict:
 def run_context(cfg: Config, theta_ckpt: str, buffer_uri: str | None = None) -> RunContext:
     m = cfg.model
     return RunContext(theta_ckpt=theta_ckpt, tokenizer_path=m.tokenizer or theta_ckpt, source_len=m.source_len,
-                      target_len=m.target_len, dtype=m.dtype, seed=cfg.run.seed, buffer_uri=buffer_uri)
+                      target_len=m.target_len, dtype=m.dtype, seed=cfg.run.seed, buffer_uri=buffer_uri,
+                      load_options=LoadOptions.from_mapping(m.load_options()).as_dict(),
+                      eos_token_ids=None if m.eos_token_ids is None else tuple(m.eos_token_ids))

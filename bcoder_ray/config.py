@@ -79,6 +79,14 @@ class RunConfig(Section):
     """tqdm progress bars on stderr."""
     tensorboard: bool = True
     """Scalars under <run_dir>/tensorboard."""
+    mlflow_tracking_uri: str | None = None
+    """Also log every scalar to MLflow at this tracking URI (a server, or file:///path); needs the mlflow extra
+    (pip install 'bcoder-ray[mlflow]'). null: off."""
+    mlflow_experiment: str = "bcoder-ray"
+    """The MLflow experiment the run is logged in."""
+    wandb_project: str | None = None
+    """Also log every scalar to Weights & Biases in this project (the wandb extra; WANDB_MODE=offline needs no
+    account). null: off."""
     probe_problems: int = Field(0, ge=0)
     """Size of a fixed probe set of training problems sampled after every iteration (outside the budget) for
     the Figure 1 curve; 0: none."""
@@ -135,7 +143,23 @@ class ModelConfig(Section):
     """Program tokens (cut at the limit, no EOS; such a program is stored as cut and labelled by its own run)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights of the frozen θ_ckpt when loaded."""
+    revision: str | None = None
+    """Which version of a hub checkpoint θ_ckpt is (a branch, tag or commit; part of the cached targets'
+    identity); ignored for a local folder."""
+    attn_implementation: str | None = None
+    """Passed to from_pretrained of every model of the run ("eager", "sdpa", "flash_attention_2", ...); null: the
+    library's default."""
+    trust_remote_code: bool = False
+    """Allow the checkpoint's own modelling code (its auto_map) in every load; only for checkpoints you trust."""
+    eos_token_ids: list[int] | None = None
+    """Token ids that end a sampled program besides the tokenizer's EOS (an instruct model's end-of-turn token);
+    null: the eos_token_id list of the sampled model's generation_config.json."""
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
+
+    def load_options(self) -> dict[str, Any]:
+        """revision, attn_implementation and trust_remote_code as plain data (`bcoder_ray.lm.LoadOptions`)."""
+        return {"revision": self.revision, "attn_implementation": self.attn_implementation,
+                "trust_remote_code": self.trust_remote_code}
 
 
 class SamplingConfig(Section):
@@ -161,6 +185,15 @@ class RolloutConfig(SamplingConfig):
     """null: every train problem each iteration; N: a new slice of N each iteration."""
     max_restarts: int = Field(3, ge=0)
     """An actor that dies is restarted this many times (Ray's max_restarts); its task is redone."""
+    engine: Literal["torch", "vllm"] = "torch"
+    """What samples the rollouts: torch (this project's sampler, any model, CPU or GPU) or vllm (decoder-only
+    policies on GPU actors; the vllm extra on those nodes; not tested on a GPU here)."""
+
+    @model_validator(mode="after")
+    def _vllm_needs_gpus(self) -> "RolloutConfig":
+        if self.engine == "vllm" and self.gpus_per_actor <= 0:
+            raise ValueError("engine: vllm needs gpus_per_actor > 0 (vLLM runs on GPUs)")
+        return self
 
 
 class EvaluationConfig(SamplingConfig):
@@ -243,7 +276,12 @@ class StageConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0)
     """Max global gradient norm; null: no clipping."""
     num_workers: int = Field(1, ge=0)
-    """Ray Train workers (DDP); 0: Ray Train's local mode, in the driver process."""
+    """Ray Train workers; 0: Ray Train's local mode, in the driver process."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: a full copy of the stage's networks per worker. fsdp: torch's FSDP2, parameters, gradients and AdamW
+    states sharded across the workers (one unit per transformer block; the frozen networks sharded too), for
+    models whose DDP copy does not fit a GPU (16 B per trained parameter under fp32 AdamW). Needs
+    num_workers >= 1."""
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, ge=0)
     gpus_per_worker: float = Field(0.0, ge=0)
@@ -260,6 +298,12 @@ class StageConfig(Section):
     def _checkpoints_need_workers(self) -> "StageConfig":
         if self.checkpoint_every and self.num_workers == 0:
             raise ValueError("checkpoint_every needs num_workers >= 1 (Ray Train's local mode keeps no checkpoints)")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_needs_workers(self) -> "StageConfig":
+        if self.parallel == "fsdp" and self.num_workers == 0:
+            raise ValueError("parallel: fsdp needs num_workers >= 1 (Ray Train's local mode has no process group)")
         return self
 
     @model_validator(mode="after")

@@ -43,6 +43,7 @@ from bcoder_ray.config import Config, ConfigError
 from bcoder_ray.evaluation import write_evaluation
 from bcoder_ray.human_seed import human_rows, seeded_problems
 from bcoder_ray.learner import ScalingSpec, StageJob, train_stage
+from bcoder_ray.metric_sinks import MetricSinks, metric_sinks
 from bcoder_ray.reuse import READS_DIR, reuse_stats
 from bcoder_ray.ray_session import ray_session
 from bcoder_ray.resources import cluster_need, describe, local_cluster, plan_schedule
@@ -103,6 +104,7 @@ class Run:
         self.run_dir = plan.run_dir
         self.state = RunState.load(self.run_dir)
         self.writer = None
+        self.sinks = MetricSinks()  # MLflow, W&B when configured (bcoder_ray.metric_sinks)
         # what every node reads: Ray Train's runs, θ_ckpt, the buffer (bcoder_ray.shared_storage)
         storage = self.cfg.run.storage_uri
         self.storage = join_uri(storage, self.run_dir.name) if storage else str(self.run_dir.resolve())
@@ -112,8 +114,12 @@ class Run:
         print(f"[bcoder {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     def scalar(self, tag: str, value: float | None, step: int) -> None:
-        if self.writer is not None and value is not None and not (isinstance(value, float) and math.isnan(value)):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return
+        if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
+        section, _, key = tag.rpartition("/")
+        self.sinks.log(section, {key: value}, step)
 
     def bar(self, total: int, desc: str):
         from tqdm.auto import tqdm
@@ -148,7 +154,7 @@ class Run:
         self.ctx = run_context(cfg, st.theta_ckpt, self.buffer_uri())
         self.algorithm = make_algorithm(cfg.algorithm.name, cfg.algorithm, self.ctx, cfg.imports)
         st.save(self.run_dir)
-        self.tokenizer = load_tokenizer(self.ctx.tokenizer_path)
+        self.tokenizer = load_tokenizer(self.ctx.tokenizer_path, options=self.ctx.options_for(self.ctx.tokenizer_path))
         self.buffer = ReplayBuffer(self.buffer_uri())
         if not st.seeded:
             self.seed_buffer()
@@ -158,6 +164,8 @@ class Run:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = stack.enter_context(contextlib.closing(SummaryWriter(str(self.run_dir / "tensorboard"))))
+        self.sinks = stack.enter_context(contextlib.closing(
+            metric_sinks(cfg.run, self.run_dir, st.run_id, params=cfg.model_dump(mode="json"))))
         import ray
 
         self.schedule = plan_schedule(cfg, self.algorithm.stage_names, cluster_need(ray.cluster_resources()))
@@ -174,7 +182,7 @@ class Run:
                           target_len=cfg.model.target_len, buffer_uri=self.buffer_uri(),
                           context=dataclasses.asdict(self.ctx), imports=tuple(cfg.imports), run_id=self.state.run_id,
                           executor=executor_kwargs(cfg),
-                          num_threads=max(1, math.ceil(r.cpus_per_actor)), dtype=cfg.model.dtype)
+                          num_threads=max(1, math.ceil(r.cpus_per_actor)), dtype=cfg.model.dtype, engine=r.engine)
         self.pool = ActorPool(self.worker_cls, ActorSettings(num_actors=r.num_actors, num_cpus=r.cpus_per_actor,
                                                              num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts,
                                                              max_task_retries=r.max_restarts),
@@ -327,7 +335,7 @@ class Run:
                  f"programs ({name}{', continued from its last checkpoint' if resume else ''})")
         result = train_stage(job, dataset, scaling, storage_path=join_uri(self.storage, "train"), name=name,
                              tensorboard_dir=self.run_dir / "tensorboard" / label if cfg.run.tensorboard else None,
-                             reads_dir=self.run_dir / READS_DIR / name, resume=resume)
+                             reads_dir=self.run_dir / READS_DIR / name, resume=resume, sinks=self.sinks)
         del running[label]
         last = result.history[-1] if result.history else {}
         self.log(f"stage {label} done in {result.wall_s:.0f}s: " +

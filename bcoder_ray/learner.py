@@ -9,10 +9,10 @@
     result.checkpoint_dir      # what the stage's `StageModule.save` wrote: s3://bucket/runs/r1/train/theta-iter1-a0/final
 
 Each worker rebuilds the algorithm from plain data (`bcoder_ray.algorithms.make_algorithm`, after importing the
-modules that register outside algorithms), builds the stage's `StageModule` (`Algorithm.build_stage`), wraps it
-with `ray.train.torch.prepare_model` (DDP over exactly its trainable parameters), reads mini-batches from its
-shard of the buffer's Ray Data view (`ray.train.get_dataset_shard`), and optimises with AdamW under the
-configured schedule, gradient accumulation, mixed precision and clipping. Metrics go out with
+modules that register outside algorithms), builds the stage's `StageModule` (`Algorithm.build_stage`), spreads it
+over the workers (`bcoder_ray.sharding.distribute`: DDP over exactly its trainable parameters, or FSDP), reads
+mini-batches from its shard of the buffer's Ray Data view (`ray.train.get_dataset_shard`), and optimises with AdamW
+under the configured schedule, gradient accumulation, mixed precision and clipping. Metrics go out with
 `ray.train.report` every `report_every` steps; the last report carries the checkpoint (rank 0 writes it) and the
 whole metric history. Ray Train's storage is `storage_path`, a local path or a URI every node reaches (with its
 pyarrow filesystem: `bcoder_ray.shared_storage.resolve`), and the checkpoint comes back as a location of the same
@@ -26,7 +26,6 @@ old run, so the driver names runs by stage, iteration and attempt.
 from __future__ import annotations
 
 import collections
-import contextlib
 import math
 import os
 import shutil
@@ -43,8 +42,11 @@ from bcoder_ray.algorithms import make_algorithm
 from bcoder_ray.algorithms.base import Rows, StagePlan, TargetsPlan
 from bcoder_ray.batch import collate
 from bcoder_ray.buffer import rows_from_batch
+from bcoder_ray.metric_sinks import MetricSinks
 from bcoder_ray.quiet import quiet_libraries, quiet_ray_logs
 from bcoder_ray.shared_storage import is_uri, join_uri, resolve, upload_dir, uri_of
+from bcoder_ray.sharding import (distribute, global_grad_norm, gradient_sync, is_sharded, portable_state,
+                                 restore_state, saveable)
 from bcoder_ray.stage_channel import stage_channel
 from bcoder_ray.tokenization import load_tokenizer, pad_id
 
@@ -154,15 +156,15 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     algorithm = make_algorithm(job.algorithm, job.algorithm_config, job.context, job.imports)
     plan = plan_from_dict(job.plan)
-    tokenizer = load_tokenizer(algorithm.ctx.tokenizer_path)
+    tokenizer = load_tokenizer(algorithm.ctx.tokenizer_path, options=algorithm.ctx.options_for(
+        algorithm.ctx.tokenizer_path))
     pad = pad_id(tokenizer)
     token_columns = plan.rows.token_columns
     info_columns = tuple(c for c in plan.rows.extra_columns if c not in token_columns)
 
     stage = algorithm.build_stage(plan)
-    params = stage.trainable_parameters()
     stage.train()
-    loss_module = ray.train.torch.prepare_model(stage)
+    loss_module, params = distribute(stage, o.parallel, device)  # DDP or FSDP over the trained parameters
     optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.adam_betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: learning_rate_factor(s, o.steps, o.schedule, o.warmup_steps))
@@ -171,7 +173,7 @@ def train_loop_per_worker(config: dict) -> None:
     scaler = torch.amp.GradScaler("cuda") if o.mixed_precision == "fp16" else None
     resumable = [*params, optimizer, scheduler, scaler]
     # a worker-group restart (Ray Train's max_failures) or a resumed run continues from the last checkpoint
-    start_step, history = load_resume_state(ray.train.get_checkpoint(), job, resumable, device)
+    start_step, history = load_resume_state(ray.train.get_checkpoint(), job, resumable, device, stage)
 
     model_ready = time.time()
     batches = _batches(ray.train.get_dataset_shard("train"), o.batch_size_per_worker)
@@ -193,18 +195,17 @@ def train_loop_per_worker(config: dict) -> None:
                 reads.update(table["sample_id"].to_pylist())
             batch = collate(rows_from_batch(table), pad, token_columns=token_columns,
                             info_columns=info_columns).to(device)
-            sync = micro == o.grad_accum - 1 or not hasattr(loss_module, "no_sync")
-            with (contextlib.nullcontext() if sync else loss_module.no_sync()), \
-                    torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                loss, metrics = loss_module(batch)
-            loss = loss / o.grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
+            with gradient_sync(loss_module, sync=micro == o.grad_accum - 1):
+                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                    loss, metrics = loss_module(batch)
+                loss = loss / o.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + v / o.grad_accum
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip else math.inf)
-        step_metrics["grad_norm"] = float(grad_norm)
+        step_metrics["grad_norm"] = global_grad_norm(grad_norm)
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -231,7 +232,7 @@ def train_loop_per_worker(config: dict) -> None:
             window, n_window, last_report = {}, 0, now
         if not last and o.checkpoint_every and (step + 1) % o.checkpoint_every == 0:
             report_resumable(rank0, job, step + 1, resumable, history, {**(history[-1] if history else {}),
-                                                                         "stage": job.stage})
+                                                                         "stage": job.stage}, stage)
         elif not last and ((step + 1) % o.report_every == 0):
             ray.train.report({**history[-1], "stage": job.stage})
     if reads:
@@ -243,33 +244,45 @@ def train_loop_per_worker(config: dict) -> None:
         stage.save(config["local_checkpoint_dir"], tokenizer)
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(config["local_checkpoint_dir"]))
         return
+    to_save = saveable(stage, rebuild=lambda: algorithm.build_stage(plan), rank0=rank0)  # every rank calls
+    # a run resumed after its last report finds a finished stage
+    state = resume_state(job, o.steps, resumable, history, stage) if o.checkpoint_every and (
+        rank0 or is_sharded(stage)) else None
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank0:
-            stage.save(tmp, tokenizer)
-            if o.checkpoint_every:  # a run resumed after its last report finds a finished stage
-                save_resume_state(tmp, job, o.steps, resumable, history)
+            to_save.save(tmp, tokenizer)
+            if state is not None:
+                write_resume_state(tmp, state)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(final, checkpoint=checkpoint, checkpoint_dir_name=CHECKPOINT_DIR_NAME)
 
 
-def _state(obj):
-    return obj.detach().cpu().clone() if isinstance(obj, torch.Tensor) else obj.state_dict()
-
-
-def save_resume_state(folder: str, job: StageJob, step: int, resumable: list, history: list[dict]) -> None:
+def resume_state(job: StageJob, step: int, resumable: list, history: list[dict],
+                 module: torch.nn.Module | None = None) -> dict:
     """What continuing the stage after optimiser step `step` needs: the trained parameters (in the order of
     `trainable_parameters()`), the optimiser's, scheduler's and grad scaler's states, the RNG states (every rank
     is seeded alike) and the metric history. The data position is `step` itself: each rank's shard yields the
-    same batches in the same order on every attempt (the dataset is read in order, `DataConfig`)."""
+    same batches in the same order on every attempt (the dataset is read in order, `DataConfig`). For an FSDP
+    `module` the states are gathered whole (`bcoder_ray.sharding.portable_state`): every rank must call."""
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save({"stage": job.stage, "steps": job.steps, "step": step, "history": history, "rng": rng,
-                "state": [None if x is None else _state(x) for x in resumable]}, os.path.join(folder, RESUME_FILE))
+    return {"stage": job.stage, "steps": job.steps, "step": step, "history": history, "rng": rng,
+            "state": [None if x is None else portable_state(x, module) for x in resumable]}
 
 
-def load_resume_state(checkpoint, job: StageJob, resumable: list, device) -> tuple[int, list[dict]]:
-    """(the step to continue from, the metric history so far) from a checkpoint `save_resume_state` wrote,
-    restoring `resumable` in place; (0, []) without one."""
+def write_resume_state(folder: str, state: dict) -> None:
+    torch.save(state, os.path.join(folder, RESUME_FILE))
+
+
+def save_resume_state(folder: str, job: StageJob, step: int, resumable: list, history: list[dict]) -> None:
+    """`resume_state` of an unsharded stage, written to `folder`."""
+    write_resume_state(folder, resume_state(job, step, resumable, history))
+
+
+def load_resume_state(checkpoint, job: StageJob, resumable: list, device,
+                      module: torch.nn.Module | None = None) -> tuple[int, list[dict]]:
+    """(the step to continue from, the metric history so far) from a checkpoint `resume_state` wrote, restoring
+    `resumable` in place (an FSDP `module`'s shards from the whole tensors); (0, []) without one."""
     if checkpoint is None:
         return 0, []
     with checkpoint.as_directory() as folder:
@@ -282,12 +295,9 @@ def load_resume_state(checkpoint, job: StageJob, resumable: list, device) -> tup
         raise RuntimeError(f"{checkpoint.path}/{RESUME_FILE}: stage {saved['stage']!r} of {saved['steps']} steps "
                            f"with {len(saved['state'])} states; this is {job.stage!r} of {job.steps} steps with "
                            f"{len(resumable)}")
-    with torch.no_grad():
-        for target, state in zip(resumable, saved["state"]):
-            if isinstance(target, torch.Tensor):
-                target.copy_(state.to(target.device))
-            elif target is not None:
-                target.load_state_dict(state)
+    for target, state in zip(resumable, saved["state"]):
+        if target is not None:
+            restore_state(target, state, module, device)
     torch.set_rng_state(saved["rng"]["cpu"])
     if saved["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
@@ -295,14 +305,16 @@ def load_resume_state(checkpoint, job: StageJob, resumable: list, device) -> tup
 
 
 def report_resumable(rank0: bool, job: StageJob, step: int, resumable: list, history: list[dict],
-                     metrics: dict) -> None:
-    """Report a checkpoint the stage can continue from (rank 0 writes it; every rank reports)."""
+                     metrics: dict, module: torch.nn.Module) -> None:
+    """Report a checkpoint the stage can continue from (gathered on every rank when sharded, rank 0 writes it;
+    every rank reports)."""
     import ray.train
 
+    state = resume_state(job, step, resumable, history, module) if rank0 or is_sharded(module) else None
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank0:
-            save_resume_state(tmp, job, step, resumable, history)
+            write_resume_state(tmp, state)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{step:06d}")
 
@@ -323,12 +335,13 @@ def in_order_data_config():
 
 def train_stage(job: StageJob, dataset, scaling: ScalingSpec, *, storage_path: str, name: str,
                 tensorboard_dir: str | os.PathLike | None = None,
-                reads_dir: str | os.PathLike | None = None, resume: bool = False) -> StageResult:
+                reads_dir: str | os.PathLike | None = None, resume: bool = False,
+                sinks: MetricSinks | None = None) -> StageResult:
     """Run one stage as a `TorchTrainer` (run `name` under `storage_path`, a local path or a URI) and return its
     checkpoint's location (a URI when `storage_path` is one). The driver writes rank 0's metrics under
-    `tensorboard_dir` while the stage runs and every rank's read counts under `reads_dir`. `name` must be new
-    unless `resume`: then an interrupted run of that name continues from its last checkpoint (Ray Train restores
-    it; `checkpoint_every` steps apart)."""
+    `tensorboard_dir` (and to `sinks`: MLflow, W&B) while the stage runs and every rank's read counts under
+    `reads_dir`. `name` must be new unless `resume`: then an interrupted run of that name continues from its last
+    checkpoint (Ray Train restores it; `checkpoint_every` steps apart)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -350,7 +363,7 @@ def train_stage(job: StageJob, dataset, scaling: ScalingSpec, *, storage_path: s
         os.makedirs(loop_config["local_checkpoint_dir"], exist_ok=resume)
     started = time.time()
     with stage_channel(job.steps, f"train {job.stage}", progress=job.progress, tensorboard_dir=tensorboard_dir,
-                       step_offset=job.step_offset, tag=job.stage, reads_dir=reads_dir) as channel:
+                       step_offset=job.step_offset, tag=job.stage, reads_dir=reads_dir, sinks=sinks) as channel:
         loop_config["channel"] = channel
         trainer = TorchTrainer(
             train_loop_per_worker,

@@ -3,7 +3,11 @@ encoder, the teacher-forced trunk that gives the hidden state of every state s_t
 logit statistics of the taken tokens. Shared by every algorithm (B-Coder's Q, CodeRL's critic, the
 policy-gradient losses) and by sampling.
 
-- ``load_lm(name_or_path, *, dtype=None, device=None) -> PreTrainedModel``: frozen, eval mode, logit path checked.
+- ``LoadOptions(revision, attn_implementation, trust_remote_code)``: the ``from_pretrained`` options of a run's
+  checkpoint (``model.revision``, ``model.attn_implementation``, ``model.trust_remote_code``); ``config_kwargs()``
+  (AutoConfig, tokenizers), ``model_kwargs()`` (models), ``from_mapping(data)``, ``as_dict()`` (plain data).
+- ``load_lm(name_or_path, *, dtype=None, device=None, options=None) -> PreTrainedModel``: frozen, eval mode, logit
+  path checked.
 - ``lm_kind(lm_or_config)``, ``decoder_body(lm)``, ``lm_head_logits(lm, hidden)``.
 - ``Encoded``, ``SharedEncoder``: the frozen encoder's output / module (encoder-decoder only).
 - ``Trunk``: ``states(batch, encoded) -> [B, T, d]``, the hidden state of s_t = (prompt, w_<t) at index t.
@@ -11,15 +15,23 @@ policy-gradient losses) and by sampling.
 - ``token_logit_stats(logits, actions, lse_rows=None) -> (max ℓ, ℓ[a_t], log Z)``: one fused autograd op.
 - ``positions_from_mask(mask)``: position ids of a left-padded batch.
 - ``hidden_size(lm_or_config)``; ``new_head(d_model, out, like, generator)``: a fresh seeded linear head.
+- ``generation_eos_ids(lm)``, ``generation_eos_ids_of(path)``: the end-of-sequence ids of a model's generation
+  config (one or several).
+- ``has_dropout(module)``, ``eval_mode(module)``: whether a network drops anything when training; a context in
+  which it does not (for the TD bootstrap of the network being trained).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import asdict, dataclass, fields, replace
+from types import SimpleNamespace
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig, PretrainedConfig,
+                          PreTrainedModel)
 
 from bcoder_ray.batch import Batch
 from bcoder_ray.shared_storage import local_dir
@@ -80,14 +92,68 @@ def check_logit_path(lm: PreTrainedModel, where: str) -> None:
                                   f"state); this model family is not supported")
 
 
-def load_lm(name_or_path: str, *, dtype: torch.dtype | None = None,
-            device: torch.device | str | None = None) -> PreTrainedModel:
+@dataclass(frozen=True)
+class LoadOptions:
+    """The `from_pretrained` options a run's checkpoint needs (`model.revision`, `model.attn_implementation`,
+    `model.trust_remote_code`), given to every load of its models and tokenizers. Plain data travels as
+    `as_dict()` (`RunContext.load_options`) and comes back with `from_mapping`."""
+
+    revision: str | None = None
+    """Which version (branch, tag or commit) of a hub checkpoint θ_ckpt is; ignored for a local folder."""
+    attn_implementation: str | None = None
+    """The attention kernel ("eager", "sdpa", "flash_attention_2", ...); a model option only (not the config's
+    nor a tokenizer's); None: the library's default."""
+    trust_remote_code: bool = False
+    """Allow the checkpoint's own modelling code (its `auto_map`); only for checkpoints you trust."""
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | LoadOptions | None) -> LoadOptions:
+        """From plain data (`as_dict()`, `RunContext.load_options`); None or {}: the defaults."""
+        if isinstance(data, LoadOptions):
+            return data
+        data = dict(data or {})
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"LoadOptions: unknown options {unknown}")
+        return cls(**data)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def config_kwargs(self) -> dict[str, Any]:
+        """For `AutoConfig.from_pretrained` and tokenizers: the revision when set, and trust_remote_code always
+        (an explicit False refuses custom code at once, where transformers' default would prompt on stdin)."""
+        kwargs: dict[str, Any] = {"trust_remote_code": bool(self.trust_remote_code)}
+        if self.revision is not None:
+            kwargs["revision"] = self.revision
+        return kwargs
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """For a model's `from_pretrained`: `config_kwargs()` and the attention implementation when set."""
+        kwargs = self.config_kwargs()
+        if self.attn_implementation is not None:
+            kwargs["attn_implementation"] = self.attn_implementation
+        return kwargs
+
+    def without_revision(self) -> LoadOptions:
+        return replace(self, revision=None)
+
+    def for_source(self, path: str, checkpoint: str | None) -> LoadOptions:
+        """These options for loading `path` in a run whose θ_ckpt is `checkpoint`: the revision is a version of
+        θ_ckpt, so only loads of θ_ckpt itself get it (another hub name or a saved folder does not)."""
+        return self if checkpoint is not None and str(path) == str(checkpoint) else self.without_revision()
+
+
+def load_lm(name_or_path: str, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+            options: LoadOptions | None = None) -> PreTrainedModel:
     """Load a causal or seq2seq LM, frozen (no parameter requires grad) and in eval mode, in `dtype` (default
-    float32, whatever the checkpoint stores: trained weights stay float32 masters under bf16 autocast)."""
+    float32, whatever the checkpoint stores: trained weights stay float32 masters under bf16 autocast), with the
+    run's `options` (`LoadOptions`) given to the config's and the model's `from_pretrained`."""
+    options = options or LoadOptions()
     name_or_path = local_dir(str(name_or_path))
-    config = AutoConfig.from_pretrained(name_or_path)
+    config = AutoConfig.from_pretrained(name_or_path, **options.config_kwargs())
     cls = AutoModelForSeq2SeqLM if lm_kind(config) == ENCODER_DECODER else AutoModelForCausalLM
-    lm = cls.from_pretrained(name_or_path, dtype=dtype or torch.float32)
+    lm = cls.from_pretrained(name_or_path, dtype=dtype or torch.float32, **options.model_kwargs())
     if lm_kind(lm) == ENCODER_DECODER and lm.config.decoder_start_token_id is None:
         raise ValueError(f"{name_or_path}: encoder-decoder config has no decoder_start_token_id")
     lm.requires_grad_(False)
@@ -234,3 +300,47 @@ def new_head(d_model: int, out: int, like: torch.Tensor, generator: torch.Genera
 def hidden_size(lm_or_config: PreTrainedModel | PretrainedConfig) -> int:
     config = lm_or_config.config if isinstance(lm_or_config, PreTrainedModel) else lm_or_config
     return int(config.get_text_config().hidden_size)
+
+
+def generation_eos_ids(lm: PreTrainedModel) -> tuple[int, ...]:
+    """The ids the model's `generation_config.json` ends generation at (an instruct model often lists its
+    end-of-turn token beside EOS); () when it names none."""
+    ids = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)  # lm: a model, or what has one
+    if ids is None:
+        return ()
+    return (int(ids),) if isinstance(ids, int) else tuple(int(i) for i in ids)
+
+
+def generation_eos_ids_of(name_or_path: str, options: LoadOptions | None = None) -> tuple[int, ...]:
+    """`generation_eos_ids` of a checkpoint without loading its weights (its generation_config.json; () when it
+    has none)."""
+    try:
+        config = GenerationConfig.from_pretrained(local_dir(str(name_or_path)),
+                                                  **(options or LoadOptions()).config_kwargs())
+    except OSError:  # no generation_config.json
+        return ()
+    return generation_eos_ids(SimpleNamespace(generation_config=config))
+
+
+def has_dropout(module: nn.Module) -> bool:
+    """Whether `module` drops anything in training mode: a dropout layer with p > 0 (GPT-2, T5), or a model
+    config's `attention_dropout` > 0 (the Llama-style families apply it inside the attention function)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        if isinstance(m, PreTrainedModel) and float(getattr(m.config, "attention_dropout", 0.0) or 0.0) > 0:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode (no dropout) for the duration, then every submodule back to the mode it was in (a
+    network may hold a frozen part in eval mode, such as an encoder-decoder's shared encoder)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.train(False)
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training

@@ -35,6 +35,7 @@ from bcoder_ray.algorithms.base import RankerRef, RolloutRequest
 from bcoder_ray.buffer import ReplayBuffer, make_row
 from bcoder_ray.cached_targets import TargetChunk, TargetComputer, TargetJob
 from bcoder_ray.candidates import SamplingSettings, load_sampler, sample_and_score
+from bcoder_ray.lm import LoadOptions
 from bcoder_ray.quiet import quiet_libraries
 from bcoder_ray.tokenization import encode_prompt, load_tokenizer, tokenizer_fingerprint
 from envs.problem import Problem
@@ -89,6 +90,7 @@ class WorkerArgs:
     executor: dict = field(default_factory=dict)  # keyword arguments of envs.execute.Executor
     num_threads: int = 1
     dtype: str = "float32"
+    engine: str = "torch"  # rollout.engine: what samples the rollouts (torch or vllm)
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,10 @@ class PolicyWorker:
         quiet_libraries()
         self.args = args
         self.actor_name = actor_name or f"actor-{os.getpid()}"
-        self.tokenizer = load_tokenizer(args.tokenizer_path)
+        self.load_options = LoadOptions.from_mapping(args.context.get("load_options"))
+        self.theta_ckpt = args.context.get("theta_ckpt")  # the revision in load_options is for θ_ckpt's loads
+        self.tokenizer = load_tokenizer(args.tokenizer_path,
+                                        options=self.load_options.for_source(args.tokenizer_path, self.theta_ckpt))
         self.tokenizer_hash = tokenizer_fingerprint(self.tokenizer)
         self.problems = args.problems
         self._prompt_ids: dict[str, list[list[int]]] = {
@@ -207,7 +212,10 @@ class PolicyWorker:
     def _cached(self, kind: str, ref: Any, load: Callable[[], Any]) -> Any:
         held = self._loaded.get(kind)
         if held is None or held[0] != ref:
-            self._loaded.pop(kind, None)  # free the old weights first
+            old = self._loaded.pop(kind, None)  # free the old weights first
+            if old is not None and getattr(getattr(old[1], "engine", None), "close", None):
+                old[1].engine.close()  # a vLLM engine holds its GPU memory until closed
+            del old
             self._loaded[kind] = (ref, load())
         return self._loaded[kind][1]
 
@@ -216,7 +224,9 @@ class PolicyWorker:
 
         return self._cached("sampler", policy, lambda: load_sampler(
             policy.path, tokenizer=self.args.tokenizer_path, label=policy.label,
-            dtype=getattr(torch, self.args.dtype)))
+            dtype=getattr(torch, self.args.dtype), options=self.load_options, checkpoint=self.theta_ckpt,
+            eos_token_ids=self.args.context.get("eos_token_ids"), engine=self.args.engine,
+            seed=int(self.args.context.get("seed", 0))))
 
     def _ranker(self, ref: RankerRef | None):
         if ref is None:

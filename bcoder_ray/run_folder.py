@@ -167,7 +167,9 @@ class LoadedRun:
             raise ConfigError(f"{self.run_dir / STATE_FILE}: no 'theta_ckpt' recorded")
         m = self.cfg.model
         return {"theta_ckpt": self.state.theta_ckpt, "tokenizer_path": m.tokenizer or self.state.theta_ckpt,
-                "source_len": m.source_len, "target_len": m.target_len, "dtype": m.dtype, "seed": self.cfg.run.seed}
+                "source_len": m.source_len, "target_len": m.target_len, "dtype": m.dtype, "seed": self.cfg.run.seed,
+                "load_options": m.load_options(),
+                "eos_token_ids": None if m.eos_token_ids is None else tuple(m.eos_token_ids)}
 
     def policy_path(self) -> str:
         return self.state.policy or str(self.state.theta_ckpt)
@@ -204,4 +206,7 @@ def sampler_and_ranker(*, checkpoint: str | None = None, run_dir: str | None = N
             raise ValueError("give --checkpoint (any Hugging Face LM) or --run-dir (a run folder)")
         return None, ranker, rank_tokenizer
     tok = tokenizer or (run.context()["tokenizer_path"] if run and not checkpoint else None)
-    return load_sampler(path, tokenizer=tok, label=label, device=device), ranker, rank_tokenizer
+    ctx = run.context() if run else {}  # the run's load options (its revision only for its θ_ckpt)
+    sampler = load_sampler(path, tokenizer=tok, label=label, device=device, options=ctx.get("load_options"),
+                           checkpoint=ctx.get("theta_ckpt"), eos_token_ids=ctx.get("eos_token_ids"))
+    return sampler, ranker, rank_tokenizer

@@ -5,8 +5,8 @@ Public API
 - ``sample_programs(model, prompts, n, *, max_new_tokens, eos_id, pad_id, temperature=1.0, top_p=1.0, seed=0,
   batch_size=None, network="theta") -> list[list[list[int]]]``: ``prompts`` are prompt token ids (list of lists,
   as ``tokenization.encode_prompt`` makes them); returns, per prompt, ``n`` programs as token-id lists, each ending
-  at its first EOS (included) or cut at ``max_new_tokens`` tokens (no EOS) — the same convention as
-  ``tokenization.encode_program``. ``temperature=0`` is greedy decoding. With ``return_logprobs`` it returns
+  at its first stop id (included; ``eos_id`` is one id or several, ``tokenization.stop_ids``) or cut at
+  ``max_new_tokens`` tokens (none) — the same convention as ``tokenization.encode_program``. ``temperature=0`` is greedy decoding. With ``return_logprobs`` it returns
   ``(programs, logprobs)``: each sampled token's log-probability under the distribution it was drawn from
   (after temperature and top-p; the policy's own log-softmax for greedy decoding), aligned with the tokens. ``network="ckpt"`` samples from θ_ckpt
   instead of θ. Rows are prompt-major (prompt 0's n samples first), processed ``batch_size`` rows at a time
@@ -24,6 +24,7 @@ tokens as ``generate`` on the checkpoint with the same seed and settings.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
 
 import torch
@@ -57,7 +58,7 @@ def _pad_left(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
 
 @torch.no_grad()
 def _sample_rows(model: Any, policy: PolicyLM, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
-                 eos_id: int, pad_id: int, temperature: float, top_p: float,
+                 stop: torch.Tensor, pad_id: int, temperature: float, top_p: float,
                  generator: torch.Generator, decoder_prefix: Sequence[int] = ()
                  ) -> tuple[list[list[int]], list[list[float]]]:
     device = policy.lm.get_output_embeddings().weight.device
@@ -87,7 +88,7 @@ def _sample_rows(model: Any, policy: PolicyLM, rows: Sequence[Sequence[int]], *,
         logps = torch.cat([logps, log_probs.gather(1, tokens[:, None])], dim=1)  # of the distribution sampled
         tokens = tokens.masked_fill(finished, pad_id)
         out = torch.cat([out, tokens[:, None]], dim=1)
-        finished |= tokens == eos_id
+        finished |= torch.isin(tokens, stop)
         if bool(finished.all()) or out.shape[1] == max_new_tokens:
             break
         if policy.kind == ENCODER_DECODER:
@@ -98,14 +99,16 @@ def _sample_rows(model: Any, policy: PolicyLM, rows: Sequence[Sequence[int]], *,
             hidden, cache = policy.decode(tokens[:, None], attention_mask=mask, position_ids=last_position,
                                           cache=cache, use_cache=True)
     programs, program_logps = [], []
+    stop_set = set(stop.tolist())
     for row, lp in zip(out.tolist(), logps.tolist()):
-        keep = row.index(eos_id) + 1 if eos_id in row else len(row)
+        keep = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
         programs.append(row[:keep])
         program_logps.append(lp[:keep])
     return programs, program_logps
 
 
-def sample_programs(model: Any, prompts: Sequence[Sequence[int]], n: int, *, max_new_tokens: int, eos_id: int,
+def sample_programs(model: Any, prompts: Sequence[Sequence[int]], n: int, *, max_new_tokens: int,
+                    eos_id: int | Sequence[int],
                     pad_id: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                     batch_size: int | None = None, network: str = "theta", return_logprobs: bool = False,
                     prefix: Sequence[int] = ()):
@@ -126,7 +129,10 @@ def sample_programs(model: Any, prompts: Sequence[Sequence[int]], n: int, *, max
         if len(p) == 0:
             raise ValueError(f"sample_programs: prompt {i} is empty")
     prefix = [int(t) for t in prefix]
-    if prefix and (return_logprobs or len(prefix) >= max_new_tokens or eos_id in prefix):
+    stop_list = [int(eos_id)] if isinstance(eos_id, numbers.Integral) else [int(t) for t in eos_id]
+    if not stop_list:
+        raise ValueError("sample_programs: eos_id names no token that ends a program")
+    if prefix and (return_logprobs or len(prefix) >= max_new_tokens or set(stop_list) & set(prefix)):
         raise ValueError(f"sample_programs: a prefix ({len(prefix)} tokens) must be shorter than max_new_tokens="
                          f"{max_new_tokens}, hold no EOS, and comes without log-probabilities")
     decoder_prefix = prefix if policy.kind == ENCODER_DECODER else []
@@ -134,6 +140,7 @@ def sample_programs(model: Any, prompts: Sequence[Sequence[int]], n: int, *, max
     new_tokens = max_new_tokens - len(prefix)
     device = policy.lm.get_output_embeddings().weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
+    stop = torch.tensor(stop_list, dtype=torch.long, device=device)
     step = batch_size or max(len(rows), 1)
     programs: list[list[int]] = []
     logprobs: list[list[float]] = []
@@ -142,7 +149,7 @@ def sample_programs(model: Any, prompts: Sequence[Sequence[int]], n: int, *, max
     try:
         for start in range(0, len(rows), step):
             ids, lps = _sample_rows(model, policy, rows[start:start + step], max_new_tokens=new_tokens,
-                                    eos_id=eos_id, pad_id=pad_id, temperature=temperature, top_p=top_p,
+                                    stop=stop, pad_id=pad_id, temperature=temperature, top_p=top_p,
                                     generator=generator, decoder_prefix=decoder_prefix)
             programs += [prefix + x for x in ids]
             logprobs += lps

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from bcoder_ray.io import atomic_write_text
+from bcoder_ray.metric_sinks import MetricSinks
 
 READS_FILE = "reads-rank{rank}.json"  # {sample_id: reads}: the buffer rows one rank's optimiser steps consumed
 
@@ -59,10 +60,11 @@ def write_reads(path: str | Path, reads: collections.Counter | dict[str, int]) -
 
 @contextlib.contextmanager
 def stage_channel(total_steps: int, desc: str, *, progress: bool, tensorboard_dir: str | Path | None = None,
-                  step_offset: int = 0, tag: str = "", reads_dir: str | Path | None = None) -> Iterator:
+                  step_offset: int = 0, tag: str = "", reads_dir: str | Path | None = None,
+                  sinks: MetricSinks | None = None) -> Iterator:
     """Yield a `StageChannel` actor handle for the workers while a thread draws the progress bar and writes the
-    entries as TensorBoard scalars (`<tag>/<metric>` at step `step_offset + step`); at the end write the read
-    counts under `reads_dir`."""
+    entries as TensorBoard scalars (`<tag>/<metric>` at step `step_offset + step`) and to `sinks` (MLflow, W&B);
+    at the end write the read counts under `reads_dir`."""
     import ray
 
     channel = ray.remote(num_cpus=0)(StageChannel).remote()
@@ -85,11 +87,15 @@ def stage_channel(total_steps: int, desc: str, *, progress: bool, tensorboard_di
             return
         if bar is not None and steps != bar.n:
             bar.update(steps - bar.n)
+        for entry in entries:
+            step = step_offset + int(entry["step"])
+            metrics = {k: v for k, v in entry.items() if k != "step"}
+            if writer is not None:
+                for key, value in metrics.items():
+                    writer.add_scalar(f"{tag}/{key}", float(value), step)
+            if sinks:
+                sinks.log(tag, metrics, step)
         if writer is not None and entries:
-            for entry in entries:
-                for key, value in entry.items():
-                    if key != "step":
-                        writer.add_scalar(f"{tag}/{key}", float(value), step_offset + int(entry["step"]))
             writer.flush()
 
     def poll() -> None:

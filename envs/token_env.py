@@ -2,7 +2,8 @@
 
 - State: the problem's prompt tokens and the program prefix typed so far.
 - Action: one token id (`Discrete(vocab)`); the transition appends it to the prefix.
-- The episode ends when the action is EOS or the prefix reaches `max_program_len` tokens. Both are terminal
+- The episode ends when the action is EOS (or another of `stop_ids`, e.g. an instruct model's end-of-turn token)
+  or the prefix reaches `max_program_len` tokens. Both are terminal
   states of the MDP (`terminated=True`; `info["length_limit"]` tells them apart): the program is executed.
 - Reward: 0 on every step but the last; on the last, eq. 2 (+1 passed, -0.3 failed, -0.6 runtime error,
   -1 compile error) of the decoded program on the problem's hidden tests, computed by
@@ -32,7 +33,7 @@ from envs.problem import Problem
 from envs.registry import load_suite
 from envs.result import ExecResult
 from envs.scoring import BatchExecutor, score_program
-from envs.tokenization import decode_program, encode_prompt, eos_id, pad_id
+from envs.tokenization import decode_program, encode_prompt, eos_id, pad_id, stop_ids
 
 INFRA_RERUNS = 2  # re-runs of a program whose run the sandbox itself failed (no verdict)
 
@@ -51,7 +52,7 @@ class TokenEnv(gym.Env):
                  problems: Sequence[Problem] | None = None, suite_options: dict | None = None,
                  tokenizer: Any = None, max_prompt_len: int = 1024, max_program_len: int = 512,
                  executor: BatchExecutor | None = None, executor_options: dict | None = None,
-                 render_mode: str | None = None):
+                 render_mode: str | None = None, extra_stop_ids: Sequence[int] = ()):
         """`problems` given directly, or loaded with `load_suite(suite, split, **suite_options)`.
 
         `executor` is shared and left open; without one the env starts an `envs.execute.Executor` with
@@ -73,6 +74,7 @@ class TokenEnv(gym.Env):
         self.max_program_len = max_program_len
         self.render_mode = render_mode
         self.eos_id = eos_id(self.tokenizer)
+        self.stop_ids = stop_ids(self.tokenizer, extra_stop_ids)  # the actions that end the episode, EOS first
         self.pad_id = pad_id(self.tokenizer)
         self.vocab_size = len(self.tokenizer)
         self._executor = executor
@@ -140,7 +142,7 @@ class TokenEnv(gym.Env):
     @property
     def program(self) -> str:
         """The program the current prefix decodes to."""
-        return decode_program(self.tokenizer, self._program_ids)
+        return decode_program(self.tokenizer, self._program_ids, self.stop_ids)
 
     # -- gymnasium API ----------------------------------------------------------------------------------
 
@@ -159,7 +161,7 @@ class TokenEnv(gym.Env):
             raise ValueError(f"action {action!r} is not a token id in [0, {self.vocab_size})")
         token = int(action)
         self._program_ids.append(token)
-        at_eos = token == self.eos_id
+        at_eos = token in self.stop_ids
         at_limit = len(self._program_ids) >= self.max_program_len
         info = self._problem_info()
         if not (at_eos or at_limit):

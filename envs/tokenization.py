@@ -7,7 +7,9 @@ It lives in `envs` because the gymnasium env needs it and `envs` never imports `
   last `max_len` tokens (the end of a prompt, where the answer starts, matters most).
 - A program is `tokenizer(text, add_special_tokens=False)` followed by EOS, the terminal action of the MDP.
   A program longer than `max_len` is cut at `max_len` tokens with no EOS: its episode ended at the length limit.
-- Decoding stops at the first EOS.
+- The ids that end a program (`stop_ids`) are EOS and any others the model's generation config names (an
+  instruct model's end-of-turn token, e.g. Llama 3's `<|eot_id|>`): a sampled program ends at the first of them,
+  and decoding stops there. Encoded programs end with EOS itself.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token; programs need one to end")
     return int(tokenizer.eos_token_id)
+
+
+def stop_ids(tokenizer: PreTrainedTokenizerBase, extra: Sequence[int] = ()) -> tuple[int, ...]:
+    """The token ids that end a program: EOS first, then the `extra` ones (deduplicated, in order)."""
+    ids = [eos_id(tokenizer)]
+    for i in extra:
+        if int(i) not in ids:
+            ids.append(int(i))
+    return tuple(ids)
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -42,11 +53,18 @@ def encode_program(tokenizer: PreTrainedTokenizerBase, text: str, max_len: int) 
     return ids + [eos_id(tokenizer)]
 
 
-def decode_program(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+def program_end(ids: Sequence[int], stop: Sequence[int]) -> int | None:
+    """The index of the first stop id in `ids` (None: the program has none, it was cut at the length limit)."""
+    stop = set(stop)
+    return next((i for i, t in enumerate(ids) if t in stop), None)
+
+
+def decode_program(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], stop: Sequence[int] | None = None) -> str:
+    """The program's text, up to its first stop id (`stop`, default EOS alone)."""
     ids = list(ids)
-    eos = eos_id(tokenizer)
-    if eos in ids:
-        ids = ids[: ids.index(eos)]
+    end = program_end(ids, stop if stop is not None else (eos_id(tokenizer),))
+    if end is not None:
+        ids = ids[:end]
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 

@@ -8,6 +8,9 @@ Prints, per model kind:
 - ``qsample_vs_generate``: Q-sampling tokens/s / ``model.generate`` tokens/s, same prompts and settings.
   Goal ≥ 0.95.
 - ``rank_vs_sample``: the ranking pass's time per candidate / the sampling time per candidate.
+- ``dropout_free_vs_same_forward``: a stage-θ step whose TD targets come from a second no-grad forward without
+  dropout (the default, `dropout_free_targets`) / one that reads them from the training forward. Both models have
+  transformers' default dropout 0.1.
 Both sides of each ratio train the same parameters and freeze the same parts (the shared encoder of an
 encoder-decoder); each side has its own AdamW. Timings alternate A, B, A, B … and the ratio is of the medians, so
 load from other processes hits both sides alike. The last line is ``theta_step_vs_ce: X``, the worst (largest)
@@ -136,6 +139,13 @@ def bench_kind(checkpoint: str, args) -> dict[str, float]:
         lambda: learner_step(lambda m, b: theta_loss(m, b, gamma=0.999), theta_model, batch, opt_q),
         lambda: ce_step(theta_model, batch, opt_ce), args.repeats)
     results["theta_step_vs_ce"] = t_theta / t_ce
+    # the cost of dropout-free TD targets (the configs' default): a second, no-grad forward of θ
+    t_free, t_same = side_by_side(
+        lambda: learner_step(lambda m, b: theta_loss(m, b, gamma=0.999, dropout_free_targets=True), theta_model,
+                             batch, opt_q),
+        lambda: learner_step(lambda m, b: theta_loss(m, b, gamma=0.999, dropout_free_targets=False), theta_model,
+                             batch, opt_q), args.repeats)
+    results["dropout_free_vs_same_forward"] = t_free / t_same
 
     phi_model = QModel.create(checkpoint, parts=("phi",))                 # stage φ holds φ alone
     phi_params = phi_model.freeze_for_stage("phi")
@@ -210,6 +220,8 @@ def main() -> None:
         r = bench_kind(checkpoint, args)
         print(f"[{r['kind']}] theta_step_vs_ce={r['theta_step_vs_ce']:.3f} (goal <= 1.15)  "
               f"phi_step_vs_ce={r['phi_step_vs_ce']:.3f} (goal <= 1.05)  "
+              f"dropout_free_vs_same_forward={r['dropout_free_vs_same_forward']:.3f} (the θ step's cost of "
+              f"targets without dropout)  "
               f"qsample_vs_generate={r['qsample_vs_generate']:.3f} (goal >= 0.95; same tokens: "
               f"{bool(r['same_tokens_as_generate'])}; {r['qsample_tokens_per_s']:.0f} tok/s)  "
               f"rank_vs_sample={r['rank_vs_sample']:.3f} (ranking time per candidate / sampling time per candidate)",

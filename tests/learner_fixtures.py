@@ -15,18 +15,18 @@ PAD = 0
 
 
 def tiny_checkpoint(kind: str, directory: str, *, vocab_size: int = 48, seed: int = 0, eos: int = EOS,
-                    pad: int = PAD) -> str:
-    """A 2-layer GPT-2 (decoder-only), T5 (encoder-decoder), Qwen2 or Llama with d_model 32, random weights, no
-    dropout."""
+                    pad: int = PAD, dropout: float = 0.0) -> str:
+    """A 2-layer GPT-2 (decoder-only), T5 (encoder-decoder), Qwen2 or Llama with d_model 32, random weights, and
+    `dropout` (default none; the attention dropout of Qwen2 / Llama)."""
     torch.manual_seed(seed)
     if kind == "decoder-only":
         config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                            bos_token_id=eos, eos_token_id=eos, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                            initializer_range=0.2)
+                            bos_token_id=eos, eos_token_id=eos, resid_pdrop=dropout, embd_pdrop=dropout,
+                            attn_pdrop=dropout, initializer_range=0.2)
         model = GPT2LMHeadModel(config)
     elif kind == "encoder-decoder":
         config = T5Config(vocab_size=vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-                          dropout_rate=0.0, decoder_start_token_id=pad, pad_token_id=pad, eos_token_id=eos,
+                          dropout_rate=dropout, decoder_start_token_id=pad, pad_token_id=pad, eos_token_id=eos,
                           initializer_factor=1.5)
         model = T5ForConditionalGeneration(config)
     elif kind in ("qwen2", "llama"):
@@ -35,7 +35,7 @@ def tiny_checkpoint(kind: str, directory: str, *, vocab_size: int = 48, seed: in
         config = config_cls(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                             bos_token_id=eos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=tied,
-                            attention_dropout=0.0, initializer_range=0.2)
+                            attention_dropout=dropout, initializer_range=0.2)
         model = model_cls(config)
     else:
         raise ValueError(kind)

@@ -112,6 +112,8 @@ def test_the_algorithm_section_is_typed_by_its_name():
     (["--stages.phi.mixed_precision", "fp16"], r"stages\.phi.*fp16 needs use_gpu"),
     (["--stages.phi.checkpoint_every", "5", "--stages.phi.num_workers", "0"], r"stages\.phi.*checkpoint_every needs"),
     (["--run.id", "a/b"], r"run\.id"),
+    (["--stages.theta.parallel", "zero3"], r"stages\.theta\.parallel"),
+    (["--stages.theta.parallel", "fsdp", "--stages.theta.num_workers", "0"], r"stages\.theta.*fsdp needs num_workers"),
 ])
 def test_bad_overrides_name_the_key(args, names):
     with pytest.raises(ConfigError, match=names):

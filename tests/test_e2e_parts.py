@@ -119,9 +119,9 @@ def test_actor_pool_redoes_the_task_of_a_dead_actor(ray_local, tmp_path):
 # ------------------------------------------------------------------------------------------ learner stages
 
 
-def tiny_t5_checkpoint(directory: Path, problems) -> str:
+def tiny_t5_checkpoint(directory: Path, problems, dropout: float = 0.0) -> str:
     """An encoder-decoder stand-in for CodeT5 (the paper's θ_ckpt): a tiny T5 and a BPE tokenizer trained on
-    the problems' text, saved together."""
+    the problems' text, saved together (CodeT5 itself has dropout 0.1)."""
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -130,7 +130,7 @@ def tiny_t5_checkpoint(directory: Path, problems) -> str:
     tok = train_tokenizer([p.prompt for p in problems] + [r for p in problems for r in p.references], 300)
     torch.manual_seed(0)
     config = T5Config(vocab_size=len(tok), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
-                      dropout_rate=0.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      dropout_rate=dropout, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       decoder_start_token_id=tok.pad_token_id)
     T5ForConditionalGeneration(config).save_pretrained(directory)
     tok.save_pretrained(directory)
@@ -164,7 +164,19 @@ def test_a_stages_bar_scalars_and_reads_are_written_by_the_driver_from_what_the_
     import ray
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from bcoder_ray.metric_sinks import MetricSinks
     from bcoder_ray.stage_channel import READS_FILE, stage_channel
+
+    class Recorder:  # stands in for MLflow / W&B (bcoder_ray.metric_sinks)
+        logged: list = []
+
+        def log(self, tag, metrics, step):
+            self.logged.append((tag, dict(metrics), step))
+
+        def close(self):
+            pass
+
+    recorder = Recorder()
 
     @ray.remote(num_cpus=0)
     def worker(channel, rank: int) -> None:
@@ -175,13 +187,15 @@ def test_a_stages_bar_scalars_and_reads_are_written_by_the_driver_from_what_the_
         ray.get(channel.add_reads.remote(rank, {f"s{rank}": rank + 1, "h": 2}))
 
     with stage_channel(3, "train test", progress=True, tensorboard_dir=tmp_path / "tb", step_offset=10, tag="theta",
-                       reads_dir=tmp_path / "reads") as channel:
+                       reads_dir=tmp_path / "reads", sinks=MetricSinks([recorder])) as channel:
         ray.get([worker.remote(channel, r) for r in (0, 1)])
     err = capsys.readouterr().err
     assert "train test: 100%" in err and "3/3" in err  # the final count is drawn before the bar closes
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("theta/loss")] == [(11, 1.0), (12, 0.5), (13, pytest.approx(1 / 3))]
+    assert recorder.logged == [("theta", {"loss": 1.0}, 11), ("theta", {"loss": 0.5}, 12),
+                               ("theta", {"loss": 1 / 3}, 13)]
     assert json.loads((tmp_path / "reads" / READS_FILE.format(rank=1)).read_text()) == {"h": 2, "s1": 2}
     assert json.loads((tmp_path / "reads" / READS_FILE.format(rank=0)).read_text()) == {"h": 2, "s0": 1}
     with pytest.raises(ray.exceptions.RayActorError):  # the channel actor is gone with its stage

@@ -255,3 +255,39 @@ def test_targets_fingerprint_tracks_everything_targets_depend_on(tmp_path):
 def test_targets_from_buffer_rows_equal_targets_from_a_batch(checkpoint):
     model = _trained_model(checkpoint)
     assert compute_frozen_targets(model, _examples()) == compute_frozen_targets(model, collate(_examples(), PAD))
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_the_bootstrap_of_a_network_with_dropout_is_read_without_it(kind, tmp_path):
+    """With dropout in the trained network, the TD targets (eq. 12 / 15) come from a no-grad eval-mode forward:
+    the same whatever the dropout draw, and equal to an eval-mode loss's; the prediction keeps its dropout. With
+    `dropout_free_targets=False` the targets move with the draw. Every module's mode is as it was after."""
+    from bcoder_ray.lm import has_dropout
+
+    ckpt = tiny_checkpoint(kind, str(tmp_path / kind), dropout=0.3)
+    assert has_dropout(QModel.create(ckpt, parts=("theta",)).theta)
+    assert not has_dropout(QModel.create(tiny_checkpoint(kind, str(tmp_path / "plain")), parts=("theta",)).theta)
+    model = _trained_model(ckpt)
+    live = collate(_examples(), PAD)
+    batch = collate([{**ex, **row} for ex, row in zip(_examples(), compute_frozen_targets(model, live))], PAD)
+    losses = {"phi": lambda m, **kw: phi_loss(m, batch, gamma=GAMMA, **kw),
+              "theta": lambda m, **kw: theta_loss(m, batch, gamma=GAMMA, **kw)}
+    for stage, loss_fn in losses.items():
+        model.freeze_for_stage(stage)
+        model.train(False)
+        _, reference = loss_fn(model)
+        model.train(True)
+        modes = [m.training for m in model.modules()]
+        runs = {}
+        for free in (True, False):
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                runs[free, seed] = loss_fn(model, dropout_free_targets=free)
+        assert [m.training for m in model.modules()] == modes
+        loss_key = "l_v" if stage == "phi" else "l_q"
+        assert runs[True, 1][1][loss_key] != runs[True, 2][1][loss_key]  # the prediction has dropout
+        assert runs[True, 1][1]["target_mean"] == runs[True, 2][1]["target_mean"]
+        # the eval-mode loss reads its targets from the forward with gradient: the same values, up to float32
+        # rounding of another kernel path
+        assert runs[True, 1][1]["target_mean"] == pytest.approx(reference["target_mean"], rel=1e-5)
+        assert runs[False, 1][1]["target_mean"] != runs[False, 2][1]["target_mean"]

@@ -218,3 +218,19 @@ def test_render_ansi_shows_prompt_and_program(tokenizer, executor):
         env.step(a)
     assert env.render() == env.problem.prompt + "def"
     assert isinstance(np.asarray(env.reset()[0]["prompt_ids"]), np.ndarray)
+
+
+def test_an_extra_stop_id_ends_the_episode_like_eos(tokenizer, executor):
+    """An instruct model's end-of-turn token (here ByT5's <unk>, id 2, a special token) ends the episode: the
+    program before it is executed and the episode is not at its length limit."""
+    problem = load_suite("mbpp", "test", limit=1)[0]
+    end_of_turn = tokenizer.unk_token_id
+    env = TokenEnv(problems=[problem], tokenizer=tokenizer, executor=executor, extra_stop_ids=[end_of_turn])
+    assert env.stop_ids == (tokenizer.eos_token_id, end_of_turn)
+    body = encode_program(tokenizer, problem.references[0], 10_000)[:-1]
+    rewards, (obs, terminated, truncated, info) = play(env, body + [end_of_turn])
+    assert len(rewards) == len(body) + 1 and rewards[-1] == 1.0
+    assert terminated and not info["length_limit"] and info["program"] == problem.references[0]
+    plain = TokenEnv(problems=[problem], tokenizer=tokenizer, executor=executor, max_program_len=len(body) + 2)
+    rewards, (_, _, _, info) = play(plain, body + [end_of_turn, end_of_turn])  # without it: not an end
+    assert len(rewards) == len(body) + 2 and info["length_limit"]

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from bcoder_ray.batch import Batch
+from bcoder_ray.lm import LoadOptions
 
 
 class AlgorithmConfig(BaseModel):
@@ -53,6 +54,17 @@ class RunContext:
     buffer_uri: str | None = None
     """The run's replay buffer (None outside a run), for cached targets that join other rows of it (CodeRL's
     greedy baseline r(W^b) of the same problem and policy)."""
+    eos_token_ids: tuple[int, ...] | None = None
+    """Token ids that end a program besides the tokenizer's EOS (`model.eos_token_ids`); None: those of the
+    sampled model's generation config."""
+    load_options: Mapping[str, Any] = field(default_factory=dict)
+    """`bcoder_ray.lm.LoadOptions` as plain data (`model.revision`, `model.attn_implementation`,
+    `model.trust_remote_code`): given to every `from_pretrained` of the run's models and tokenizers."""
+
+    def options_for(self, path: str | None = None) -> LoadOptions:
+        """The load options for `path` (default: θ_ckpt); the revision only for θ_ckpt itself."""
+        options = LoadOptions.from_mapping(self.load_options)
+        return options.for_source(self.theta_ckpt if path is None else path, self.theta_ckpt)
 
 
 @dataclass(frozen=True)

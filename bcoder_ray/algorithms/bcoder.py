@@ -56,6 +56,9 @@ class BCoderConfig(AlgorithmConfig):
     """0: stage φ runs once (first iteration); N: again every N iterations (V_φ targets refilled)."""
     theta_continue: bool = True
     """Stage θ starts each iteration from the previous θ (false: from θ_ckpt every time)."""
+    dropout_free_targets: bool = True
+    """The TD bootstrap of the network being trained is read from a second no-grad forward without dropout (only
+    when the network has dropout, e.g. T5 / CodeT5's 0.1); false: from the training forward, dropout included."""
 
     @model_validator(mode="after")
     def _check(self) -> "BCoderConfig":
@@ -91,9 +94,11 @@ class QStage(StageModule):
     def forward(self, batch: Batch):
         c = self.cfg
         if self.stage == "phi":
-            return phi_loss(self.model, batch, gamma=c.gamma)                              # eq. 12
+            return phi_loss(self.model, batch, gamma=c.gamma,
+                            dropout_free_targets=c.dropout_free_targets)                   # eq. 12
         return theta_loss(self.model, batch, gamma=c.gamma, beta_adv=c.beta_adv, beta_ce=c.beta_ce,
-                          operator=c.operator, aux_reduction=c.aux_reduction)              # eq. 17
+                          operator=c.operator, aux_reduction=c.aux_reduction,
+                          dropout_free_targets=c.dropout_free_targets)                     # eq. 17
 
     def save(self, directory: str, tokenizer: Any = None) -> None:
         (self.model.save_phi if self.stage == "phi" else self.model.save_theta)(directory, tokenizer)
@@ -122,7 +127,7 @@ class BCoder(Algorithm):
 
     @cached_property
     def _tokenizer(self):
-        return load_tokenizer(self.ctx.tokenizer_path)
+        return load_tokenizer(self.ctx.tokenizer_path, options=self.ctx.options_for(self.ctx.tokenizer_path))
 
     def _targets(self, phi_dir: str | None, needs_actions: bool) -> TargetsPlan | None:
         """Stage φ: â and A_ckpt; stage θ: â (conservative operator) and V_φ (when θ uses φ)."""
@@ -130,7 +135,8 @@ class BCoder(Algorithm):
             return None
         c, x = self.config, self.ctx
         fp = targets_fingerprint(x.theta_ckpt, self._tokenizer, max_prompt_len=x.source_len,
-                                 max_program_len=x.target_len, alpha=c.alpha, phi_checkpoint=phi_dir, dtype=x.dtype)
+                                 max_program_len=x.target_len, alpha=c.alpha, phi_checkpoint=phi_dir, dtype=x.dtype,
+                                 revision=x.options_for().revision)
         columns = ("target_actions", "a_ckpt") + (("v_phi",) if phi_dir else ())
         return TargetsPlan(fingerprint=fp, columns=columns, spec={"phi_dir": phi_dir})
 
@@ -171,17 +177,18 @@ class BCoder(Algorithm):
         seed = x.seed + int(plan.spec.get("seed", 0))
         if plan.name == "phi":
             model = QModel.create(x.theta_ckpt, parts=("phi",), phi_dir=plan.spec.get("phi_dir"), alpha=c.alpha,
-                                  r_max=c.r_max, seed=seed, device=device)
+                                  r_max=c.r_max, seed=seed, device=device, options=x.options_for())
         else:
             model = QModel.create(x.theta_ckpt, parts=("theta",), theta_dir=plan.spec.get("theta_dir"),
-                                  alpha=c.alpha, r_max=c.r_max, init_from_lm=c.init_from_lm, seed=seed, device=device)
+                                  alpha=c.alpha, r_max=c.r_max, init_from_lm=c.init_from_lm, seed=seed, device=device,
+                                  options=x.options_for())
         return QStage(model, plan.name, c)
 
     def target_computer(self, targets: TargetsPlan, device=None) -> TargetComputer:
         c, x = self.config, self.ctx
         phi_dir = targets.spec.get("phi_dir")
         model = QModel.create(x.theta_ckpt, parts=("ckpt", "phi") if phi_dir else ("ckpt",), phi_dir=phi_dir,
-                              alpha=c.alpha, r_max=c.r_max, device=device)
+                              alpha=c.alpha, r_max=c.r_max, device=device, options=x.options_for())
 
         def compute(batch: Batch) -> Mapping[str, list]:
             rows = compute_frozen_targets(model, batch, with_v_phi=phi_dir is not None)
@@ -197,7 +204,7 @@ class BCoder(Algorithm):
             raise ValueError(f"{theta_dir}: θ uses φ but no φ checkpoint was given; R̃ needs V_θ")
         model = QModel.create(self.ctx.theta_ckpt, parts=("theta", "phi") if uses_phi else ("theta",),
                               theta_dir=theta_dir, phi_dir=phi_dir if uses_phi else None,
-                              dtype=getattr(torch, self.ctx.dtype), device=device)
+                              dtype=getattr(torch, self.ctx.dtype), device=device, options=self.ctx.options_for())
         return RTildeRanker(model, self.config.gamma, label)
 
 

@@ -47,6 +47,7 @@ from bcoder_ray.algorithms.coderl_losses import REDUCTIONS, coderl_actor_loss, t
 from bcoder_ray.algorithms.critic import (BINARY_CLASSES, FOUR_CLASSES, Critic, check_critic_tokenizer,
                                           critic_loss, outcome_labels, p_passed, token_values)
 from bcoder_ray.batch import Batch, collate
+from bcoder_ray.lm import LoadOptions
 from bcoder_ray.shared_storage import local_dir
 from bcoder_ray.tokenization import load_tokenizer, pad_id
 
@@ -94,8 +95,10 @@ class CodeRLConfig(AlgorithmConfig):
 
 
 @lru_cache(maxsize=8)
-def _checked_tokenizer(critic_path: str, actor_tokenizer: str) -> str:
-    return check_critic_tokenizer(critic_path, actor_tokenizer)
+def _checked_tokenizer(critic_path: str, actor_tokenizer: str, critic_options: LoadOptions | None = None,
+                       actor_options: LoadOptions | None = None) -> str:
+    return check_critic_tokenizer(critic_path, actor_tokenizer, critic_options=critic_options,
+                                  actor_options=actor_options)
 
 
 # ---------------------------------------------------------------------------------------------- the baseline
@@ -182,15 +185,16 @@ class CriticStage(StageModule):
         self.critic.save(directory, tokenizer)
 
 
-def load_trainable_lm(path: str, device=None):
+def load_trainable_lm(path: str, device=None, options: LoadOptions | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from bcoder_ray.lm import ENCODER_DECODER, lm_kind
 
+    options = options or LoadOptions()
     path = local_dir(path, "actor checkpoint")
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, **options.config_kwargs())
     cls = AutoModelForSeq2SeqLM if lm_kind(config) == ENCODER_DECODER else AutoModelForCausalLM
-    lm = cls.from_pretrained(path)
+    lm = cls.from_pretrained(path, **options.model_kwargs())
     lm.requires_grad_(True)
     return lm.to(device) if device is not None else lm
 
@@ -252,9 +256,11 @@ def _program_batch(prompt_ids: Sequence[Sequence[int]], program_ids: Sequence[Se
 class ActorTargets:
     """The actor stage's cached targets for a batch of rows (see the module docstring): {q_hat, r_baseline}."""
 
-    def __init__(self, spec: Mapping[str, Any], buffer_uri: str | None, device=None):
+    def __init__(self, spec: Mapping[str, Any], buffer_uri: str | None, device=None,
+                 options: LoadOptions | None = None):
         self.use_critic, self.use_baseline = bool(spec["use_critic"]), bool(spec["use_baseline"])
-        self.critic = Critic.load(spec["critic_dir"], device=device).eval() if self.use_critic else None
+        self.critic = (Critic.load(spec["critic_dir"], device=device, options=options).eval() if self.use_critic
+                       else None)
         self.lookup = RowLookup(buffer_uri)
         self.device = device
 
@@ -320,7 +326,8 @@ class CodeRL(Algorithm):
         if ctx is not None and config.critic_checkpoint is not None:
             # q̂ weights the actor's tokens: the critic must read the same token ids (checked once per process;
             # the driver builds the algorithm before the buffer is seeded and any rollout starts)
-            _checked_tokenizer(config.critic_checkpoint, ctx.tokenizer_path)
+            _checked_tokenizer(config.critic_checkpoint, ctx.tokenizer_path, ctx.options_for(config.critic_checkpoint),
+                               ctx.options_for(ctx.tokenizer_path))
 
     # -- the driver's side
     def rollout_request(self) -> RolloutRequest:
@@ -394,21 +401,24 @@ class CodeRL(Algorithm):
     # -- the workers' side
     @cached_property
     def _pad(self) -> int:
-        return pad_id(load_tokenizer(self.ctx.tokenizer_path))
+        return pad_id(load_tokenizer(self.ctx.tokenizer_path, options=self.ctx.options_for(self.ctx.tokenizer_path)))
 
     def build_stage(self, plan: StagePlan, device=None) -> StageModule:
         x = self.ctx
         if plan.name in ("critic", "critic_test"):
-            critic = Critic.create(self.config.critic_checkpoint or x.theta_ckpt, classes=plan.spec["classes"],
-                                   seed=x.seed + int(plan.spec.get("seed", 0)), device=device)
+            body = self.config.critic_checkpoint or x.theta_ckpt
+            critic = Critic.create(body, classes=plan.spec["classes"], seed=x.seed + int(plan.spec.get("seed", 0)),
+                                   device=device, options=x.options_for(body))
             return CriticStage(critic)
         if plan.name == "actor":
-            return ActorStage(load_trainable_lm(plan.spec.get("actor_dir") or x.theta_ckpt, device), self.config)
+            start = plan.spec.get("actor_dir") or x.theta_ckpt
+            return ActorStage(load_trainable_lm(start, device, options=x.options_for(start)), self.config)
         raise ValueError(f"coderl has no stage {plan.name!r}")
 
     def target_computer(self, targets: TargetsPlan, device=None) -> TargetComputer:
-        return ActorTargets(targets.spec, self.ctx.buffer_uri, device)
+        return ActorTargets(targets.spec, self.ctx.buffer_uri, device, options=self.ctx.options_for())
 
     def load_ranker(self, spec: Mapping[str, Any], label: str, device=None) -> Ranker:
-        critic = Critic.load(spec["critic_dir"], dtype=getattr(torch, self.ctx.dtype), device=device).eval()
+        critic = Critic.load(spec["critic_dir"], dtype=getattr(torch, self.ctx.dtype), device=device,
+                             options=self.ctx.options_for()).eval()
         return CriticRanker(critic, self._pad, label, device=device)

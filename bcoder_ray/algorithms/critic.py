@@ -9,8 +9,8 @@ Public API
 - ``outcome_labels(outcomes, classes) -> LongTensor [B]``: the buffer's ``outcome`` strings as class indices.
 - ``class_balance(outcomes, classes) -> dict[str, int]``: rows per class (for the report).
 - ``Critic`` (``nn.Module``): ``Critic.create(checkpoint, *, classes=FOUR_CLASSES, seed=0, dtype=None,
-  device=None)`` (body initialised from that LM's base model, a fresh head seeded with ``seed``),
-  ``Critic.load(directory, *, dtype=None, device=None)``, ``critic.save(directory, tokenizer=None)``,
+  device=None, options=None)`` (body initialised from that LM's base model, a fresh head seeded with ``seed``),
+  ``Critic.load(directory, *, dtype=None, device=None, options=None)``, ``critic.save(directory, tokenizer=None)``,
   ``critic.hidden_states(batch)``, ``critic(batch) -> CriticOutputs``. Attributes ``kind``, ``classes``, ``body``,
   ``head``, ``decoder_start_id``, ``init_checkpoint``.
 - ``critic_loss(critic, batch, labels) -> (loss, metrics)``: eq. 9, mean over the batch's programs.
@@ -18,7 +18,8 @@ Public API
 - ``p_passed_prefixes(critic, batch) -> (p_pass, p_fail)``, each [B, T]: p(passed | w_0…w_t, D) and its
   complement per prefix (Critic Sampling); ``p_passed(critic, batch) -> [B]``: the pooled û[passed] of the
   whole program (ranking).
-- ``check_critic_tokenizer(critic_path, actor_path, *, load=AutoTokenizer.from_pretrained) -> str``: the shared
+- ``check_critic_tokenizer(critic_path, actor_path, *, load=AutoTokenizer.from_pretrained, critic_options=None,
+  actor_options=None) -> str``: the shared
   fingerprint, or a ``ValueError`` naming both paths.
 
 States and positions. The critic reads the prompt D and the program w_0 … w_{T-1} (EOS last unless cut at the
@@ -49,7 +50,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 from bcoder_ray.batch import Batch
-from bcoder_ray.lm import ENCODER_DECODER, hidden_size, lm_kind, new_head, positions_from_mask
+from bcoder_ray.lm import ENCODER_DECODER, LoadOptions, hidden_size, lm_kind, new_head, positions_from_mask
 from bcoder_ray.shared_storage import local_dir
 from bcoder_ray.tokenization import tokenizer_fingerprint
 from envs.result import OUTCOMES, Outcome
@@ -128,10 +129,13 @@ class Critic(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def create(cls, checkpoint: str, *, classes: Sequence[str] = FOUR_CLASSES, seed: int = 0,
-               dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "Critic":
-        """Body = the checkpoint's base model (no LM head), trainable; head ~ N(0, 0.02²), bias 0, from ``seed``."""
+               dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+               options: LoadOptions | None = None) -> "Critic":
+        """Body = the checkpoint's base model (no LM head), trainable; head ~ N(0, 0.02²), bias 0, from ``seed``;
+        ``options`` (``LoadOptions``) go to its ``from_pretrained``."""
         classes = _check_classes(classes)
-        body = AutoModel.from_pretrained(local_dir(checkpoint), dtype=dtype)
+        options = options or LoadOptions()
+        body = AutoModel.from_pretrained(local_dir(checkpoint), dtype=dtype, **options.model_kwargs())
         like = next(body.parameters())
         generator = torch.Generator().manual_seed(seed)
         head = new_head(hidden_size(body), len(classes), like, generator)
@@ -139,12 +143,14 @@ class Critic(nn.Module):
         return critic.to(device) if device is not None else critic
 
     @classmethod
-    def load(cls, directory: str, *, dtype: torch.dtype | None = None,
-             device: torch.device | str | None = None) -> "Critic":
+    def load(cls, directory: str, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+             options: LoadOptions | None = None) -> "Critic":
+        """A critic saved by ``save``; ``options``: as for ``create`` (a saved folder: the revision is dropped)."""
         from safetensors.torch import load_file
         directory = local_dir(directory, "critic checkpoint")
         meta = read_meta(directory)
-        body = AutoModel.from_pretrained(directory, dtype=dtype)
+        options = (options or LoadOptions()).without_revision()
+        body = AutoModel.from_pretrained(directory, dtype=dtype, **options.model_kwargs())
         state = load_file(os.path.join(directory, HEAD_FILE))
         like = next(body.parameters())
         head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0]).to(device=like.device, dtype=like.dtype)
@@ -265,12 +271,15 @@ def p_passed(critic: Critic, batch: Batch) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- tokenizer check
 def check_critic_tokenizer(critic_path: str, actor_path: str, *,
-                           load: Callable[[str], object] = AutoTokenizer.from_pretrained) -> str:
-    """q̂ weights the actor's tokens, so both must tokenize alike: compare vocabulary fingerprints."""
+                           load: Callable[..., object] = AutoTokenizer.from_pretrained,
+                           critic_options: LoadOptions | None = None, actor_options: LoadOptions | None = None) -> str:
+    """q̂ weights the actor's tokens, so both must tokenize alike: compare vocabulary fingerprints. The options
+    (``LoadOptions``: revision, trust_remote_code) go to ``load`` as keyword arguments when given."""
     fingerprints = []
-    for role, path in (("critic", critic_path), ("actor", actor_path)):
+    for role, path, options in (("critic", critic_path, critic_options), ("actor", actor_path, actor_options)):
+        kwargs = options.config_kwargs() if options is not None else {}
         try:
-            fingerprints.append(tokenizer_fingerprint(load(path)))
+            fingerprints.append(tokenizer_fingerprint(load(path, **kwargs)))
         except (OSError, ValueError) as error:
             raise ValueError(f"{role} tokenizer at {path}: cannot be loaded ({error})") from error
     if fingerprints[0] != fingerprints[1]:

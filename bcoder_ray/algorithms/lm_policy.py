@@ -26,7 +26,7 @@ from torch import nn
 from bcoder_ray.algorithms.base import Algorithm, Rows, RunContext, StageModule, StagePlan
 from bcoder_ray.algorithms.pg_losses import ValueHead
 from bcoder_ray.algorithms.targets import checkpoint_identity
-from bcoder_ray.lm import PolicyLM, load_lm
+from bcoder_ray.lm import LoadOptions, PolicyLM, load_lm
 from bcoder_ray.shared_storage import local_dir
 from bcoder_ray.tokenization import load_tokenizer, tokenizer_fingerprint
 
@@ -35,9 +35,10 @@ ON_POLICY_COLUMNS = ("logprobs",)
 
 
 def load_policy(path: str, *, trainable: bool, dtype: torch.dtype | None = None,
-                device: torch.device | str | None = None) -> PolicyLM:
-    """The LM at `path` as a `PolicyLM`: every parameter trainable, or frozen in eval mode (targets)."""
-    lm = load_lm(path, dtype=dtype, device=device)
+                device: torch.device | str | None = None, options: LoadOptions | None = None) -> PolicyLM:
+    """The LM at `path` as a `PolicyLM`: every parameter trainable, or frozen in eval mode (targets); `options`
+    (`LoadOptions`) go to its `from_pretrained`."""
+    lm = load_lm(path, dtype=dtype, device=device, options=options)
     if trainable:
         lm.requires_grad_(True)
     return PolicyLM(lm)
@@ -70,7 +71,8 @@ def on_policy_rows(policy_version: str, extra_columns: tuple[str, ...] = (),
 
 
 def fingerprint(ctx: RunContext, tokenizer: Any, **parts: Any) -> str:
-    data = {"theta_ckpt": checkpoint_identity(ctx.theta_ckpt), "tokenizer": tokenizer_fingerprint(tokenizer),
+    data = {"theta_ckpt": checkpoint_identity(ctx.theta_ckpt, ctx.options_for().revision),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
             "source_len": ctx.source_len, "target_len": ctx.target_len, "dtype": ctx.dtype,
             **{k: (checkpoint_identity(v) if k.endswith("_dir") and v else v) for k, v in parts.items()}}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -117,7 +119,7 @@ class LMPolicyAlgorithm(Algorithm):
 
     @cached_property
     def _tokenizer(self):
-        return load_tokenizer(self.ctx.tokenizer_path)
+        return load_tokenizer(self.ctx.tokenizer_path, options=self.ctx.options_for(self.ctx.tokenizer_path))
 
     def policy(self, state: dict) -> str | None:
         return state.get(self.stage)
@@ -131,8 +133,10 @@ class LMPolicyAlgorithm(Algorithm):
         return StagePlan(self.stage, rows, spec=spec, skip_if_empty=True, **kwargs)
 
     def _load_start(self, plan: StagePlan, device=None) -> PolicyLM:
-        return load_policy(plan.spec.get("start") or self.ctx.theta_ckpt, trainable=True, device=device)
+        start = plan.spec.get("start") or self.ctx.theta_ckpt
+        return load_policy(start, trainable=True, device=device, options=self.ctx.options_for(start))
 
     def _frozen(self, path: str | None, device=None) -> PolicyLM:
-        return load_policy(path or self.ctx.theta_ckpt, trainable=False, dtype=getattr(torch, self.ctx.dtype),
-                           device=device)
+        path = path or self.ctx.theta_ckpt
+        return load_policy(path, trainable=False, dtype=getattr(torch, self.ctx.dtype), device=device,
+                           options=self.ctx.options_for(path))

@@ -2,13 +2,16 @@
 
 Public API
 ----------
-- (from ``bcoder_ray.lm``) ``load_lm(name_or_path, *, dtype=None, device=None) -> PreTrainedModel``: a Hugging Face checkpoint (name or local
-  path), encoder-decoder (T5 / CodeT5 family) or decoder-only (GPT-2, Llama-style), frozen and in eval mode. It checks
-  that ``hidden -> logits`` as this module computes it matches the model's own forward (raises otherwise).
+- (from ``bcoder_ray.lm``) ``load_lm(name_or_path, *, dtype=None, device=None, options=None) -> PreTrainedModel``:
+  a Hugging Face checkpoint (name or local path), encoder-decoder (T5 / CodeT5 family) or decoder-only (GPT-2,
+  Llama-style), frozen and in eval mode. It checks that ``hidden -> logits`` as this module computes it matches
+  the model's own forward (raises otherwise).
 - ``lm_kind(lm_or_config) -> "encoder-decoder" | "decoder-only"``.
 - ``softabs(x)``, ``capped_value(raw, r_max)``: G.1, V = R_max - softabs(v) with softabs(x) = ln cosh(x/2) ≥ 0.
 - ``QModel.create(checkpoint, *, parts, phi_dir=None, theta_dir=None, alpha=None, r_max=None, init_from_lm=True,
-  dtype=None, device=None, seed=0) -> QModel``. ``parts`` ⊆ {"ckpt", "phi", "theta"}: which networks to hold.
+  dtype=None, device=None, seed=0, options=None) -> QModel``. ``parts`` ⊆ {"ckpt", "phi", "theta"}: which networks
+  to hold. ``options`` (``bcoder_ray.lm.LoadOptions``) reach every load (the checkpoint's config and LM, the θ and
+  φ folders; the revision only the checkpoint's).
   "phi"/"theta" come from ``phi_dir``/``theta_dir`` when given (saved by ``save_phi``/``save_theta``), else are
   freshly initialised from ``checkpoint``: φ = decoder copy + new V head; θ = LM copy + h1 = h2 (so V^r_θ = 0 and
   Q_θ = Q_φ exactly). ``init_from_lm=False`` (plain dueling DQN ablation): θ's LM head is re-initialised at random
@@ -65,10 +68,11 @@ from typing import Iterable
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.dynamic_module_utils import custom_object_save
 
 from bcoder_ray.batch import Batch
-from bcoder_ray.lm import (DECODER_ONLY, ENCODER_DECODER, Encoded, PolicyLM, SharedEncoder, Trunk,  # noqa: F401
-                           decoder_body, float32_linear, hidden_size, lm_kind, load_lm, new_head,
+from bcoder_ray.lm import (DECODER_ONLY, ENCODER_DECODER, Encoded, LoadOptions, PolicyLM,  # noqa: F401
+                           SharedEncoder, Trunk, decoder_body, float32_linear, hidden_size, lm_kind, load_lm, new_head,
                            positions_from_mask, token_logit_stats)
 from bcoder_ray.shared_storage import local_dir
 
@@ -98,6 +102,9 @@ class ValueNet(Trunk):
     def __init__(self, body: nn.Module, kind: str, decoder_start_id: int | None, v_head: nn.Linear):
         super().__init__(body, kind, decoder_start_id)
         self.v_head = v_head
+        # the checkpoint's own (trust_remote_code) LM class a fresh body came from: `save_pretrained` of a base
+        # model taken out of it copies no modelling code, which the saved config's auto_map still names
+        self.code_class: type | None = None
 
     def raw_values(self, batch: Batch, encoded: Encoded | None) -> torch.Tensor:
         return float32_linear(self.v_head, self.states(batch, encoded)).squeeze(-1)
@@ -206,21 +213,25 @@ class QModel(nn.Module):
         self.pad_id, self.decoder_start_id = pad_id, decoder_start_id
         self.encoder, self.ckpt, self.phi, self.theta = encoder, ckpt, phi, theta
         self.stage = "none"
+        self.load_options = LoadOptions()  # what `create` loaded with
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def create(cls, checkpoint: str, *, parts: Iterable[str] = PARTS, phi_dir: str | None = None,
                theta_dir: str | None = None, alpha: float | None = None, r_max: float | None = None,
                init_from_lm: bool = True, dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None, seed: int = 0) -> "QModel":
+               device: torch.device | str | None = None, seed: int = 0,
+               options: LoadOptions | None = None) -> "QModel":
         parts = tuple(parts)
         unknown = set(parts) - set(PARTS)
         if unknown or not parts:
             raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {parts}")
+        options = options or LoadOptions()
+        saved = options.without_revision()  # θ/φ folders are our own saves: the revision is θ_ckpt's
         checkpoint = local_dir(checkpoint)
         phi_dir = local_dir(phi_dir, "phi checkpoint") if phi_dir else phi_dir
         theta_dir = local_dir(theta_dir, "theta checkpoint") if theta_dir else theta_dir
-        config = AutoConfig.from_pretrained(checkpoint)
+        config = AutoConfig.from_pretrained(checkpoint, **options.config_kwargs())
         kind = lm_kind(config)
         generator = torch.Generator().manual_seed(seed)
         phi_meta = _read_meta(phi_dir, "phi") if ("phi" in parts and phi_dir) else None
@@ -229,7 +240,7 @@ class QModel(nn.Module):
         r_max = _pick("r_max", r_max, [m["r_max"] for m in (theta_meta, phi_meta) if m])
 
         fresh = [p for p in parts if p == "ckpt" or (p == "phi" and not phi_dir) or (p == "theta" and not theta_dir)]
-        base = load_lm(checkpoint, dtype=dtype) if (fresh or kind == ENCODER_DECODER) else None
+        base = load_lm(checkpoint, dtype=dtype, options=options) if (fresh or kind == ENCODER_DECODER) else None
         encoder = None
         shared: list[nn.Parameter] = []
         if kind == ENCODER_DECODER:
@@ -248,14 +259,15 @@ class QModel(nn.Module):
             ckpt = PolicyLM(take("ckpt"))
         if "phi" in parts:
             if phi_dir:
-                phi = cls._load_phi(phi_dir, kind, encoder, dtype)
+                phi = cls._load_phi(phi_dir, kind, encoder, dtype, saved)
             else:
                 lm = take("phi")
                 like = lm.get_output_embeddings().weight
                 phi = ValueNet(decoder_body(lm), kind, start, new_head(hidden_size(lm), 1, like, generator))
+                phi.code_class = type(lm) if type(lm).is_remote_code() else None
         if "theta" in parts:
             if theta_dir:
-                theta = cls._load_theta(theta_dir, theta_meta, encoder, dtype)
+                theta = cls._load_theta(theta_dir, theta_meta, encoder, dtype, saved)
             else:
                 lm = take("theta")
                 _untie_head(lm, frozen_ids)
@@ -267,6 +279,7 @@ class QModel(nn.Module):
         del base
         model = cls(kind=kind, config=config, alpha=alpha, r_max=r_max, pad_id=int(pad), decoder_start_id=start,
                     encoder=encoder, ckpt=ckpt, phi=phi, theta=theta)
+        model.load_options = options  # save_phi rebuilds an encoder-decoder's base model from the config
         model.requires_grad_(False)
         model.eval()
         if device is not None:
@@ -274,9 +287,10 @@ class QModel(nn.Module):
         return model
 
     @staticmethod
-    def _load_theta(directory: str, meta: dict, encoder: SharedEncoder | None, dtype) -> QNet:
+    def _load_theta(directory: str, meta: dict, encoder: SharedEncoder | None, dtype,
+                    options: LoadOptions) -> QNet:
         from safetensors.torch import load_file
-        lm = load_lm(directory, dtype=dtype)
+        lm = load_lm(directory, dtype=dtype, options=options)
         if encoder is not None:
             _adopt_encoder(lm, encoder, directory)
         heads = load_file(os.path.join(directory, THETA_HEADS_FILE))
@@ -287,9 +301,10 @@ class QModel(nn.Module):
         return QNet(lm, h1, h2, uses_phi=bool(meta["uses_phi"]))
 
     @staticmethod
-    def _load_phi(directory: str, kind: str, encoder: SharedEncoder | None, dtype) -> ValueNet:
+    def _load_phi(directory: str, kind: str, encoder: SharedEncoder | None, dtype,
+                  options: LoadOptions) -> ValueNet:
         from safetensors.torch import load_file
-        base = AutoModel.from_pretrained(directory, dtype=dtype or torch.float32)
+        base = AutoModel.from_pretrained(directory, dtype=dtype or torch.float32, **options.model_kwargs())
         if kind == ENCODER_DECODER:
             _adopt_encoder(base, encoder, directory)
             body = base.get_decoder()
@@ -322,13 +337,16 @@ class QModel(nn.Module):
         os.makedirs(directory, exist_ok=True)
         if self.kind == ENCODER_DECODER:
             with torch.device("meta"):
-                base = AutoModel.from_config(copy.deepcopy(self.config))
+                base = AutoModel.from_config(copy.deepcopy(self.config),
+                                             trust_remote_code=self.load_options.trust_remote_code)
             base.shared = self.encoder.embedding
             base.encoder = self.encoder.stack
             base.decoder = self.phi.body
             base.save_pretrained(directory)
         else:
             self.phi.body.save_pretrained(directory)
+            if self.phi.code_class is not None:
+                custom_object_save(self.phi.code_class, directory)  # the modelling code its auto_map names
         save_file({k: v.detach().contiguous() for k, v in self.phi.v_head.state_dict().items()},
                   os.path.join(directory, PHI_HEAD_FILE))
         self._write_meta(directory, "phi")

@@ -10,12 +10,13 @@ Public API
   ``target_actions`` (list[int]), ``a_ckpt`` (list[float]) and, when φ is held, ``v_phi`` (list[float]).
   ``with_v_phi`` defaults to "when the model holds φ".
 - ``targets_fingerprint(checkpoint, tokenizer, *, max_prompt_len, max_program_len, alpha, phi_checkpoint=None,
-  prompt_format="", dtype="float32") -> str``: identifies everything the stored targets depend on — the checkpoint's
-  weights (local dirs: names, sizes and the first/last MiB of every weight/config file; hub names: the name), the
+  prompt_format="", dtype="float32", revision=None) -> str``: identifies everything the stored targets depend on — the
+  checkpoint's weights (local dirs: names, sizes and the first/last MiB of every weight/config file; hub names: the
+  name and its ``revision`` when one is set, so fingerprints without a revision are unchanged), the
   tokenizer's content (``tokenization.tokenizer_fingerprint``), the truncation lengths, α, the φ checkpoint when
   ``v_phi`` is stored, the prompt construction (``prompt_format``: a version string of how prompt text is built),
   and the compute dtype. Recompute a row's targets when its fingerprint differs.
-- ``checkpoint_identity(name_or_path) -> str``.
+- ``checkpoint_identity(name_or_path, revision=None) -> str``.
 
 Per-token meaning (program w_0 … w_{T-1}, state s_t = (prompt, w_<t)):
   target_actions[t] = â_{t+1} = argmax_a p_ckpt(a | s_{t+1}) for t < T-1; -1 at t = T-1 (terminal: no bootstrap).
@@ -93,13 +94,13 @@ def compute_frozen_targets(model: QModel, batch: Batch | Sequence[Mapping], *,
     return rows
 
 
-def checkpoint_identity(name_or_path: str) -> str:
+def checkpoint_identity(name_or_path: str, revision: str | None = None) -> str:
     """A content identity for a checkpoint folder (cheap: sizes and edges of files; a URI's node-local copy),
-    else the name."""
+    else the name and, when given, the hub revision (a folder's content already says which one it is)."""
     if is_uri(name_or_path):
         name_or_path = local_dir(name_or_path)
     if not os.path.isdir(name_or_path):
-        return f"name:{name_or_path}"
+        return f"name:{name_or_path}" if revision is None else f"name:{name_or_path}@{revision}"
     h = hashlib.sha256()
     for name in sorted(os.listdir(name_or_path)):
         path = os.path.join(name_or_path, name)
@@ -117,9 +118,9 @@ def checkpoint_identity(name_or_path: str) -> str:
 
 def targets_fingerprint(checkpoint: str, tokenizer, *, max_prompt_len: int, max_program_len: int, alpha: float,
                         phi_checkpoint: str | None = None, prompt_format: str = "",
-                        dtype: str = "float32") -> str:
+                        dtype: str = "float32", revision: str | None = None) -> str:
     parts = {
-        "checkpoint": checkpoint_identity(checkpoint),
+        "checkpoint": checkpoint_identity(checkpoint, revision),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_prompt_len": int(max_prompt_len),
         "max_program_len": int(max_program_len),

@@ -230,10 +230,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.rank_file:
             if ranker is None:
                 raise SystemExit("--rank-file needs a ranker: --rank-with RUN_DIR (or --run-dir of a run with one)")
-            from transformers import AutoTokenizer
+            from bcoder_ray.lm import LoadOptions
+            from bcoder_ray.run_folder import load_run
+            from bcoder_ray.tokenization import load_tokenizer
 
-            metrics = rank_candidates_file(args.rank_file, problems, ranker, AutoTokenizer.from_pretrained(
-                                               rank_tokenizer), executor, out, ks=args.ks,
+            ctx = load_run(args.rank_with or args.run_dir).context()  # the ranking run's load options
+            options = LoadOptions.from_mapping(ctx["load_options"]).for_source(rank_tokenizer, ctx["theta_ckpt"])
+            metrics = rank_candidates_file(args.rank_file, problems, ranker, load_tokenizer(
+                                               rank_tokenizer, options=options), executor, out, ks=args.ks,
                                            max_program_len=args.max_new_tokens, max_prompt_len=args.max_prompt_len,
                                            ci_level=args.confidence)
         else:
