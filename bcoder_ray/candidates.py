@@ -65,6 +65,11 @@ class Sampler:
         if not self.stop_ids:
             self.stop_ids = stop_ids(self.tokenizer)
 
+    def close(self) -> None:
+        """Release what outlives the object's references: a vLLM engine's GPU memory."""
+        if self.engine is not None:
+            self.engine.close()
+
 
 def load_sampler(path: str, *, tokenizer: str | None = None, label: str | None = None, dtype: Any = None,
                  device: str | None = None, options: LoadOptions | Mapping[str, Any] | None = None,

@@ -246,8 +246,7 @@ def train_loop_per_worker(config: dict) -> None:
         return
     to_save = saveable(stage, rebuild=lambda: algorithm.build_stage(plan), rank0=rank0)  # every rank calls
     # a run resumed after its last report finds a finished stage
-    state = resume_state(job, o.steps, resumable, history, stage) if o.checkpoint_every and (
-        rank0 or is_sharded(stage)) else None
+    state = gathered_resume_state(rank0, job, o.steps, resumable, history, stage) if o.checkpoint_every else None
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank0:
@@ -268,6 +267,13 @@ def resume_state(job: StageJob, step: int, resumable: list, history: list[dict],
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     return {"stage": job.stage, "steps": job.steps, "step": step, "history": history, "rng": rng,
             "state": [None if x is None else portable_state(x, module) for x in resumable]}
+
+
+def gathered_resume_state(rank0: bool, job: StageJob, step: int, resumable: list, history: list[dict],
+                          module: torch.nn.Module) -> dict | None:
+    """`resume_state` where rank 0 needs it to write a checkpoint: on rank 0, and on every rank of an FSDP
+    `module` (gathering the shards is a collective); None on the other ranks."""
+    return resume_state(job, step, resumable, history, module) if rank0 or is_sharded(module) else None
 
 
 def write_resume_state(folder: str, state: dict) -> None:
@@ -297,7 +303,7 @@ def load_resume_state(checkpoint, job: StageJob, resumable: list, device,
                            f"{len(resumable)}")
     for target, state in zip(resumable, saved["state"]):
         if target is not None:
-            restore_state(target, state, module, device)
+            restore_state(target, state, module)
     torch.set_rng_state(saved["rng"]["cpu"])
     if saved["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
@@ -310,7 +316,7 @@ def report_resumable(rank0: bool, job: StageJob, step: int, resumable: list, his
     every rank reports)."""
     import ray.train
 
-    state = resume_state(job, step, resumable, history, module) if rank0 or is_sharded(module) else None
+    state = gathered_resume_state(rank0, job, step, resumable, history, module)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank0:

@@ -213,8 +213,8 @@ class PolicyWorker:
         held = self._loaded.get(kind)
         if held is None or held[0] != ref:
             old = self._loaded.pop(kind, None)  # free the old weights first
-            if old is not None and getattr(getattr(old[1], "engine", None), "close", None):
-                old[1].engine.close()  # a vLLM engine holds its GPU memory until closed
+            if old is not None and hasattr(old[1], "close"):
+                old[1].close()  # a sampler's vLLM engine holds its GPU memory until closed
             del old
             self._loaded[kind] = (ref, load())
         return self._loaded[kind][1]

@@ -115,7 +115,7 @@ def portable_state(obj, module: nn.Module):
     return obj.state_dict()
 
 
-def restore_state(target, state, module: nn.Module, device: torch.device) -> None:
+def restore_state(target, state, module: nn.Module) -> None:
     """Put back what `portable_state` stored (every rank reads the same checkpoint): a sharded parameter takes
     its own shard of the whole tensor."""
     if isinstance(target, torch.Tensor):
