@@ -22,7 +22,8 @@ from bcoder_ray.algorithms.base import Ranker, checkpoint_label
 from bcoder_ray.algorithms.q_model import QModel
 from bcoder_ray.lm import LoadOptions, generation_eos_ids, generation_eos_ids_of
 from bcoder_ray.metrics import CandidateRecord
-from bcoder_ray.tokenization import decode_program, encode_prompt, load_tokenizer, pad_id, stop_ids
+from bcoder_ray.tokenization import (StopStrings, TextFormat, decode_program, encode_prompt, load_tokenizer, pad_id,
+                                    stop_ids)
 from bcoder_ray.vllm_sampling import ENGINES, VLLMEngine
 from envs import scoring
 from envs.problem import Problem
@@ -52,7 +53,8 @@ class SamplingSettings:
 @dataclass
 class Sampler:
     """A published policy loaded for sampling: the LM (as `QModel.ckpt`, with the frozen encoder of an
-    encoder-decoder), its tokenizer, its name in records and the token ids that end a program (EOS first)."""
+    encoder-decoder), its tokenizer, its name in records, the token ids that end a program (EOS first) and the
+    run's text format (chat-templated prompts, stop strings)."""
 
     model: QModel | None
     tokenizer: Any
@@ -60,10 +62,28 @@ class Sampler:
     path: str
     stop_ids: tuple[int, ...] = ()
     engine: VLLMEngine | None = None  # rollout.engine vllm: it samples, and `model` is None
+    text_format: TextFormat = TextFormat()
 
     def __post_init__(self) -> None:
         if not self.stop_ids:
             self.stop_ids = stop_ids(self.tokenizer)
+
+    @property
+    def stop_strings(self) -> StopStrings | None:
+        return self.text_format.stops(self.tokenizer)
+
+    def prompt_ids(self, text: str, max_len: int) -> list[int]:
+        return encode_prompt(self.tokenizer, text, max_len, self.text_format.chat_template)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """A sampled program's text: up to its first stop id, then up to its first stop string."""
+        return decode_program(self.tokenizer, ids, self.stop_ids, self.text_format.stop_strings)
+
+    def ended(self, ids: Sequence[int]) -> bool:
+        """Whether a sampled program ended at a stop id or a stop string (False: cut at the length limit). A
+        sampled program holds no stop string before its end, so its last tokens tell."""
+        stops = self.stop_strings
+        return bool(ids) and (ids[-1] in self.stop_ids or (stops is not None and stops.completed(ids)))
 
     def close(self) -> None:
         """Release what outlives the object's references: a vLLM engine's GPU memory."""
@@ -74,14 +94,17 @@ class Sampler:
 def load_sampler(path: str, *, tokenizer: str | None = None, label: str | None = None, dtype: Any = None,
                  device: str | None = None, options: LoadOptions | Mapping[str, Any] | None = None,
                  checkpoint: str | None = None, eos_token_ids: Sequence[int] | None = None,
-                 engine: str = "torch", seed: int = 0) -> Sampler:
+                 engine: str = "torch", seed: int = 0,
+                 text_format: TextFormat | Mapping[str, Any] | None = None) -> Sampler:
     """The LM at `path` (any folder `from_pretrained` loads, or a hub name) ready to sample. `options` (the run's
     `LoadOptions`, or `RunContext.load_options`) go to the model's and the tokenizer's loads; given `checkpoint`
     (the run's θ_ckpt), the revision only to loads of θ_ckpt itself. A program ends at the tokenizer's EOS or at
     one of `eos_token_ids` (`model.eos_token_ids`; None: those of the model's generation config). `engine`
     "vllm": a `VLLMEngine` samples (decoder-only, on a GPU; `seed` is its engine seed) and no torch model is
-    loaded."""
+    loaded. `text_format` (`model.chat_template`, `model.stop_strings`): how prompts are built and where else a
+    program ends."""
     options = LoadOptions.from_mapping(options)
+    text_format = TextFormat.from_mapping(text_format)
     tokenizer = str(tokenizer or path)
 
     def options_for(source: str) -> LoadOptions:
@@ -97,10 +120,11 @@ def load_sampler(path: str, *, tokenizer: str | None = None, label: str | None =
         vllm = VLLMEngine(str(path), tokenizer, dtype=str(dtype or torch.float32).removeprefix("torch."),
                           seed=seed, options=options_for(str(path)))
         return Sampler(model=None, tokenizer=tok, label=label, path=str(path),
-                       stop_ids=stop_ids(tok, eos_token_ids), engine=vllm)
+                       stop_ids=stop_ids(tok, eos_token_ids), engine=vllm, text_format=text_format)
     model = QModel.create(str(path), parts=("ckpt",), dtype=dtype, device=device, options=options_for(str(path)))
     extra = generation_eos_ids(model.ckpt.lm) if eos_token_ids is None else tuple(eos_token_ids)
-    return Sampler(model=model, tokenizer=tok, label=label, path=str(path), stop_ids=stop_ids(tok, extra))
+    return Sampler(model=model, tokenizer=tok, label=label, path=str(path), stop_ids=stop_ids(tok, extra),
+                   text_format=text_format)
 
 
 @dataclass
@@ -119,7 +143,7 @@ class ScoredCandidate:
     ranker: str | None
     logprobs: list[float] | None = None  # per token, of the distribution sampled
     decoding: str = "sample"  # "sample" or "greedy"
-    truncated: bool = False  # cut at the length limit (no EOS at the end)
+    truncated: bool = False  # cut at the length limit (no stop id or stop string at the end)
 
     @property
     def infra(self) -> bool:
@@ -167,7 +191,7 @@ def sample_and_score(problems: Sequence[Problem], sampler: Sampler, executor: An
     problems = list(problems)
     tok = sampler.tokenizer
     if prompt_ids is None:
-        prompt_ids = [encode_prompt(tok, p.prompt, settings.max_prompt_len) for p in problems]
+        prompt_ids = [sampler.prompt_ids(p.prompt, settings.max_prompt_len) for p in problems]
     elif len(prompt_ids) != len(problems):
         raise ValueError(f"sample_and_score: {len(problems)} problems but {len(prompt_ids)} prompts")
     if not problems:
@@ -176,17 +200,18 @@ def sample_and_score(problems: Sequence[Problem], sampler: Sampler, executor: An
     if sampler.engine is not None:
         sampled, sampled_logps = sampler.engine.sample(
             prompt_ids, settings.m, max_new_tokens=settings.max_new_tokens, stop_ids=sampler.stop_ids,
-            temperature=temperature, top_p=settings.top_p, seed=settings.seed)
+            stop_strings=sampler.stop_strings, temperature=temperature, top_p=settings.top_p, seed=settings.seed)
     else:
         sampled, sampled_logps = sampling.sample_programs(
             sampler.model, prompt_ids, settings.m, max_new_tokens=settings.max_new_tokens, eos_id=sampler.stop_ids,
             pad_id=pad_id(tok), temperature=temperature, top_p=settings.top_p, seed=settings.seed,
-            batch_size=settings.prompts_per_call * settings.m, network="ckpt", return_logprobs=True)
+            batch_size=settings.prompts_per_call * settings.m, network="ckpt", return_logprobs=True,
+            stop_strings=sampler.stop_strings)
     flat_problems = [p for p in problems for _ in range(settings.m)]
     flat_prompts = [list(ids) for ids in prompt_ids for _ in range(settings.m)]
     flat_ids = [list(ids) for per_problem in sampled for ids in per_problem]
     flat_logps = [list(lp) for per_problem in sampled_logps for lp in per_problem]
-    texts = [decode_program(tok, ids, sampler.stop_ids) for ids in flat_ids]
+    texts = [sampler.decode(ids) for ids in flat_ids]
 
     results: list[ExecResult | None] = [None] * len(texts)
     example_results: list[ExecResult | None] = [None] * len(texts)
@@ -201,6 +226,6 @@ def sample_and_score(problems: Sequence[Problem], sampler: Sampler, executor: An
                             result=res, example_result=ex, rtilde=score, model=sampler.label,
                             ranker=ranker.label if ranker is not None else None,
                             logprobs=lp if logprobs else None, decoding=decoding,
-                            truncated=not ids or ids[-1] not in sampler.stop_ids)
+                            truncated=not sampler.ended(ids))
             for i, (p, pr, ids, lp, text, res, ex, score) in enumerate(
                 zip(flat_problems, flat_prompts, flat_ids, flat_logps, texts, results, example_results, scores))]

@@ -30,7 +30,7 @@ from bcoder_ray.batch import collate
 from bcoder_ray.candidates import Sampler, SamplingSettings, sample_and_score, score_with_reruns
 from bcoder_ray.lm import LoadOptions
 from bcoder_ray.metrics import CandidateRecord
-from bcoder_ray.tokenization import decode_program, encode_prompt, pad_id
+from bcoder_ray.tokenization import pad_id
 from envs import scoring
 from envs.problem import Problem
 
@@ -109,7 +109,7 @@ def critic_sampling_records(problems: Sequence[Problem], sampler: Sampler, execu
     records: list[CandidateRecord] = []
     summaries = []
     for problem in problems:
-        prompt = encode_prompt(tok, problem.prompt, settings.max_prompt_len)
+        prompt = sampler.prompt_ids(problem.prompt, settings.max_prompt_len)
 
         def sample_fn(prefixes, counts, seed, prompt=prompt, problem=problem):
             out = []
@@ -120,18 +120,18 @@ def critic_sampling_records(problems: Sequence[Problem], sampler: Sampler, execu
                     sampler.model, [prompt], count, max_new_tokens=settings.max_new_tokens, eos_id=sampler.stop_ids,
                     pad_id=pad_id(tok), temperature=settings.temperature, top_p=settings.top_p,
                     seed=stable_seed(seed, problem.key, j), batch_size=settings.prompts_per_call * max(1, count),
-                    network="ckpt", prefix=prefix)[0]
+                    network="ckpt", prefix=prefix, stop_strings=sampler.stop_strings)[0]
             return out
 
         def example_pass_fn(programs, problem=problem):
-            texts = [decode_program(tok, w, sampler.stop_ids) for w in programs]
+            texts = [sampler.decode(w) for w in programs]
             return [r is not None and r.passed for r in scoring.score_examples(executor, [problem] * len(texts),
                                                                                texts)]
 
         result = critic_sampling(n, rounds, sample_fn, example_pass_fn,
                                  lambda programs, prompt=prompt: values.prefixes(prompt, programs),
                                  seed=settings.seed)
-        texts = [decode_program(tok, w, sampler.stop_ids) for w in result.programs]
+        texts = [sampler.decode(w) for w in result.programs]
         hidden = score_with_reruns(executor, [problem] * len(texts), texts)
         for i, (text, res, ex, score) in enumerate(zip(texts, hidden, result.passes_examples, result.p_passed)):
             if res.is_infra:  # no verdict: left out, never a failed sample

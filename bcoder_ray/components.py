@@ -62,4 +62,5 @@ def run_context(cfg: Config, theta_ckpt: str, buffer_uri: str | None = None) -> 
     return RunContext(theta_ckpt=theta_ckpt, tokenizer_path=m.tokenizer or theta_ckpt, source_len=m.source_len,
                       target_len=m.target_len, dtype=m.dtype, seed=cfg.run.seed, buffer_uri=buffer_uri,
                       load_options=LoadOptions.from_mapping(m.load_options()).as_dict(),
-                      eos_token_ids=None if m.eos_token_ids is None else tuple(m.eos_token_ids))
+                      eos_token_ids=None if m.eos_token_ids is None else tuple(m.eos_token_ids),
+                      chat_template=m.chat_template, stop_strings=tuple(m.stop_strings))

@@ -154,7 +154,28 @@ class ModelConfig(Section):
     eos_token_ids: list[int] | None = None
     """Token ids that end a sampled program besides the tokenizer's EOS (an instruct model's end-of-turn token);
     null: the eos_token_id list of the sampled model's generation_config.json."""
+    chat_template: bool = False
+    """Prompts as one user turn of the tokenizer's chat template with its generation prompt (instruct models whose
+    tokenizer has one; part of the rows' tokenizer_hash, so plain and chat runs never share prompt rows)."""
+    stop_strings: list[str] = Field(default_factory=list)
+    """Strings that end a sampled program (an instruct model's closing "```", MBPP few-shot's "[DONE]"): the episode
+    ends at the token that completes the first one, the program's text is cut where it begins, and human programs
+    holding one are left out of the buffer (they are no episode of this MDP)."""
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
+
+    @field_validator("stop_strings")
+    @classmethod
+    def _stop_strings(cls, value: list[str]) -> list[str]:
+        if any(not s for s in value):
+            raise ValueError("stop strings must be non-empty")
+        return value
+
+    @model_validator(mode="after")
+    def _chat_needs_a_checkpoint(self) -> "ModelConfig":
+        if self.chat_template and self.checkpoint is None and self.tokenizer is None:
+            raise ValueError("chat_template is on, but the embedded default's warm-started LM has no chat template: "
+                             "set model.checkpoint (an instruct model) or turn it off")
+        return self
 
     def load_options(self) -> dict[str, Any]:
         """revision, attn_implementation and trust_remote_code as plain data (`bcoder_ray.lm.LoadOptions`)."""

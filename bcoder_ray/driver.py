@@ -41,7 +41,7 @@ from bcoder_ray.components import (check_components, executor_kwargs, run_contex
                                    warm_start_config)
 from bcoder_ray.config import Config, ConfigError
 from bcoder_ray.evaluation import write_evaluation
-from bcoder_ray.human_seed import human_rows, seeded_problems
+from bcoder_ray.human_seed import human_rows, seeded_problems, stopped_references
 from bcoder_ray.learner import ScalingSpec, StageJob, train_stage
 from bcoder_ray.metric_sinks import MetricSinks, metric_sinks
 from bcoder_ray.reuse import READS_DIR, reuse_stats
@@ -55,7 +55,7 @@ from bcoder_ray.plots import plot_budget_curve
 from bcoder_ray.run_table import final_table, probe_points
 from bcoder_ray.shared_storage import is_dir, is_local_path, join_uri, upload_dir
 from bcoder_ray.storage_probe import check_every_node_sees
-from bcoder_ray.tokenization import load_tokenizer, pad_id, tokenizer_fingerprint
+from bcoder_ray.tokenization import load_tokenizer, pad_id, require_chat_template, tokenizer_fingerprint
 from bcoder_ray.warm_start import warm_start
 from envs.execute import Executor
 from envs.registry import load_suite
@@ -155,6 +155,12 @@ class Run:
         self.algorithm = make_algorithm(cfg.algorithm.name, cfg.algorithm, self.ctx, cfg.imports)
         st.save(self.run_dir)
         self.tokenizer = load_tokenizer(self.ctx.tokenizer_path, options=self.ctx.options_for(self.ctx.tokenizer_path))
+        if self.ctx.chat_template:
+            try:
+                require_chat_template(self.tokenizer)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        self.tokenizer_hash = tokenizer_fingerprint(self.tokenizer, self.ctx.text_format())  # the rows' scope
         self.buffer = ReplayBuffer(self.buffer_uri())
         if not st.seeded:
             self.seed_buffer()
@@ -236,19 +242,24 @@ class Run:
         with `buffer.human_programs: train`), executed as stored: a program longer than `model.target_len` is
         stored cut at the limit, and its reward is that of the cut text."""
         m, tok, mode = self.cfg.model, self.tokenizer, self.cfg.buffer.human_programs
+        fmt = self.ctx.text_format()
         seeded = seeded_problems(self.train, self.warm_start_problems, mode)
         everything = seeded + [p for probs in self.eval_sets.values() for p in probs]
-        self.buffer.put_prompts(prompt_rows(everything, tok, max_len=m.source_len))
+        self.buffer.put_prompts(prompt_rows(everything, tok, max_len=m.source_len, text_format=fmt))
         if not any(p.references for p in seeded):
             raise ConfigError(f"suite {self.cfg.suite.name!r}: the train problems have no human programs")
         with Executor(**executor_kwargs(self.cfg)) as ex:
-            rows, infra = human_rows(seeded, tok, m.target_len, ex, run_id=self.state.run_id)
+            rows, infra = human_rows(seeded, tok, m.target_len, ex, run_id=self.state.run_id, text_format=fmt)
+        stopped = stopped_references(seeded, fmt)
+        if stopped:
+            self.log(f"{stopped} human programs hold a stop string of model.stop_strings {list(fmt.stop_strings)}: "
+                     f"left out (no episode reaches past one)")
         if infra:
             self.log(f"{infra} human programs got no verdict (sandbox failures on every re-run): not written")
         self.state.infra_failures += infra
         # one seed per suite and tokenizer: a second run sharing the buffer (buffer.uri) adds nothing twice
         scope = "" if len(seeded) == len(self.train) else f"-{mode}{len(seeded)}"
-        self.buffer.append(rows, batch_key=f"human-seed-{self.cfg.suite.name}{scope}-{tokenizer_fingerprint(tok)[:12]}")
+        self.buffer.append(rows, batch_key=f"human-seed-{self.cfg.suite.name}{scope}-{self.tokenizer_hash[:12]}")
         self.state.human_rows = len(rows)
         passed, cut = sum(r["outcome"] == "passed" for r in rows), sum(r["truncated"] for r in rows)
         self.state.human_truncated = cut
@@ -288,7 +299,7 @@ class Run:
     def scoped(self, plan: StagePlan) -> StagePlan:
         """The plan's rows (and its targets' rows) restricted to this run's suite and tokenizer: a buffer shared
         by several runs (`buffer.uri`) may hold other suites' rows, and rows of another tokenizer's token ids."""
-        scope = {"suites": (self.cfg.suite.name,), "tokenizer_hash": tokenizer_fingerprint(self.tokenizer)}
+        scope = {"suites": (self.cfg.suite.name,), "tokenizer_hash": self.tokenizer_hash}
 
         def within(rows: Rows) -> Rows:
             return dataclasses.replace(rows, filters={**scope, **dict(rows.filters)})

@@ -37,7 +37,7 @@ from bcoder_ray.cached_targets import TargetChunk, TargetComputer, TargetJob
 from bcoder_ray.candidates import SamplingSettings, load_sampler, sample_and_score
 from bcoder_ray.lm import LoadOptions
 from bcoder_ray.quiet import quiet_libraries
-from bcoder_ray.tokenization import encode_prompt, load_tokenizer, tokenizer_fingerprint
+from bcoder_ray.tokenization import TextFormat, encode_prompt, load_tokenizer, tokenizer_fingerprint
 from envs.problem import Problem
 
 
@@ -180,10 +180,12 @@ class PolicyWorker:
         self.theta_ckpt = args.context.get("theta_ckpt")  # the revision in load_options is for θ_ckpt's loads
         self.tokenizer = load_tokenizer(args.tokenizer_path,
                                         options=self.load_options.for_source(args.tokenizer_path, self.theta_ckpt))
-        self.tokenizer_hash = tokenizer_fingerprint(self.tokenizer)
+        self.text_format = TextFormat.from_mapping(args.context)
+        self.tokenizer_hash = tokenizer_fingerprint(self.tokenizer, self.text_format)
         self.problems = args.problems
         self._prompt_ids: dict[str, list[list[int]]] = {
-            split: [encode_prompt(self.tokenizer, p.prompt, args.source_len) for p in probs]
+            split: [encode_prompt(self.tokenizer, p.prompt, args.source_len, self.text_format.chat_template)
+                    for p in probs]
             for split, probs in args.problems.items()}
         self._executor_handles = list(executor_handles or [])
         self._executor = None
@@ -226,7 +228,7 @@ class PolicyWorker:
             policy.path, tokenizer=self.args.tokenizer_path, label=policy.label,
             dtype=getattr(torch, self.args.dtype), options=self.load_options, checkpoint=self.theta_ckpt,
             eos_token_ids=self.args.context.get("eos_token_ids"), engine=self.args.engine,
-            seed=int(self.args.context.get("seed", 0))))
+            seed=int(self.args.context.get("seed", 0)), text_format=self.text_format))
 
     def _ranker(self, ref: RankerRef | None):
         if ref is None:

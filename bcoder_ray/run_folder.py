@@ -169,7 +169,8 @@ class LoadedRun:
         return {"theta_ckpt": self.state.theta_ckpt, "tokenizer_path": m.tokenizer or self.state.theta_ckpt,
                 "source_len": m.source_len, "target_len": m.target_len, "dtype": m.dtype, "seed": self.cfg.run.seed,
                 "load_options": m.load_options(),
-                "eos_token_ids": None if m.eos_token_ids is None else tuple(m.eos_token_ids)}
+                "eos_token_ids": None if m.eos_token_ids is None else tuple(m.eos_token_ids),
+                "chat_template": m.chat_template, "stop_strings": tuple(m.stop_strings)}
 
     def policy_path(self) -> str:
         return self.state.policy or str(self.state.theta_ckpt)
@@ -185,10 +186,12 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
 def sampler_and_ranker(*, checkpoint: str | None = None, run_dir: str | None = None, rank_with: str | None = None,
                        rank: bool = True, tokenizer: str | None = None, label: str | None = None,
-                       device: str | None = None, need_sampler: bool = True):
+                       device: str | None = None, need_sampler: bool = True, chat_template: bool | None = None,
+                       stop_strings: list[str] | None = None):
     """(sampler, ranker, the ranker's tokenizer path) for the command-line tools: sample from `checkpoint` (any
     LM) or `run_dir`'s published policy; rank with `rank_with`'s ranker, else `run_dir`'s (when its algorithm
-    has one and `rank`). ValueError / ConfigError name what is missing."""
+    has one and `rank`). Prompts and stop strings as `run_dir`'s run has them (plain without one), unless
+    `chat_template` / `stop_strings` are given. ValueError / ConfigError name what is missing."""
     from bcoder_ray.algorithms import load_ranker
     from bcoder_ray.candidates import load_sampler
 
@@ -207,6 +210,9 @@ def sampler_and_ranker(*, checkpoint: str | None = None, run_dir: str | None = N
         return None, ranker, rank_tokenizer
     tok = tokenizer or (run.context()["tokenizer_path"] if run and not checkpoint else None)
     ctx = run.context() if run else {}  # the run's load options (its revision only for its θ_ckpt)
+    text_format = {"chat_template": ctx.get("chat_template", False) if chat_template is None else chat_template,
+                   "stop_strings": ctx.get("stop_strings", ()) if stop_strings is None else stop_strings}
     sampler = load_sampler(path, tokenizer=tok, label=label, device=device, options=ctx.get("load_options"),
-                           checkpoint=ctx.get("theta_ckpt"), eos_token_ids=ctx.get("eos_token_ids"))
+                           checkpoint=ctx.get("theta_ckpt"), eos_token_ids=ctx.get("eos_token_ids"),
+                           text_format=text_format)
     return sampler, ranker, rank_tokenizer

@@ -6,7 +6,9 @@ Public API
   batch_size=None, network="theta") -> list[list[list[int]]]``: ``prompts`` are prompt token ids (list of lists,
   as ``tokenization.encode_prompt`` makes them); returns, per prompt, ``n`` programs as token-id lists, each ending
   at its first stop id (included; ``eos_id`` is one id or several, ``tokenization.stop_ids``) or cut at
-  ``max_new_tokens`` tokens (none) — the same convention as ``tokenization.encode_program``. ``temperature=0`` is greedy decoding. With ``return_logprobs`` it returns
+  ``max_new_tokens`` tokens (none) — the same convention as ``tokenization.encode_program``. With ``stop_strings``
+  (a ``tokenization.StopStrings``) a program also ends at the token that completes the first stop string (that token
+  included). ``temperature=0`` is greedy decoding. With ``return_logprobs`` it returns
   ``(programs, logprobs)``: each sampled token's log-probability under the distribution it was drawn from
   (after temperature and top-p; the policy's own log-softmax for greedy decoding), aligned with the tokens. ``network="ckpt"`` samples from θ_ckpt
   instead of θ. Rows are prompt-major (prompt 0's n samples first), processed ``batch_size`` rows at a time
@@ -30,6 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from bcoder_ray.lm import ENCODER_DECODER, PolicyLM, positions_from_mask
+from bcoder_ray.tokenization import StopStrings
 
 
 def warp_scores(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -59,8 +62,8 @@ def _pad_left(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
 @torch.no_grad()
 def _sample_rows(model: Any, policy: PolicyLM, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
                  stop: torch.Tensor, pad_id: int, temperature: float, top_p: float,
-                 generator: torch.Generator, decoder_prefix: Sequence[int] = ()
-                 ) -> tuple[list[list[int]], list[list[float]]]:
+                 generator: torch.Generator, decoder_prefix: Sequence[int] = (), prefix: Sequence[int] = (),
+                 stop_strings: StopStrings | None = None) -> tuple[list[list[int]], list[list[float]]]:
     device = policy.lm.get_output_embeddings().weight.device
     ids, mask = _pad_left(rows, pad_id, device)
     encoded = None
@@ -76,6 +79,8 @@ def _sample_rows(model: Any, policy: PolicyLM, rows: Sequence[Sequence[int]], *,
     out = torch.empty((len(rows), 0), dtype=torch.long, device=device)
     logps = torch.empty((len(rows), 0), dtype=torch.float32, device=device)
     finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    texts = [list(prefix) for _ in rows] if stop_strings is not None else None  # each row's program so far
+    string_end: dict[int, int] = {}  # row -> its length where a stop string ended it
     for _ in range(max_new_tokens):
         scores = policy.logits(hidden[:, -1]).float()          # ℓ_θ(s, ·): Q_θ(s, ·)/α up to a per-state shift
         if temperature == 0:
@@ -89,6 +94,13 @@ def _sample_rows(model: Any, policy: PolicyLM, rows: Sequence[Sequence[int]], *,
         tokens = tokens.masked_fill(finished, pad_id)
         out = torch.cat([out, tokens[:, None]], dim=1)
         finished |= torch.isin(tokens, stop)
+        if texts is not None:
+            for i, (t, done) in enumerate(zip(tokens.tolist(), finished.tolist())):
+                if not done:
+                    texts[i].append(t)
+                    if stop_strings.completed(texts[i]):  # this token completes a stop string: it ends the row
+                        finished[i] = True
+                        string_end[i] = out.shape[1]
         if bool(finished.all()) or out.shape[1] == max_new_tokens:
             break
         if policy.kind == ENCODER_DECODER:
@@ -100,8 +112,8 @@ def _sample_rows(model: Any, policy: PolicyLM, rows: Sequence[Sequence[int]], *,
                                           cache=cache, use_cache=True)
     programs, program_logps = [], []
     stop_set = set(stop.tolist())
-    for row, lp in zip(out.tolist(), logps.tolist()):
-        keep = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
+    for r, (row, lp) in enumerate(zip(out.tolist(), logps.tolist())):
+        keep = min(next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row)), string_end.get(r, len(row)))
         programs.append(row[:keep])
         program_logps.append(lp[:keep])
     return programs, program_logps
@@ -111,13 +123,14 @@ def sample_programs(model: Any, prompts: Sequence[Sequence[int]], n: int, *, max
                     eos_id: int | Sequence[int],
                     pad_id: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                     batch_size: int | None = None, network: str = "theta", return_logprobs: bool = False,
-                    prefix: Sequence[int] = ()):
+                    prefix: Sequence[int] = (), stop_strings: StopStrings | None = None):
     """Algorithm 2 for every prompt, ``n`` samples each (see the module docstring). ``model`` holds the network
     named ``network`` (a ``bcoder_ray.lm.PolicyLM``) and ``encoder`` (the frozen ``SharedEncoder`` or None): a
     B-Coder ``QModel``, or any published policy loaded with ``bcoder_ray.policy.load_policy``.
 
     ``prefix``: program tokens every sample continues (Critic Sampling's seeds); each returned program starts
-    with it and has at most ``max_new_tokens`` tokens in all (prefix included). No log-probabilities then."""
+    with it and has at most ``max_new_tokens`` tokens in all (prefix included). No log-probabilities then.
+    ``stop_strings``: a program also ends at the token that completes the first of them."""
     policy = {"theta": model.theta, "ckpt": model.ckpt}.get(network)
     if policy is None:
         raise ValueError(f"sample_programs: network {network!r} is not held by this QModel (theta or ckpt)")
@@ -135,6 +148,8 @@ def sample_programs(model: Any, prompts: Sequence[Sequence[int]], n: int, *, max
     if prefix and (return_logprobs or len(prefix) >= max_new_tokens or set(stop_list) & set(prefix)):
         raise ValueError(f"sample_programs: a prefix ({len(prefix)} tokens) must be shorter than max_new_tokens="
                          f"{max_new_tokens}, hold no EOS, and comes without log-probabilities")
+    if prefix and stop_strings is not None and stop_strings.end(prefix) is not None:
+        raise ValueError(f"sample_programs: the prefix ({len(prefix)} tokens) already holds a stop string")
     decoder_prefix = prefix if policy.kind == ENCODER_DECODER else []
     rows = [list(p) + ([] if decoder_prefix else prefix) for p in prompts for _ in range(n)]
     new_tokens = max_new_tokens - len(prefix)
@@ -150,7 +165,8 @@ def sample_programs(model: Any, prompts: Sequence[Sequence[int]], n: int, *, max
         for start in range(0, len(rows), step):
             ids, lps = _sample_rows(model, policy, rows[start:start + step], max_new_tokens=new_tokens,
                                     stop=stop, pad_id=pad_id, temperature=temperature, top_p=top_p,
-                                    generator=generator, decoder_prefix=decoder_prefix)
+                                    generator=generator, decoder_prefix=decoder_prefix, prefix=prefix,
+                                    stop_strings=stop_strings)
             programs += [prefix + x for x in ids]
             logprobs += lps
     finally:

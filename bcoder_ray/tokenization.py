@@ -4,12 +4,16 @@ gymnasium env (which may not import `bcoder_ray`) shares them. Re-exported here 
 from typing import TYPE_CHECKING
 
 from envs.tokenization import (  # noqa: F401
+    StopStrings,
+    TextFormat,
+    cut_at_stop_string,
     decode_program,
     encode_program,
     encode_prompt,
     eos_id,
     pad_id,
     program_end,
+    require_chat_template,
     stop_ids,
     tokenizer_fingerprint,
 )
@@ -17,8 +21,9 @@ from envs.tokenization import (  # noqa: F401
 if TYPE_CHECKING:  # the annotation only: this module stays light (no torch) for its importers
     from bcoder_ray.lm import LoadOptions
 
-__all__ = ["decode_program", "encode_program", "encode_prompt", "eos_id", "load_tokenizer", "pad_id",
-           "program_end", "stop_ids", "tokenizer_fingerprint"]
+__all__ = ["StopStrings", "TextFormat", "cut_at_stop_string", "decode_program", "encode_program", "encode_prompt",
+           "eos_id", "load_tokenizer", "pad_id", "program_end", "require_chat_template", "stop_ids",
+           "tokenizer_fingerprint"]
 
 
 def load_tokenizer(path: str, *, options: "LoadOptions | None" = None):

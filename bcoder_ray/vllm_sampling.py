@@ -7,7 +7,8 @@
 Q-sampling is sampling from ℓ_θ (`bcoder_ray.sampling`: temperature and top-p are invariant to Q_θ/α's per-state
 shift), and every algorithm publishes its policy as a plain Hugging Face LM folder, so an inference engine can
 draw the rollouts. The contract is `bcoder_ray.sampling.sample_programs`'s: per prompt, `n` token-id programs,
-each ending at its first stop id (included) or cut at `max_new_tokens`, with each token's log-probability under
+each ending at its first stop id (included), at the token that completes its first stop string (vLLM's `stop`,
+checked again with `tokenization.StopStrings`), or cut at `max_new_tokens`, with each token's log-probability under
 the distribution it was drawn from (vLLM's `logprobs_mode="processed_logprobs"`: after temperature and top-p).
 
 vLLM is an optional dependency with its own CUDA build of torch; it is imported only when this engine is built.
@@ -25,6 +26,7 @@ from transformers import AutoConfig
 
 from bcoder_ray.lm import ENCODER_DECODER, LoadOptions, lm_kind
 from bcoder_ray.shared_storage import local_dir
+from bcoder_ray.tokenization import StopStrings
 
 ENGINES = ("torch", "vllm")
 
@@ -54,15 +56,18 @@ class VLLMEngine:
                                  logprobs_mode="processed_logprobs")
 
     def sample(self, prompts: Sequence[Sequence[int]], n: int, *, max_new_tokens: int, stop_ids: Sequence[int],
-               temperature: float, top_p: float, seed: int) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
+               temperature: float, top_p: float, seed: int, stop_strings: StopStrings | None = None
+               ) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
         """(programs, log-probabilities), per prompt `n` of each (prompt-major, like `sample_programs`)."""
+        strings = list(stop_strings.strings) if stop_strings is not None else []
         params = self.vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                          stop_token_ids=list(stop_ids), include_stop_str_in_output=True,
-                                          seed=seed, logprobs=0, detokenize=False)
+                                          stop_token_ids=list(stop_ids), stop=strings,
+                                          include_stop_str_in_output=True, seed=seed, logprobs=0,
+                                          detokenize=bool(strings))  # vLLM matches stop strings on its text
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         programs, logprobs = [], []
         for request in outputs:
-            pairs = [completion(out, stop_ids, max_new_tokens) for out in request.outputs]
+            pairs = [completion(out, stop_ids, max_new_tokens, stop_strings) for out in request.outputs]
             if len(pairs) != n:
                 raise RuntimeError(f"vLLM returned {len(pairs)} completions for a prompt, asked for {n}")
             programs.append([ids for ids, _ in pairs])
@@ -75,21 +80,28 @@ class VLLMEngine:
         gc.collect()
 
 
-def completion(out: Any, stop_ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
-    """One vLLM `CompletionOutput` as (token ids, log-probabilities): cut after its first stop id. A completion
-    that vLLM says stopped but whose tokens hold no stop id cannot be aligned with a terminal action: refused."""
+def completion(out: Any, stop_ids: Sequence[int], max_new_tokens: int, stop_strings: StopStrings | None = None
+               ) -> tuple[list[int], list[float]]:
+    """One vLLM `CompletionOutput` as (token ids, log-probabilities): cut after its first stop id or after the
+    token that completes its first stop string, whichever comes first (the torch sampler's convention). A
+    completion that vLLM says stopped but whose tokens hold neither cannot be aligned with a terminal action:
+    refused."""
     ids = [int(t) for t in out.token_ids]
     if out.logprobs is None or len(out.logprobs) != len(ids):
         raise RuntimeError(f"vLLM returned {len(ids)} tokens with "
                            f"{'no' if out.logprobs is None else len(out.logprobs)} log-probabilities")
     lps = [float(step[t].logprob) for step, t in zip(out.logprobs, ids)]
     stop = set(int(s) for s in stop_ids)
-    end = next((i for i, t in enumerate(ids) if t in stop), None)
+    ends = [next((i for i, t in enumerate(ids) if t in stop), None),
+            stop_strings.end(ids) if stop_strings is not None else None]
+    end = min((e for e in ends if e is not None), default=None)
     if end is not None:
         return ids[:end + 1], lps[:end + 1]
     if out.finish_reason == "stop":
+        strings = list(stop_strings.strings) if stop_strings is not None else []
         raise RuntimeError(f"vLLM stopped a completion (stop_reason={out.stop_reason!r}) whose tokens hold none "
-                           f"of the stop ids {sorted(stop)}: its terminal action and log-probability are unknown")
+                           f"of the stop ids {sorted(stop)} and complete none of the stop strings {strings}: its "
+                           f"terminal action and log-probability are unknown")
     if len(ids) > max_new_tokens:
         raise RuntimeError(f"vLLM returned {len(ids)} tokens, more than max_new_tokens={max_new_tokens}")
     return ids, lps

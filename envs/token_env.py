@@ -2,8 +2,9 @@
 
 - State: the problem's prompt tokens and the program prefix typed so far.
 - Action: one token id (`Discrete(vocab)`); the transition appends it to the prefix.
-- The episode ends when the action is EOS (or another of `stop_ids`, e.g. an instruct model's end-of-turn token)
-  or the prefix reaches `max_program_len` tokens. Both are terminal
+- The episode ends when the action is EOS (or another of `stop_ids`, e.g. an instruct model's end-of-turn token),
+  when it completes one of `stop_strings` (the program is then its text before the stop string), or when the
+  prefix reaches `max_program_len` tokens. All are terminal
   states of the MDP (`terminated=True`; `info["length_limit"]` tells them apart): the program is executed.
 - Reward: 0 on every step but the last; on the last, eq. 2 (+1 passed, -0.3 failed, -0.6 runtime error,
   -1 compile error) of the decoded program on the problem's hidden tests, computed by
@@ -12,7 +13,8 @@
 Observation (fixed shapes, padded with the tokenizer's pad id; lengths say how much is real):
     {"prompt_ids": int64[max_prompt_len], "prompt_length": Discrete(max_prompt_len + 1),
      "program_ids": int64[max_program_len], "program_length": Discrete(max_program_len + 1)}
-Token ids follow `envs.tokenization` (prompt left-truncated, program = ids + EOS, decoding stops at EOS).
+Token ids follow `envs.tokenization` (prompt left-truncated, or one user turn of the tokenizer's chat template with
+`chat_template=True`; program = ids + EOS, decoding stops at EOS).
 
 `reset(seed=..., options={"problem_index": i} or {"problem_id": "..."})` picks the problem (uniformly with
 `self.np_random` when not given); `info` names it. The terminal `info` carries "outcome", "tests" (per-test
@@ -33,7 +35,7 @@ from envs.problem import Problem
 from envs.registry import load_suite
 from envs.result import ExecResult
 from envs.scoring import BatchExecutor, score_program
-from envs.tokenization import decode_program, encode_prompt, eos_id, pad_id, stop_ids
+from envs.tokenization import TextFormat, decode_program, encode_prompt, eos_id, pad_id, stop_ids
 
 INFRA_RERUNS = 2  # re-runs of a program whose run the sandbox itself failed (no verdict)
 
@@ -52,7 +54,8 @@ class TokenEnv(gym.Env):
                  problems: Sequence[Problem] | None = None, suite_options: dict | None = None,
                  tokenizer: Any = None, max_prompt_len: int = 1024, max_program_len: int = 512,
                  executor: BatchExecutor | None = None, executor_options: dict | None = None,
-                 render_mode: str | None = None, extra_stop_ids: Sequence[int] = ()):
+                 render_mode: str | None = None, extra_stop_ids: Sequence[int] = (),
+                 stop_strings: Sequence[str] = (), chat_template: bool = False):
         """`problems` given directly, or loaded with `load_suite(suite, split, **suite_options)`.
 
         `executor` is shared and left open; without one the env starts an `envs.execute.Executor` with
@@ -75,6 +78,8 @@ class TokenEnv(gym.Env):
         self.render_mode = render_mode
         self.eos_id = eos_id(self.tokenizer)
         self.stop_ids = stop_ids(self.tokenizer, extra_stop_ids)  # the actions that end the episode, EOS first
+        self.text_format = TextFormat(chat_template=chat_template, stop_strings=tuple(stop_strings))
+        self.stop_strings = self.text_format.stops(self.tokenizer)  # texts that end it too (None: none)
         self.pad_id = pad_id(self.tokenizer)
         self.vocab_size = len(self.tokenizer)
         self._executor = executor
@@ -127,7 +132,8 @@ class TokenEnv(gym.Env):
 
     def _prompt_ids_of(self, problem: Problem) -> list[int]:
         if problem.key not in self._prompt_cache:
-            self._prompt_cache[problem.key] = encode_prompt(self.tokenizer, problem.prompt, self.max_prompt_len)
+            self._prompt_cache[problem.key] = encode_prompt(self.tokenizer, problem.prompt, self.max_prompt_len,
+                                                            self.text_format.chat_template)
         return self._prompt_cache[problem.key]
 
     @property
@@ -142,7 +148,7 @@ class TokenEnv(gym.Env):
     @property
     def program(self) -> str:
         """The program the current prefix decodes to."""
-        return decode_program(self.tokenizer, self._program_ids, self.stop_ids)
+        return decode_program(self.tokenizer, self._program_ids, self.stop_ids, self.text_format.stop_strings)
 
     # -- gymnasium API ----------------------------------------------------------------------------------
 
@@ -161,10 +167,11 @@ class TokenEnv(gym.Env):
             raise ValueError(f"action {action!r} is not a token id in [0, {self.vocab_size})")
         token = int(action)
         self._program_ids.append(token)
-        at_eos = token in self.stop_ids
+        at_stop = token in self.stop_ids or (self.stop_strings is not None
+                                             and self.stop_strings.completed(self._program_ids))
         at_limit = len(self._program_ids) >= self.max_program_len
         info = self._problem_info()
-        if not (at_eos or at_limit):
+        if not (at_stop or at_limit):
             return self._observation(), 0.0, False, False, info
         self._done = True
         program = self.program
@@ -182,7 +189,7 @@ class TokenEnv(gym.Env):
             "tests": [{"status": t.status, "error": t.error} for t in result.tests],
             "error": result.error,
             "timeout": result.timeout,
-            "length_limit": not at_eos,
+            "length_limit": not at_stop,
         })
         return self._observation(), float(result.reward), True, False, info
 

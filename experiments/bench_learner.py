@@ -8,6 +8,9 @@ Prints, per model kind:
 - ``qsample_vs_generate``: Q-sampling tokens/s / ``model.generate`` tokens/s, same prompts and settings.
   Goal ≥ 0.95.
 - ``rank_vs_sample``: the ranking pass's time per candidate / the sampling time per candidate.
+- ``stop_string_check_vs_none``: Q-sampling time with a stop string checked after every token (one that never
+  occurs, so both sides draw the same tokens; a word-level tokenizer over the vocabulary decodes the window) /
+  without. The price of `model.stop_strings`.
 - ``dropout_free_vs_same_forward``: a stage-θ step whose TD targets come from a second no-grad forward without
   dropout (the default, `dropout_free_targets`) / one that reads them from the training forward. Both models have
   transformers' default dropout 0.1.
@@ -37,6 +40,7 @@ from bcoder_ray.algorithms.losses import phi_loss, theta_loss
 from bcoder_ray.algorithms.q_model import ENCODER_DECODER, QModel, lm_kind, positions_from_mask
 from bcoder_ray.algorithms.ranking import token_scores
 from bcoder_ray.sampling import sample_programs
+from bcoder_ray.tokenization import StopStrings
 from bcoder_ray.algorithms.targets import compute_frozen_targets
 
 EOS, PAD = 1, 0
@@ -120,6 +124,18 @@ def generate_reference(lm, prompts: list[list[int]], n: int, max_new_tokens: int
     return [row[: row.index(EOS) + 1] if EOS in row else row for row in out.tolist()]
 
 
+def word_tokenizer(vocab: int):
+    """A word-level tokenizer over ids 0 … vocab-1 ("t0 t1 …"): decoding costs what a real tokenizer's does."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t2"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{EOS}", pad_token=f"t{PAD}", unk_token="t2")
+
+
 def bench_kind(checkpoint: str, args) -> dict[str, float]:
     config = AutoConfig.from_pretrained(checkpoint)
     kind, vocab = lm_kind(config), int(config.vocab_size)
@@ -176,6 +192,16 @@ def bench_kind(checkpoint: str, args) -> dict[str, float]:
     results["qsample_vs_generate"] = (tokens_ours / t_ours) / (tokens_theirs / t_theirs)
     results["same_tokens_as_generate"] = float(produced["ours"] == produced["theirs"])
     results["qsample_tokens_per_s"] = tokens_ours / t_ours
+
+    stops = StopStrings(word_tokenizer(vocab), ("```",))
+
+    def checked():
+        produced["checked"] = [w for per in sample_programs(theta_model, prompts, args.samples, eos_id=EOS,
+                                                            pad_id=PAD, stop_strings=stops, **settings) for w in per]
+
+    t_checked, t_plain = side_by_side(checked, ours, args.repeats)
+    assert produced["checked"] == produced["ours"], "a stop string that never occurs changed the samples"
+    results["stop_string_check_vs_none"] = t_checked / t_plain
     del theta_model, opt_q, opt_ce
 
     ranker = QModel.create(checkpoint, parts=("phi", "theta"))            # ranking holds θ and φ
@@ -224,6 +250,8 @@ def main() -> None:
               f"targets without dropout)  "
               f"qsample_vs_generate={r['qsample_vs_generate']:.3f} (goal >= 0.95; same tokens: "
               f"{bool(r['same_tokens_as_generate'])}; {r['qsample_tokens_per_s']:.0f} tok/s)  "
+              f"stop_string_check_vs_none={r['stop_string_check_vs_none']:.3f} (sampling with a stop string "
+              f"checked)  "
               f"rank_vs_sample={r['rank_vs_sample']:.3f} (ranking time per candidate / sampling time per candidate)",
               flush=True)
         worst = max(worst, r["theta_step_vs_ce"])

@@ -98,6 +98,23 @@ def test_a_completion_is_cut_at_its_first_stop_id_and_an_unalignable_one_refused
     assert all(math.isfinite(x) for x in completion(out([4, 5], "length"), (EOS,), 2)[1])
 
 
+def test_stop_strings_reach_vllm_and_cut_its_completions_as_the_torch_sampler_does(fake_vllm, policy):
+    sampler = load_sampler(policy, engine="vllm", text_format={"stop_strings": ["t5 t"]})
+    problems = load_suite("embedded", "train")[:1]
+    settings = SamplingSettings(m=3, temperature=0.6, top_p=0.95, max_new_tokens=4, max_prompt_len=16, seed=11)
+    candidates = sample_and_score(problems, sampler, None, settings)
+    _, _, params = fake_vllm[1]
+    assert params.stop == ["t5 t"] and params.detokenize  # vLLM matches stop strings on its own text
+    assert [c.program_ids for c in candidates] == [[4, 5, EOS], [6, END_OF_TURN], [3, 3, 3, 3]]  # none holds it
+
+    stops = sampler.stop_strings
+    ids, lps = completion(out([4, 5, 6, 9], "stop", stop_reason="t5 t"), (EOS,), 8, stops)
+    assert ids == [4, 5, 6] and lps == pytest.approx([-0.1, -0.2, -0.3])  # "t4 t5 t6" completes "t5 t" at t6
+    assert completion(out([5, 6, EOS], "stop"), (EOS,), 8, stops)[0] == [5, 6]  # the earlier end wins
+    with pytest.raises(RuntimeError, match="complete none of the stop strings"):
+        completion(out([4, 5], "stop", stop_reason="t9"), (EOS,), 8, stops)
+
+
 def test_encoder_decoders_and_a_missing_vllm_are_refused(monkeypatch, tmp_path, policy):
     t5 = tiny_checkpoint("encoder-decoder", str(tmp_path / "t5"))
     with pytest.raises(ValueError, match="serves decoder-only models"):

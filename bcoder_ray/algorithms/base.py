@@ -27,6 +27,7 @@ from torch import nn
 
 from bcoder_ray.batch import Batch
 from bcoder_ray.lm import LoadOptions
+from bcoder_ray.tokenization import TextFormat
 
 
 class AlgorithmConfig(BaseModel):
@@ -60,6 +61,13 @@ class RunContext:
     load_options: Mapping[str, Any] = field(default_factory=dict)
     """`bcoder_ray.lm.LoadOptions` as plain data (`model.revision`, `model.attn_implementation`,
     `model.trust_remote_code`): given to every `from_pretrained` of the run's models and tokenizers."""
+    chat_template: bool = False
+    """Prompts are one user turn of the tokenizer's chat template (`model.chat_template`)."""
+    stop_strings: tuple[str, ...] = ()
+    """Strings that end a sampled program besides the stop ids (`model.stop_strings`)."""
+
+    def text_format(self) -> TextFormat:
+        return TextFormat(chat_template=self.chat_template, stop_strings=self.stop_strings)
 
     def options_for(self, path: str | None = None) -> LoadOptions:
         """The load options for `path` (default: θ_ckpt); the revision only for θ_ckpt itself."""

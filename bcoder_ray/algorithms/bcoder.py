@@ -136,7 +136,7 @@ class BCoder(Algorithm):
         c, x = self.config, self.ctx
         fp = targets_fingerprint(x.theta_ckpt, self._tokenizer, max_prompt_len=x.source_len,
                                  max_program_len=x.target_len, alpha=c.alpha, phi_checkpoint=phi_dir, dtype=x.dtype,
-                                 revision=x.options_for().revision)
+                                 revision=x.options_for().revision, prompt_format=x.text_format().identity())
         columns = ("target_actions", "a_ckpt") + (("v_phi",) if phi_dir else ())
         return TargetsPlan(fingerprint=fp, columns=columns, spec={"phi_dir": phi_dir})
 

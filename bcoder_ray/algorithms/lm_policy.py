@@ -72,7 +72,7 @@ def on_policy_rows(policy_version: str, extra_columns: tuple[str, ...] = (),
 
 def fingerprint(ctx: RunContext, tokenizer: Any, **parts: Any) -> str:
     data = {"theta_ckpt": checkpoint_identity(ctx.theta_ckpt, ctx.options_for().revision),
-            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "tokenizer": tokenizer_fingerprint(tokenizer, ctx.text_format()),
             "source_len": ctx.source_len, "target_len": ctx.target_len, "dtype": ctx.dtype,
             **{k: (checkpoint_identity(v) if k.endswith("_dir") and v else v) for k, v in parts.items()}}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -126,13 +126,15 @@ def make_row(problem, program: str, program_ids: Sequence[int], result: ExecResu
     }
 
 
-def prompt_rows(problems: Iterable, tokenizer, max_len: int) -> list[dict[str, Any]]:
-    """Prompt-table rows for `problems`, encoded with `bcoder_ray.tokenization.encode_prompt`."""
+def prompt_rows(problems: Iterable, tokenizer, max_len: int, text_format=None) -> list[dict[str, Any]]:
+    """Prompt-table rows for `problems`, encoded with `bcoder_ray.tokenization.encode_prompt` in `text_format`
+    (a `bcoder_ray.tokenization.TextFormat`; None: the plain one), keyed by its tokenizer_hash."""
     from bcoder_ray.tokenization import encode_prompt, tokenizer_fingerprint  # transformers: import lazily
 
-    fp = tokenizer_fingerprint(tokenizer)
+    fp = tokenizer_fingerprint(tokenizer, text_format)
+    chat = text_format is not None and text_format.chat_template
     return [{"suite": p.suite, "problem_id": p.problem_id, "tokenizer_hash": fp, "prompt": p.prompt,
-             "prompt_ids": encode_prompt(tokenizer, p.prompt, max_len)} for p in problems]
+             "prompt_ids": encode_prompt(tokenizer, p.prompt, max_len, chat)} for p in problems]
 
 
 def _as_table(rows: Any, schema: pa.Schema, what: str) -> pa.Table:

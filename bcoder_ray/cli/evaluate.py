@@ -31,6 +31,7 @@ import os
 import sys
 from pathlib import Path
 
+from bcoder_ray.cli.text_format_args import add_text_format_arguments, text_format_overrides
 
 
 def _suite_options(pairs: list[str]) -> dict:
@@ -64,7 +65,8 @@ def models_from_args(args: argparse.Namespace):
     try:
         return sampler_and_ranker(checkpoint=args.checkpoint, run_dir=args.run_dir, rank_with=args.rank_with,
                                   rank=not args.no_rank, tokenizer=args.tokenizer, label=args.label,
-                                  device=args.device, need_sampler=not args.rank_file)
+                                  device=args.device, need_sampler=not args.rank_file,
+                                  **text_format_overrides(args))
     except (ConfigError, FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e)) from None
 
@@ -84,6 +86,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     m.add_argument("--tokenizer", help="default: the LM's own folder")
     m.add_argument("--label", help="row label in tables (default: the policy folder's name)")
     m.add_argument("--device", default=None)
+    add_text_format_arguments(m)
     d = p.add_argument_group("problems")
     d.add_argument("--suite", default="embedded")
     d.add_argument("--split", default="test")
@@ -239,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = rank_candidates_file(args.rank_file, problems, ranker, load_tokenizer(
                                                rank_tokenizer, options=options), executor, out, ks=args.ks,
                                            max_program_len=args.max_new_tokens, max_prompt_len=args.max_prompt_len,
-                                           ci_level=args.confidence)
+                                           ci_level=args.confidence,
+                                           chat_template=bool(ctx.get("chat_template", False)))
         else:
             settings = SamplingSettings(m=args.m, temperature=args.temperature, top_p=args.top_p,
                                         max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,

@@ -22,6 +22,7 @@ import os
 import sys
 from pathlib import Path
 
+from bcoder_ray.cli.text_format_args import add_text_format_arguments, text_format_overrides
 
 
 FORMATS = ("embedded", "mbpp", "apps", "raw")
@@ -99,6 +100,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cs-rounds", type=int, default=2, help="Critic Sampling: rounds")
     p.add_argument("--workers", type=int, default=1, help="sandbox processes")
     p.add_argument("--device", default=None)
+    add_text_format_arguments(p)
     return p.parse_args(argv)
 
 
@@ -117,7 +119,7 @@ def critic_sampling_main(args: argparse.Namespace, problem) -> int:
         require_examples([problem])
         critic = load_phi_test(load_run(args.run_dir), device=args.device)
         sampler, _, _ = sampler_and_ranker(checkpoint=args.checkpoint, run_dir=args.run_dir, rank=False,
-                                           tokenizer=args.tokenizer, device=args.device)
+                                           tokenizer=args.tokenizer, device=args.device, **text_format_overrides(args))
     except (CriticSamplingRefused, ConfigError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--critic-sampling refused: {e}") from None
     settings = SamplingSettings(m=args.m, temperature=args.temperature, top_p=args.top_p,
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sampler, ranker, _ = sampler_and_ranker(checkpoint=args.checkpoint, run_dir=args.run_dir,
                                                 rank_with=args.rank_with, tokenizer=args.tokenizer,
-                                                device=args.device)
+                                                device=args.device, **text_format_overrides(args))
     except (ConfigError, FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e)) from None
     settings = SamplingSettings(m=args.m, temperature=args.temperature, top_p=args.top_p,

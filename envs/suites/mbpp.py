@@ -16,9 +16,11 @@ Prompt (the format of Austin et al., 2021, without the [DONE] delimiter: the pro
     [BEGIN]
 
 and the program follows. With `shots=(2, 3, 4)` (the paper's choice) each shot problem is shown first, as its
-prompt, its reference code and "\\n[DONE]\\n". The asserts shown are the hidden tests themselves, so MBPP has no
-separate example tests (`example_tests=None`; the filtered setting does not apply). Hidden tests: an assert
-TestSpec of `test_list` with `test_setup_code` as its setup. References: `code`, with "\\r\\n" read as "\\n".
+prompt, its reference code and "\\n[DONE]\\n"; a base model then ends its answer the same way, so a run with shots
+sets `model.stop_strings: ["[DONE]"]` (the program is its text before the delimiter). The asserts shown are the
+hidden tests themselves, so MBPP has no separate example tests (`example_tests=None`; the filtered setting does
+not apply). Hidden tests: an assert TestSpec of `test_list` with `test_setup_code` as its setup. References:
+`code`, with "\\r\\n" read as "\\n".
 """
 
 from __future__ import annotations
