@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 from envs.tokenization import (  # noqa: F401
     StopStrings,
     TextFormat,
-    cut_at_stop_string,
     decode_program,
     encode_program,
     encode_prompt,
@@ -21,9 +20,8 @@ from envs.tokenization import (  # noqa: F401
 if TYPE_CHECKING:  # the annotation only: this module stays light (no torch) for its importers
     from bcoder_ray.lm import LoadOptions
 
-__all__ = ["StopStrings", "TextFormat", "cut_at_stop_string", "decode_program", "encode_program", "encode_prompt",
-           "eos_id", "load_tokenizer", "pad_id", "program_end", "require_chat_template", "stop_ids",
-           "tokenizer_fingerprint"]
+__all__ = ["StopStrings", "TextFormat", "decode_program", "encode_program", "encode_prompt", "eos_id",
+           "load_tokenizer", "pad_id", "program_end", "require_chat_template", "stop_ids", "tokenizer_fingerprint"]
 
 
 def load_tokenizer(path: str, *, options: "LoadOptions | None" = None):

@@ -191,9 +191,6 @@ class StopStrings:
         ids = list(ids)
         return next((t for t in range(len(ids)) if self.completed(ids[:t + 1])), None)
 
-    def cut(self, text: str) -> str:
-        return cut_at_stop_string(text, self.strings)
-
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase, text_format: TextFormat | None = None) -> str:
     """A hash of what the tokenizer maps (its vocabulary, merges and special tokens), not of its name, and of a
