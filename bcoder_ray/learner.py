@@ -280,11 +280,6 @@ def write_resume_state(folder: str, state: dict) -> None:
     torch.save(state, os.path.join(folder, RESUME_FILE))
 
 
-def save_resume_state(folder: str, job: StageJob, step: int, resumable: list, history: list[dict]) -> None:
-    """`resume_state` of an unsharded stage, written to `folder`."""
-    write_resume_state(folder, resume_state(job, step, resumable, history))
-
-
 def load_resume_state(checkpoint, job: StageJob, resumable: list, device,
                       module: torch.nn.Module | None = None) -> tuple[int, list[dict]]:
     """(the step to continue from, the metric history so far) from a checkpoint `resume_state` wrote, restoring

@@ -1,4 +1,4 @@
-"""A stage's resumable state (`bcoder_ray.learner.save_resume_state` / `load_resume_state`): continuing from a
+"""A stage's resumable state (`bcoder_ray.learner.resume_state` / `write_resume_state` / `load_resume_state`): continuing from a
 checkpoint taken after step k gives exactly the parameters of the uninterrupted run (CPU, in-process; the
 stage-level resume after killing a worker or the driver is in tests/test_cluster.py)."""
 
@@ -9,7 +9,8 @@ import dataclasses
 import pytest
 import torch
 
-from bcoder_ray.learner import RESUME_FILE, StageJob, learning_rate_factor, load_resume_state, save_resume_state
+from bcoder_ray.learner import (RESUME_FILE, StageJob, learning_rate_factor, load_resume_state, resume_state,
+                                write_resume_state)
 
 
 class FolderCheckpoint:
@@ -53,10 +54,10 @@ def test_continuing_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, at)
     net, resumable = setup()
     for k in range(8):
         if k == at:
-            save_resume_state(str(tmp_path), job(), k, resumable, history=[{"step": k}])
+            write_resume_state(str(tmp_path), resume_state(job(), k, resumable, history=[{"step": k}]))
         step(net, resumable, k)
     if at == 8:
-        save_resume_state(str(tmp_path), job(), 8, resumable, history=[{"step": 8}])
+        write_resume_state(str(tmp_path), resume_state(job(), 8, resumable, history=[{"step": 8}]))
     expected = [p.detach().clone() for p in net.parameters()]
 
     other, restored = setup(seed=123)  # other initial weights and RNG: everything comes from the checkpoint
@@ -71,7 +72,7 @@ def test_continuing_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, at)
 
 def test_a_checkpoint_of_another_stage_or_length_is_refused(tmp_path):
     net, resumable = setup()
-    save_resume_state(str(tmp_path), job(), 2, resumable, history=[])
+    write_resume_state(str(tmp_path), resume_state(job(), 2, resumable, history=[]))
     with pytest.raises(RuntimeError, match="of 8 steps.*of 9 steps"):
         load_resume_state(FolderCheckpoint(str(tmp_path)), job(steps=9), resumable, torch.device("cpu"))
     phi = dataclasses.replace(job(), plan={"name": "phi"})
