@@ -34,7 +34,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationEr
 from bcoder_ray.algorithms import algorithm_class, import_modules, parse_algorithm_config
 from bcoder_ray.algorithms.base import AlgorithmConfig
 from bcoder_ray.algorithms.registry import UnknownAlgorithmError, all_stage_names
-from bcoder_ray.shared_storage import is_local_path
+from bcoder_ray.util.storage import is_local_path
 
 CONFIG_PACKAGE = "bcoder_ray.configs"
 DEFAULT_CONFIG = "embedded"
@@ -129,7 +129,7 @@ class WarmStartConfig(Section):
     cache_dir: str | None = None
     """null: $BCODER_CACHE or ~/.cache/bcoder-ray/warm_start."""
     options: dict[str, Any] = Field(default_factory=dict)
-    """Fields of bcoder_ray.warm_start.WarmStartConfig (checked before work)."""
+    """Fields of bcoder_ray.model.warm_start.WarmStartConfig (checked before work)."""
 
 
 class ModelConfig(Section):
@@ -178,7 +178,7 @@ class ModelConfig(Section):
         return self
 
     def load_options(self) -> dict[str, Any]:
-        """revision, attn_implementation and trust_remote_code as plain data (`bcoder_ray.lm.LoadOptions`)."""
+        """revision, attn_implementation and trust_remote_code as plain data (`bcoder_ray.model.lm.LoadOptions`)."""
         return {"revision": self.revision, "attn_implementation": self.attn_implementation,
                 "trust_remote_code": self.trust_remote_code}
 

@@ -1,7 +1,7 @@
 """How prompts and programs become token ids, the same way for sampling, the buffer, the learner and the env.
 
 It lives in `envs` because the gymnasium env needs it and `envs` never imports `bcoder_ray`;
-`bcoder_ray.tokenization` re-exports it.
+`bcoder_ray.model.tokenization` re-exports it.
 
 - A prompt is `tokenizer(text)` with the tokenizer's own special tokens, truncated from the left to keep its
   last `max_len` tokens (the end of a prompt, where the answer starts, matters most). With the chat template on

@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
 
-from bcoder_ray.batch import Batch, collate
-from bcoder_ray.algorithms.losses import phi_loss, theta_loss
-from bcoder_ray.algorithms.q_model import ENCODER_DECODER, QModel, lm_kind, positions_from_mask
-from bcoder_ray.algorithms.ranking import token_scores
-from bcoder_ray.sampling import sample_programs
-from bcoder_ray.tokenization import StopStrings
-from bcoder_ray.algorithms.targets import compute_frozen_targets
+from bcoder_ray.model.batch import Batch, collate
+from bcoder_ray.algorithms.bcoder.losses import phi_loss, theta_loss
+from bcoder_ray.algorithms.bcoder.q_model import ENCODER_DECODER, QModel, lm_kind, positions_from_mask
+from bcoder_ray.algorithms.bcoder.ranking import token_scores
+from bcoder_ray.model.sampling import sample_programs
+from bcoder_ray.model.tokenization import StopStrings
+from bcoder_ray.algorithms.bcoder.targets import compute_frozen_targets
 
 EOS, PAD = 1, 0
 

@@ -11,7 +11,7 @@ beside it, once, for the record (`--no-test` while tuning). Then `--rl-samples` 
 
 Samples `--samples` programs per held-out problem with HF `model.generate(do_sample=True, temperature, top_p)`,
 scores them with the real executor (`envs.scoring.score_programs` -> `Executor.run_batch`), and prints pass@1,
-pass@k (unbiased estimator, `bcoder_ray.metrics.pass_at_k`) overall and per difficulty, greedy pass@1, the
+pass@k (unbiased estimator, `bcoder_ray.evaluation.metrics.pass_at_k`) overall and per difficulty, greedy pass@1, the
 fraction of problems with both passing and failing samples (the ones RL can learn from), the outcome mix, the
 number of distinct programs, and the wall times of the warm start (its training loop, steps/s, CPU seconds and
 the load average) and of the evaluation. The warm start is cached (`--cache-root`); pass `--fresh` to retrain
@@ -65,9 +65,9 @@ from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedModel, PreTra
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bcoder_ray.metrics import bootstrap_ci, pass_at_k  # noqa: E402
-from bcoder_ray.tokenization import decode_program, encode_prompt, pad_id  # noqa: E402
-from bcoder_ray.warm_start import WarmStartConfig, warm_start  # noqa: E402
+from bcoder_ray.evaluation.metrics import bootstrap_ci, pass_at_k  # noqa: E402
+from bcoder_ray.model.tokenization import decode_program, encode_prompt, pad_id  # noqa: E402
+from bcoder_ray.model.warm_start import WarmStartConfig, warm_start  # noqa: E402
 from envs.problem import Problem  # noqa: E402
 from envs.registry import load_suite  # noqa: E402
 from envs.scoring import score_programs  # noqa: E402

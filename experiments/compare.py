@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runnable from a checkout without install
 
 from bcoder_ray.config import ConfigError  # noqa: E402
-from bcoder_ray.run_table import probe_points  # noqa: E402
+from bcoder_ray.loop.run_table import probe_points  # noqa: E402
 
 PACKAGES = ("torch", "transformers", "ray", "pyarrow", "numpy")
 KEY_FILE = "compare_key.json"
@@ -195,7 +195,7 @@ def comparable_view(cfg_dict: dict) -> dict:
 
 def plan_job(spec: AlgoSpec, seed: int, setting: dict[str, str], common: list[str], args, out: Path,
              code: dict):
-    from bcoder_ray.driver import prepare_run
+    from bcoder_ray.loop.driver import prepare_run
 
     forced = ["--run.budget_programs", str(args.budget), "--run.probe_problems", str(args.probe_problems),
               "--run.seed", str(seed)]
@@ -224,7 +224,7 @@ def _same_key(folder: Path, key: dict) -> bool:
 
 def reusable(job: Job) -> bool:
     """A completed run made with the same resolved config and code version."""
-    from bcoder_ray.run_folder import STATE_FILE, RunState
+    from bcoder_ray.loop.run_folder import STATE_FILE, RunState
 
     folder = job.run_dir
     return (folder / STATE_FILE).exists() and _same_key(folder, job.key) and \
@@ -232,8 +232,8 @@ def reusable(job: Job) -> bool:
 
 
 def execute(job: Job, args, prov: dict) -> None:
-    from bcoder_ray.driver import prepare_run, run
-    from bcoder_ray.run_folder import STATE_FILE
+    from bcoder_ray.loop.driver import prepare_run, run
+    from bcoder_ray.loop.run_folder import STATE_FILE
 
     folder = job.run_dir
     if reusable(job):
@@ -269,7 +269,7 @@ def _get(overall: dict | None, variant: str, k: int) -> float | None:
 
 
 def run_result(job: Job, ks: list[int]) -> dict:
-    from bcoder_ray.run_folder import RunState
+    from bcoder_ray.loop.run_folder import RunState
 
     st = RunState.load(job.run_dir)
     cfg = job.key["config"]
@@ -299,7 +299,7 @@ def run_result(job: Job, ks: list[int]) -> dict:
 
 
 def paired(a_dir: str | None, a_variant: str, b_dir: str | None, b_variant: str, seed: int) -> dict | None:
-    from bcoder_ray.run_table import paired_difference
+    from bcoder_ray.loop.run_table import paired_difference
 
     if not a_dir or not b_dir:
         return None
@@ -459,7 +459,7 @@ def markdown(summary: list[dict], sweeps_out: dict, info: dict, ks: list[int]) -
 
 
 def figure1(summary: list[dict], results: list[dict], path: Path) -> None:
-    from bcoder_ray.plots import plot_budget_curve
+    from bcoder_ray.evaluation.plots import plot_budget_curve
 
     curves = {}
     for r in summary:
@@ -539,12 +539,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
-    from bcoder_ray.ray_session import ray_session
+    from bcoder_ray.loop.ray_session import ray_session
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if args.report_only:
-        from bcoder_ray.run_folder import STATE_FILE, RunState
+        from bcoder_ray.loop.run_folder import STATE_FILE, RunState
 
         missing = [str(j.run_dir) for j in jobs if not (j.run_dir / STATE_FILE).exists()
                    or RunState.load(j.run_dir).final_test is None]

@@ -44,7 +44,7 @@ def overrides(name: str, warm: str) -> list[str]:
 
 @pytest.mark.parametrize("name", algorithm_names())
 def test_algorithm_runs_one_iteration_of_the_real_loop(name, ray_instance, warm_cache, tmp_path):
-    from bcoder_ray.driver import prepare_run, run
+    from bcoder_ray.loop.driver import prepare_run, run
 
     imports = ["tests.toy_algorithm"] if name == "toy_ce" else []
     plan = prepare_run(config="ci_tiny", overrides=overrides(name, warm_cache), run_dir=str(tmp_path / name),
@@ -88,7 +88,7 @@ def test_bcoder_with_the_whole_train_splits_human_programs(ray_instance, warm_ca
     """`buffer.human_programs: train` (the embedded default): the warm start's problems' human programs are
     buffer rows too, labelled by execution like the loop's, while the rollout samples the loop's problems only."""
     from bcoder_ray.buffer import ReplayBuffer
-    from bcoder_ray.driver import prepare_run, run
+    from bcoder_ray.loop.driver import prepare_run, run
     from envs.registry import load_suite
 
     extra = ["--buffer.human_programs", "train"]

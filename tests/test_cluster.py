@@ -76,14 +76,14 @@ def two_nodes(workdir, s3_uri):
     import ray
     from ray.cluster_utils import Cluster
 
-    from bcoder_ray.shared_storage import NODE_CACHE_ENV, REQUIRE_URIS_ENV
+    from bcoder_ray.util.storage import NODE_CACHE_ENV, REQUIRE_URIS_ENV
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 150 * 1024 ** 2,
                                                             "include_dashboard": False})
     cluster.add_node(num_cpus=2, object_store_memory=200 * 1024 ** 2,
                      env_vars={REQUIRE_URIS_ENV: "1", NODE_CACHE_ENV: str(workdir / "node2-cache")})
     ray.init(address=cluster.address,
-             runtime_env={"worker_process_setup_hook": "bcoder_ray.quiet.quiet_ray_logs",
+             runtime_env={"worker_process_setup_hook": "bcoder_ray.util.quiet.quiet_ray_logs",
                           "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
     cluster.wait_for_nodes()
     try:
@@ -111,7 +111,7 @@ def kill_a_learner_after_a_checkpoint(train_uri: str, killed: list, timeout_s: f
     import psutil
     import pyarrow.fs as pafs
 
-    from bcoder_ray.shared_storage import resolve
+    from bcoder_ray.util.storage import resolve
 
     try:
         fs, root = resolve(train_uri)
@@ -145,7 +145,7 @@ def assert_same_weights(path_a: str, path_b: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from bcoder_ray.shared_storage import local_dir
+    from bcoder_ray.util.storage import local_dir
 
     a = AutoModelForCausalLM.from_pretrained(local_dir(path_a)).state_dict()
     b = AutoModelForCausalLM.from_pretrained(local_dir(path_b)).state_dict()
@@ -169,8 +169,8 @@ def read_rows(uri: str) -> list[tuple]:
 
 
 def test_the_loop_on_two_nodes_and_s3_equals_the_single_node_run(single_node_run, two_nodes, workdir, s3_uri):
-    from bcoder_ray.driver import prepare_run, run
-    from bcoder_ray.shared_storage import NODE_CACHE_ENV, is_uri, join_uri
+    from bcoder_ray.loop.driver import prepare_run, run
+    from bcoder_ray.util.storage import NODE_CACHE_ENV, is_uri, join_uri
 
     os.environ[NODE_CACHE_ENV] = str(workdir / "driver-cache")  # the driver's node downloads its own copies
     run_dir = workdir / "two-nodes"
@@ -256,9 +256,9 @@ def test_a_stage_continues_from_its_checkpoint_after_the_driver_is_killed(single
 
 def test_a_path_the_second_node_cannot_read_is_refused_before_any_work(two_nodes, workdir, s3_uri):
     from bcoder_ray.config import ConfigError
-    from bcoder_ray.driver import prepare_run, run
-    from bcoder_ray.shared_storage import join_uri
-    from bcoder_ray.storage_probe import check_every_node_sees
+    from bcoder_ray.loop.driver import prepare_run, run
+    from bcoder_ray.util.storage import join_uri
+    from bcoder_ray.loop.storage_probe import check_every_node_sees
 
     check_every_node_sees({"run.storage_uri": join_uri(s3_uri, "probe-ok")})  # every node reads the endpoint
     with pytest.raises(ConfigError, match=r"(?s)2 nodes.*run\.storage_uri.*BCODER_REQUIRE_URIS=1.*set run\.storage_uri"):

@@ -12,10 +12,10 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import AutoModel, PreTrainedTokenizerFast
 
-from bcoder_ray.algorithms.critic import (BINARY_CLASSES, FOUR_CLASSES, Critic, check_critic_tokenizer,
+from bcoder_ray.algorithms.coderl.critic import (BINARY_CLASSES, FOUR_CLASSES, Critic, check_critic_tokenizer,
                                           class_balance, critic_loss, outcome_labels, p_passed, p_passed_prefixes,
                                           token_values)
-from bcoder_ray.batch import collate
+from bcoder_ray.model.batch import collate
 from envs.result import OUTCOMES
 from learner_fixtures import EOS, KINDS, PAD, example_rows, perturb, tiny_checkpoint
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from bcoder_ray.algorithms.coderl_losses import actor_loss, coderl_actor_loss, taken_log_probs
-from bcoder_ray.algorithms.critic import Critic, outcome_labels, token_values
-from bcoder_ray.batch import collate
-from bcoder_ray.lm import PolicyLM
+from bcoder_ray.algorithms.coderl.losses import actor_loss, coderl_actor_loss, taken_log_probs
+from bcoder_ray.algorithms.coderl.critic import Critic, outcome_labels, token_values
+from bcoder_ray.model.batch import collate
+from bcoder_ray.model.lm import PolicyLM
 from learner_fixtures import KINDS, PAD, example_rows, tiny_checkpoint
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""The CodeRL plug-in (bcoder_ray/algorithms/coderl.py): the actor stage's loss on a hand-made batch, the greedy
+"""The CodeRL plug-in (bcoder_ray/algorithms/coderl/algorithm.py): the actor stage's loss on a hand-made batch, the greedy
 baselines' rows and keys from a rollout, the baseline-reward lookup, the critic ranker, the plan, sampling from a
 prefix, and the refusal of Critic Sampling where there are no example tests."""
 
@@ -15,12 +15,12 @@ from transformers import PreTrainedTokenizerFast
 
 from bcoder_ray.algorithms import make_algorithm
 from bcoder_ray.algorithms.base import RunContext
-from bcoder_ray.algorithms.coderl import (ActorStage, CodeRL, CodeRLConfig, CriticRanker, baseline_rewards,
+from bcoder_ray.algorithms.coderl.algorithm import (ActorStage, CodeRL, CodeRLConfig, CriticRanker, baseline_rewards,
                                           load_trainable_lm)
-from bcoder_ray.algorithms.coderl_losses import taken_log_probs
-from bcoder_ray.algorithms.critic import Critic, p_passed
-from bcoder_ray.algorithms.critic_sampling import CriticSamplingRefused
-from bcoder_ray.batch import collate
+from bcoder_ray.algorithms.coderl.losses import taken_log_probs
+from bcoder_ray.algorithms.coderl.critic import Critic, p_passed
+from bcoder_ray.algorithms.coderl.critic_sampling import CriticSamplingRefused
+from bcoder_ray.model.batch import collate
 from tests.learner_fixtures import EOS, PAD, tiny_checkpoint
 
 
@@ -168,8 +168,8 @@ def test_a_critic_checkpoint_with_another_tokenizer_is_refused_before_work(tmp_p
 def test_greedy_baselines_are_stored_once_per_problem_under_the_tasks_key(tmp_path):
     from bcoder_ray.algorithms.base import RolloutRequest
     from bcoder_ray.buffer import ReplayBuffer, prompt_rows
-    from bcoder_ray.candidates import ScoredCandidate
-    from bcoder_ray.rollout import PolicyRef, PolicyWorker, SamplingSpec, WorkerArgs, make_tasks
+    from bcoder_ray.model.candidates import ScoredCandidate
+    from bcoder_ray.loop.rollout import PolicyRef, PolicyWorker, SamplingSpec, WorkerArgs, make_tasks
     from envs.registry import load_suite
     from envs.result import REWARD, ExecResult, Outcome
 
@@ -218,8 +218,8 @@ def test_greedy_baselines_are_stored_once_per_problem_under_the_tasks_key(tmp_pa
 # ---------------------------------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("kind", ["decoder-only", "encoder-decoder"])
 def test_sampling_from_a_prefix_continues_it(tmp_path, kind):
-    from bcoder_ray.algorithms.q_model import QModel
-    from bcoder_ray.sampling import sample_programs
+    from bcoder_ray.algorithms.bcoder.q_model import QModel
+    from bcoder_ray.model.sampling import sample_programs
 
     model = QModel.create(tiny_checkpoint(kind, str(tmp_path / kind)), parts=("ckpt",))
     prompts = [[5, 6, 7]]
@@ -235,7 +235,7 @@ def test_sampling_from_a_prefix_continues_it(tmp_path, kind):
 
 
 def test_critic_sampling_is_refused_without_example_tests():
-    from bcoder_ray.coderl_sampling import require_examples
+    from bcoder_ray.algorithms.coderl.inference import require_examples
     from envs.registry import load_suite
 
     problems = load_suite("embedded", "test")[:2]
@@ -259,10 +259,10 @@ def _word_tokenizer(path) -> str:
 
 
 def test_critic_sampling_beside_plain_sampling_at_the_same_budget(gpt2, tmp_path):
-    from bcoder_ray.candidates import SamplingSettings, load_sampler
-    from bcoder_ray.algorithms.critic import BINARY_CLASSES
-    from bcoder_ray.coderl_sampling import compare_with_plain, summary_lines
-    from bcoder_ray.metrics import read_candidates
+    from bcoder_ray.model.candidates import SamplingSettings, load_sampler
+    from bcoder_ray.algorithms.coderl.critic import BINARY_CLASSES
+    from bcoder_ray.algorithms.coderl.inference import compare_with_plain, summary_lines
+    from bcoder_ray.evaluation.metrics import read_candidates
     from envs.execute import Executor
     from envs.registry import load_suite
 
@@ -284,8 +284,8 @@ def test_critic_sampling_beside_plain_sampling_at_the_same_budget(gpt2, tmp_path
 
 
 def test_actor_targets_read_outcomes_and_greedy_rewards_from_the_buffer(gpt2, tmp_path):
-    from bcoder_ray.algorithms.coderl import ActorTargets
-    from bcoder_ray.algorithms.critic import FOUR_CLASSES, outcome_labels, token_values
+    from bcoder_ray.algorithms.coderl.algorithm import ActorTargets
+    from bcoder_ray.algorithms.coderl.critic import FOUR_CLASSES, outcome_labels, token_values
     from bcoder_ray.buffer import ReplayBuffer, make_row
     from envs.registry import load_suite
     from envs.result import REWARD, ExecResult, Outcome

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bcoder_ray.algorithms.bcoder import BCoderConfig, DuelingDQNConfig
+from bcoder_ray.algorithms.bcoder.algorithm import BCoderConfig, DuelingDQNConfig
 from bcoder_ray.config import (DEFAULT_CONFIG, Config, ConfigError, StageConfig, apply_overrides, config_from_data,
                                config_from_dict, is_local_path, load_config, read_yaml, shipped_configs)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bcoder_ray.algorithms.critic_sampling import (CriticSamplingRefused, allocate, critic_sampling, cut_point,
+from bcoder_ray.algorithms.coderl.critic_sampling import (CriticSamplingRefused, allocate, critic_sampling, cut_point,
                                                    pool_order, require_example_tests)
 
 EOS = 1

@@ -35,7 +35,7 @@ def batch_written(buffer_dir: Path, batch_key: str) -> bool:
 
 
 def make_crashing_worker(marker: Path):
-    from bcoder_ray.rollout import PolicyWorker
+    from bcoder_ray.loop.rollout import PolicyWorker
 
     class CrashAfterFirstWrite(PolicyWorker):
         """Dies (hard exit, as a killed process would) after its first buffer write, before replying."""
@@ -85,7 +85,7 @@ def test_tiny_run_killed_resumed_and_checked(tmp_path):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray.cloudpickle
 
-    from bcoder_ray.driver import prepare_run, run
+    from bcoder_ray.loop.driver import prepare_run, run
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test's worker class travels by value
     marker = tmp_path / "actor-crashed"
@@ -118,7 +118,7 @@ def test_tiny_run_killed_resumed_and_checked(tmp_path):
     assert state.policy == theta and state.policy_version == f"{rid}/2"
     from transformers import AutoModelForCausalLM
 
-    from bcoder_ray.algorithms.q_model import QModel
+    from bcoder_ray.algorithms.bcoder.q_model import QModel
 
     AutoModelForCausalLM.from_pretrained(theta)  # the published policy loads as a plain LM
     q = QModel.create(state.theta_ckpt, parts=("theta", "phi"), theta_dir=theta, phi_dir=phi)

@@ -13,10 +13,10 @@ import pytest
 
 from bcoder_ray.algorithms.base import RolloutRequest
 from bcoder_ray.config import ConfigError
-from bcoder_ray.driver import prepare_run
-from bcoder_ray.learner import learning_rate_factor
-from bcoder_ray.rollout import ActorPool, ActorSettings, PolicyRef, SamplingSpec, iteration_slice, make_tasks
-from bcoder_ray.run_folder import CONFIG_FILE, RunState
+from bcoder_ray.loop.driver import prepare_run
+from bcoder_ray.loop.learner import learning_rate_factor
+from bcoder_ray.loop.rollout import ActorPool, ActorSettings, PolicyRef, SamplingSpec, iteration_slice, make_tasks
+from bcoder_ray.loop.run_folder import CONFIG_FILE, RunState
 
 
 def test_tasks_are_stable_and_cover_every_problem_once():
@@ -126,7 +126,7 @@ def tiny_t5_checkpoint(directory: Path, problems, dropout: float = 0.0) -> str:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from bcoder_ray.warm_start import train_tokenizer
+    from bcoder_ray.model.warm_start import train_tokenizer
 
     tok = train_tokenizer([p.prompt for p in problems] + [r for p in problems for r in p.references], 300)
     torch.manual_seed(0)
@@ -143,7 +143,7 @@ def seeded_buffer(root: Path, checkpoint: str, problems):
     from transformers import AutoTokenizer
 
     from bcoder_ray.buffer import ReplayBuffer, make_row, prompt_rows
-    from bcoder_ray.tokenization import encode_program, tokenizer_fingerprint
+    from bcoder_ray.model.tokenization import encode_program, tokenizer_fingerprint
     from envs.result import REWARD, ExecResult, Outcome
 
     tok = AutoTokenizer.from_pretrained(checkpoint)
@@ -165,10 +165,10 @@ def test_a_stages_bar_scalars_and_reads_are_written_by_the_driver_from_what_the_
     import ray
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from bcoder_ray.metric_sinks import MetricSinks
-    from bcoder_ray.stage_channel import READS_FILE, stage_channel
+    from bcoder_ray.loop.metric_sinks import MetricSinks
+    from bcoder_ray.loop.stage_channel import READS_FILE, stage_channel
 
-    class Recorder:  # stands in for MLflow / W&B (bcoder_ray.metric_sinks)
+    class Recorder:  # stands in for MLflow / W&B (bcoder_ray.loop.metric_sinks)
         logged: list = []
 
         def log(self, tag, metrics, step):
@@ -218,11 +218,11 @@ def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp
 
     from bcoder_ray.algorithms import make_algorithm
     from bcoder_ray.algorithms.base import RunContext
-    from bcoder_ray.algorithms.q_model import QModel
-    from bcoder_ray.cached_targets import AlgorithmRef, TargetJob, fill_targets
+    from bcoder_ray.algorithms.bcoder.q_model import QModel
+    from bcoder_ray.loop.target_filling import AlgorithmRef, TargetJob, fill_targets
     from bcoder_ray.config import StageConfig
-    from bcoder_ray.learner import ScalingSpec, StageJob, train_stage
-    from bcoder_ray.tokenization import pad_id
+    from bcoder_ray.loop.learner import ScalingSpec, StageJob, train_stage
+    from bcoder_ray.model.tokenization import pad_id
     from transformers import AutoTokenizer
 
     problems = load_suite("embedded", "train")[:6]
@@ -275,7 +275,7 @@ def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp
 
 
 def test_runs_sharing_a_buffer_write_under_keys_and_versions_of_their_own():
-    from bcoder_ray.run_folder import version_name
+    from bcoder_ray.loop.run_folder import version_name
 
     assert version_name("runa", 1) != version_name("runb", 1)
     a = make_tasks("runa-it0", range(4), 2, iteration=0, seed=0)

@@ -11,14 +11,14 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 import envs  # noqa: F401  (registers the suites)
 from bcoder_ray.algorithms import make_algorithm
 from bcoder_ray.algorithms.base import RunContext
-from bcoder_ray.algorithms.q_model import QModel
-from bcoder_ray.candidates import SamplingSettings, load_sampler, sample_and_score
-from bcoder_ray.evaluation import adhoc_problem, evaluate, generate, rank_candidates_file, recompute_metrics
-from bcoder_ray.metrics import read_candidates
-from bcoder_ray.report import load_metrics
-from bcoder_ray.algorithms.ranking import score_programs
-from bcoder_ray.tokenization import encode_program, encode_prompt, pad_id
-from bcoder_ray.warm_start import train_tokenizer
+from bcoder_ray.algorithms.bcoder.q_model import QModel
+from bcoder_ray.model.candidates import SamplingSettings, load_sampler, sample_and_score
+from bcoder_ray.evaluation.evaluate import adhoc_problem, evaluate, generate, rank_candidates_file, recompute_metrics
+from bcoder_ray.evaluation.metrics import read_candidates
+from bcoder_ray.evaluation.report import load_metrics
+from bcoder_ray.algorithms.bcoder.ranking import score_programs
+from bcoder_ray.model.tokenization import encode_program, encode_prompt, pad_id
+from bcoder_ray.model.warm_start import train_tokenizer
 from envs.execute import Executor
 from envs.registry import load_suite
 from learner_fixtures import perturb
@@ -70,7 +70,7 @@ def rtilde_of(ranker, prompts, programs):
 def run_folder(tmp_path_factory, system):
     """A run folder as experiments/run.py leaves it: config.yaml and state.json naming θ_ckpt, θ and φ."""
     from bcoder_ray.config import load_config
-    from bcoder_ray.run_folder import CONFIG_FILE, RunState
+    from bcoder_ray.loop.run_folder import CONFIG_FILE, RunState
 
     root = tmp_path_factory.mktemp("run")
     (root / CONFIG_FILE).write_text(load_config("ci_tiny").to_yaml())

@@ -9,9 +9,9 @@ import zlib
 
 import pytest
 
-from bcoder_ray.metrics import CandidateRecord, metrics_from_candidates, rtilde_outcome_order, write_candidates
-from bcoder_ray.plots import curve_points, plot_ranking_gain, plot_rtilde_density, plot_training_curve
-from bcoder_ray.report import (ReportError, load_metrics, summary_line, table1_markdown, table1_rows,
+from bcoder_ray.evaluation.metrics import CandidateRecord, metrics_from_candidates, rtilde_outcome_order, write_candidates
+from bcoder_ray.evaluation.plots import curve_points, plot_ranking_gain, plot_rtilde_density, plot_training_curve
+from bcoder_ray.evaluation.report import (ReportError, load_metrics, summary_line, table1_markdown, table1_rows,
                                write_json)
 from envs.result import REWARD, Outcome
 
@@ -115,7 +115,7 @@ def test_plots_are_written_as_valid_pngs(tmp_path):
 
 
 def test_training_curve_points_from_a_run_folder(tmp_path):
-    from bcoder_ray.plots import training_curve_from_run
+    from bcoder_ray.evaluation.plots import training_curve_from_run
 
     lines = [{"iteration": 1, "rollout": {"programs": 40, "passed": 10, "pass_rate": 0.25},
               "eval": {"overall": metrics_from_candidates(records(seed=1), ks=(1,))["overall"]}},

@@ -41,10 +41,10 @@ def test_fsdp_stage_equals_ddp_stage(ray_two_cpus, tmp_path):
 
     from bcoder_ray.algorithms import make_algorithm
     from bcoder_ray.algorithms.base import RunContext
-    from bcoder_ray.cached_targets import AlgorithmRef, TargetJob, fill_targets
+    from bcoder_ray.loop.target_filling import AlgorithmRef, TargetJob, fill_targets
     from bcoder_ray.config import StageConfig
-    from bcoder_ray.learner import RESUME_FILE, ScalingSpec, StageJob, train_stage
-    from bcoder_ray.tokenization import pad_id
+    from bcoder_ray.loop.learner import RESUME_FILE, ScalingSpec, StageJob, train_stage
+    from bcoder_ray.model.tokenization import pad_id
 
     problems = load_suite("embedded", "train")[:6]
     ckpt = tiny_t5_checkpoint(tmp_path / "t5", problems, dropout=0.1)  # CodeT5's: θ's targets take a second pass

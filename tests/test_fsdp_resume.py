@@ -1,5 +1,5 @@
-"""A resumable checkpoint of an FSDP stage (`bcoder_ray.learner.resume_state` / `load_resume_state` with
-`bcoder_ray.sharding`): two gloo processes shard a small network with dropout, one run saves its state after
+"""A resumable checkpoint of an FSDP stage (`bcoder_ray.loop.learner.resume_state` / `load_resume_state` with
+`bcoder_ray.loop.sharding`): two gloo processes shard a small network with dropout, one run saves its state after
 step k on the way through 8 steps, a second run with other initial weights and RNG loads it and finishes;
 its weights equal the uninterrupted run's bit for bit."""
 
@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bcoder_ray.learner import (RESUME_FILE, StageJob, learning_rate_factor, load_resume_state, resume_state,
+from bcoder_ray.loop.learner import (RESUME_FILE, StageJob, learning_rate_factor, load_resume_state, resume_state,
                                 write_resume_state)
-from bcoder_ray.sharding import shard_fully
+from bcoder_ray.loop.sharding import shard_fully
 
 STEPS = 8
 WORLD = 2

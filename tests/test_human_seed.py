@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 import envs  # noqa: F401  (registers the suites)
-from bcoder_ray.human_seed import human_rows, seeded_problems
-from bcoder_ray.tokenization import decode_program, encode_program, eos_id
-from bcoder_ray.warm_start import train_tokenizer
+from bcoder_ray.buffer.human_seed import human_rows, seeded_problems
+from bcoder_ray.model.tokenization import decode_program, encode_program, eos_id
+from bcoder_ray.model.warm_start import train_tokenizer
 from envs.execute import Executor
 from envs.registry import load_suite
 
@@ -59,7 +59,7 @@ class FlakySandbox:
 
 
 def test_programs_without_a_verdict_are_rerun_then_left_out_never_labelled(problems, tokenizer):
-    from bcoder_ray.candidates import score_with_reruns
+    from bcoder_ray.model.candidates import score_with_reruns
 
     with Executor(workers=1) as ex:
         sandbox = FlakySandbox(ex, bad=problems[0].references[0][:20])

@@ -1,4 +1,4 @@
-"""bcoder_ray.io: atomic local writes."""
+"""bcoder_ray.util.atomic: atomic local writes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from bcoder_ray.io import atomic_write_bytes, atomic_write_text
+from bcoder_ray.util.atomic import atomic_write_bytes, atomic_write_text
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_no_temporary(tmp_path, monkeypatch):

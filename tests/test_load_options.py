@@ -19,18 +19,18 @@ from transformers import PreTrainedTokenizerFast
 
 from bcoder_ray.algorithms import make_algorithm
 from bcoder_ray.algorithms.base import Rows, RunContext, StagePlan, TargetsPlan
-from bcoder_ray.algorithms.coderl import load_trainable_lm
-from bcoder_ray.algorithms.critic import FOUR_CLASSES, Critic, check_critic_tokenizer
+from bcoder_ray.algorithms.coderl.algorithm import load_trainable_lm
+from bcoder_ray.algorithms.coderl.critic import FOUR_CLASSES, Critic, check_critic_tokenizer
 from bcoder_ray.algorithms.lm_policy import fingerprint, load_policy
-from bcoder_ray.algorithms.q_model import QModel
-from bcoder_ray.algorithms.targets import checkpoint_identity, targets_fingerprint
-from bcoder_ray.candidates import load_sampler
-from bcoder_ray.components import run_context
+from bcoder_ray.algorithms.bcoder.q_model import QModel
+from bcoder_ray.algorithms.bcoder.targets import checkpoint_identity, targets_fingerprint
+from bcoder_ray.model.candidates import load_sampler
+from bcoder_ray.loop.components import run_context
 from bcoder_ray.config import config_from_data, load_config, read_yaml
-from bcoder_ray.lm import LoadOptions, load_lm
-from bcoder_ray.rollout import PolicyRef, PolicyWorker, WorkerArgs
-from bcoder_ray.run_folder import CONFIG_FILE, RunState, load_run
-from bcoder_ray.tokenization import load_tokenizer
+from bcoder_ray.model.lm import LoadOptions, load_lm
+from bcoder_ray.loop.rollout import PolicyRef, PolicyWorker, WorkerArgs
+from bcoder_ray.loop.run_folder import CONFIG_FILE, RunState, load_run
+from bcoder_ray.model.tokenization import load_tokenizer
 from learner_fixtures import tiny_checkpoint
 
 EAGER = LoadOptions(attn_implementation="eager")
@@ -165,7 +165,7 @@ def test_attn_implementation_reaches_the_sampler_and_the_rollout_worker(checkpoi
     ckpt = checkpoints["llama"]
     assert _attn(load_sampler(ckpt, options=EAGER).model.ckpt.lm) == "eager"
     assert _attn(load_sampler(ckpt, options={"attn_implementation": "sdpa"}).model.ckpt.lm) == "sdpa"
-    monkeypatch.setattr("bcoder_ray.rollout.quiet_libraries", lambda: None)
+    monkeypatch.setattr("bcoder_ray.loop.rollout.quiet_libraries", lambda: None)
     threads = torch.get_num_threads()
     try:
         for attn in ("eager", "sdpa"):

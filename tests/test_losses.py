@@ -13,10 +13,10 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
-from bcoder_ray.batch import NO_ACTION, collate
-from bcoder_ray.algorithms.losses import phi_loss, td_targets, theta_loss
-from bcoder_ray.algorithms.q_model import QModel
-from bcoder_ray.algorithms.targets import compute_frozen_targets, targets_fingerprint
+from bcoder_ray.model.batch import NO_ACTION, collate
+from bcoder_ray.algorithms.bcoder.losses import phi_loss, td_targets, theta_loss
+from bcoder_ray.algorithms.bcoder.q_model import QModel
+from bcoder_ray.algorithms.bcoder.targets import compute_frozen_targets, targets_fingerprint
 from learner_fixtures import EOS, FAMILIES, KINDS, PAD, example_rows, perturb, tiny_checkpoint
 
 torch.set_num_threads(1)
@@ -262,7 +262,7 @@ def test_the_bootstrap_of_a_network_with_dropout_is_read_without_it(kind, tmp_pa
     """With dropout in the trained network, the TD targets (eq. 12 / 15) come from a no-grad eval-mode forward:
     the same whatever the dropout draw, and equal to an eval-mode loss's; the prediction keeps its dropout. With
     `dropout_free_targets=False` the targets move with the draw. Every module's mode is as it was after."""
-    from bcoder_ray.lm import has_dropout
+    from bcoder_ray.model.lm import has_dropout
 
     ckpt = tiny_checkpoint(kind, str(tmp_path / kind), dropout=0.3)
     assert has_dropout(QModel.create(ckpt, parts=("theta",)).theta)

@@ -10,7 +10,7 @@ import types
 import pytest
 
 from bcoder_ray.config import ConfigError, RunConfig
-from bcoder_ray.metric_sinks import MetricSinks, flatten, metric_sinks, mlflow_name
+from bcoder_ray.loop.metric_sinks import MetricSinks, flatten, metric_sinks, mlflow_name
 
 
 class Calls(list):

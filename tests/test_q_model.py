@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from bcoder_ray.batch import collate
-from bcoder_ray.algorithms.losses import phi_loss, theta_loss
-from bcoder_ray.algorithms.q_model import QModel, capped_value, load_lm, softabs, token_logit_stats
+from bcoder_ray.model.batch import collate
+from bcoder_ray.algorithms.bcoder.losses import phi_loss, theta_loss
+from bcoder_ray.algorithms.bcoder.q_model import QModel, capped_value, load_lm, softabs, token_logit_stats
 from learner_fixtures import FAMILIES, PAD, example_rows, perturb, tiny_checkpoint
 
 torch.set_num_threads(1)
@@ -217,8 +217,8 @@ def test_bf16_autocast_keeps_a_q_and_v_in_float32(kind, tmp_path):
     the float32 A_ckpt (the cached target), not within a bf16 rounding of the logits (about 0.04 per token)."""
     from learner_fixtures import example_rows, tiny_checkpoint
 
-    from bcoder_ray.algorithms.targets import frozen_target_tensors
-    from bcoder_ray.batch import collate
+    from bcoder_ray.algorithms.bcoder.targets import frozen_target_tensors
+    from bcoder_ray.model.batch import collate
 
     ckpt = tiny_checkpoint(kind, str(tmp_path / "ckpt"))
     model = QModel.create(ckpt, parts=("ckpt", "phi", "theta"))

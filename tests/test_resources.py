@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from bcoder_ray.config import ConfigError, load_config
-from bcoder_ray.resources import Need, plan_schedule
+from bcoder_ray.loop.resources import Need, plan_schedule
 
 STAGES = ("phi", "theta")
 

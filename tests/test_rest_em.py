@@ -1,4 +1,4 @@
-"""ReST-EM's M-step selection and loss (bcoder_ray.algorithms.rest_em).
+"""ReST-EM's M-step selection and loss (bcoder_ray.algorithms.rest_em.losses).
 
 Tolerance ``MODEL``: the M-step's CE and the reference (theta_loss's L_ce, or a direct log_softmax on unpadded
 rows) run the same tiny model (d_model 32, V = 48) through different batch shapes; they differ by the summation
@@ -12,12 +12,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from bcoder_ray.algorithms.rest_em import PASSED_REWARD, RestEMOptions, m_step_mask, rest_em_loss, select_m_step_rows
-from bcoder_ray.batch import collate
+from bcoder_ray.algorithms.rest_em.losses import PASSED_REWARD, RestEMOptions, m_step_mask, rest_em_loss, select_m_step_rows
+from bcoder_ray.model.batch import collate
 from bcoder_ray.buffer.synthetic import synthetic_rows
-from bcoder_ray.algorithms.losses import theta_loss
-from bcoder_ray.algorithms.q_model import QModel
-from bcoder_ray.lm import DECODER_ONLY, PolicyLM, load_lm
+from bcoder_ray.algorithms.bcoder.losses import theta_loss
+from bcoder_ray.algorithms.bcoder.q_model import QModel
+from bcoder_ray.model.lm import DECODER_ONLY, PolicyLM, load_lm
 from envs.result import Outcome
 from learner_fixtures import KINDS, PAD, example_rows, tiny_checkpoint
 

@@ -10,8 +10,8 @@ import pytest
 
 from bcoder_ray.buffer import ReplayBuffer
 from bcoder_ray.buffer.synthetic import synthetic_rows
-from bcoder_ray.stage_channel import READS_FILE, write_reads
-from bcoder_ray.reuse import READS_DIR, read_counts, reuse_stats
+from bcoder_ray.loop.stage_channel import READS_FILE, write_reads
+from bcoder_ray.evaluation.reuse import READS_DIR, read_counts, reuse_stats
 
 
 def _rows(rng, n, source, run_id, start):

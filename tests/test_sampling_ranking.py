@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bcoder_ray.algorithms.q_model import QModel, capped_value
-from bcoder_ray.algorithms.ranking import rank, score_programs, token_scores
-from bcoder_ray.sampling import sample_programs, warp_scores
+from bcoder_ray.algorithms.bcoder.q_model import QModel, capped_value
+from bcoder_ray.algorithms.bcoder.ranking import rank, score_programs, token_scores
+from bcoder_ray.model.sampling import sample_programs, warp_scores
 from learner_fixtures import EOS, FAMILIES, PAD, perturb, tiny_checkpoint
 
 torch.set_num_threads(1)

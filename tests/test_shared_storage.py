@@ -9,7 +9,7 @@ import pytest
 from s3_server import moto_bucket
 
 from bcoder_ray.buffer import ReplayBuffer
-from bcoder_ray.shared_storage import (COMPLETE_MARKER, NODE_CACHE_ENV, REQUIRE_URIS_ENV, NotSharedError,
+from bcoder_ray.util.storage import (COMPLETE_MARKER, NODE_CACHE_ENV, REQUIRE_URIS_ENV, NotSharedError,
                                        is_local_path, join_uri, local_dir, read_text, upload_dir, write_text)
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}

@@ -1,4 +1,4 @@
-"""A stage's resumable state (`bcoder_ray.learner.resume_state` / `write_resume_state` / `load_resume_state`): continuing from a
+"""A stage's resumable state (`bcoder_ray.loop.learner.resume_state` / `write_resume_state` / `load_resume_state`): continuing from a
 checkpoint taken after step k gives exactly the parameters of the uninterrupted run (CPU, in-process; the
 stage-level resume after killing a worker or the driver is in tests/test_cluster.py)."""
 
@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from bcoder_ray.learner import (RESUME_FILE, StageJob, learning_rate_factor, load_resume_state, resume_state,
+from bcoder_ray.loop.learner import (RESUME_FILE, StageJob, learning_rate_factor, load_resume_state, resume_state,
                                 write_resume_state)
 
 

@@ -10,12 +10,12 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
-from bcoder_ray.algorithms.q_model import QModel
-from bcoder_ray.candidates import SamplingSettings, load_sampler, sample_and_score
-from bcoder_ray.components import run_context
+from bcoder_ray.algorithms.bcoder.q_model import QModel
+from bcoder_ray.model.candidates import SamplingSettings, load_sampler, sample_and_score
+from bcoder_ray.loop.components import run_context
 from bcoder_ray.config import load_config
-from bcoder_ray.sampling import sample_programs
-from bcoder_ray.tokenization import decode_program, program_end, stop_ids
+from bcoder_ray.model.sampling import sample_programs
+from bcoder_ray.model.tokenization import decode_program, program_end, stop_ids
 from envs.registry import load_suite
 from learner_fixtures import EOS, PAD, tiny_checkpoint
 

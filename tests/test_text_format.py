@@ -12,14 +12,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
 
-from bcoder_ray.algorithms.q_model import QModel
+from bcoder_ray.algorithms.bcoder.q_model import QModel
 from bcoder_ray.buffer import ReplayBuffer, prompt_rows
-from bcoder_ray.candidates import Sampler, SamplingSettings, sample_and_score
-from bcoder_ray.components import run_context
+from bcoder_ray.model.candidates import Sampler, SamplingSettings, sample_and_score
+from bcoder_ray.loop.components import run_context
 from bcoder_ray.config import ConfigError, load_config
-from bcoder_ray.human_seed import human_rows, stopped_references
-from bcoder_ray.sampling import sample_programs
-from bcoder_ray.tokenization import (StopStrings, TextFormat, decode_program, encode_prompt, stop_ids,
+from bcoder_ray.buffer.human_seed import human_rows, stopped_references
+from bcoder_ray.model.sampling import sample_programs
+from bcoder_ray.model.tokenization import (StopStrings, TextFormat, decode_program, encode_prompt, stop_ids,
                                     tokenizer_fingerprint)
 from envs.execute import Executor
 from envs.registry import load_suite
@@ -256,7 +256,7 @@ def test_the_config_carries_the_text_format_to_the_run_context(tmp_path):
 
 def test_a_rollout_actor_writes_chat_prompted_stop_string_rows_under_their_own_hash(tmp_path, monkeypatch):
     from bcoder_ray.algorithms.base import RolloutRequest
-    from bcoder_ray.rollout import PolicyRef, PolicyWorker, SamplingSpec, Task, WorkerArgs
+    from bcoder_ray.loop.rollout import PolicyRef, PolicyWorker, SamplingSpec, Task, WorkerArgs
 
     tok = trained("byte")
     tok.chat_template = CHAT
@@ -265,7 +265,7 @@ def test_a_rollout_actor_writes_chat_prompted_stop_string_rows_under_their_own_h
     tok.save_pretrained(folder)
     fmt = TextFormat(chat_template=True, stop_strings=("e",))  # a common letter: most programs end at one
     problems = load_suite("embedded", "train")[:2]
-    monkeypatch.setattr("bcoder_ray.rollout.quiet_libraries", lambda: None)
+    monkeypatch.setattr("bcoder_ray.loop.rollout.quiet_libraries", lambda: None)
     threads = torch.get_num_threads()
     try:
         worker = PolicyWorker(WorkerArgs(
@@ -294,7 +294,7 @@ def test_the_command_lines_override_the_text_format(checkpoints, tmp_path):
     from bcoder_ray.cli.evaluate import parse_args as evaluate_args
     from bcoder_ray.cli.generate import parse_args as generate_args
     from bcoder_ray.cli.text_format_args import text_format_overrides
-    from bcoder_ray.run_folder import sampler_and_ranker
+    from bcoder_ray.loop.run_folder import sampler_and_ranker
 
     args = evaluate_args(["--stop-string", "```", "--stop-string", "[DONE]"])
     assert text_format_overrides(args) == {"chat_template": None, "stop_strings": ["```", "[DONE]"]}

@@ -11,10 +11,10 @@ import types
 import pytest
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from bcoder_ray.candidates import SamplingSettings, load_sampler, sample_and_score
+from bcoder_ray.model.candidates import SamplingSettings, load_sampler, sample_and_score
 from bcoder_ray.config import ConfigError, load_config
-from bcoder_ray.lm import LoadOptions
-from bcoder_ray.vllm_sampling import VLLMEngine, completion
+from bcoder_ray.model.lm import LoadOptions
+from bcoder_ray.model.vllm_sampling import VLLMEngine, completion
 from envs.registry import load_suite
 from learner_fixtures import EOS, PAD, tiny_checkpoint
 from test_stop_ids import word_tokenizer

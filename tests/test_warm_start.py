@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from bcoder_ray import warm_start as ws
-from bcoder_ray.tokenization import decode_program, encode_program, encode_prompt, tokenizer_fingerprint
-from bcoder_ray.warm_start import WarmStartConfig, cached_path, is_complete, warm_start
+from bcoder_ray.model import warm_start as ws
+from bcoder_ray.model.tokenization import decode_program, encode_program, encode_prompt, tokenizer_fingerprint
+from bcoder_ray.model.warm_start import WarmStartConfig, cached_path, is_complete, warm_start
 from envs.problem import Problem
 from envs.suites.embedded import load_embedded
 

@@ -7,8 +7,8 @@ import torch
 
 from bcoder_ray.algorithms.base import Algorithm, AlgorithmConfig, Rows, StageModule, StagePlan
 from bcoder_ray.algorithms.registry import register_algorithm
-from bcoder_ray.batch import Batch, per_program_mean
-from bcoder_ray.lm import PolicyLM, load_lm, token_logit_stats
+from bcoder_ray.model.batch import Batch, per_program_mean
+from bcoder_ray.model.lm import PolicyLM, load_lm, token_logit_stats
 
 
 class ToyConfig(AlgorithmConfig):

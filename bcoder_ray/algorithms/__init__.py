@@ -7,7 +7,10 @@ The math each uses sits beside it: `q_model`, `losses`, `targets`, `ranking` (B-
 `critic`, `coderl_losses`, `critic_sampling` (CodeRL); `lm_policy` (the baselines). No Ray in this package.
 """
 
-from bcoder_ray.algorithms import bcoder, coderl, policy_gradient, self_training
+from bcoder_ray.algorithms.bcoder import algorithm as bcoder
+from bcoder_ray.algorithms.coderl import algorithm as coderl
+from bcoder_ray.algorithms.policy_gradient import algorithm as policy_gradient
+from bcoder_ray.algorithms.rest_em import algorithm as self_training
 from bcoder_ray.algorithms.registry import (algorithm_class, algorithm_names, import_modules, load_ranker,
                                             make_algorithm, parse_algorithm_config, register_algorithm)
 

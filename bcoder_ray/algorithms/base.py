@@ -1,4 +1,4 @@
-"""What the shared loop asks of an algorithm (no Ray here: the wiring in `bcoder_ray.learner`, `rollout` and
+"""What the shared loop asks of an algorithm (no Ray here: the wiring in `bcoder_ray.loop.learner`, `rollout` and
 `driver` runs any algorithm through this interface).
 
 An algorithm is a subclass of `Algorithm` with a typed config (`Config`, a subclass of `AlgorithmConfig`),
@@ -25,9 +25,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from bcoder_ray.batch import Batch
-from bcoder_ray.lm import LoadOptions
-from bcoder_ray.tokenization import TextFormat
+from bcoder_ray.model.batch import Batch
+from bcoder_ray.model.lm import LoadOptions
+from bcoder_ray.model.tokenization import TextFormat
 
 
 class AlgorithmConfig(BaseModel):
@@ -59,7 +59,7 @@ class RunContext:
     """Token ids that end a program besides the tokenizer's EOS (`model.eos_token_ids`); None: those of the
     sampled model's generation config."""
     load_options: Mapping[str, Any] = field(default_factory=dict)
-    """`bcoder_ray.lm.LoadOptions` as plain data (`model.revision`, `model.attn_implementation`,
+    """`bcoder_ray.model.lm.LoadOptions` as plain data (`model.revision`, `model.attn_implementation`,
     `model.trust_remote_code`): given to every `from_pretrained` of the run's models and tokenizers."""
     chat_template: bool = False
     """Prompts are one user turn of the tokenizer's chat template (`model.chat_template`)."""

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from bcoder_ray.algorithms.base import Algorithm, Rows, RunContext, StageModule, StagePlan
-from bcoder_ray.algorithms.pg_losses import ValueHead
-from bcoder_ray.algorithms.targets import checkpoint_identity
-from bcoder_ray.lm import LoadOptions, PolicyLM, load_lm
-from bcoder_ray.shared_storage import local_dir
-from bcoder_ray.tokenization import load_tokenizer, tokenizer_fingerprint
+from bcoder_ray.algorithms.policy_gradient.losses import ValueHead
+from bcoder_ray.algorithms.bcoder.targets import checkpoint_identity
+from bcoder_ray.model.lm import LoadOptions, PolicyLM, load_lm
+from bcoder_ray.util.storage import local_dir
+from bcoder_ray.model.tokenization import load_tokenizer, tokenizer_fingerprint
 
 VALUE_HEAD_FILE = "ppo_value_head.safetensors"
 ON_POLICY_COLUMNS = ("logprobs",)

@@ -49,7 +49,7 @@ all matching rows alike (on-policy readers, with `Filters(policy_versions=...)`)
 groups in shuffled order through a bounded shuffle window, so memory does not grow with the buffer, and each
 epoch re-lists the files (new appends appear; one epoch of draws visits every matching row once).
 `rows_from_batch(batch)` turns a batch (also a Ray Data pyarrow/numpy batch) into the list of dicts
-`bcoder_ray.batch.collate` takes, list values as numpy arrays.
+`bcoder_ray.model.batch.collate` takes, list values as numpy arrays.
 Filters (`Filters` or a dict): suite(s), split(s), outcome(s), iterations=(lo, hi) inclusive (it selects
 generated rows; human rows belong to no iteration and always pass), tokenizer_hash (pass the current
 tokenizer's fingerprint and rows with stale token ids are left out), policy_versions (generated rows of those

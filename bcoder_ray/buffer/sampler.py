@@ -265,7 +265,7 @@ class MixedSampler:
 
 def rows_from_batch(batch) -> list[dict]:
     """A sampler / Ray Data batch (pyarrow Table, or dict of numpy columns) as the list of dicts that
-    `bcoder_ray.batch.collate` takes; list columns become numpy arrays (zero-copy views of the batch)."""
+    `bcoder_ray.model.batch.collate` takes; list columns become numpy arrays (zero-copy views of the batch)."""
     if isinstance(batch, dict):
         names = list(batch)
         cols = [_numpy_column(batch[c]) for c in names]

@@ -43,8 +43,8 @@ SAMPLE_SCHEMA = pa.schema([
     pa.field("actor", pa.string(), nullable=False),
     pa.field("sampling", pa.string(), nullable=False),  # JSON of the sampling settings ("{}" for human rows)
     pa.field("program", pa.string(), nullable=False),
-    pa.field("program_ids", _ids, nullable=False),  # bcoder_ray.tokenization.encode_program
-    pa.field("tokenizer_hash", pa.string(), nullable=False),  # bcoder_ray.tokenization.tokenizer_fingerprint
+    pa.field("program_ids", _ids, nullable=False),  # bcoder_ray.model.tokenization.encode_program
+    pa.field("tokenizer_hash", pa.string(), nullable=False),  # bcoder_ray.model.tokenization.tokenizer_fingerprint
     pa.field("outcome", pa.string(), nullable=False),  # envs.result.Outcome value
     pa.field("reward", pa.float64(), nullable=False),  # eq. 2, REWARD[outcome]
     pa.field("tests_passed", pa.int32(), nullable=False),
@@ -84,11 +84,11 @@ PROMPT_SCHEMA = pa.schema([
     pa.field("problem_id", pa.string(), nullable=False),
     pa.field("tokenizer_hash", pa.string(), nullable=False),
     pa.field("prompt", pa.string(), nullable=False),
-    pa.field("prompt_ids", _ids, nullable=False),  # bcoder_ray.tokenization.encode_prompt
+    pa.field("prompt_ids", _ids, nullable=False),  # bcoder_ray.model.tokenization.encode_prompt
 ])
 PROMPT_KEY = ("suite", "problem_id", "tokenizer_hash")
 
-# What every sampler batch holds (bcoder_ray.batch.collate consumes them); a fingerprint's target columns and
+# What every sampler batch holds (bcoder_ray.model.batch.collate consumes them); a fingerprint's target columns and
 # the `extra_columns` asked for follow.
 LEARNER_COLUMNS = ("prompt_ids", "program_ids", "reward", "is_human")
 
@@ -127,9 +127,9 @@ def make_row(problem, program: str, program_ids: Sequence[int], result: ExecResu
 
 
 def prompt_rows(problems: Iterable, tokenizer, max_len: int, text_format=None) -> list[dict[str, Any]]:
-    """Prompt-table rows for `problems`, encoded with `bcoder_ray.tokenization.encode_prompt` in `text_format`
-    (a `bcoder_ray.tokenization.TextFormat`; None: the plain one), keyed by its tokenizer_hash."""
-    from bcoder_ray.tokenization import encode_prompt, tokenizer_fingerprint  # transformers: import lazily
+    """Prompt-table rows for `problems`, encoded with `bcoder_ray.model.tokenization.encode_prompt` in `text_format`
+    (a `bcoder_ray.model.tokenization.TextFormat`; None: the plain one), keyed by its tokenizer_hash."""
+    from bcoder_ray.model.tokenization import encode_prompt, tokenizer_fingerprint  # transformers: import lazily
 
     fp = tokenizer_fingerprint(tokenizer, text_format)
     chat = text_format is not None and text_format.chat_template

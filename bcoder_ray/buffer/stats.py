@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from bcoder_ray.buffer.catalog import Catalog
 from bcoder_ray.buffer.storage import QUARANTINE
 from bcoder_ray.buffer.targets import TARGETS_DIR
-from bcoder_ray.formatting import pct
+from bcoder_ray.util.formatting import pct
 
 _COUNTED = ("suite", "source", "outcome", "iteration")
 

@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bcoder_ray.buffer.schema import DICTIONARY_COLUMNS, STATISTICS_COLUMNS
-from bcoder_ray.shared_storage import require_shared, resolve
+from bcoder_ray.util.storage import require_shared, resolve
 
 log = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ def _n_at_k_pairs(specs: list[str]) -> list[tuple[int, int]]:
 
 def models_from_args(args: argparse.Namespace):
     from bcoder_ray.config import ConfigError
-    from bcoder_ray.run_folder import sampler_and_ranker
+    from bcoder_ray.loop.run_folder import sampler_and_ranker
 
     try:
         return sampler_and_ranker(checkpoint=args.checkpoint, run_dir=args.run_dir, rank_with=args.rank_with,
@@ -125,8 +125,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def write_figures(folder: Path, ks: list[int]) -> list[str]:
-    from bcoder_ray.metrics import read_candidates, rtilde_outcome_order
-    from bcoder_ray.plots import plot_ranking_gain, plot_rtilde_density
+    from bcoder_ray.evaluation.metrics import read_candidates, rtilde_outcome_order
+    from bcoder_ray.evaluation.plots import plot_ranking_gain, plot_rtilde_density
 
     records = read_candidates(folder)
     if any(r.rtilde is None for r in records):
@@ -140,11 +140,11 @@ def write_figures(folder: Path, ks: list[int]) -> list[str]:
 
 def critic_sampling_main(args: argparse.Namespace, problems) -> int:
     """--critic-sampling: CodeRL's Critic Sampling and plain sampling at the same budget, into --out."""
-    from bcoder_ray.algorithms.critic_sampling import CriticSamplingRefused
-    from bcoder_ray.candidates import SamplingSettings
-    from bcoder_ray.coderl_sampling import compare_with_plain, load_phi_test, require_examples, summary_lines
+    from bcoder_ray.algorithms.coderl.critic_sampling import CriticSamplingRefused
+    from bcoder_ray.model.candidates import SamplingSettings
+    from bcoder_ray.algorithms.coderl.inference import compare_with_plain, load_phi_test, require_examples, summary_lines
     from bcoder_ray.config import ConfigError
-    from bcoder_ray.run_folder import load_run, sampler_and_ranker
+    from bcoder_ray.loop.run_folder import load_run, sampler_and_ranker
     from envs.execute import Executor
 
     if not args.run_dir:
@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
 
     if args.recompute:
-        from bcoder_ray.evaluation import recompute_metrics
-        from bcoder_ray.report import load_metrics, summary_line, write_json
+        from bcoder_ray.evaluation.evaluate import recompute_metrics
+        from bcoder_ray.evaluation.report import load_metrics, summary_line, write_json
 
         folder = Path(args.recompute)
         saved = load_metrics(folder) if (folder / "metrics.json").exists() else {}
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.table:
-        from bcoder_ray.report import load_metrics, table1_markdown, table1_rows, write_json
+        from bcoder_ray.evaluation.report import load_metrics, table1_markdown, table1_rows, write_json
 
         entries = [(None, load_metrics(path)) for path in args.table]
         text = table1_markdown(entries, ks=args.ks, variant=args.variant, include_paper=args.with_paper)
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.training_curve:
-        from bcoder_ray.plots import plot_training_curve, training_curve_from_run
+        from bcoder_ray.evaluation.plots import plot_training_curve, training_curve_from_run
 
         runs = {Path(r).name: training_curve_from_run(r) for r in args.training_curve}
         print(f"wrote {plot_training_curve(runs, args.figure_out)}")
@@ -213,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--out is required to evaluate or rank")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import envs  # noqa: F401  (registers the suites)
-    from bcoder_ray.candidates import SamplingSettings
-    from bcoder_ray.evaluation import evaluate, rank_candidates_file
-    from bcoder_ray.report import summary_line
+    from bcoder_ray.model.candidates import SamplingSettings
+    from bcoder_ray.evaluation.evaluate import evaluate, rank_candidates_file
+    from bcoder_ray.evaluation.report import summary_line
     from envs.execute import Executor
     from envs.registry import load_suite
 
@@ -233,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.rank_file:
             if ranker is None:
                 raise SystemExit("--rank-file needs a ranker: --rank-with RUN_DIR (or --run-dir of a run with one)")
-            from bcoder_ray.lm import LoadOptions
-            from bcoder_ray.run_folder import load_run
-            from bcoder_ray.tokenization import load_tokenizer
+            from bcoder_ray.model.lm import LoadOptions
+            from bcoder_ray.loop.run_folder import load_run
+            from bcoder_ray.model.tokenization import load_tokenizer
 
             ctx = load_run(args.rank_with or args.run_dir).context()  # the ranking run's load options
             options = LoadOptions.from_mapping(ctx["load_options"]).for_source(rank_tokenizer, ctx["theta_ckpt"])

@@ -106,11 +106,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def critic_sampling_main(args: argparse.Namespace, problem) -> int:
     """--critic-sampling: the pool of CodeRL's Critic Sampling for one problem, best first."""
-    from bcoder_ray.algorithms.critic_sampling import CriticSamplingRefused
-    from bcoder_ray.candidates import SamplingSettings
-    from bcoder_ray.coderl_sampling import critic_sampling_records, load_phi_test, require_examples
+    from bcoder_ray.algorithms.coderl.critic_sampling import CriticSamplingRefused
+    from bcoder_ray.model.candidates import SamplingSettings
+    from bcoder_ray.algorithms.coderl.inference import critic_sampling_records, load_phi_test, require_examples
     from bcoder_ray.config import ConfigError
-    from bcoder_ray.run_folder import load_run, sampler_and_ranker
+    from bcoder_ray.loop.run_folder import load_run, sampler_and_ranker
     from envs.execute import Executor
 
     if not args.run_dir:
@@ -144,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import envs  # noqa: F401  (registers the suites)
-    from bcoder_ray.candidates import SamplingSettings
+    from bcoder_ray.model.candidates import SamplingSettings
     from bcoder_ray.config import ConfigError
-    from bcoder_ray.evaluation import adhoc_problem, generate
-    from bcoder_ray.run_folder import sampler_and_ranker
+    from bcoder_ray.evaluation.evaluate import adhoc_problem, generate
+    from bcoder_ray.loop.run_folder import sampler_and_ranker
     from envs.execute import Executor
 
     if args.problem:

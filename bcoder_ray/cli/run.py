@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (timeout, a job stop) unwinds like Ctrl-C, so the local Ray instance is shut down too
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     from bcoder_ray.algorithms import algorithm_class, algorithm_names, import_modules
-    from bcoder_ray.components import check_components
+    from bcoder_ray.loop.components import check_components
     from bcoder_ray.config import load_config, shipped_configs
-    from bcoder_ray.driver import prepare_run, run
-    from bcoder_ray.resources import actor_need, learning_needs
+    from bcoder_ray.loop.driver import prepare_run, run
+    from bcoder_ray.loop.resources import actor_need, learning_needs
 
     try:
         if args.list_algorithms or args.list_configs:

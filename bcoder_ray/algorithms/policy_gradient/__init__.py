@@ -1,0 +1,1 @@
+"""PPO and GRPO (`algorithm`) and their loss math (`losses`)."""

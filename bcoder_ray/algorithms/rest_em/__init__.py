@@ -1,0 +1,1 @@
+"""ReST-EM (`algorithm`) and its M-step selection and loss (`losses`)."""

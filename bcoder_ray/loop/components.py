@@ -1,0 +1,66 @@
+"""The components a run builds from its config, checked before any work: the warm start's settings, the
+executor's options, and the `RunContext` every algorithm gets."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+
+from bcoder_ray.algorithms.base import RunContext
+from bcoder_ray.config import Config, ConfigError
+from bcoder_ray.model.lm import LoadOptions
+from bcoder_ray.model.warm_start import WarmStartConfig
+from envs.execute import Executor
+
+
+def warm_start_config(cfg: Config) -> WarmStartConfig:
+    """The warm start's `WarmStartConfig` from model.warm_start.options, with the run's lengths and seed;
+    ConfigError naming the option at fault."""
+    m = cfg.model
+    options = dict(m.warm_start.options)
+    for key, value in (("max_prompt_len", m.source_len), ("max_program_len", m.target_len)):
+        if options.setdefault(key, value) != value:
+            raise ConfigError(f"model.warm_start.options.{key} = {options[key]} differs from the run's length "
+                              f"{value} (model.source_len / target_len); leave it out")
+    options.setdefault("seed", cfg.run.seed)
+    known = {f.name for f in dataclasses.fields(WarmStartConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"model.warm_start.options: unknown key(s) {unknown}; known: {sorted(known)}")
+    try:
+        return WarmStartConfig(**options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.warm_start.options: {e}") from None
+
+
+def warm_start_cache(cfg: Config) -> str:
+    return cfg.model.warm_start.cache_dir or os.environ.get("BCODER_CACHE") or \
+        os.path.join(os.path.expanduser("~"), ".cache", "bcoder-ray", "warm_start")
+
+
+def check_components(cfg: Config) -> None:
+    """Options passed through to components (executor, warm start) must be ones they take."""
+    params = inspect.signature(Executor.__init__).parameters
+    own = {"workers", "infra_retries"}  # keys of their own in the executor section
+    unknown = sorted(set(cfg.executor.options) - set(params) - own)
+    if unknown or own & set(cfg.executor.options):
+        raise ConfigError(f"executor.options: unknown key(s) {unknown or sorted(own & set(cfg.executor.options))} "
+                          f"(use executor.workers / executor.infra_retries); envs.execute.Executor takes "
+                          f"{sorted(set(params) - {'self'})}")
+    if cfg.model.checkpoint is None:
+        warm_start_config(cfg)
+
+
+def executor_kwargs(cfg: Config) -> dict:
+    """The keyword arguments of `envs.execute.Executor` the config gives."""
+    return {"workers": cfg.executor.workers, "infra_retries": cfg.executor.infra_retries, **cfg.executor.options}
+
+
+def run_context(cfg: Config, theta_ckpt: str, buffer_uri: str | None = None) -> RunContext:
+    m = cfg.model
+    return RunContext(theta_ckpt=theta_ckpt, tokenizer_path=m.tokenizer or theta_ckpt, source_len=m.source_len,
+                      target_len=m.target_len, dtype=m.dtype, seed=cfg.run.seed, buffer_uri=buffer_uri,
+                      load_options=LoadOptions.from_mapping(m.load_options()).as_dict(),
+                      eos_token_ids=None if m.eos_token_ids is None else tuple(m.eos_token_ids),
+                      chat_template=m.chat_template, stop_strings=tuple(m.stop_strings))

@@ -1,0 +1,345 @@
+"""Rollout on Ray: a pool of policy actors that sample programs with the published policy, score them through the
+environment's batch path and append them to the replay buffer; the same actors sample held-out candidates for
+evaluation and fill cached targets. Nothing here knows which algorithm runs: an actor loads a policy (an LM
+folder) and, for ranking, whatever `RankerRef` it is handed.
+
+    pool = ActorPool(PolicyWorker, ActorSettings(num_actors=2, num_cpus=0.5), worker_args)
+    summaries = pool.rollout(tasks, policy, sampling, request)      # each task's rows appended under task.key
+    records = pool.candidates(tasks, policy, sampling, "test", ranker=ref)
+    pool.shutdown()
+
+- A task's sampling seed is a function of the task alone, and the buffer's `append` writes nothing for a key it
+  already holds, so a task that is redone (its actor died, or the driver was restarted) adds no duplicate rows.
+  A task's greedy baselines (CodeRL) are appended with its samples, under the same key.
+- Fault tolerance is Ray's: an actor that dies is restarted (`max_restarts`) and the call it was running is
+  retried on it (`max_task_retries`); `ray.util.ActorPool` hands tasks to free actors as they finish.
+- Executors scale apart from the actors: with `executor_actors = 0` each policy actor runs its own sandbox
+  pool (`WorkerArgs.executor`: the Executor's keyword arguments); with N > 0 the pool starts N `ExecutorWorker` actors (each with its own
+  CPU share and sandbox processes) shared by all policy actors, e.g. GPU samplers with CPU executors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import ray
+from ray.util import ActorPool as RayActorPool
+
+from bcoder_ray.algorithms import load_ranker
+from bcoder_ray.algorithms.base import RankerRef, RolloutRequest
+from bcoder_ray.buffer import ReplayBuffer, make_row
+from bcoder_ray.loop.target_filling import TargetChunk, TargetComputer, TargetJob
+from bcoder_ray.model.candidates import SamplingSettings, load_sampler, sample_and_score
+from bcoder_ray.model.lm import LoadOptions
+from bcoder_ray.util.quiet import quiet_libraries
+from bcoder_ray.model.tokenization import TextFormat, encode_prompt, load_tokenizer, tokenizer_fingerprint
+from envs.problem import Problem
+
+
+# ---------------------------------------------------------------------------------------------- plain data
+
+
+@dataclass(frozen=True)
+class PolicyRef:
+    """The policy an actor samples with, by path (weights never pass through the driver)."""
+
+    path: str  # an LM folder (`from_pretrained`): the published policy, or θ_ckpt
+    version: str  # policy_version written with each row: "0" = θ_ckpt, "k" = the policy after iteration k-1
+    label: str = "ckpt"  # how records name this policy (e.g. "warm-start", "theta-iter2")
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    n: int  # samples per problem (m)
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    prompts_per_call: int = 4
+
+    def as_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A unit of actor work: some problems (indices into the actor's problem list), under a stable key."""
+
+    key: str
+    problem_indices: tuple[int, ...]
+    iteration: int
+    seed: int
+
+
+@dataclass
+class WorkerArgs:
+    """Constructor arguments of `PolicyWorker` (plain data, sent once per actor)."""
+
+    problems: dict[str, list[Problem]]  # by split name
+    tokenizer_path: str
+    source_len: int
+    target_len: int
+    buffer_uri: str | None
+    context: dict = field(default_factory=dict)  # RunContext fields (for rankers and target computers)
+    imports: tuple[str, ...] = ()  # modules that register outside algorithms
+    run_id: str | None = None
+    executor: dict = field(default_factory=dict)  # keyword arguments of envs.execute.Executor
+    num_threads: int = 1
+    dtype: str = "float32"
+    engine: str = "torch"  # rollout.engine: what samples the rollouts (torch or vllm)
+
+
+@dataclass(frozen=True)
+class ActorSettings:
+    num_actors: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_restarts: int = 3
+    max_task_retries: int = 3
+
+
+def stable_seed(*parts: Any) -> int:
+    """A 31-bit seed from any JSON-able parts (run seed, iteration, task index)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def make_tasks(prefix: str, indices: Sequence[int], per_task: int, iteration: int, seed: int) -> list[Task]:
+    """Split problem indices into tasks of `per_task` problems with keys `<prefix>-t<k>` (stable: the same
+    arguments give the same keys and seeds, so a redone task writes nothing new)."""
+    indices = list(indices)
+    tasks = []
+    for k, start in enumerate(range(0, len(indices), per_task)):
+        tasks.append(Task(key=f"{prefix}-t{k:04d}", problem_indices=tuple(indices[start:start + per_task]),
+                          iteration=iteration, seed=stable_seed(seed, prefix, k)))
+    return tasks
+
+
+def iteration_slice(n_problems: int, per_iteration: int | None, iteration: int) -> list[int]:
+    """The train problems an iteration rolls out on: all, or the iteration-th window of `per_iteration`
+    (wrapping around), so successive iterations see new problems."""
+    if per_iteration is None or per_iteration >= n_problems:
+        return list(range(n_problems))
+    start = (iteration * per_iteration) % n_problems
+    return [(start + j) % n_problems for j in range(per_iteration)]
+
+
+# ---------------------------------------------------------------------------------------------- executors
+
+
+class ExecutorWorker:
+    """A Ray actor around one `envs.execute.Executor` (its sandbox processes live with it)."""
+
+    def __init__(self, options: dict):
+        from envs.execute import Executor
+
+        self._executor = Executor(**options)
+        self._executor.__enter__()
+
+    def run_batch(self, jobs):
+        return self._executor.run_batch(jobs)
+
+
+class RemoteExecutor:
+    """`run_batch` over a set of `ExecutorWorker` actors: the jobs are split in contiguous chunks, one per actor,
+    run in parallel, and gathered in order (so `envs.scoring.score_programs` can use it as its executor)."""
+
+    def __init__(self, handles: Sequence[Any]):
+        if not handles:
+            raise ValueError("RemoteExecutor needs at least one ExecutorWorker handle")
+        self._handles = list(handles)
+
+    def run_batch(self, jobs):
+        jobs = list(jobs)
+        if not jobs:
+            return []
+        size = -(-len(jobs) // len(self._handles))
+        refs = [h.run_batch.remote(jobs[i * size:(i + 1) * size])
+                for i, h in enumerate(self._handles) if jobs[i * size:(i + 1) * size]]
+        return [r for part in ray.get(refs) for r in part]
+
+
+# ---------------------------------------------------------------------------------------------- the actor
+
+
+class PolicyWorker:
+    """Holds the current policy and samples + scores programs (used as a Ray actor by `ActorPool`)."""
+
+    def __init__(self, args: WorkerArgs, executor_handles: Sequence[Any] | None = None, actor_name: str = ""):
+        import torch
+
+        torch.set_num_threads(max(1, args.num_threads))
+        quiet_libraries()
+        self.args = args
+        self.actor_name = actor_name or f"actor-{os.getpid()}"
+        self.load_options = LoadOptions.from_mapping(args.context.get("load_options"))
+        self.theta_ckpt = args.context.get("theta_ckpt")  # the revision in load_options is for θ_ckpt's loads
+        self.tokenizer = load_tokenizer(args.tokenizer_path,
+                                        options=self.load_options.for_source(args.tokenizer_path, self.theta_ckpt))
+        self.text_format = TextFormat.from_mapping(args.context)
+        self.tokenizer_hash = tokenizer_fingerprint(self.tokenizer, self.text_format)
+        self.problems = args.problems
+        self._prompt_ids: dict[str, list[list[int]]] = {
+            split: [encode_prompt(self.tokenizer, p.prompt, args.source_len, self.text_format.chat_template)
+                    for p in probs]
+            for split, probs in args.problems.items()}
+        self._executor_handles = list(executor_handles or [])
+        self._executor = None
+        self._buffer = None
+        self._loaded: dict[str, tuple[Any, Any]] = {}  # kind -> (reference, loaded object)
+
+    # -- resources, created on first use and kept while their reference is unchanged
+    def _get_executor(self):
+        if self._executor is None:
+            if self._executor_handles:
+                self._executor = RemoteExecutor(self._executor_handles)
+            else:
+                from envs.execute import Executor
+
+                self._executor = Executor(**self.args.executor)
+                self._executor.__enter__()
+        return self._executor
+
+    def _get_buffer(self) -> ReplayBuffer:
+        if self._buffer is None:
+            if self.args.buffer_uri is None:
+                raise RuntimeError("PolicyWorker: no buffer_uri, cannot write rollouts")
+            self._buffer = ReplayBuffer(self.args.buffer_uri)
+        return self._buffer
+
+    def _cached(self, kind: str, ref: Any, load: Callable[[], Any]) -> Any:
+        held = self._loaded.get(kind)
+        if held is None or held[0] != ref:
+            old = self._loaded.pop(kind, None)  # free the old weights first
+            if old is not None and hasattr(old[1], "close"):
+                old[1].close()  # a sampler's vLLM engine holds its GPU memory until closed
+            del old
+            self._loaded[kind] = (ref, load())
+        return self._loaded[kind][1]
+
+    def _sampler(self, policy: PolicyRef):
+        import torch
+
+        return self._cached("sampler", policy, lambda: load_sampler(
+            policy.path, tokenizer=self.args.tokenizer_path, label=policy.label,
+            dtype=getattr(torch, self.args.dtype), options=self.load_options, checkpoint=self.theta_ckpt,
+            eos_token_ids=self.args.context.get("eos_token_ids"), engine=self.args.engine,
+            seed=int(self.args.context.get("seed", 0)), text_format=self.text_format))
+
+    def _ranker(self, ref: RankerRef | None):
+        if ref is None:
+            return None
+        return self._cached("ranker", ref, lambda: load_ranker(ref, self.args.context, self.args.imports))
+
+    def _score(self, split: str, task: Task, policy: PolicyRef, sampling: SamplingSpec, *, examples: bool,
+               ranker: RankerRef | None = None, logprobs: bool = False, decoding: str = "sample",
+               n: int | None = None):
+        """The shared candidates path (`bcoder_ray.model.candidates`) on this actor's models and executor, seeded by
+        the task."""
+        settings = SamplingSettings(m=n or sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                    max_prompt_len=self.args.source_len, max_new_tokens=sampling.max_new_tokens,
+                                    seed=task.seed, prompts_per_call=sampling.prompts_per_call)
+        problems = [self.problems[split][i] for i in task.problem_indices]
+        prompts = [self._prompt_ids[split][i] for i in task.problem_indices]
+        return sample_and_score(problems, self._sampler(policy), self._get_executor(), settings,
+                                examples=examples, ranker=self._ranker(ranker), prompt_ids=prompts,
+                                logprobs=logprobs, decoding=decoding)
+
+    def rollout(self, task: Task, policy: PolicyRef, sampling: SamplingSpec, request: RolloutRequest,
+                split: str = "train") -> dict:
+        """Sample (and, when asked, greedy-decode one program per problem), score and append one task's
+        programs to the buffer under `task.key` (idempotent)."""
+        t0 = time.time()
+        scored = self._score(split, task, policy, sampling, examples=False, logprobs=request.logprobs)
+        if request.greedy_baseline:
+            scored += self._score(split, task, policy, sampling, examples=False, decoding="greedy", n=1)
+        infra = sum(c.infra for c in scored)
+        scored = [c for c in scored if not c.infra]  # no verdict: never written as a reward
+        rows = [make_row(c.problem, c.program, c.program_ids, c.result, source="generated",
+                         tokenizer_hash=self.tokenizer_hash, iteration=task.iteration,
+                         policy_version=policy.version, actor=self.actor_name,
+                         sampling=sampling.as_json() if c.decoding == "sample" else "{}", decoding=c.decoding,
+                         logprobs=c.logprobs, truncated=c.truncated, run_id=self.args.run_id)
+                for c in scored]
+        written = self._get_buffer().append(rows, batch_key=task.key)
+        self._after_write(task)
+        results = [c.result for c in scored]
+        return {"key": task.key, "programs": len(rows), "written": written, "infra": infra,
+                "greedy": sum(c.decoding == "greedy" for c in scored),
+                "passed": sum(r.passed for r in results), "executed": sum(not r.cached for r in results),
+                "reward_sum": float(sum(r.reward for r in results)),
+                "exec_s": float(sum(r.wall_time for r in results)), "wall_s": time.time() - t0,
+                "actor": self.actor_name}
+
+    def _after_write(self, task: Task) -> None:
+        """Hook between the buffer write and the reply (tests inject a crash here)."""
+
+    def candidates(self, task: Task, policy: PolicyRef, sampling: SamplingSpec, split: str,
+                   ranker: RankerRef | None, examples: bool) -> dict:
+        """Evaluation candidate records (`bcoder_ray.evaluation.metrics.CandidateRecord`) for held-out problems, scored by
+        `ranker` when given (never written to the buffer), and how many candidates had no verdict (the sandbox
+        failed on every re-run: left out, not counted as failed)."""
+        scored = self._score(split, task, policy, sampling, examples=examples, ranker=ranker)
+        return {"records": [c.record() for c in scored if not c.infra], "infra": sum(c.infra for c in scored)}
+
+    def fill_targets(self, chunk: TargetChunk, job: TargetJob) -> int:
+        """Cached targets for `chunk.table` (rows from `ReplayBuffer.missing_targets`), written under `chunk.key`."""
+        computer = self._cached("targets", job, lambda: TargetComputer(job))
+        out = computer.table(chunk.table)
+        self._get_buffer().write_targets(out, job.targets.fingerprint, batch_key=chunk.key)
+        return out.num_rows
+
+
+# ---------------------------------------------------------------------------------------------- the pool
+
+
+class ActorPool:
+    """Policy actors (and optional executor actors); typed methods hand tasks to free actors."""
+
+    def __init__(self, worker_cls: type, settings: ActorSettings, args: WorkerArgs, executor_actors: int = 0,
+                 executor_cpus: float = 1.0, name: str = "policy"):
+        self.settings = settings
+        self._executors = []
+        if executor_actors > 0:
+            remote_exec = ray.remote(ExecutorWorker).options(num_cpus=executor_cpus, max_restarts=-1,
+                                                             max_task_retries=-1)
+            self._executors = [remote_exec.remote(args.executor)
+                               for _ in range(executor_actors)]
+        remote_cls = ray.remote(worker_cls).options(
+            num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, max_restarts=settings.max_restarts,
+            max_task_retries=settings.max_task_retries)
+        self._args_ref = ray.put(args)  # held for the pool's life: a restarted actor is rebuilt from it
+        self.actors = [remote_cls.remote(self._args_ref, self._executors, f"{name}-{i}")
+                       for i in range(settings.num_actors)]
+
+    def _map(self, call: Callable[[Any, Any], Any], items: Iterable[Any],
+             on_result: Callable[[Any, Any], None] | None) -> list[Any]:
+        items = list(items)
+        results = []
+        for item, value in zip(items, RayActorPool(self.actors).map(call, items)):
+            results.append(value)
+            if on_result is not None:
+                on_result(item, value)
+        return results
+
+    def rollout(self, tasks: Iterable[Task], policy: PolicyRef, sampling: SamplingSpec, request: RolloutRequest,
+                split: str = "train", on_result: Callable[[Task, dict], None] | None = None) -> list[dict]:
+        return self._map(lambda a, t: a.rollout.remote(t, policy, sampling, request, split), tasks, on_result)
+
+    def candidates(self, tasks: Iterable[Task], policy: PolicyRef, sampling: SamplingSpec, split: str,
+                   ranker: RankerRef | None = None, examples: bool = False,
+                   on_result: Callable[[Task, dict], None] | None = None) -> list[dict]:
+        return self._map(lambda a, t: a.candidates.remote(t, policy, sampling, split, ranker, examples), tasks,
+                         on_result)
+
+    def fill_targets(self, chunks: Iterable[TargetChunk], job: TargetJob) -> list[int]:
+        return self._map(lambda a, c: a.fill_targets.remote(c, job), chunks, None)
+
+    def shutdown(self) -> None:
+        for a in self.actors + self._executors:
+            ray.kill(a)
+        self.actors, self._executors = [], []

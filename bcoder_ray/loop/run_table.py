@@ -1,0 +1,119 @@
+"""The run's final table (`table.md`): one row per iteration (buffer, budget, rollout and probe pass rates,
+validation pass@1 unranked and ranked), the test split once (warm start and last policy), and the paired
+comparisons of the last policy against the warm start on the test split with bootstrap intervals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bcoder_ray.util.formatting import pct
+from bcoder_ray.config import Config
+from bcoder_ray.evaluation.metrics import CANDIDATES_FILE, bootstrap_ci, group_by_problem, problem_variant_value, read_candidates
+from bcoder_ray.evaluation.report import load_metrics, table1_markdown
+from bcoder_ray.loop.run_folder import RunState
+
+
+def _get(group: dict, variant: str, k: int) -> float | None:
+    return (group.get(f"{variant}@k") or {}).get(str(k))
+
+
+def paired_difference(dir_a: str, variant_a: str, dir_b: str, variant_b: str, k: int, level: float,
+                      seed: int = 0) -> dict:
+    """Mean over the problems both evaluations share of (a's variant@k - b's variant@k), with a percentile
+    bootstrap interval over problems (per-problem values and a bootstrap)."""
+    a = group_by_problem(read_candidates(Path(dir_a) / CANDIDATES_FILE))
+    b = group_by_problem(read_candidates(Path(dir_b) / CANDIDATES_FILE))
+    diffs = []
+    for key in sorted(set(a) & set(b)):
+        va, vb = problem_variant_value(a[key], variant_a, k), problem_variant_value(b[key], variant_b, k)
+        if va is not None and vb is not None:
+            diffs.append(va - vb)
+    if not diffs:
+        return {"n_problems": 0, "mean": None, "low": None, "high": None}
+    low, high = bootstrap_ci(diffs, level=level, seed=seed)
+    return {"n_problems": len(diffs), "mean": sum(diffs) / len(diffs), "low": low, "high": high}
+
+
+def _interval(d: dict) -> tuple[str, str]:
+    diff = "–" if d["mean"] is None else f"{100 * d['mean']:+.1f} pts"
+    interval = "–" if d["low"] is None else f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] pts"
+    return diff, interval
+
+
+def final_table(state: RunState, cfg: Config) -> str:
+    """The markdown table per iteration, the test split once, and the last policy against the warm start."""
+    ev, su = cfg.evaluation, cfg.suite
+    val = su.validation_split or "–"
+    lines = [f"# {cfg.run.name}: {cfg.algorithm.name} on {su.name} ({su.train_split} → validation {val}, "
+             f"test {su.test_split})", "",
+             "| iteration | buffer rows | programs sampled (total) | programs executed (total) | rollout pass rate "
+             "| probe pass rate | validation pass@1 | validation ranked pass@1 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    probe = {p["iteration"]: p["pass_rate"] for p in state.probe}
+    if state.baseline or state.baseline_test:
+        o = (state.baseline or {}).get("overall") or {}
+        lines.append(f"| warm start (θ_ckpt) | {state.human_rows} | 0 | 0 | – | {_rate(probe.get(-1))} | "
+                     f"{pct(_get(o, 'pass', 1))} | – |")
+    for rec in state.iterations:
+        o = (rec.get("eval") or {}).get("overall") or {}
+        lines.append(f"| {rec['iteration']} | {rec.get('buffer_rows', '–')} | {rec['programs_sampled_total']} | "
+                     f"{rec['programs_executed_total']} | {rec['rollout']['pass_rate']:.3f} | "
+                     f"{_rate(probe.get(rec['iteration']))} | {pct(_get(o, 'pass', 1))} | "
+                     f"{pct(_get(o, 'ranked_pass', 1))} |")
+    base, last = state.baseline_test, state.final_test
+    if base and last:
+        o_last, o_base = last["overall"], base["overall"]
+        ks = [k for k in ev.ks]
+        lines += ["", f"Test split ({su.test_split}, evaluated once): {o_last.get('n_problems')} problems × "
+                  f"{ev.samples_per_problem} samples (temperature {ev.temperature}, top-p {ev.top_p}); "
+                  f"{int(ev.confidence * 100)}% percentile bootstrap intervals over problems of the paired "
+                  f"difference.", "",
+                  "| policy | " + " | ".join(f"pass@{k}" for k in ks) + " | " +
+                  " | ".join(f"ranked pass@{k}" for k in ks) + " |",
+                  "| --- |" + " ---: |" * (2 * len(ks))]
+        for name, o in (("warm start (θ_ckpt)", o_base), (f"last ({last.get('label', 'policy')})", o_last)):
+            lines.append(f"| {name} | " + " | ".join(pct(_get(o, "pass", k)) for k in ks) + " | " +
+                         " | ".join(pct(_get(o, "ranked_pass", k)) for k in ks) + " |")
+        lines += ["", "| comparison (pass@1) | last iteration | warm start | difference | interval |",
+                  "| --- | ---: | ---: | ---: | --- |"]
+        for name, variant in (("ranked (last) vs unranked (warm start)", "ranked_pass"),
+                              ("unranked (last) vs unranked (warm start)", "pass")):
+            d = paired_difference(last["dir"], variant, base["dir"], "pass", 1, ev.confidence, seed=cfg.run.seed)
+            diff, interval = _interval(d)
+            lines.append(f"| {name} | {pct(_get(o_last, variant, 1))} | {pct(_get(o_base, 'pass', 1))} | "
+                         f"{diff} | {interval} |")
+        if _get(o_last, "ranked_pass", 1) is not None:
+            d = paired_difference(last["dir"], "ranked_pass", last["dir"], "pass", 1, ev.confidence,
+                                  seed=cfg.run.seed)
+            diff, interval = _interval(d)
+            lines.append(f"| ranked (last) vs unranked (last) | {pct(_get(o_last, 'ranked_pass', 1))} | "
+                         f"{pct(_get(o_last, 'pass', 1))} (last) | {diff} | {interval} |")
+        if state.reuse and state.reuse.get("generated_rows"):
+            u = state.reuse
+            lines += ["", f"Off-policy reuse: the learners read the {u['generated_rows']} programs this run generated "
+                      f"{u['reads_mean']:.2f} times on average (at most {u['reads_max']}); "
+                      f"{pct(u['never_read_share'])} were never read."]
+        lines += ["", "Per difficulty on the test split (percent; the layout of the paper's Table 1):", "",
+                  _difficulty_tables(base, last, ks)]
+    return "\n".join(lines) + "\n"
+
+
+def probe_points(state: RunState) -> list[dict]:
+    """Figure 1's points of a run: the probe set's pass rate against programs sampled for training so far
+    (the warm start at 0)."""
+    sampled = {-1: 0, **{r["iteration"]: r["programs_sampled_total"] for r in state.iterations}}
+    return [{"programs": sampled[p["iteration"]], "pass_rate": p["pass_rate"]}
+            for p in sorted(state.probe, key=lambda p: p["iteration"]) if p["iteration"] in sampled]
+
+
+def _rate(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def _difficulty_tables(base: dict, last: dict, ks: list[int]) -> str:
+    last_metrics = load_metrics(last["dir"])
+    out = table1_markdown([("warm start", load_metrics(base["dir"])), ("last", last_metrics)], ks=ks,
+                          variant="pass")
+    if last_metrics["overall"].get("ranked_pass@k"):
+        out += "\n" + table1_markdown([("last", last_metrics)], ks=ks, variant="ranked_pass")
+    return out

@@ -1,0 +1,177 @@
+"""Q-sampling (Algorithm 2): batched temperature / nucleus sampling over Q_θ/α with the KV cache.
+
+Public API
+----------
+- ``sample_programs(model, prompts, n, *, max_new_tokens, eos_id, pad_id, temperature=1.0, top_p=1.0, seed=0,
+  batch_size=None, network="theta") -> list[list[list[int]]]``: ``prompts`` are prompt token ids (list of lists,
+  as ``tokenization.encode_prompt`` makes them); returns, per prompt, ``n`` programs as token-id lists, each ending
+  at its first stop id (included; ``eos_id`` is one id or several, ``tokenization.stop_ids``) or cut at
+  ``max_new_tokens`` tokens (none) — the same convention as ``tokenization.encode_program``. With ``stop_strings``
+  (a ``tokenization.StopStrings``) a program also ends at the token that completes the first stop string (that token
+  included). ``temperature=0`` is greedy decoding. With ``return_logprobs`` it returns
+  ``(programs, logprobs)``: each sampled token's log-probability under the distribution it was drawn from
+  (after temperature and top-p; the policy's own log-softmax for greedy decoding), aligned with the tokens. ``network="ckpt"`` samples from θ_ckpt
+  instead of θ. Rows are prompt-major (prompt 0's n samples first), processed ``batch_size`` rows at a time
+  (default: all), with one ``torch.Generator`` seeded by ``seed`` for the whole call, so a call is reproducible for
+  the same inputs, settings and ``batch_size``.
+- ``warp_scores(scores, temperature, top_p) -> scores``: the sampler's processing of one step's scores
+  (temperature, then top-p), the same operations and order as ``transformers``' ``generate``.
+
+Why θ alone: Q_θ(s, ·)/α = ℓ_θ(s, ·) - max_a ℓ_θ(s, a) + V_θ(s)/α is ℓ_θ plus a per-state constant, and
+temperature, top-p and softmax are all invariant to such a constant. So Algorithm 2's distribution is exactly the
+one obtained from ℓ_θ; the sampler uses ℓ_θ (no V head, no φ; per-token Q and V for ranking come from one
+teacher-forced pass afterwards, ``bcoder_ray.algorithms.bcoder.ranking``). At initialisation ℓ_θ = ℓ_ckpt, so this draws the same
+tokens as ``generate`` on the checkpoint with the same seed and settings.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Sequence
+
+import torch
+
+from bcoder_ray.model.lm import ENCODER_DECODER, PolicyLM, positions_from_mask
+from bcoder_ray.model.tokenization import StopStrings
+
+
+def warp_scores(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_p < 1.0:
+        sorted_scores, sorted_index = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - top_p)
+        remove_sorted[..., -1:] = False                      # keep at least the most likely token
+        remove = remove_sorted.scatter(1, sorted_index, remove_sorted)
+        scores = scores.masked_fill(remove, -float("inf"))
+    return scores
+
+
+def _pad_left(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def _sample_rows(model: Any, policy: PolicyLM, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 stop: torch.Tensor, pad_id: int, temperature: float, top_p: float,
+                 generator: torch.Generator, decoder_prefix: Sequence[int] = (), prefix: Sequence[int] = (),
+                 stop_strings: StopStrings | None = None) -> tuple[list[list[int]], list[list[float]]]:
+    device = policy.lm.get_output_embeddings().weight.device
+    ids, mask = _pad_left(rows, pad_id, device)
+    encoded = None
+    if policy.kind == ENCODER_DECODER:
+        encoded = model.encoder(ids, mask)
+        step_ids = torch.tensor([[policy.decoder_start_id, *decoder_prefix]] * len(rows), dtype=torch.long,
+                                device=device)
+        hidden, cache = policy.decode(step_ids, encoded=encoded, use_cache=True)
+    else:
+        positions = positions_from_mask(mask)
+        hidden, cache = policy.decode(ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        last_position = positions[:, -1:]
+    out = torch.empty((len(rows), 0), dtype=torch.long, device=device)
+    logps = torch.empty((len(rows), 0), dtype=torch.float32, device=device)
+    finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    texts = [list(prefix) for _ in rows] if stop_strings is not None else None  # each row's program so far
+    string_end: dict[int, int] = {}  # row -> its length where a stop string ended it
+    for _ in range(max_new_tokens):
+        scores = policy.logits(hidden[:, -1]).float()          # ℓ_θ(s, ·): Q_θ(s, ·)/α up to a per-state shift
+        if temperature == 0:
+            log_probs = scores.log_softmax(dim=-1)
+            tokens = scores.argmax(dim=-1)
+        else:
+            warped = warp_scores(scores, temperature, top_p)
+            log_probs = warped.log_softmax(dim=-1)
+            tokens = torch.multinomial(warped.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        logps = torch.cat([logps, log_probs.gather(1, tokens[:, None])], dim=1)  # of the distribution sampled
+        tokens = tokens.masked_fill(finished, pad_id)
+        out = torch.cat([out, tokens[:, None]], dim=1)
+        finished |= torch.isin(tokens, stop)
+        if texts is not None:
+            for i, (t, done) in enumerate(zip(tokens.tolist(), finished.tolist())):
+                if not done:
+                    texts[i].append(t)
+                    if stop_strings.completed(texts[i]):  # this token completes a stop string: it ends the row
+                        finished[i] = True
+                        string_end[i] = out.shape[1]
+        if bool(finished.all()) or out.shape[1] == max_new_tokens:
+            break
+        if policy.kind == ENCODER_DECODER:
+            hidden, cache = policy.decode(tokens[:, None], encoded=encoded, cache=cache, use_cache=True)
+        else:
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+            last_position = last_position + 1
+            hidden, cache = policy.decode(tokens[:, None], attention_mask=mask, position_ids=last_position,
+                                          cache=cache, use_cache=True)
+    programs, program_logps = [], []
+    stop_set = set(stop.tolist())
+    for r, (row, lp) in enumerate(zip(out.tolist(), logps.tolist())):
+        keep = min(next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row)), string_end.get(r, len(row)))
+        programs.append(row[:keep])
+        program_logps.append(lp[:keep])
+    return programs, program_logps
+
+
+def sample_programs(model: Any, prompts: Sequence[Sequence[int]], n: int, *, max_new_tokens: int,
+                    eos_id: int | Sequence[int],
+                    pad_id: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                    batch_size: int | None = None, network: str = "theta", return_logprobs: bool = False,
+                    prefix: Sequence[int] = (), stop_strings: StopStrings | None = None):
+    """Algorithm 2 for every prompt, ``n`` samples each (see the module docstring). ``model`` holds the network
+    named ``network`` (a ``bcoder_ray.model.lm.PolicyLM``) and ``encoder`` (the frozen ``SharedEncoder`` or None): a
+    B-Coder ``QModel``, or any published policy loaded with ``bcoder_ray.policy.load_policy``.
+
+    ``prefix``: program tokens every sample continues (Critic Sampling's seeds); each returned program starts
+    with it and has at most ``max_new_tokens`` tokens in all (prefix included). No log-probabilities then.
+    ``stop_strings``: a program also ends at the token that completes the first of them."""
+    policy = {"theta": model.theta, "ckpt": model.ckpt}.get(network)
+    if policy is None:
+        raise ValueError(f"sample_programs: network {network!r} is not held by this QModel (theta or ckpt)")
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"sample_programs: n={n} and max_new_tokens={max_new_tokens} must be ≥ 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"sample_programs: temperature={temperature} must be ≥ 0 and top_p={top_p} in (0, 1]")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"sample_programs: prompt {i} is empty")
+    prefix = [int(t) for t in prefix]
+    stop_list = [int(eos_id)] if isinstance(eos_id, numbers.Integral) else [int(t) for t in eos_id]
+    if not stop_list:
+        raise ValueError("sample_programs: eos_id names no token that ends a program")
+    if prefix and (return_logprobs or len(prefix) >= max_new_tokens or set(stop_list) & set(prefix)):
+        raise ValueError(f"sample_programs: a prefix ({len(prefix)} tokens) must be shorter than max_new_tokens="
+                         f"{max_new_tokens}, hold no EOS, and comes without log-probabilities")
+    if prefix and stop_strings is not None and stop_strings.end(prefix) is not None:
+        raise ValueError(f"sample_programs: the prefix ({len(prefix)} tokens) already holds a stop string")
+    decoder_prefix = prefix if policy.kind == ENCODER_DECODER else []
+    rows = [list(p) + ([] if decoder_prefix else prefix) for p in prompts for _ in range(n)]
+    new_tokens = max_new_tokens - len(prefix)
+    device = policy.lm.get_output_embeddings().weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    stop = torch.tensor(stop_list, dtype=torch.long, device=device)
+    step = batch_size or max(len(rows), 1)
+    programs: list[list[int]] = []
+    logprobs: list[list[float]] = []
+    was_training = policy.training
+    policy.eval()                                           # no dropout while sampling
+    try:
+        for start in range(0, len(rows), step):
+            ids, lps = _sample_rows(model, policy, rows[start:start + step], max_new_tokens=new_tokens,
+                                    stop=stop, pad_id=pad_id, temperature=temperature, top_p=top_p,
+                                    generator=generator, decoder_prefix=decoder_prefix, prefix=prefix,
+                                    stop_strings=stop_strings)
+            programs += [prefix + x for x in ids]
+            logprobs += lps
+    finally:
+        policy.train(was_training)
+    per_prompt = [programs[i * n:(i + 1) * n] for i in range(len(prompts))]
+    if return_logprobs:
+        return per_prompt, [logprobs[i * n:(i + 1) * n] for i in range(len(prompts))]
+    return per_prompt
