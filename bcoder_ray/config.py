@@ -20,12 +20,11 @@ components take plain arguments, so they stay usable outside this system.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
@@ -34,7 +33,11 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationEr
 from bcoder_ray.algorithms import algorithm_class, import_modules, parse_algorithm_config
 from bcoder_ray.algorithms.base import AlgorithmConfig
 from bcoder_ray.algorithms.registry import UnknownAlgorithmError, all_stage_names
+from bcoder_ray.model.lm import LoadOptions
 from bcoder_ray.util.storage import is_local_path
+
+if TYPE_CHECKING:  # the annotation only: the config stays importable without the samplers' modules
+    from bcoder_ray.model.candidates import SamplingSettings
 
 CONFIG_PACKAGE = "bcoder_ray.configs"
 DEFAULT_CONFIG = "embedded"
@@ -177,10 +180,10 @@ class ModelConfig(Section):
                              "set model.checkpoint (an instruct model) or turn it off")
         return self
 
-    def load_options(self) -> dict[str, Any]:
-        """revision, attn_implementation and trust_remote_code as plain data (`bcoder_ray.model.lm.LoadOptions`)."""
-        return {"revision": self.revision, "attn_implementation": self.attn_implementation,
-                "trust_remote_code": self.trust_remote_code}
+    def load_options(self) -> LoadOptions:
+        """revision, attn_implementation and trust_remote_code, as every load of the run's models takes them."""
+        return LoadOptions(revision=self.revision, attn_implementation=self.attn_implementation,
+                           trust_remote_code=self.trust_remote_code)
 
 
 class SamplingConfig(Section):
@@ -194,6 +197,15 @@ class SamplingConfig(Section):
     """null: model.target_len."""
     prompts_per_call: int = Field(4, ge=1)
     """Prompts per batched sampling call (each expanded to m sequences)."""
+
+    def settings(self, model: ModelConfig) -> SamplingSettings:
+        """These settings as the sampler takes them, with the run's prompt and program lengths (`model`); the
+        actors replace the seed with each task's."""
+        from bcoder_ray.model.candidates import SamplingSettings
+
+        return SamplingSettings(m=self.samples_per_problem, temperature=self.temperature, top_p=self.top_p,
+                                max_prompt_len=model.source_len, max_new_tokens=self.max_new_tokens or model.target_len,
+                                prompts_per_call=self.prompts_per_call)
 
 
 class RolloutConfig(SamplingConfig):
@@ -572,10 +584,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     algo = algorithm_class(cfg.algorithm.name)
     for stage in algo.stage_names:
         cfg.stage(stage)
-    try:
-        algo(cfg.algorithm, None).check(cfg.rollout.temperature, cfg.rollout.top_p)  # type: ignore[arg-type]
-    except ValueError as e:
-        raise ConfigError(f"algorithm.name: {e}") from None
+    rollout = cfg.rollout
+    if algo.on_policy and (rollout.temperature != 1.0 or rollout.top_p != 1.0):
+        raise ConfigError(f"algorithm.name: algorithm {algo.name!r} is on-policy: it learns from the policy's own "
+                          f"samples, so rollout.temperature and rollout.top_p must be 1.0 (got {rollout.temperature}, "
+                          f"{rollout.top_p})")
 
 
 def load_config(name_or_path: str | os.PathLike | None = None, overrides: list[str] | None = None,
@@ -598,9 +611,3 @@ def config_from_data(data: dict, where: str, overrides: list[str] | None = None,
     cfg = config_from_dict(apply_overrides(data, list(overrides or [])), where=where)
     validate(cfg, check_paths=check_paths)
     return cfg
-
-
-def config_hash(data: Any) -> str:
-    """A short stable hash of a JSON-able value (a config section), for cache keys and run names."""
-    blob = json.dumps(data, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]

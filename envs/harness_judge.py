@@ -37,10 +37,6 @@ class Tampered(Exception):
     """The report does not follow the protocol."""
 
 
-def judge(plan: Plan, reply: dict) -> ExecResult:
-    return judge_reply(plan, reply)[0]
-
-
 def judge_reply(plan: Plan, reply: dict) -> tuple[ExecResult, str | None]:
     """(result, suspect kind or None); see the module's docstring."""
     wall = float(reply.get("wall") or 0.0)

@@ -34,10 +34,6 @@ OUTCOMES = tuple(o.value for o in REWARD)  # the four program outcomes (never "i
 LIMITS = ("cpu_time_per_test", "cpu_time_per_program", "timeout_per_test", "timeout_per_program")
 
 
-def reward_of(outcome: Outcome | str) -> float:
-    return REWARD[Outcome(outcome)]
-
-
 @dataclass
 class TestResult:
     """One test's verdict. `status` is an Outcome value, "timeout", or "not_run"."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -65,14 +65,6 @@ class TextFormat:
         bad = [s for s in self.stop_strings if not isinstance(s, str) or not s]
         if bad:
             raise ValueError(f"stop strings must be non-empty strings, got {bad!r}")
-
-    @classmethod
-    def from_mapping(cls, data: "Mapping[str, Any] | TextFormat | None") -> "TextFormat":
-        if isinstance(data, TextFormat):
-            return data
-        data = dict(data or {})
-        return cls(chat_template=bool(data.get("chat_template", False)),
-                   stop_strings=tuple(data.get("stop_strings") or ()))
 
     def as_dict(self) -> dict[str, Any]:
         return {"chat_template": self.chat_template, "stop_strings": list(self.stop_strings)}

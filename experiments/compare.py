@@ -373,10 +373,6 @@ def summarise(labels: list[str], chosen: dict[str, dict], results: list[dict], k
     return rows
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
 def _fig(ms: dict, pct: bool = True, digits: int = 0) -> str:
     if ms["mean"] is None:
         return "–"

@@ -9,7 +9,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from bcoder_ray.algorithms.coderl.losses import actor_loss, coderl_actor_loss, taken_log_probs
+from bcoder_ray.algorithms.coderl.algorithm import ActorStage, CodeRLConfig, load_trainable_lm
+from bcoder_ray.algorithms.coderl.losses import coderl_actor_loss
+from bcoder_ray.algorithms.common import policy_forward
 from bcoder_ray.algorithms.coderl.critic import Critic, outcome_labels, token_values
 from bcoder_ray.model.batch import collate
 from bcoder_ray.model.lm import PolicyLM
@@ -137,12 +139,13 @@ def _policy(checkpoint: str) -> PolicyLM:
     return PolicyLM(lm)
 
 
-def test_taken_log_probs_match_the_models_own_forward(checkpoint):
+def test_actor_log_probs_match_the_models_own_forward(checkpoint):
+    """ℓ_t as the actor stage computes it (`policy_forward(...).logprobs`, the actor's own encoder)."""
     policy = _policy(checkpoint)
     rows = example_rows()
     batch = collate(rows, PAD)
     with torch.no_grad():
-        mine = taken_log_probs(policy, batch)
+        mine = policy_forward(policy, batch).logprobs
     for b, row in enumerate(rows):
         p, w = torch.tensor([row["prompt_ids"]]), torch.tensor([row["program_ids"]])
         with torch.no_grad():
@@ -160,18 +163,23 @@ def test_taken_log_probs_match_the_models_own_forward(checkpoint):
 
 
 def test_only_the_actor_receives_gradient(checkpoint):
-    policy = _policy(checkpoint)
+    """The actor stage (`ActorStage`, what a run trains) on a batch whose q̂ comes from a critic that has gradient
+    enabled: the loss's gradient reaches the actor and never the critic."""
     critic = Critic.create(checkpoint, seed=1)
     critic.requires_grad_(True)
-    batch = collate(example_rows(), PAD)
+    rows = [dict(r, reward=1.0) if r["is_human"] else r for r in example_rows()]   # both human rows ground truth
+    batch = collate(rows, PAD)
     labels = outcome_labels(["passed", "failed", "compile_error", "runtime_error"])
     q_hat = token_values(critic, batch, labels)
     baseline = torch.tensor([0.0, -1.0, -0.6, 0.0])
-    loss, metrics = actor_loss(policy, batch, baseline_reward=baseline, q_weights=q_hat)
+    batch.tokens.update(q_hat=q_hat, r_baseline=baseline.unsqueeze(1).expand_as(q_hat))   # the cached targets
+    stage = ActorStage(load_trainable_lm(checkpoint), CodeRLConfig())
+    policy = stage.policy
+    loss, metrics = stage(batch)
     loss.backward()
     assert all(p.grad is None for p in critic.parameters())
     with_grad = [n for n, p in policy.lm.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
     assert len(with_grad) >= len(list(policy.lm.parameters())) // 2
     if policy.kind == "encoder-decoder":                      # the actor's own encoder is trained too
         assert any(n.startswith("encoder.") for n in with_grad)
-    assert metrics["n_human"] == 2.0 and 0.0 < metrics["q_weight_mean"] < 1.0
+    assert metrics["n_ground_truth"] == 2.0 and 0.0 < metrics["q_weight_mean"] < 1.0

@@ -17,9 +17,10 @@ from bcoder_ray.algorithms import make_algorithm
 from bcoder_ray.algorithms.base import RunContext
 from bcoder_ray.algorithms.coderl.algorithm import (ActorStage, CodeRL, CodeRLConfig, CriticRanker, baseline_rewards,
                                           load_trainable_lm)
-from bcoder_ray.algorithms.coderl.losses import taken_log_probs
+from bcoder_ray.algorithms.common import policy_forward
 from bcoder_ray.algorithms.coderl.critic import Critic, p_passed
 from bcoder_ray.algorithms.coderl.critic_sampling import CriticSamplingRefused
+from bcoder_ray.buffer.filters import Filters
 from bcoder_ray.model.batch import collate
 from tests.learner_fixtures import EOS, PAD, tiny_checkpoint
 
@@ -53,7 +54,7 @@ def test_actor_stage_loss_is_eq_8_plus_10_on_a_hand_made_batch(gpt2, reduction):
     stage = ActorStage(load_trainable_lm(gpt2), cfg)
     batch = _batch()
     loss, metrics = stage(batch)
-    lp = taken_log_probs(stage.policy, batch).detach()
+    lp = policy_forward(stage.policy, batch).logprobs.detach()
     rows = _rows()
 
     def program_sum(b, weights=None):
@@ -66,7 +67,7 @@ def test_actor_stage_loss_is_eq_8_plus_10_on_a_hand_made_batch(gpt2, reduction):
     l_rl = -((1.0 - -0.3) * program_sum(2, rows[2]["q_hat"]) + (-1.0 - -0.6) * program_sum(3, rows[3]["q_hat"])) / 2
     assert metrics["l_ce"] == pytest.approx(l_ce, rel=1e-5)
     assert metrics["l_rl"] == pytest.approx(l_rl, rel=1e-5)
-    assert float(loss) == pytest.approx(l_ce + 0.5 * l_rl, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(l_ce + 0.5 * l_rl, rel=1e-5)
     assert metrics["n_ground_truth"] == 1 and metrics["n_generated"] == 2
     loss.backward()
     assert all(p.grad is not None for p in stage.trainable_parameters())
@@ -76,10 +77,10 @@ def test_actor_stage_without_baseline_and_weights_is_plain_reinforce(gpt2):
     stage = ActorStage(load_trainable_lm(gpt2), CodeRLConfig(use_baseline=False, use_critic_weights=False))
     batch = collate([{k: v for k, v in r.items() if k not in ("q_hat", "r_baseline")} for r in _rows()], PAD)
     loss, metrics = stage(batch)
-    lp = taken_log_probs(stage.policy, batch).detach()
+    lp = policy_forward(stage.policy, batch).logprobs.detach()
     reinforce = -(1.0 * float(lp[2].sum()) + -1.0 * float(lp[3].sum())) / 2
     assert metrics["l_rl"] == pytest.approx(reinforce, rel=1e-5)
-    assert float(loss) == pytest.approx(-float(lp[0].sum()) + reinforce, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(-float(lp[0].sum()) + reinforce, rel=1e-5)
 
 
 def _lookup_table():
@@ -123,24 +124,24 @@ def test_plan_critic_once_then_actor_with_targets_bound_to_the_critic(gpt2):
     assert algo.rollout_request().greedy_baseline
     first = algo.plan_iteration(0, {}, "0")
     assert [p.name for p in first] == ["critic", "critic_test", "actor"]
-    assert first[0].rows.filters == {"sources": ("generated",), "decoding": ("sample",), "iteration_min": 0,
-                                     "iteration_max": 0} and first[0].rows.extra_columns == ("outcome",)
+    assert first[0].rows.filters == Filters(sources=("generated",), decoding=("sample",), iteration_min=0,
+                                            iteration_max=0) and first[0].rows.extra_columns == ("outcome",)
     state = {"critic": "/ck/critic", "critic_iteration": 0, "critic_test": "/ck/t", "actor": "/ck/actor"}
     later = algo.plan_iteration(1, state, "1")
     assert [p.name for p in later] == ["actor"] and later[0].spec["actor_dir"] == "/ck/actor"
     bound = algo.prepare_stage(later[0], state)
     assert bound.targets.spec["critic_dir"] == "/ck/critic" and bound.rows.token_columns == ("q_hat", "r_baseline")
-    assert bound.targets.rows.filters == bound.rows.filters == {"decoding": ("sample",), "iteration_min": 0,
-                                                                "iteration_max": 0}
+    assert bound.targets.rows.filters == bound.rows.filters == Filters(decoding=("sample",), iteration_min=0,
+                                                                       iteration_max=0)
     other = algo.prepare_stage(later[0], {**state, "critic": "/ck/critic2"})
     assert other.targets.fingerprint != bound.targets.fingerprint          # the fingerprint covers the critic
     assert algo.policy(state) == "/ck/actor" and algo.ranker(state).spec == {"critic_dir": "/ck/critic"}
     current = make_algorithm("coderl", {"name": "coderl", "rows": "current_policy", "critic_retrain_every": 2},
                              _ctx(gpt2))
-    assert current.actor_rows(3).filters["iteration_min"] == 3
+    assert current.actor_rows(3).filters.iteration_min == 3
     assert [p.name for p in current.plan_iteration(2, state, "2")][0] == "critic"
-    assert "iteration_min" not in make_algorithm("coderl", {"name": "coderl", "rows": "all"},
-                                                 _ctx(gpt2)).actor_rows(3).filters
+    assert make_algorithm("coderl", {"name": "coderl", "rows": "all"},
+                          _ctx(gpt2)).actor_rows(3).filters.iteration_min is None
     off = make_algorithm("coderl", {"name": "coderl", "use_baseline": False, "use_critic_weights": False},
                          _ctx(gpt2))
     assert not off.rollout_request().greedy_baseline and off.prepare_stage(later[0], state).targets is None
@@ -169,7 +170,8 @@ def test_greedy_baselines_are_stored_once_per_problem_under_the_tasks_key(tmp_pa
     from bcoder_ray.algorithms.base import RolloutRequest
     from bcoder_ray.buffer import ReplayBuffer, prompt_rows
     from bcoder_ray.model.candidates import ScoredCandidate
-    from bcoder_ray.loop.rollout import PolicyRef, PolicyWorker, SamplingSpec, WorkerArgs, make_tasks
+    from bcoder_ray.loop.rollout import PolicyRef, PolicyWorker, WorkerArgs, make_tasks
+    from bcoder_ray.model.candidates import SamplingSettings
     from envs.registry import load_suite
     from envs.result import REWARD, ExecResult, Outcome
 
@@ -179,11 +181,11 @@ def test_greedy_baselines_are_stored_once_per_problem_under_the_tasks_key(tmp_pa
 
     class StubWorker(PolicyWorker):
         def _score(self, split, task, policy, sampling, *, examples, ranker=None, logprobs=False,
-                   decoding="sample", n=None):
-            calls.append((task.key, decoding, n))
+                   decoding="sample", m=None):
+            calls.append((task.key, decoding, m))
             out = []
             for i in task.problem_indices:
-                for j in range(n or sampling.n):
+                for j in range(m or sampling.m):
                     outcome = Outcome.PASSED if decoding == "greedy" else Outcome.FAILED
                     ids = [3, 4 + j, 1] if decoding == "sample" else [3, 1]
                     out.append(ScoredCandidate(problem=problems[i], sample_index=j, prompt_ids=[3],
@@ -196,11 +198,13 @@ def test_greedy_baselines_are_stored_once_per_problem_under_the_tasks_key(tmp_pa
     from transformers import AutoTokenizer
 
     buffer.put_prompts(prompt_rows(problems, AutoTokenizer.from_pretrained(tok_dir), max_len=16))
-    worker = StubWorker(WorkerArgs(problems={"train": problems}, tokenizer_path=tok_dir, source_len=16,
-                                   target_len=8, buffer_uri=str(tmp_path / "buffer")))
+    worker = StubWorker(WorkerArgs(problems={"train": problems},
+                                   context=RunContext(theta_ckpt=tok_dir, tokenizer_path=tok_dir, source_len=16,
+                                                      target_len=8, buffer_uri=str(tmp_path / "buffer"))))
     tasks = make_tasks("it0", range(3), 2, 0, seed=0)
     assert tasks == make_tasks("it0", range(3), 2, 0, seed=0)                     # a redone task: same key
-    policy, sampling = PolicyRef(path="ckpt", version="0"), SamplingSpec(2, 1.0, 1.0, 8)
+    policy = PolicyRef(path="ckpt", version="0")
+    sampling = SamplingSettings(m=2, temperature=1.0, top_p=1.0, max_new_tokens=8)
     request = CodeRL(CodeRLConfig(), None).rollout_request()
     assert request == RolloutRequest(greedy_baseline=True)
     first = [worker.rollout(t, policy, sampling, request) for t in tasks]
@@ -223,7 +227,8 @@ def test_sampling_from_a_prefix_continues_it(tmp_path, kind):
 
     model = QModel.create(tiny_checkpoint(kind, str(tmp_path / kind)), parts=("ckpt",))
     prompts = [[5, 6, 7]]
-    kw = dict(max_new_tokens=6, eos_id=EOS, pad_id=PAD, network="ckpt")
+    kw = dict(max_new_tokens=6, eos_id=EOS, pad_id=PAD)
+    model = model.ckpt
     greedy = sample_programs(model, prompts, 1, temperature=0.0, **kw)[0][0]
     assert len(greedy) >= 3
     # greedy decoding from the greedy program's own first tokens gives the same program

@@ -15,8 +15,9 @@ from bcoder_ray.algorithms.base import RolloutRequest
 from bcoder_ray.config import ConfigError
 from bcoder_ray.loop.driver import prepare_run
 from bcoder_ray.loop.learner import learning_rate_factor
-from bcoder_ray.loop.rollout import ActorPool, ActorSettings, PolicyRef, SamplingSpec, iteration_slice, make_tasks
+from bcoder_ray.loop.rollout import ActorPool, ActorSettings, PolicyRef, iteration_slice, make_tasks
 from bcoder_ray.loop.run_folder import CONFIG_FILE, RunState
+from bcoder_ray.model.candidates import SamplingSettings
 
 
 def test_tasks_are_stable_and_cover_every_problem_once():
@@ -106,7 +107,8 @@ def test_actor_pool_redoes_the_task_of_a_dead_actor(ray_local, tmp_path):
     try:
         tasks = make_tasks("it0", range(6), 2, iteration=0, seed=0)
         seen = []
-        results = pool.rollout(tasks, PolicyRef("ckpt", "0"), SamplingSpec(1, 1.0, 1.0, 8), RolloutRequest(),
+        results = pool.rollout(tasks, PolicyRef("ckpt", "0"),
+                               SamplingSettings(m=1, temperature=1.0, top_p=1.0, max_new_tokens=8), RolloutRequest(),
                                on_result=lambda t, r: seen.append(t.key))
     finally:
         pool.shutdown()
@@ -211,8 +213,6 @@ def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp
     """apps_codet5.yaml's pieces on tiny stand-ins, through the algorithm interface: an encoder-decoder θ_ckpt,
     bf16 autocast, gradient accumulation, clipping, φ constant lr then θ linear decay, targets filled by the Ray
     Data job; the stages run in Ray Train's local mode (no worker group) to stay fast."""
-    import dataclasses
-
     import envs  # noqa: F401
     from envs.registry import load_suite
 
@@ -233,14 +233,13 @@ def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp
     ctx = RunContext(theta_ckpt=ckpt, tokenizer_path=ckpt, source_len=64, target_len=24)
     config = {"name": "bcoder"}
     algo = make_algorithm("bcoder", config, ctx)
-    ref = AlgorithmRef("bcoder", algo.config.model_dump(), dataclasses.asdict(ctx))
+    ref = AlgorithmRef("bcoder", algo.config, ctx)
     state: dict = {}
 
     def job(plan, schedule):
         optim = StageConfig(steps=3, lr=1e-3, schedule=schedule, batch_size_per_worker=4, grad_accum=2,
                             mixed_precision="bf16", grad_clip=1.0, weight_decay=0.05, report_every=2)
-        return StageJob("bcoder", algo.config.model_dump(), dataclasses.asdict(ctx), dataclasses.asdict(plan),
-                        optim.model_dump(mode="json"), progress=False)
+        return StageJob("bcoder", algo.config, ctx, plan, optim, progress=False)
 
     phi_plan, theta_plan = algo.plan_iteration(0, state, "0")
     assert (phi_plan.name, theta_plan.name) == ("phi", "theta")

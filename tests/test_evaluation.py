@@ -14,7 +14,7 @@ from bcoder_ray.algorithms.base import RunContext
 from bcoder_ray.algorithms.bcoder.q_model import QModel
 from bcoder_ray.model.candidates import SamplingSettings, load_sampler, sample_and_score
 from bcoder_ray.evaluation.evaluate import adhoc_problem, evaluate, generate, rank_candidates_file, recompute_metrics
-from bcoder_ray.evaluation.metrics import read_candidates
+from bcoder_ray.evaluation.metrics import CandidateRecord, read_candidates
 from bcoder_ray.evaluation.report import load_metrics
 from bcoder_ray.algorithms.bcoder.ranking import score_programs
 from bcoder_ray.model.tokenization import encode_program, encode_prompt, pad_id
@@ -126,7 +126,7 @@ def test_evaluate_saves_candidates_whose_metrics_recompute_exactly(tmp_path, q_m
     assert "statement" in live["rtilde_order"]
     # the same call samples the same candidates; their R̃ is that of the ranker on the sampled token ids
     again = sample_and_score(problems, sampler, executor, SETTINGS, ranker=ranker)
-    assert [c.record() for c in again] == records
+    assert [CandidateRecord.of(c) for c in again] == records
     direct = rtilde_of(ranker, [c.prompt_ids for c in again], [c.program_ids for c in again])
     assert [r.rtilde for r in records] == pytest.approx(direct, rel=1e-5, abs=1e-5)
 

@@ -7,7 +7,6 @@ start-up each): `.ci/run` runs it as its second step."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest
@@ -52,14 +51,13 @@ def test_fsdp_stage_equals_ddp_stage(ray_two_cpus, tmp_path):
     pad = pad_id(AutoTokenizer.from_pretrained(ckpt))
     ctx = RunContext(theta_ckpt=ckpt, tokenizer_path=ckpt, source_len=64, target_len=24)
     algo = make_algorithm("bcoder", {"name": "bcoder"}, ctx)
-    ref = AlgorithmRef("bcoder", algo.config.model_dump(), dataclasses.asdict(ctx))
+    ref = AlgorithmRef("bcoder", algo.config, ctx)
     storage = str(tmp_path / "train")
     state: dict = {}
 
     def job(plan, **optim):
         settings = StageConfig(steps=STEPS, lr=1e-3, batch_size_per_worker=2, report_every=1, **optim)
-        return StageJob("bcoder", algo.config.model_dump(), dataclasses.asdict(ctx), dataclasses.asdict(plan),
-                        settings.model_dump(mode="json"), progress=False)
+        return StageJob("bcoder", algo.config, ctx, plan, settings, progress=False)
 
     phi_plan, theta_plan = algo.plan_iteration(0, state, "0")
     fill_targets(buf, TargetJob(ref, phi_plan.targets, pad, batch_size=4))

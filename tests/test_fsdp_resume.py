@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bcoder_ray.algorithms.base import AlgorithmConfig, Rows, RunContext, StagePlan
+from bcoder_ray.config import StageConfig
 from bcoder_ray.loop.learner import (RESUME_FILE, StageJob, learning_rate_factor, load_resume_state, resume_state,
                                 write_resume_state)
 from bcoder_ray.loop.sharding import shard_fully
@@ -44,8 +46,9 @@ class FolderCheckpoint:
 
 
 def job() -> StageJob:
-    return StageJob(algorithm="bcoder", algorithm_config={}, context={}, plan={"name": "theta"},
-                    optim={"steps": STEPS, "grad_accum": 1})
+    return StageJob(algorithm="bcoder", algorithm_config=AlgorithmConfig(name="bcoder"),
+                    context=RunContext(theta_ckpt="ckpt", tokenizer_path="ckpt", source_len=8, target_len=8),
+                    plan=StagePlan("theta", Rows()), optim=StageConfig(steps=STEPS, grad_accum=1))
 
 
 def run(rank: int, port: int, folder: str, at: int, resumed: bool) -> None:

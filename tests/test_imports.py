@@ -1,5 +1,7 @@
 """The layout's rules, read from the source (module-level and function-local imports alike): no import cycle
-between the project's modules, `envs` never imports `bcoder_ray`, and no Ray inside `bcoder_ray/algorithms`."""
+between the project's modules; the folders of `bcoder_ray` are layers, each importing only the layers below it
+(`LAYERS`, bottom first); `envs` never imports `bcoder_ray`; no Ray inside `bcoder_ray/algorithms`; an algorithm
+family's folder imports no other family's."""
 
 from __future__ import annotations
 
@@ -109,4 +111,65 @@ def test_no_ray_inside_the_algorithms():
     mods = modules()
     bad = {name: sorted(t for t in imported(path, name) if t == "ray" or t.startswith("ray."))
            for name, path in mods.items() if name.startswith("bcoder_ray.algorithms")}
+    assert {m: ts for m, ts in bad.items() if ts} == {}
+
+
+# bcoder_ray's layers, bottom first: a module may import its own layer and those before it (envs: anything may).
+LAYERS = ("util", "model", "buffer", "evaluation", "algorithms", "config", "loop", "cli")
+FAMILIES = ("bcoder", "coderl", "policy_gradient", "rest_em")
+
+
+def layer(module: str) -> str | None:
+    """The layer of a bcoder_ray module (`bcoder_ray.configs` is the config's), None for the package itself."""
+    parts = module.split(".")
+    if parts[0] != "bcoder_ray" or len(parts) == 1:
+        return None
+    return "config" if parts[1] == "configs" else parts[1]
+
+
+def layer_violations(edges: dict[str, set[str]]) -> dict[str, list[str]]:
+    bad = {}
+    for name, targets in edges.items():
+        here = layer(name)
+        if here is None:
+            continue
+        allowed = set(LAYERS[: LAYERS.index(here) + 1])
+        above = sorted(t for t in targets if t.startswith("bcoder_ray.") and layer(t) not in allowed)
+        if above:
+            bad[name] = above
+    return bad
+
+
+def test_every_module_sits_in_a_layer():
+    strays = sorted(m for m in modules() if layer(m) not in (None, *LAYERS))
+    assert strays == [], f"modules outside the layers {LAYERS}: {strays}"
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    assert layer_violations(graph()) == {}
+
+
+def test_the_layer_rule_catches_an_upward_import():
+    edges = {"bcoder_ray.model.sampling": {"bcoder_ray.algorithms.bcoder.q_model"},
+             "bcoder_ray.loop.driver": {"bcoder_ray.model.lm", "bcoder_ray.config"},
+             "bcoder_ray.evaluation.metrics": {"bcoder_ray.buffer.schema", "bcoder_ray.loop.run_table"}}
+    assert layer_violations(edges) == {"bcoder_ray.model.sampling": ["bcoder_ray.algorithms.bcoder.q_model"],
+                                       "bcoder_ray.evaluation.metrics": ["bcoder_ray.loop.run_table"]}
+
+
+def test_no_family_imports_another_family():
+    def family(module: str) -> str | None:
+        parts = module.split(".")
+        return parts[2] if parts[:2] == ["bcoder_ray", "algorithms"] and len(parts) > 3 else None
+
+    bad = {m: sorted(t for t in ts if family(t) not in (None, family(m)))
+           for m, ts in graph().items() if family(m)}
+    assert {m: ts for m, ts in bad.items() if ts} == {}
+    assert {family(m) for m in modules()} - {None} == set(FAMILIES)
+
+
+def test_the_lower_layers_never_name_an_algorithm_family():
+    """model/, buffer/ and evaluation/ serve every algorithm: not even a function-local import of a family."""
+    bad = {m: sorted(t for t in ts if t.startswith("bcoder_ray.algorithms"))
+           for m, ts in graph().items() if layer(m) in ("util", "model", "buffer", "evaluation")}
     assert {m: ts for m, ts in bad.items() if ts} == {}

@@ -4,7 +4,6 @@ in-process, on tiny random-weight checkpoints written locally (no hub download).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -23,11 +22,11 @@ from bcoder_ray.algorithms.coderl.algorithm import load_trainable_lm
 from bcoder_ray.algorithms.coderl.critic import FOUR_CLASSES, Critic, check_critic_tokenizer
 from bcoder_ray.algorithms.lm_policy import fingerprint, load_policy
 from bcoder_ray.algorithms.bcoder.q_model import QModel
-from bcoder_ray.algorithms.bcoder.targets import checkpoint_identity, targets_fingerprint
+from bcoder_ray.algorithms.bcoder.targets import targets_fingerprint
 from bcoder_ray.model.candidates import load_sampler
 from bcoder_ray.loop.components import run_context
 from bcoder_ray.config import config_from_data, load_config, read_yaml
-from bcoder_ray.model.lm import LoadOptions, load_lm
+from bcoder_ray.model.lm import LoadOptions, checkpoint_identity, load_lm
 from bcoder_ray.loop.rollout import PolicyRef, PolicyWorker, WorkerArgs
 from bcoder_ray.loop.run_folder import CONFIG_FILE, RunState, load_run
 from bcoder_ray.model.tokenization import load_tokenizer
@@ -120,24 +119,19 @@ REFUSED = r"(?s)contains custom code.*trust_remote_code=True"  # transformers' o
 
 
 # ---------------------------------------------------------------------------------------------- the options object
-def test_kwargs_carry_only_what_is_set_and_round_trip_as_plain_data():
+def test_kwargs_carry_only_what_is_set():
     assert LoadOptions().config_kwargs() == LoadOptions().model_kwargs() == {"trust_remote_code": False}
     full = LoadOptions(revision="v1.2", attn_implementation="eager", trust_remote_code=True)
     assert full.config_kwargs() == {"revision": "v1.2", "trust_remote_code": True}  # no attn: a model option
     assert full.model_kwargs() == {"revision": "v1.2", "trust_remote_code": True, "attn_implementation": "eager"}
-    assert LoadOptions.from_mapping(full.as_dict()) == full
-    assert LoadOptions.from_mapping(None) == LoadOptions.from_mapping({}) == LoadOptions()
-    assert LoadOptions.from_mapping(full) is full
-    with pytest.raises(ValueError, match="revison"):
-        LoadOptions.from_mapping({"revison": "v1"})
     # the revision names a version of θ_ckpt: other sources (another hub repo, a saved folder) do not get it
     assert full.for_source("org/model", "org/model") == full
     assert full.for_source("org/tokenizer", "org/model").revision is None
     assert full.for_source("runs/x/theta", "org/model") == LoadOptions(attn_implementation="eager",
                                                                        trust_remote_code=True)
     ctx = RunContext(theta_ckpt="org/model", tokenizer_path="org/tok", source_len=8, target_len=8,
-                     load_options=full.as_dict())
-    assert pickle.loads(pickle.dumps(ctx)) == ctx          # plain data for Ray actors
+                     load_options=full)
+    assert pickle.loads(pickle.dumps(ctx)) == ctx          # Ray pickles it for its workers and actors
     assert ctx.options_for() == full and ctx.options_for("org/tok").revision is None
 
 
@@ -163,17 +157,17 @@ def test_attn_implementation_reaches_every_part_of_the_q_model(checkpoints, kind
 
 def test_attn_implementation_reaches_the_sampler_and_the_rollout_worker(checkpoints, monkeypatch):
     ckpt = checkpoints["llama"]
-    assert _attn(load_sampler(ckpt, options=EAGER).model.ckpt.lm) == "eager"
-    assert _attn(load_sampler(ckpt, options={"attn_implementation": "sdpa"}).model.ckpt.lm) == "sdpa"
+    assert _attn(load_sampler(ckpt, options=EAGER).lm.lm) == "eager"
+    assert _attn(load_sampler(ckpt, options=LoadOptions(attn_implementation="sdpa")).lm.lm) == "sdpa"
     monkeypatch.setattr("bcoder_ray.loop.rollout.quiet_libraries", lambda: None)
     threads = torch.get_num_threads()
     try:
         for attn in ("eager", "sdpa"):
-            args = WorkerArgs(problems={}, tokenizer_path=ckpt, source_len=16, target_len=8, buffer_uri=None,
-                              context={"theta_ckpt": ckpt, "load_options": {"attn_implementation": attn}},
-                              num_threads=threads)
+            args = WorkerArgs(problems={}, num_threads=threads,
+                              context=RunContext(theta_ckpt=ckpt, tokenizer_path=ckpt, source_len=16, target_len=8,
+                                                 load_options=LoadOptions(attn_implementation=attn)))
             sampler = PolicyWorker(args)._sampler(PolicyRef(path=ckpt, version="0"))
-            assert _attn(sampler.model.ckpt.lm) == attn
+            assert _attn(sampler.lm.lm) == attn
     finally:
         torch.set_num_threads(threads)
 
@@ -192,7 +186,7 @@ def test_attn_implementation_reaches_the_policy_actor_and_critic_loaders(checkpo
 
 def _ctx(ckpt: str, options: LoadOptions, **kw) -> RunContext:
     return RunContext(theta_ckpt=ckpt, tokenizer_path=ckpt, source_len=16, target_len=8,
-                      load_options=options.as_dict(), **kw)
+                      load_options=options, **kw)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -229,7 +223,7 @@ def test_custom_code_loads_only_when_trusted(custom, tmp_path):
     assert type(lm).__name__ == "TinyCustomForCausalLM" and _attn(lm) == "eager"
     assert type(load_tokenizer(custom, options=TRUST)).__name__ == "TinyCustomTokenizerFast"
     sampler = load_sampler(custom, options=TRUST)
-    assert type(sampler.model.ckpt.lm).__name__ == "TinyCustomForCausalLM"
+    assert type(sampler.lm.lm).__name__ == "TinyCustomForCausalLM"
     assert type(sampler.tokenizer).__name__ == "TinyCustomTokenizerFast"
 
 
@@ -266,26 +260,26 @@ def _tiny(overrides: list[str]):
 def test_the_fields_parse_from_overrides_and_yaml_and_reach_the_run_context(tmp_path):
     cfg = _tiny([])
     assert (cfg.model.revision, cfg.model.attn_implementation, cfg.model.trust_remote_code) == (None, None, False)
-    assert run_context(cfg, "org/model").load_options == LoadOptions().as_dict()
+    assert run_context(cfg, "org/model").load_options == LoadOptions()
     cfg = _tiny(["--model.revision", "v2.0", "--model.attn_implementation", "eager",
                  "--model.trust_remote_code", "true"])
     want = {"revision": "v2.0", "attn_implementation": "eager", "trust_remote_code": True}
-    assert cfg.model.load_options() == want and cfg.model.trust_remote_code is True
+    assert cfg.model.load_options() == LoadOptions(**want) and cfg.model.trust_remote_code is True
     ctx = run_context(cfg, "org/model")
-    assert dict(ctx.load_options) == want and ctx.options_for() == LoadOptions(**want)
-    assert RunContext(**pickle.loads(pickle.dumps(dataclasses.asdict(ctx)))) == ctx  # as the driver ships it
+    assert ctx.load_options == ctx.options_for() == LoadOptions(**want)
+    assert pickle.loads(pickle.dumps(ctx)) == ctx  # as the driver ships it (Ray pickles it)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"model": {"revision": "abc123", "attn_implementation": "sdpa",
                                               "trust_remote_code": True}}))
     cfg = load_config(path, check_paths=False)
-    assert cfg.model.load_options() == {"revision": "abc123", "attn_implementation": "sdpa",
-                                        "trust_remote_code": True}
+    assert cfg.model.load_options() == LoadOptions(revision="abc123", attn_implementation="sdpa",
+                                                   trust_remote_code=True)
     # a run folder read back (the command-line tools) carries them too
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / CONFIG_FILE).write_text(cfg.to_yaml())
     RunState(theta_ckpt="org/model").save(run_dir)
-    assert load_run(run_dir).context()["load_options"] == cfg.model.load_options()
+    assert load_run(run_dir).context().load_options == cfg.model.load_options()
 
 
 # ---------------------------------------------------------------------------------------------- revision
@@ -316,7 +310,7 @@ def test_the_revision_is_part_of_the_targets_identity(checkpoints, tmp_path):
     plans = []
     for revision in ("v1", "v2", None):
         ctx = RunContext(theta_ckpt="org/model", tokenizer_path=local, source_len=16, target_len=8,
-                         load_options=LoadOptions(revision=revision).as_dict())
+                         load_options=LoadOptions(revision=revision))
         algo = make_algorithm("bcoder", {"name": "bcoder", "alpha": 0.5}, ctx)
         targets = algo._targets(None, needs_actions=True)
         assert isinstance(targets, TargetsPlan)

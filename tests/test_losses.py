@@ -13,10 +13,11 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
-from bcoder_ray.model.batch import NO_ACTION, collate
+from bcoder_ray.model.batch import collate
 from bcoder_ray.algorithms.bcoder.losses import phi_loss, td_targets, theta_loss
 from bcoder_ray.algorithms.bcoder.q_model import QModel
-from bcoder_ray.algorithms.bcoder.targets import compute_frozen_targets, targets_fingerprint
+from bcoder_ray.algorithms.bcoder.targets import (NO_ACTION, TARGET_COLUMNS, FrozenTargets, compute_frozen_targets,
+                                                  targets_fingerprint)
 from learner_fixtures import EOS, FAMILIES, KINDS, PAD, example_rows, perturb, tiny_checkpoint
 
 torch.set_num_threads(1)
@@ -62,8 +63,11 @@ def test_cached_targets_give_the_live_loss_and_gradients(checkpoint, stage, oper
     for row, ex in zip(stored, _examples()):
         assert all(len(v) == len(ex["program_ids"]) for v in row.values())
         assert row["target_actions"][-1] == NO_ACTION and max(row["a_ckpt"]) <= 0
-    cached = collate([{**ex, **row} for ex, row in zip(_examples(), stored)], PAD)
-    assert cached.target_actions is not None and cached.v_phi is not None
+    cached = collate([{**ex, **row} for ex, row in zip(_examples(), stored)], PAD, token_columns=TARGET_COLUMNS)
+    view = FrozenTargets.cached(cached)
+    assert view.target_actions.dtype == torch.long and view.v_phi is not None
+    live_targets = FrozenTargets.cached(live)
+    assert live_targets.target_actions is None and live_targets.a_ckpt is None
 
     params = model.freeze_for_stage(stage)
     if stage == "phi":
@@ -167,7 +171,8 @@ def _tiny_mdp(kind, directory):
     examples = [{"prompt_ids": prompt, "program_ids": w, "reward": reward[tuple(w)], "is_human": False}
                 for w in programs]
     batch = collate(examples, 0)
-    batch = collate([{**ex, **row} for ex, row in zip(examples, compute_frozen_targets(model, batch))], 0)
+    batch = collate([{**ex, **row} for ex, row in zip(examples, compute_frozen_targets(model, batch))], 0,
+                    token_columns=TARGET_COLUMNS)
     return model, batch, reward, greedy
 
 
@@ -190,7 +195,7 @@ def test_tiny_mdp_reaches_the_fixed_point_of_its_operator(kind, operator, tmp_pa
     assert metrics["l_q"] < 1e-4
     model.eval()
     with torch.no_grad():
-        out = model.theta_outputs(batch, model.encode(batch), batch.v_phi)
+        out = model.theta_outputs(batch, model.encode(batch), FrozenTargets.cached(batch).v_phi)
     q = {tuple(w[: t + 1]): float(out.q[b, t]) for b, w in enumerate(batch.program_ids.tolist())
          for t in range(int(batch.lengths[b]))}
     for x in (1, 2):
@@ -211,18 +216,31 @@ def test_collate_pads_prompts_left_and_programs_right():
     assert batch.prompt_ids.tolist() == [[5, 6], [PAD, 8]] and batch.prompt_mask.tolist() == [[1, 1], [0, 1]]
     assert batch.program_ids.tolist() == [[7, EOS, PAD], [9, 10, 11]]
     assert batch.lengths.tolist() == [2, 3] and batch.is_human.tolist() == [True, False]
-    assert batch.target_actions is None and batch.reward.dtype == torch.float32
+    assert batch.tokens == {} and batch.reward.dtype == torch.float32
 
 
 def test_collate_names_the_bad_row():
     good = {"prompt_ids": [5], "program_ids": [7, EOS], "reward": 1.0, "is_human": True}
     bad = dict(good, sample_id="s-42", a_ckpt=[0.0])
     with pytest.raises(ValueError, match=r"example 1 \(sample_id s-42\).*a_ckpt"):
-        collate([dict(good, a_ckpt=[0.0, 0.0]), bad], PAD)
+        collate([dict(good, a_ckpt=[0.0, 0.0]), bad], PAD, token_columns=("a_ckpt",))
     with pytest.raises(KeyError, match="example 0.*reward"):
         collate([{"prompt_ids": [5], "program_ids": [7]}], PAD)
-    partial = collate([dict(good, a_ckpt=[0.0, -1.0]), good], PAD)
-    assert partial.a_ckpt is None                      # all-cached or all-live
+    with pytest.raises(KeyError, match="example 1.*a_ckpt"):      # a batch is all-cached or all-live
+        collate([dict(good, a_ckpt=[0.0, -1.0]), good], PAD, token_columns=("a_ckpt",))
+    assert FrozenTargets.cached(collate([dict(good, a_ckpt=[0.0, -1.0]), good], PAD)).a_ckpt is None
+
+
+def test_collate_keeps_int_columns_int_and_the_view_marks_padding():
+    rows = [{"prompt_ids": [5], "program_ids": [7, 8, EOS], "reward": 1.0, "is_human": True,
+             "target_actions": [8, 9, NO_ACTION], "a_ckpt": [0.0, -0.5, 0.0]},
+            {"prompt_ids": [5], "program_ids": [7, EOS], "reward": -1.0, "is_human": False,
+             "target_actions": [3, NO_ACTION], "a_ckpt": [-1.0, 0.0]}]
+    batch = collate(rows, PAD, token_columns=("target_actions", "a_ckpt"))
+    assert batch.tokens["target_actions"].dtype == torch.long and batch.tokens["a_ckpt"].dtype == torch.float32
+    view = FrozenTargets.cached(batch)
+    assert view.target_actions.tolist() == [[8, 9, NO_ACTION], [3, NO_ACTION, NO_ACTION]]  # padding: no action
+    assert view.a_ckpt.tolist() == [[0.0, -0.5, 0.0], [-1.0, 0.0, 0.0]] and view.v_phi is None
 
 
 # ------------------------------------------------------------------------------------------ fingerprint

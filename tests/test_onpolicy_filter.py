@@ -1,4 +1,4 @@
-"""The on-policy row filter of PPO/GRPO (bcoder_ray.algorithms.onpolicy) over buffer tables.
+"""The on-policy row filter of PPO/GRPO (`bcoder_ray.algorithms.lm_policy.on_policy_rows`) over buffer tables.
 
 The buffer's schema (version 2) has nullable ``decoding``, ``logprobs``, ``truncated`` and ``run_id`` columns;
 these tests set them on synthetic rows (``synthetic_rows`` / ``rows_to_table``).

@@ -1,4 +1,5 @@
-"""PPO / GRPO loss math (bcoder_ray.algorithms.policy_gradient.losses) against hand computations and direct log_softmax.
+"""PPO / GRPO loss math (bcoder_ray.algorithms.policy_gradient.losses) against hand computations, and the policy's
+forward (bcoder_ray.algorithms.common.policy_forward) against a direct log_softmax.
 
 Tolerances
 ----------
@@ -20,10 +21,11 @@ import math
 import pytest
 import torch
 
-from bcoder_ray.algorithms.policy_gradient.losses import (GRPOOptions, PPOOptions, ValueHead, aggregate, clipped_surrogate,
-                                             encode_prompts, gae, group_advantages, grpo_loss, kl_per_token,
-                                             per_token_column, policy_forward, ppo_advantages, ppo_loss,
-                                             ppo_token_rewards, value_loss, whiten)
+from bcoder_ray.algorithms.common import ValueHead, policy_forward
+from bcoder_ray.algorithms.policy_gradient.config import GRPOConfig, PPOConfig
+from bcoder_ray.algorithms.policy_gradient.losses import (aggregate, clipped_surrogate, gae, group_advantages,
+                                                          grpo_loss, kl_per_token, per_token_column, ppo_advantages,
+                                                          ppo_loss, ppo_token_rewards, value_loss, whiten)
 from bcoder_ray.model.batch import collate
 from bcoder_ray.model.lm import DECODER_ONLY, PolicyLM, load_lm
 from learner_fixtures import KINDS, PAD, example_rows, perturb, tiny_checkpoint
@@ -99,7 +101,7 @@ def test_values_come_from_the_same_forward(checkpoint):
         hook.remove()
     assert len(calls) == 1                                   # one pass of the decoder for log-probs and values
     with torch.no_grad():
-        expected = head(policy.states(batch, encode_prompts(policy, batch)))
+        expected = head(policy.states(batch, policy.encode(batch.prompt_ids, batch.prompt_mask)))
     mask = batch.program_mask.bool()
     _close(out.values[mask], expected[mask], MODEL)
     assert (out.values[~mask] == 0).all()
@@ -128,7 +130,7 @@ def test_kl_estimators_hand_values():
     # as GRPO's loss term with Â = 0: β·token-mean(k3) = 0.5 · (0.10653066 + 0.71828183) / 2
     mask = torch.ones(1, 2)
     loss, metrics = grpo_loss(logp, logp, ref, torch.zeros(1), mask,
-                              GRPOOptions(beta=0.5, kl_estimator="k3", aggregation="token"))
+                              GRPOConfig(beta=0.5, kl_estimator="k3", aggregation="token"))
     _close(loss, 0.20620312)
     _close(metrics["kl"], 0.41240625)
     with pytest.raises(ValueError, match="estimator"):
@@ -219,7 +221,7 @@ def test_ratio_one_gives_minus_mean_advantage():
     _close(loss, -(0.3 - 1.2 + 2.0 + 0.7 - 0.1) / 5)                    # -mean Â over the 5 valid tokens
     assert metrics["clip_fraction"] == 0.0 and metrics["ratio_mean"] == 1.0
     g, _ = grpo_loss(logp, logp.clone(), logp.clone(), torch.tensor([0.5, -2.0]), mask,
-                     GRPOOptions(beta=0.1, aggregation="token"))
+                     GRPOConfig(beta=0.1, aggregation="token"))
     _close(g, -(0.5 * 3 - 2.0 * 2) / 5)                                  # KL to itself is 0
 
 
@@ -233,7 +235,7 @@ def test_ppo_loss_on_tiny_gpt2(gpt2_checkpoint):
     with torch.no_grad():
         sampled = policy_forward(policy, batch, value_head=head)
         ref = policy_forward(ref_policy, batch).logprobs
-    opts = PPOOptions(beta=0.1, entropy_coef=0.01)
+    opts = PPOConfig(beta=0.1, entropy_coef=0.01)
     adv, ret, rewards = ppo_advantages(sampled.logprobs, ref, sampled.values, batch.reward, mask, opts)
     _close(rewards.sum(1), batch.reward - 0.1 * ((sampled.logprobs - ref) * mask).sum(1))
     out = policy_forward(policy, batch, value_head=head, with_entropy=True)
@@ -287,7 +289,7 @@ def test_grpo_all_equal_group_only_kl_acts(gpt2_checkpoint):
     with torch.no_grad():
         ref = policy_forward(ref_policy, batch).logprobs
         noise = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0)) * 0.3
-    opts = GRPOOptions(beta=0.1, kl_estimator="k3", aggregation="sequence")
+    opts = GRPOConfig(beta=0.1, kl_estimator="k3", aggregation="sequence")
     params = [p for p in policy.parameters() if p.requires_grad]
 
     logp = policy_forward(policy, batch).logprobs
@@ -319,20 +321,20 @@ def test_token_vs_sequence_aggregation_unequal_lengths():
             # sequence: (3/1 + 3/3) / 2; ∂L/∂logp = -Â_b / (B·T_b)
             ("sequence", 2.0, [[1.5, 0, 0], [1 / 6, 1 / 6, 1 / 6]])):
         logp = torch.full((2, 3), -1.0, requires_grad=True)
-        loss, _ = grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, GRPOOptions(beta=0.0, aggregation=mode))
+        loss, _ = grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, GRPOConfig(beta=0.0, aggregation=mode))
         _close(loss, loss_expected)
         loss.backward()
         _close(logp.grad, grad_expected)
 
 
 def test_options_name_the_bad_field():
-    with pytest.raises(ValueError, match="PPOOptions.lam"):
-        PPOOptions(lam=1.5)
-    with pytest.raises(ValueError, match="PPOOptions.aggregation"):
-        PPOOptions(aggregation="batch")
-    with pytest.raises(ValueError, match="GRPOOptions.kl_estimator"):
-        GRPOOptions(kl_estimator="k2")
-    with pytest.raises(ValueError, match="GRPOOptions.clip_low"):
-        GRPOOptions(clip_low=0.0)
+    with pytest.raises(ValueError, match=r"PPOConfig\nlam\b"):
+        PPOConfig(lam=1.5)
+    with pytest.raises(ValueError, match=r"PPOConfig\naggregation\b"):
+        PPOConfig(aggregation="batch")
+    with pytest.raises(ValueError, match=r"GRPOConfig\nkl_estimator\b"):
+        GRPOConfig(kl_estimator="k2")
+    with pytest.raises(ValueError, match=r"GRPOConfig\nclip_low\b"):
+        GRPOConfig(clip_low=0.0)
     with pytest.raises(ValueError, match="advantages has shape"):
         clipped_surrogate(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3), 0.2, 0.2)

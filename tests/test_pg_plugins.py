@@ -1,6 +1,7 @@
-"""The `ppo`, `grpo` and `rest_em` plug-ins (bcoder_ray.algorithms.policy_gradient.algorithm, self_training) in-process, no
-Ray: the rows their stages read through the real buffer, their stage modules' losses on hand-made batches, GRPO's
-group advantages through the grouped cached-target path, ReST-EM's restart, PPO's refusal of T ≠ 1.
+"""The `ppo`, `grpo` and `rest_em` plug-ins (bcoder_ray.algorithms.policy_gradient.algorithm,
+bcoder_ray.algorithms.rest_em.algorithm) in-process, no Ray: the rows their stages read through the real buffer,
+their stage modules' losses on hand-made batches, GRPO's group advantages through the grouped cached-target path,
+ReST-EM's restart, PPO's refusal of T ≠ 1.
 
 Tolerance ``MODEL``: two forwards of the same tiny model over different batch shapes (float32) agree to ~1e-6.
 """
@@ -17,7 +18,8 @@ from bcoder_ray.algorithms import make_algorithm
 from bcoder_ray.algorithms.base import RunContext, StagePlan
 from bcoder_ray.algorithms.lm_policy import VALUE_HEAD_FILE
 from onpolicy_reference import select_on_policy
-from bcoder_ray.algorithms.policy_gradient.losses import group_advantages, policy_forward
+from bcoder_ray.algorithms.common import policy_forward
+from bcoder_ray.algorithms.policy_gradient.losses import group_advantages
 from bcoder_ray.model.batch import collate
 from bcoder_ray.buffer import ReplayBuffer, rows_from_batch
 from bcoder_ray.loop.target_filling import AlgorithmRef, TargetComputer, TargetJob, fill_targets, group_slices
@@ -76,8 +78,8 @@ def _buffer(tmp_path) -> ReplayBuffer:
 
 def _read_stage_rows(buf: ReplayBuffer, plan: StagePlan, fingerprint: str | None = None) -> list[dict]:
     """One epoch of the stage's draws: every row its filters select, once (a single stream)."""
-    n = buf.read(columns=["sample_id"], filters=dict(plan.rows.filters)).num_rows
-    sampler = buf.sampler(n, rho_real=plan.rows.rho_real, filters=dict(plan.rows.filters), num_batches=1,
+    n = buf.read(columns=["sample_id"], filters=plan.rows.filters).num_rows
+    sampler = buf.sampler(n, rho_real=plan.rows.rho_real, filters=plan.rows.filters, num_batches=1,
                           targets_fingerprint=fingerprint, extra_columns=("sample_id", "program",
                                                                           *plan.rows.extra_columns))
     return [r for batch in sampler for r in rows_from_batch(batch)]
@@ -209,7 +211,7 @@ def test_grpo_group_advantages_through_the_grouped_target_path(tmp_path, ctx):
     algo = _algo("grpo", ctx)
     (plan,) = algo.plan_iteration(1, {}, "1")
     assert plan.targets.group_by and "reward" in plan.targets.rows.extra_columns
-    ref = AlgorithmRef("grpo", algo.config.model_dump(), vars(ctx))
+    ref = AlgorithmRef("grpo", algo.config, ctx)
     job = TargetJob(ref, plan.targets, PAD, batch_size=2)        # smaller than a group: groups must not be cut
     assert fill_targets(buf, job, pool=_InProcessPool(buf)) == 8
     assert fill_targets(buf, job, pool=_InProcessPool(buf)) == 0  # cached

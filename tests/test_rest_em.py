@@ -1,4 +1,5 @@
-"""ReST-EM's M-step selection and loss (bcoder_ray.algorithms.rest_em.losses).
+"""ReST-EM's M-step selection (the plug-in's buffer filters, `RestEM.m_step_rows`) and loss
+(bcoder_ray.algorithms.rest_em.losses).
 
 Tolerance ``MODEL``: the M-step's CE and the reference (theta_loss's L_ce, or a direct log_softmax on unpadded
 rows) run the same tiny model (d_model 32, V = 48) through different batch shapes; they differ by the summation
@@ -12,7 +13,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from bcoder_ray.algorithms.rest_em.losses import PASSED_REWARD, RestEMOptions, m_step_mask, rest_em_loss, select_m_step_rows
+from bcoder_ray.algorithms.base import RunContext
+from bcoder_ray.algorithms.rest_em.algorithm import RestEM, RestEMConfig
+from bcoder_ray.algorithms.rest_em.losses import PASSED_REWARD, rest_em_loss
+from bcoder_ray.buffer.schema import conform
 from bcoder_ray.model.batch import collate
 from bcoder_ray.buffer.synthetic import synthetic_rows
 from bcoder_ray.algorithms.bcoder.losses import theta_loss
@@ -23,6 +27,23 @@ from learner_fixtures import KINDS, PAD, example_rows, tiny_checkpoint
 
 torch.set_num_threads(1)
 MODEL = dict(rtol=1e-5, atol=1e-5)
+CTX = RunContext(theta_ckpt="unused", tokenizer_path="unused", source_len=16, target_len=16)  # nothing is loaded
+
+
+def m_step_mask(table: pa.Table, iteration: int, *, include_human: bool = False,
+                policy_version: str | None = None) -> pa.ChunkedArray:
+    """Which rows of `table` the M-step of `iteration` reads: the plug-in's own filters (`RestEM.m_step_rows`, the
+    rollout of iteration i samples with policy version str(i)) applied as the stage's buffer sampler applies them
+    (`Filters.mask` on the rows as `schema.conform` reads them)."""
+    algo = RestEM(RestEMConfig(include_human=include_human), CTX)
+    rows = algo.m_step_rows(iteration, str(iteration) if policy_version is None else policy_version)
+    assert rows.rho_real is None                                   # drawn uniformly, no human mixing ratio
+    filters = rows.filters
+    return filters.mask(conform(table, filters.columns()))
+
+
+def select_m_step_rows(table: pa.Table, iteration: int, **kwargs) -> pa.Table:
+    return table.filter(m_step_mask(table, iteration, **kwargs))
 
 
 def _hand_table() -> pa.Table:
@@ -35,7 +56,9 @@ def _hand_table() -> pa.Table:
     reward = {o.value: r for o, r in zip(Outcome, (1.0, -0.3, -0.6, -1.0))}
     return pa.table({"sample_id": [r[0] for r in rows], "source": [r[1] for r in rows],
                      "iteration": pa.array([r[2] for r in rows], pa.int32()), "outcome": [r[3] for r in rows],
-                     "reward": [reward[r[3]] for r in rows]})
+                     "reward": [reward[r[3]] for r in rows],
+                     "policy_version": [str(r[2]) if r[1] == "generated" else "human" for r in rows],
+                     "decoding": ["sample"] * len(rows)})
 
 
 def test_selection_keeps_only_passing_generated_rows_of_the_iteration():
@@ -45,11 +68,6 @@ def test_selection_keeps_only_passing_generated_rows_of_the_iteration():
         ["g1-pass", "h-pass", "g1-pass-b"]                         # passing human rows only, any iteration
     assert select_m_step_rows(table, 2)["sample_id"].to_pylist() == ["g2-pass"]
     assert select_m_step_rows(table, 5).num_rows == 0
-    # without the outcome column the reward (+1 = passed, eq. 2) decides the same way
-    by_reward = select_m_step_rows(table.drop_columns(["outcome"]), 1, include_human=True)
-    assert by_reward["sample_id"].to_pylist() == ["g1-pass", "h-pass", "g1-pass-b"]
-    with pytest.raises(KeyError, match="iteration"):
-        m_step_mask(table.drop_columns(["iteration"]), 1)
 
 
 def test_selection_on_buffer_rows():
@@ -57,14 +75,14 @@ def test_selection_on_buffer_rows():
     parts = [synthetic_rows(rng, 200, iteration=it, start=1000 * it, mean_tokens=8, max_tokens=20)
              for it in range(3)]
     parts.append(synthetic_rows(rng, 50, source="human", mean_tokens=8, max_tokens=20))
-    table = pa.concat_tables(parts)
+    table = pa.concat_tables(parts)                                  # synthetic rows: policy version "v<iteration>"
     rows = table.select(["source", "iteration", "outcome", "reward"]).to_pylist()
     for include_human in (False, True):
-        got = m_step_mask(table, 1, include_human=include_human).to_pylist()
+        got = m_step_mask(table, 1, include_human=include_human, policy_version="v1").to_pylist()
         want = [r["outcome"] == "passed" and (r["source"] == "generated" and r["iteration"] == 1
                                               or include_human and r["source"] == "human") for r in rows]
         assert got == want and any(want)
-    chosen = select_m_step_rows(table, 1)
+    chosen = select_m_step_rows(table, 1, policy_version="v1")
     assert set(chosen["reward"].to_pylist()) == {PASSED_REWARD}
 
 
@@ -122,6 +140,6 @@ def test_m_step_loss_refuses_failing_rows(checkpoint):
 
 
 def test_options():
-    assert RestEMOptions().restart_from_ckpt and not RestEMOptions().include_human   # the paper's choices
-    with pytest.raises(ValueError, match="RestEMOptions.reduction"):
-        RestEMOptions(reduction="max")
+    assert RestEMConfig().restart_from_ckpt and not RestEMConfig().include_human   # the paper's choices
+    with pytest.raises(ValueError, match=r"RestEMConfig\nreduction\b"):
+        RestEMConfig(reduction="max")

@@ -53,10 +53,10 @@ def test_q_sampling_at_init_draws_the_tokens_of_the_checkpoint(checkpoint, tempe
     model = QModel.create(checkpoint, parts=("ckpt", "theta"))
     settings = dict(max_new_tokens=8, temperature=temperature, top_p=top_p, seed=123)
     n = 3 if temperature > 0 else 1          # generate refuses several greedy sequences
-    mine = sample_programs(model, PROMPTS, n, eos_id=EOS, pad_id=PAD, **settings)
+    mine = sample_programs(model.theta, PROMPTS, n, eos_id=EOS, pad_id=PAD, **settings)
     reference = _generate(model.ckpt.lm, PROMPTS, n, **settings)
     assert mine == reference
-    assert mine == sample_programs(model, PROMPTS, n, eos_id=EOS, pad_id=PAD, network="ckpt", **settings)
+    assert mine == sample_programs(model.ckpt, PROMPTS, n, eos_id=EOS, pad_id=PAD, **settings)
     flat = [w for per_prompt in mine for w in per_prompt]
     assert all((w[-1] == EOS and EOS not in w[:-1]) or (len(w) == 8 and EOS not in w) for w in flat)
     if temperature == 1.0:
@@ -65,6 +65,7 @@ def test_q_sampling_at_init_draws_the_tokens_of_the_checkpoint(checkpoint, tempe
 
 def test_q_sampling_is_seeded_and_batch_size_free_of_leaks(trained):
     kwargs = dict(max_new_tokens=6, eos_id=EOS, pad_id=PAD, temperature=1.0, top_p=0.95)
+    trained = trained.theta
     a = sample_programs(trained, PROMPTS, 4, seed=1, **kwargs)
     assert a == sample_programs(trained, PROMPTS, 4, seed=1, **kwargs)
     assert a != sample_programs(trained, PROMPTS, 4, seed=2, **kwargs)

@@ -9,6 +9,8 @@ import dataclasses
 import pytest
 import torch
 
+from bcoder_ray.algorithms.base import AlgorithmConfig, Rows, RunContext, StagePlan
+from bcoder_ray.config import StageConfig
 from bcoder_ray.loop.learner import (RESUME_FILE, StageJob, learning_rate_factor, load_resume_state, resume_state,
                                 write_resume_state)
 
@@ -26,8 +28,9 @@ class FolderCheckpoint:
 
 
 def job(steps: int = 8) -> StageJob:
-    return StageJob(algorithm="bcoder", algorithm_config={}, context={}, plan={"name": "theta"},
-                    optim={"steps": steps, "grad_accum": 1})
+    return StageJob(algorithm="bcoder", algorithm_config=AlgorithmConfig(name="bcoder"),
+                    context=RunContext(theta_ckpt="ckpt", tokenizer_path="ckpt", source_len=8, target_len=8),
+                    plan=StagePlan("theta", Rows()), optim=StageConfig(steps=steps, grad_accum=1))
 
 
 def setup(seed: int = 0):
@@ -75,7 +78,7 @@ def test_a_checkpoint_of_another_stage_or_length_is_refused(tmp_path):
     write_resume_state(str(tmp_path), resume_state(job(), 2, resumable, history=[]))
     with pytest.raises(RuntimeError, match="of 8 steps.*of 9 steps"):
         load_resume_state(FolderCheckpoint(str(tmp_path)), job(steps=9), resumable, torch.device("cpu"))
-    phi = dataclasses.replace(job(), plan={"name": "phi"})
+    phi = dataclasses.replace(job(), plan=StagePlan("phi", Rows()))
     with pytest.raises(RuntimeError, match="'theta'.*'phi'"):
         load_resume_state(FolderCheckpoint(str(tmp_path)), phi, resumable, torch.device("cpu"))
     (tmp_path / RESUME_FILE).unlink()

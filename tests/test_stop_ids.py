@@ -34,8 +34,8 @@ def word_tokenizer(directory) -> PreTrainedTokenizerFast:
 
 
 def greedy(model, stop, n_tokens=12):
-    return [row[0] for row in sample_programs(model, PROMPTS, 1, max_new_tokens=n_tokens, eos_id=stop, pad_id=PAD,
-                                              temperature=0.0, network="ckpt")]
+    return [row[0] for row in sample_programs(model.ckpt, PROMPTS, 1, max_new_tokens=n_tokens, eos_id=stop,
+                                              pad_id=PAD, temperature=0.0)]
 
 
 @pytest.fixture(scope="module")

@@ -112,8 +112,8 @@ def test_sampling_with_stop_strings_is_sampling_cut_where_one_completes(checkpoi
     tok = word_tokenizer(tmp_path)  # "t5 t9 ..." : a stop string of two words spans two tokens
     model = QModel.create(checkpoints[kind], parts=("ckpt",))
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
-    kwargs = dict(max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=1.0, seed=3, network="ckpt",
-                  return_logprobs=True)
+    kwargs = dict(max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=1.0, seed=3, return_logprobs=True)
+    model = model.ckpt
     plain, plain_lps = sample_programs(model, prompts, 4, **kwargs)
     rows = [p for per in plain for p in per]
     bigrams = [f"t{a} t{b}" for row in rows for a, b in zip(row, row[1:]) if EOS not in (a, b)]
@@ -133,13 +133,13 @@ def test_sampling_with_stop_strings_is_sampling_cut_where_one_completes(checkpoi
 def test_the_sampler_decodes_flags_and_records_stop_string_ends(checkpoints, tmp_path):
     tok = word_tokenizer(tmp_path)
     model = QModel.create(checkpoints["decoder-only"], parts=("ckpt",))
-    plain = Sampler(model=model, tokenizer=tok, label="p", path="p", stop_ids=stop_ids(tok))
+    plain = Sampler(lm=model.ckpt, tokenizer=tok, label="p", path="p", stop_ids=stop_ids(tok))
     problems = load_suite("embedded", "train")[:2]
     settings = SamplingSettings(m=8, temperature=1.0, top_p=1.0, max_new_tokens=12, max_prompt_len=16, seed=0)
     programs = [c.program_ids for c in sample_and_score(problems, plain, None, settings)]
     word = max({f"t{t}" for p in programs for t in p[1:] if t != EOS}, key=lambda w: sum(
         w in tok.decode(p) for p in programs))
-    sampler = Sampler(model=model, tokenizer=tok, label="s", path="s", stop_ids=stop_ids(tok),
+    sampler = Sampler(lm=model.ckpt, tokenizer=tok, label="s", path="s", stop_ids=stop_ids(tok),
                       text_format=TextFormat(stop_strings=(" " + word,)))
     candidates = sample_and_score(problems, sampler, None, settings)
     stopped = [c for c in candidates if c.program_ids[-1] != EOS and not c.truncated]
@@ -255,8 +255,8 @@ def test_the_config_carries_the_text_format_to_the_run_context(tmp_path):
 
 
 def test_a_rollout_actor_writes_chat_prompted_stop_string_rows_under_their_own_hash(tmp_path, monkeypatch):
-    from bcoder_ray.algorithms.base import RolloutRequest
-    from bcoder_ray.loop.rollout import PolicyRef, PolicyWorker, SamplingSpec, Task, WorkerArgs
+    from bcoder_ray.algorithms.base import RolloutRequest, RunContext
+    from bcoder_ray.loop.rollout import PolicyRef, PolicyWorker, Task, WorkerArgs
 
     tok = trained("byte")
     tok.chat_template = CHAT
@@ -268,13 +268,15 @@ def test_a_rollout_actor_writes_chat_prompted_stop_string_rows_under_their_own_h
     monkeypatch.setattr("bcoder_ray.loop.rollout.quiet_libraries", lambda: None)
     threads = torch.get_num_threads()
     try:
-        worker = PolicyWorker(WorkerArgs(
-            problems={"train": problems}, tokenizer_path=folder, source_len=48, target_len=16,
-            buffer_uri=str(tmp_path / "buffer"), context={"theta_ckpt": folder, **fmt.as_dict()},
-            executor={"workers": 1}, num_threads=threads))
+        ctx = RunContext(theta_ckpt=folder, tokenizer_path=folder, source_len=48, target_len=16,
+                         buffer_uri=str(tmp_path / "buffer"), chat_template=fmt.chat_template,
+                         stop_strings=fmt.stop_strings)
+        worker = PolicyWorker(WorkerArgs(problems={"train": problems}, context=ctx, executor={"workers": 1},
+                                         num_threads=threads))
         summary = worker.rollout(Task(key="it0-t0", problem_indices=(0, 1), iteration=0, seed=5),
                                  PolicyRef(path=folder, version="0"),
-                                 SamplingSpec(n=4, temperature=1.0, top_p=1.0, max_new_tokens=16), RolloutRequest())
+                                 SamplingSettings(m=4, temperature=1.0, top_p=1.0, max_prompt_len=48,
+                                                  max_new_tokens=16), RolloutRequest())
     finally:
         torch.set_num_threads(threads)
     assert summary["programs"] == 8

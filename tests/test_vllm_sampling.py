@@ -15,6 +15,7 @@ from bcoder_ray.model.candidates import SamplingSettings, load_sampler, sample_a
 from bcoder_ray.config import ConfigError, load_config
 from bcoder_ray.model.lm import LoadOptions
 from bcoder_ray.model.vllm_sampling import VLLMEngine, completion
+from envs.tokenization import TextFormat
 from envs.registry import load_suite
 from learner_fixtures import EOS, PAD, tiny_checkpoint
 from test_stop_ids import word_tokenizer
@@ -67,7 +68,7 @@ def policy(tmp_path_factory):
 def test_the_engine_is_asked_for_processed_logprobs_and_every_stop_id(fake_vllm, policy):
     options = LoadOptions(revision="v1", trust_remote_code=True)
     sampler = load_sampler(policy, engine="vllm", seed=3, options=options, dtype=None)
-    assert sampler.model is None and sampler.stop_ids == (EOS, END_OF_TURN)
+    assert sampler.lm is None and sampler.stop_ids == (EOS, END_OF_TURN)
     (_, init), = fake_vllm
     assert init["logprobs_mode"] == "processed_logprobs" and init["seed"] == 3 and init["dtype"] == "float32"
     assert (init["revision"], init["trust_remote_code"]) == ("v1", True) and init["model"] == policy
@@ -99,7 +100,7 @@ def test_a_completion_is_cut_at_its_first_stop_id_and_an_unalignable_one_refused
 
 
 def test_stop_strings_reach_vllm_and_cut_its_completions_as_the_torch_sampler_does(fake_vllm, policy):
-    sampler = load_sampler(policy, engine="vllm", text_format={"stop_strings": ["t5 t"]})
+    sampler = load_sampler(policy, engine="vllm", text_format=TextFormat(stop_strings=("t5 t",)))
     problems = load_suite("embedded", "train")[:1]
     settings = SamplingSettings(m=3, temperature=0.6, top_p=0.95, max_new_tokens=4, max_prompt_len=16, seed=11)
     candidates = sample_and_score(problems, sampler, None, settings)

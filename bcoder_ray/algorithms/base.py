@@ -11,23 +11,29 @@ registered by name (`bcoder_ray.algorithms.registry.register_algorithm`). Per it
 4. records the stage's checkpoint in the algorithm's state (`after_stage`),
 5. evaluates the published policy, ranked by the algorithm's `ranker` when it has one.
 
-Everything that crosses a process boundary (plans, state, references) is plain, JSON-able data.
+What crosses a process boundary (driver → Ray Train workers, rollout actors, target-filling tasks) travels as the
+typed object itself, since Ray pickles dataclasses and pydantic models: the `RunContext` (with its `LoadOptions`),
+the `StagePlan`s (their `Rows`, with the buffer's `Filters`, and `TargetsPlan`s), `RankerRef`s and the algorithm's
+config; no side turns them into dicts and back. Plain, JSON-able data remains where something is persisted: the
+algorithm's `state` (what `after_stage` records goes into the run's `state.json`). The `spec`s of plans and ranker
+references are the algorithm's own plain data (checkpoint paths, switches) for its own methods.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from bcoder_ray.buffer.filters import Filters
 from bcoder_ray.model.batch import Batch
 from bcoder_ray.model.lm import LoadOptions
-from bcoder_ray.model.tokenization import TextFormat
+from bcoder_ray.model.ranker import Ranker  # part of the interface: `load_ranker` returns one
+from bcoder_ray.model.tokenization import TextFormat, load_tokenizer
 
 
 class AlgorithmConfig(BaseModel):
@@ -58,9 +64,9 @@ class RunContext:
     eos_token_ids: tuple[int, ...] | None = None
     """Token ids that end a program besides the tokenizer's EOS (`model.eos_token_ids`); None: those of the
     sampled model's generation config."""
-    load_options: Mapping[str, Any] = field(default_factory=dict)
-    """`bcoder_ray.model.lm.LoadOptions` as plain data (`model.revision`, `model.attn_implementation`,
-    `model.trust_remote_code`): given to every `from_pretrained` of the run's models and tokenizers."""
+    load_options: LoadOptions = field(default_factory=LoadOptions)
+    """`model.revision`, `model.attn_implementation`, `model.trust_remote_code`: given to every `from_pretrained`
+    of the run's models and tokenizers (the revision only to θ_ckpt's: `options_for`)."""
     chat_template: bool = False
     """Prompts are one user turn of the tokenizer's chat template (`model.chat_template`)."""
     stop_strings: tuple[str, ...] = ()
@@ -71,17 +77,21 @@ class RunContext:
 
     def options_for(self, path: str | None = None) -> LoadOptions:
         """The load options for `path` (default: θ_ckpt); the revision only for θ_ckpt itself."""
-        options = LoadOptions.from_mapping(self.load_options)
-        return options.for_source(self.theta_ckpt if path is None else path, self.theta_ckpt)
+        return self.load_options.for_source(self.theta_ckpt if path is None else path, self.theta_ckpt)
+
+    def load_tokenizer(self):
+        """The run's tokenizer (`tokenizer_path`, with its load options)."""
+        return load_tokenizer(self.tokenizer_path, options=self.options_for(self.tokenizer_path))
 
 
 @dataclass(frozen=True)
 class Rows:
-    """Which buffer rows a stage (or a target fill) reads: `bcoder_ray.buffer.Filters` fields, and the share of
-    ground-truth (human) rows per mini-batch (None: no mixing, rows drawn uniformly from those that match)."""
+    """Which buffer rows a stage (or a target fill) reads (`filters`; the default matches every row), and the
+    share of ground-truth (human) rows per mini-batch (None: no mixing, rows drawn uniformly from those that
+    match)."""
 
     rho_real: float | None = None
-    filters: Mapping[str, Any] = field(default_factory=dict)
+    filters: Filters = field(default_factory=Filters)
     extra_columns: tuple[str, ...] = ()
     """Buffer columns the stage's batches carry beyond the learner columns (per-token: `Batch.tokens`;
     per-row: `Batch.info`), e.g. "logprobs", "problem_id"."""
@@ -92,7 +102,7 @@ class Rows:
 @dataclass(frozen=True)
 class TargetsPlan:
     """Per-token columns that frozen networks compute once per row, cached in the buffer under `fingerprint`
-    (a hash of everything they depend on); `spec` is plain data for `Algorithm.target_computer`."""
+    (a hash of everything they depend on); `spec` is the algorithm's own plain data for `Algorithm.target_computer`."""
 
     fingerprint: str
     columns: tuple[str, ...]
@@ -125,7 +135,8 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class RankerRef:
-    """A ranker by reference (an actor loads it with `Algorithm.load_ranker(spec)`)."""
+    """A ranker by reference (an actor loads it with `bcoder_ray.algorithms.load_ranker`, which builds the algorithm
+    from `config` and calls its `load_ranker(spec, label)`)."""
 
     algorithm: str
     config: Mapping[str, Any]
@@ -154,24 +165,9 @@ class StageModule(nn.Module):
         raise NotImplementedError
 
 
-class Ranker:
-    """Scores candidate programs of a problem (higher is better); `score` takes token ids."""
-
-    label: str = "ranker"
-
-    def score(self, prompt_ids: Sequence[Sequence[int]], program_ids: Sequence[Sequence[int]]) -> list[float]:
-        raise NotImplementedError
-
-
-def checkpoint_label(path: str) -> str:
-    """A checkpoint's name for tables: its folder, or its parent's for Ray Train's generic `.../final`."""
-    p = Path(path)
-    return p.parent.name if p.name in ("final", "checkpoint") or p.name.startswith("checkpoint_") else p.name
-
-
 TargetComputer = Callable[[Batch], Mapping[str, list]]
 """Per-token target columns for a batch: {column: one list per row, as long as the row's program}. The batch's
-`info` holds the rows' sample_id, suite, problem_id and source (`cached_targets.IDENTITY_COLUMNS`)."""
+`info` holds the rows' sample_id, suite, problem_id and source (`bcoder_ray.loop.target_filling.IDENTITY_COLUMNS`)."""
 
 
 class Algorithm(ABC):
@@ -183,23 +179,16 @@ class Algorithm(ABC):
     """Every stage name it may plan (each has optimiser settings under `stages.<name>`)."""
     stage_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     """Per-stage defaults that differ from `StageConfig`'s (e.g. B-Coder's θ: linear decay)."""
-    has_ranker: ClassVar[bool] = False
     on_policy: ClassVar[bool] = False
     """Learns only from the current policy's samples, so the rollout must sample the policy itself
-    (temperature 1, top-p 1) and record log-probabilities."""
+    (temperature 1, top-p 1: the config's validation refuses other rollout settings, `bcoder_ray.config.validate`)
+    and record log-probabilities."""
 
     def __init__(self, config: AlgorithmConfig, ctx: RunContext):
         self.config = config
         self.ctx = ctx
 
     # -- the driver's side (plain data in and out)
-    def check(self, rollout_temperature: float, rollout_top_p: float) -> None:
-        """Refuse settings the algorithm cannot run with (a ValueError that names the key)."""
-        if self.on_policy and (rollout_temperature != 1.0 or rollout_top_p != 1.0):
-            raise ValueError(f"algorithm {self.name!r} is on-policy: it learns from the policy's own samples, so "
-                             f"rollout.temperature and rollout.top_p must be 1.0 (got {rollout_temperature}, "
-                             f"{rollout_top_p})")
-
     def rollout_request(self) -> RolloutRequest:
         return RolloutRequest(logprobs=self.on_policy)
 

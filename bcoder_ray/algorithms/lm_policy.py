@@ -1,10 +1,12 @@
-"""What the LM-policy plug-ins (`ppo`, `grpo`: `policy_gradient`; `rest_em`: `self_training`) share: the policy is
-a plain Hugging Face LM trained whole, published as its own folder (`save_pretrained`, so `from_pretrained` and
-the rollout's sampler load it; PPO's value head sits beside it in the same folder), no ranker.
+"""What the LM-policy plug-ins (`ppo`, `grpo`: `bcoder_ray.algorithms.policy_gradient`; `rest_em`:
+`bcoder_ray.algorithms.rest_em`) share: the policy is a plain Hugging Face LM trained whole, published as its own
+folder (`save_pretrained`, so `from_pretrained` and the rollout's sampler load it; PPO's value head sits beside it
+in the same folder), no ranker.
 
 - `LMPolicyAlgorithm`: an `Algorithm` with one stage per iteration (`stage_names[0]`) whose checkpoint is the
   published policy; `start_of(state)` is where the next stage starts (None: θ_ckpt).
-- `PolicyStage`: a `StageModule` over a `PolicyLM` (+ optional `ValueHead`); subclasses define `forward`.
+- `PolicyStage`: a `StageModule` over a `PolicyLM` (+ optional `bcoder_ray.algorithms.common.ValueHead`);
+  subclasses define `forward`.
 - `load_policy(path, *, trainable, ...)`, `load_value_head(directory, policy, seed)`, `VALUE_HEAD_FILE`.
 - `on_policy_rows(policy_version, ...)`: the buffer rows an on-policy stage reads (and fills targets for).
 - `fingerprint(ctx, tokenizer, **parts)`: a cached-target fingerprint over θ_ckpt, the tokenizer, the lengths, the
@@ -24,11 +26,11 @@ import torch
 from torch import nn
 
 from bcoder_ray.algorithms.base import Algorithm, Rows, RunContext, StageModule, StagePlan
-from bcoder_ray.algorithms.policy_gradient.losses import ValueHead
-from bcoder_ray.algorithms.bcoder.targets import checkpoint_identity
-from bcoder_ray.model.lm import LoadOptions, PolicyLM, load_lm
+from bcoder_ray.algorithms.common import ValueHead
+from bcoder_ray.buffer.filters import Filters
+from bcoder_ray.model.lm import LoadOptions, PolicyLM, checkpoint_identity, load_lm
 from bcoder_ray.util.storage import local_dir
-from bcoder_ray.model.tokenization import load_tokenizer, tokenizer_fingerprint
+from bcoder_ray.model.tokenization import tokenizer_fingerprint
 
 VALUE_HEAD_FILE = "ppo_value_head.safetensors"
 ON_POLICY_COLUMNS = ("logprobs",)
@@ -63,8 +65,8 @@ def on_policy_rows(policy_version: str, extra_columns: tuple[str, ...] = (),
                    token_columns: tuple[str, ...] = ()) -> Rows:
     """Generated rows sampled (not greedy) by `policy_version` with their sampling log-probabilities, drawn
     uniformly (no human mixing); `logprobs` comes as a per-token column."""
-    filters = {"policy_versions": (str(policy_version),), "decoding": ("sample",), "sources": ("generated",),
-               "require_logprobs": True}
+    filters = Filters(policy_versions=(str(policy_version),), decoding=("sample",), sources=("generated",),
+                      require_logprobs=True)
     extra = tuple(dict.fromkeys((*ON_POLICY_COLUMNS, *extra_columns)))
     return Rows(rho_real=None, filters=filters, extra_columns=extra,
                 token_columns=tuple(dict.fromkeys((*ON_POLICY_COLUMNS, *token_columns))))
@@ -119,7 +121,7 @@ class LMPolicyAlgorithm(Algorithm):
 
     @cached_property
     def _tokenizer(self):
-        return load_tokenizer(self.ctx.tokenizer_path, options=self.ctx.options_for(self.ctx.tokenizer_path))
+        return self.ctx.load_tokenizer()
 
     def policy(self, state: dict) -> str | None:
         return state.get(self.stage)

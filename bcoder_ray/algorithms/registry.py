@@ -79,16 +79,16 @@ def parse_algorithm_config(data: Mapping[str, Any]) -> AlgorithmConfig:
     return algorithm_class(str(data.get("name", ""))).Config.model_validate(dict(data))
 
 
-def make_algorithm(name: str, config: Mapping[str, Any] | AlgorithmConfig, ctx: RunContext | Mapping[str, Any],
+def make_algorithm(name: str, config: Mapping[str, Any] | AlgorithmConfig, ctx: RunContext,
                    modules: Iterable[str] = ()) -> Algorithm:
-    """An algorithm instance from plain data (what Ray Train workers and actors receive)."""
+    """An algorithm instance in this process (a Ray Train worker, an actor, the driver), after importing `modules`;
+    `config`: its typed config, or a mapping of its fields."""
     import_modules(modules)
     cls = algorithm_class(name)
     cfg = config if isinstance(config, AlgorithmConfig) else cls.Config.model_validate(dict(config))
-    return cls(cfg, ctx if isinstance(ctx, RunContext) else RunContext(**ctx))
+    return cls(cfg, ctx)
 
 
-def load_ranker(ref: RankerRef, ctx: RunContext | Mapping[str, Any], modules: Iterable[str] = (),
-                device: Any = None) -> Ranker:
+def load_ranker(ref: RankerRef, ctx: RunContext, modules: Iterable[str] = (), device: Any = None) -> Ranker:
     """The ranker `ref` names, loaded in this process (an actor, `experiments/evaluate.py --rank-with`)."""
     return make_algorithm(ref.algorithm, ref.config, ctx, modules).load_ranker(ref.spec, ref.label, device)

@@ -25,8 +25,8 @@ Public API (`bcoder_ray.buffer`; this module is its facade, the parts live besid
 Rows. `make_row(problem, program, program_ids, exec_result, source=..., tokenizer_hash=..., iteration=...,
 policy_version=..., actor=..., sampling=..., decoding="sample", logprobs=None, truncated=False, run_id=None)`
 builds one from an `envs.problem.Problem` and an `envs.result.ExecResult`. `append` takes a list of such dicts,
-a dict of columns or a `pyarrow.Table` with columns of `bcoder_ray.buffer.schema.SAMPLE_SCHEMA` (the contract
-in plan.md); `sample_id` and `schema_version` are always computed, `program_hash` when absent, and rows are
+a dict of columns or a `pyarrow.Table` with columns of `bcoder_ray.buffer.schema.SAMPLE_SCHEMA` (the
+contract); `sample_id` and `schema_version` are always computed, `program_hash` when absent, and rows are
 validated (source, outcome, reward = eq. 2 of the outcome, split, decoding in ("sample", "greedy"), logprobs one
 value per program token or null) with the offending row named. Columnar input is the fast path (a 4096-row
 actor batch is one file).

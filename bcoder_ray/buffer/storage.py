@@ -4,7 +4,6 @@ temporary and metadata names, footer validation and quarantine."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 import warnings

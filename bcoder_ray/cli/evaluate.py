@@ -227,23 +227,19 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"suite {args.suite!r} split {args.split!r} has no problems with options {options}")
     if args.critic_sampling:
         return critic_sampling_main(args, problems)
-    sampler, ranker, rank_tokenizer = models_from_args(args)
+    sampler, ranker, _ = models_from_args(args)
     out = Path(args.out)
     with Executor(workers=args.workers) as executor:
         if args.rank_file:
             if ranker is None:
                 raise SystemExit("--rank-file needs a ranker: --rank-with RUN_DIR (or --run-dir of a run with one)")
-            from bcoder_ray.model.lm import LoadOptions
             from bcoder_ray.loop.run_folder import load_run
-            from bcoder_ray.model.tokenization import load_tokenizer
 
-            ctx = load_run(args.rank_with or args.run_dir).context()  # the ranking run's load options
-            options = LoadOptions.from_mapping(ctx["load_options"]).for_source(rank_tokenizer, ctx["theta_ckpt"])
-            metrics = rank_candidates_file(args.rank_file, problems, ranker, load_tokenizer(
-                                               rank_tokenizer, options=options), executor, out, ks=args.ks,
-                                           max_program_len=args.max_new_tokens, max_prompt_len=args.max_prompt_len,
-                                           ci_level=args.confidence,
-                                           chat_template=bool(ctx.get("chat_template", False)))
+            ctx = load_run(args.rank_with or args.run_dir).context()  # the ranking run's tokenizer and options
+            metrics = rank_candidates_file(args.rank_file, problems, ranker, ctx.load_tokenizer(), executor, out,
+                                           ks=args.ks, max_program_len=args.max_new_tokens,
+                                           max_prompt_len=args.max_prompt_len, ci_level=args.confidence,
+                                           chat_template=ctx.chat_template)
         else:
             settings = SamplingSettings(m=args.m, temperature=args.temperature, top_p=args.top_p,
                                         max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,

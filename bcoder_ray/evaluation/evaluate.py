@@ -1,7 +1,8 @@
 """Evaluation: candidates (`bcoder_ray.model.candidates`: sample → execute → rank) saved with their metrics.
 
     sampler = load_sampler(policy_dir, tokenizer=tok, label="theta-iter2")
-    ranker = load_ranker(run.ranker_ref(), run.context)          # optional: any algorithm's ranker
+    run = load_run("runs/x")                                     # optional: any algorithm's ranker
+    ranker = load_ranker(run.algorithm().ranker(run.state.algorithm), run.context())
     with Executor(workers=2) as executor:
         metrics = evaluate(load_suite("embedded", "test")[:20], sampler, executor, SamplingSettings(m=8),
                            out_dir="runs/x/eval/final", ks=(1, 5), ranker=ranker)
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from bcoder_ray.algorithms.base import Ranker
+from bcoder_ray.model.ranker import Ranker
 from bcoder_ray.model.candidates import Sampler, SamplingSettings, ScoredCandidate, sample_and_score, score_with_reruns
 from bcoder_ray.evaluation.metrics import (CANDIDATES_FILE, METRICS_FILE, CandidateError, CandidateRecord,
                                 as_candidate_records, metrics_from_candidates, read_candidates,
@@ -65,7 +66,7 @@ def evaluate(problems: Sequence[Problem], sampler: Sampler, executor: Any, setti
             "ranker": ranker.label if ranker is not None else None,
             "infra_failures": sum(c.infra for c in candidates)}  # no verdict on any re-run: left out
     info.update(dict(meta or {}))
-    return write_evaluation(out_dir, [c.record() for c in candidates if not c.infra], ks=ks, ci_level=ci_level,
+    return write_evaluation(out_dir, [CandidateRecord.of(c) for c in candidates if not c.infra], ks=ks, ci_level=ci_level,
                             seed=settings.seed, meta=info, n_at_k_pairs=n_at_k_pairs)
 
 

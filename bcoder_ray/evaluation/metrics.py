@@ -47,12 +47,15 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from envs.jsonl import iter_jsonl
 from envs.result import OUTCOMES, Outcome
+
+if TYPE_CHECKING:  # only for the annotation: the metrics need no torch
+    from bcoder_ray.model.candidates import ScoredCandidate
 
 CANDIDATES_FILE = "candidates.jsonl"
 METRICS_FILE = "metrics.json"
@@ -95,6 +98,18 @@ class CandidateRecord:
     @property
     def problem_key(self) -> tuple[str, str, str]:
         return (self.suite, self.split, self.problem_id)
+
+    @classmethod
+    def of(cls, c: ScoredCandidate) -> "CandidateRecord":
+        """The record of a scored candidate (one with a verdict)."""
+        if c.result is None or c.result.is_infra:
+            raise ValueError(f"{c.problem.key} sample {c.sample_index}: no verdict, no candidate record")
+        return cls(
+            suite=c.problem.suite, split=c.problem.split, problem_id=c.problem.problem_id,
+            difficulty=c.problem.difficulty, sample_index=c.sample_index, program=c.program,
+            outcome=c.result.outcome.value, reward=c.result.reward, passed=c.result.passed,
+            example_passed=None if c.example_result is None else c.example_result.passed,
+            rtilde=c.rtilde, model=c.model, ranker=c.ranker if c.rtilde is not None else None)
 
     def to_json(self) -> dict:
         return asdict(self)

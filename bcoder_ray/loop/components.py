@@ -9,7 +9,6 @@ import os
 
 from bcoder_ray.algorithms.base import RunContext
 from bcoder_ray.config import Config, ConfigError
-from bcoder_ray.model.lm import LoadOptions
 from bcoder_ray.model.warm_start import WarmStartConfig
 from envs.execute import Executor
 
@@ -58,9 +57,11 @@ def executor_kwargs(cfg: Config) -> dict:
 
 
 def run_context(cfg: Config, theta_ckpt: str, buffer_uri: str | None = None) -> RunContext:
+    """The `RunContext` of a run of `cfg` from θ_ckpt (the driver's; a run folder's read back:
+    `bcoder_ray.loop.run_folder.LoadedRun.context`)."""
     m = cfg.model
     return RunContext(theta_ckpt=theta_ckpt, tokenizer_path=m.tokenizer or theta_ckpt, source_len=m.source_len,
                       target_len=m.target_len, dtype=m.dtype, seed=cfg.run.seed, buffer_uri=buffer_uri,
-                      load_options=LoadOptions.from_mapping(m.load_options()).as_dict(),
+                      load_options=m.load_options(),
                       eos_token_ids=None if m.eos_token_ids is None else tuple(m.eos_token_ids),
                       chat_template=m.chat_template, stop_strings=tuple(m.stop_strings))

@@ -47,15 +47,15 @@ from bcoder_ray.loop.metric_sinks import MetricSinks, metric_sinks
 from bcoder_ray.evaluation.reuse import READS_DIR, reuse_stats
 from bcoder_ray.loop.ray_session import ray_session
 from bcoder_ray.loop.resources import cluster_need, describe, local_cluster, plan_schedule
-from bcoder_ray.loop.rollout import (ActorPool, ActorSettings, PolicyRef, PolicyWorker, SamplingSpec, WorkerArgs,
-                                iteration_slice, make_tasks)
+from bcoder_ray.loop.rollout import (ActorPool, ActorSettings, PolicyRef, PolicyWorker, WorkerArgs, iteration_slice,
+                                make_tasks)
 from bcoder_ray.loop.run_folder import (CONFIG_FILE, TABLE_FILE, RunPlan, RunState, prepare_run as _prepare_run,
                                    version_name, write_metrics_lines)
 from bcoder_ray.evaluation.plots import plot_budget_curve
 from bcoder_ray.loop.run_table import final_table, probe_points
 from bcoder_ray.util.storage import is_dir, is_local_path, join_uri, upload_dir
 from bcoder_ray.loop.storage_probe import check_every_node_sees
-from bcoder_ray.model.tokenization import load_tokenizer, pad_id, require_chat_template, tokenizer_fingerprint
+from bcoder_ray.model.tokenization import pad_id, require_chat_template, tokenizer_fingerprint
 from bcoder_ray.model.warm_start import warm_start
 from envs.execute import Executor
 from envs.registry import load_suite
@@ -126,11 +126,6 @@ class Run:
 
         return tqdm(total=total, desc=desc, disable=not self.cfg.run.progress, file=sys.stderr, leave=False)
 
-    def sampling(self, section) -> SamplingSpec:
-        return SamplingSpec(n=section.samples_per_problem, temperature=section.temperature, top_p=section.top_p,
-                            max_new_tokens=section.max_new_tokens or self.cfg.model.target_len,
-                            prompts_per_call=section.prompts_per_call)
-
     def policy_ref(self, label: str | None = None) -> PolicyRef:
         st = self.state
         return PolicyRef(path=st.policy or st.theta_ckpt, version=st.policy_version,
@@ -154,7 +149,7 @@ class Run:
         self.ctx = run_context(cfg, st.theta_ckpt, self.buffer_uri())
         self.algorithm = make_algorithm(cfg.algorithm.name, cfg.algorithm, self.ctx, cfg.imports)
         st.save(self.run_dir)
-        self.tokenizer = load_tokenizer(self.ctx.tokenizer_path, options=self.ctx.options_for(self.ctx.tokenizer_path))
+        self.tokenizer = self.ctx.load_tokenizer()
         if self.ctx.chat_template:
             try:
                 require_chat_template(self.tokenizer)
@@ -184,11 +179,9 @@ class Run:
     def start_pool(self) -> None:
         cfg, r, e = self.cfg, self.cfg.rollout, self.cfg.executor
         splits = {"train": self.train, **self.eval_sets}
-        args = WorkerArgs(problems=splits, tokenizer_path=self.ctx.tokenizer_path, source_len=cfg.model.source_len,
-                          target_len=cfg.model.target_len, buffer_uri=self.buffer_uri(),
-                          context=dataclasses.asdict(self.ctx), imports=tuple(cfg.imports), run_id=self.state.run_id,
-                          executor=executor_kwargs(cfg),
-                          num_threads=max(1, math.ceil(r.cpus_per_actor)), dtype=cfg.model.dtype, engine=r.engine)
+        args = WorkerArgs(problems=splits, context=self.ctx, imports=tuple(cfg.imports), run_id=self.state.run_id,
+                          executor=executor_kwargs(cfg), num_threads=max(1, math.ceil(r.cpus_per_actor)),
+                          engine=r.engine)
         self.pool = ActorPool(self.worker_cls, ActorSettings(num_actors=r.num_actors, num_cpus=r.cpus_per_actor,
                                                              num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts,
                                                              max_task_retries=r.max_restarts),
@@ -270,9 +263,9 @@ class Run:
     def rollout(self, it: int) -> dict | None:
         """Sample and score programs of this iteration's train problems into the buffer, within the budget."""
         cfg, st = self.cfg, self.state
-        r, sampling, request = cfg.rollout, self.sampling(cfg.rollout), self.algorithm.rollout_request()
+        r, sampling, request = cfg.rollout, cfg.rollout.settings(cfg.model), self.algorithm.rollout_request()
         indices = iteration_slice(len(self.train), r.problems_per_iteration, it)
-        per_problem = sampling.n + (1 if request.greedy_baseline else 0)
+        per_problem = sampling.m + (1 if request.greedy_baseline else 0)
         if cfg.run.budget_programs is not None:
             left = cfg.run.budget_programs - st.programs_sampled
             indices = indices[: max(0, left // per_problem)]
@@ -298,11 +291,14 @@ class Run:
 
     def scoped(self, plan: StagePlan) -> StagePlan:
         """The plan's rows (and its targets' rows) restricted to this run's suite and tokenizer: a buffer shared
-        by several runs (`buffer.uri`) may hold other suites' rows, and rows of another tokenizer's token ids."""
-        scope = {"suites": (self.cfg.suite.name,), "tokenizer_hash": self.tokenizer_hash}
+        by several runs (`buffer.uri`) may hold other suites' rows, and rows of another tokenizer's token ids (a
+        plan that names its own suites or tokenizer hash keeps them)."""
 
         def within(rows: Rows) -> Rows:
-            return dataclasses.replace(rows, filters={**scope, **dict(rows.filters)})
+            f = rows.filters
+            return dataclasses.replace(rows, filters=dataclasses.replace(
+                f, suites=(self.cfg.suite.name,) if f.suites is None else f.suites,
+                tokenizer_hash=self.tokenizer_hash if f.tokenizer_hash is None else f.tokenizer_hash))
 
         targets = plan.targets and dataclasses.replace(plan.targets, rows=within(plan.targets.rows))
         return dataclasses.replace(plan, rows=within(plan.rows), targets=targets)
@@ -311,9 +307,9 @@ class Run:
         if plan.targets is None:
             return 0
         b, cfg = self.cfg.buffer, self.cfg
-        job = TargetJob(AlgorithmRef(cfg.algorithm.name, cfg.algorithm.model_dump(), dataclasses.asdict(self.ctx),
-                                     tuple(cfg.imports)), plan.targets, pad_id(self.tokenizer),
-                        batch_size=b.targets_batch_size, threads=max(1, math.ceil(b.targets_cpus)))
+        job = TargetJob(AlgorithmRef(cfg.algorithm.name, cfg.algorithm, self.ctx, tuple(cfg.imports)), plan.targets,
+                        pad_id(self.tokenizer), batch_size=b.targets_batch_size,
+                        threads=max(1, math.ceil(b.targets_cpus)))
         started = time.time()
         n = fill_targets(self.buffer, job, num_cpus=b.targets_cpus, num_gpus=b.targets_gpus,
                          pool=self.pool if b.targets_via == "actors" else None)
@@ -330,14 +326,13 @@ class Run:
         resume = label in running
         name = running.setdefault(label, f"{label}-iter{it}-{uuid.uuid4().hex[:6]}")
         self.state.save(self.run_dir)
-        job = StageJob(algorithm=cfg.algorithm.name, algorithm_config=cfg.algorithm.model_dump(),
-                       context=dataclasses.asdict(self.ctx), plan=dataclasses.asdict(plan),
-                       optim=st.model_dump(mode="json"), imports=tuple(cfg.imports), seed=cfg.run.seed + it,
-                       progress=cfg.run.progress, step_offset=it * st.steps)
+        job = StageJob(algorithm=cfg.algorithm.name, algorithm_config=cfg.algorithm, context=self.ctx, plan=plan,
+                       optim=st, imports=tuple(cfg.imports), seed=cfg.run.seed + it, progress=cfg.run.progress,
+                       step_offset=it * st.steps)
         rows = plan.rows
         dataset = self.buffer.ray_dataset(
             st.batch_size_per_worker, job.batches_needed(st.num_workers), rho_real=rows.rho_real,
-            filters=dict(rows.filters) or None, seed=cfg.run.seed * 1000 + it,
+            filters=rows.filters, seed=cfg.run.seed * 1000 + it,
             targets_fingerprint=plan.targets.fingerprint if plan.targets else None,
             extra_columns=(*rows.extra_columns, "sample_id"), num_cpus=cfg.buffer.dataset_cpus)
         scaling = ScalingSpec(num_workers=st.num_workers, use_gpu=st.use_gpu, cpus_per_worker=st.cpus_per_worker,
@@ -357,14 +352,14 @@ class Run:
         """Candidates of the published policy on an evaluation split (ranked by the algorithm's ranker when it
         has one and `rank`), written under eval/<label>/; never appended to the learners' buffer."""
         ev, problems = self.cfg.evaluation, self.eval_sets[split]
-        sampling = self.sampling(ev)
+        sampling = ev.settings(self.cfg.model)
         ranker = self.algorithm.ranker(self.state.algorithm) if rank and ev.rank else None
         # the same task keys and seeds for every evaluation of a split (common random numbers: the policies
         # compared in the final table draw their candidates with the same sampler seeds, problem by problem)
         tasks = make_tasks(f"eval-{split}", range(len(problems)), self.cfg.rollout.problems_per_task, -1,
                            self.cfg.run.seed)
         started = time.time()
-        bar = self.bar(len(problems) * sampling.n, f"evaluate {label}")
+        bar = self.bar(len(problems) * sampling.m, f"evaluate {label}")
         parts = self.pool.candidates(tasks, self.policy_ref(), sampling, split, ranker=ranker,
                                      examples=ev.filtered, on_result=lambda task, out: bar.update(len(out["records"])))
         bar.close()
@@ -379,7 +374,7 @@ class Run:
                                          "ranker": None if ranker is None else ranker.label,
                                          "sampling": dataclasses.asdict(sampling)})
         o = metrics["overall"]
-        self.log(f"evaluation {label} ({time.time() - started:.0f}s): {o['n_problems']} problems × {sampling.n} "
+        self.log(f"evaluation {label} ({time.time() - started:.0f}s): {o['n_problems']} problems × {sampling.m} "
                  f"samples: pass@1 {pct(_get(o, 'pass', 1))}"
                  + (f", ranked pass@1 {pct(_get(o, 'ranked_pass', 1))}" if ranker is not None else ""))
         return {"label": policy.label, "split": split, "dir": str(folder), "overall": o,
@@ -392,14 +387,14 @@ class Run:
         if n == 0 or any(p["iteration"] == it for p in self.state.probe):
             return
         r = self.cfg.rollout
-        sampling = dataclasses.replace(self.sampling(r), n=self.cfg.run.probe_samples)
+        sampling = dataclasses.replace(r.settings(self.cfg.model), m=self.cfg.run.probe_samples)
         tasks = make_tasks("probe", range(n), r.problems_per_task, -1, self.cfg.run.seed)
         records = [x for part in self.pool.candidates(tasks, self.policy_ref(), sampling, "train")
                    for x in part["records"]]
         rate = sum(x.passed for x in records) / max(1, len(records))
         self.state.probe.append({"iteration": it, "pass_rate": rate, "programs": len(records)})
         self.scalar("probe/pass_rate", rate, it + 1)
-        self.log(f"probe set ({n} train problems × {sampling.n}): pass rate {rate:.3f}")
+        self.log(f"probe set ({n} train problems × {sampling.m}): pass rate {rate:.3f}")
 
     def iteration(self, it: int) -> dict | None:
         cfg, st, algo = self.cfg, self.state, self.algorithm
@@ -424,9 +419,8 @@ class Run:
             if label in progress["stages"]:
                 self.log(f"stage {label}: finished before the interruption; not redone")
                 continue
-            if plan.skip_if_empty and not self.buffer.read(columns=["sample_id"],
-                                                           filters=dict(plan.rows.filters) or None).num_rows:
-                self.log(f"stage {label}: no buffer rows match {dict(plan.rows.filters)}; skipped")
+            if plan.skip_if_empty and not self.buffer.read(columns=["sample_id"], filters=plan.rows.filters).num_rows:
+                self.log(f"stage {label}: no buffer rows match {plan.rows.filters}; skipped")
                 algo.after_stage(plan, None, it, st.algorithm)
                 progress["stages"][label] = {"skipped": True}
                 st.save(self.run_dir)

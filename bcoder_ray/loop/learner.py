@@ -1,21 +1,22 @@
 """One Ray Train loop for any algorithm's stage: each stage of an iteration is one `TorchTrainer` run.
 
-    job = StageJob(algorithm="bcoder", algorithm_config=cfg.algorithm.model_dump(), context=asdict(ctx),
-                   plan=asdict(plan), optim=cfg.stage("theta").model_dump(), seed=3)
+    job = StageJob(algorithm="bcoder", algorithm_config=cfg.algorithm, context=ctx, plan=plan,
+                   optim=cfg.stage("theta"), seed=3)
     dataset = buffer.ray_dataset(B, job.batches_needed(num_workers), rho_real=plan.rows.rho_real, ...)
     result = train_stage(job, dataset, ScalingSpec(num_workers=2, cpus_per_worker=0.5),
                          storage_path="s3://bucket/runs/r1/train", name="theta-iter1-a0",
                          tensorboard_dir=run_dir / "tensorboard" / "theta", reads_dir=run_dir / "reads" / "theta-iter1-a0")
     result.checkpoint_dir      # what the stage's `StageModule.save` wrote: s3://bucket/runs/r1/train/theta-iter1-a0/final
 
-Each worker rebuilds the algorithm from plain data (`bcoder_ray.algorithms.make_algorithm`, after importing the
-modules that register outside algorithms), builds the stage's `StageModule` (`Algorithm.build_stage`), spreads it
-over the workers (`bcoder_ray.loop.sharding.distribute`: DDP over exactly its trainable parameters, or FSDP), reads
-mini-batches from its shard of the buffer's Ray Data view (`ray.train.get_dataset_shard`), and optimises with AdamW
-under the configured schedule, gradient accumulation, mixed precision and clipping. Metrics go out with
-`ray.train.report` every `report_every` steps; the last report carries the checkpoint (rank 0 writes it) and the
-whole metric history. Ray Train's storage is `storage_path`, a local path or a URI every node reaches (with its
-pyarrow filesystem: `bcoder_ray.util.storage.resolve`), and the checkpoint comes back as a location of the same
+The job crosses to the workers as it is (Ray pickles it: the algorithm's typed config, the `RunContext`, the
+`StagePlan`, the `StageConfig`). Each worker rebuilds the algorithm (`bcoder_ray.algorithms.make_algorithm`, after
+importing the modules that register outside algorithms), builds the stage's `StageModule` (`Algorithm.build_stage`),
+spreads it over the workers (`bcoder_ray.loop.sharding.distribute`: DDP over exactly its trainable parameters, or
+FSDP), reads mini-batches from its shard of the buffer's Ray Data view (`ray.train.get_dataset_shard`), and
+optimises with AdamW under the configured schedule, gradient accumulation, mixed precision and clipping. Metrics go
+out with `ray.train.report` every `report_every` steps; the last report carries the checkpoint (rank 0 writes it)
+and the whole metric history. Ray Train's storage is `storage_path`, a local path or a URI every node reaches (with
+its pyarrow filesystem: `bcoder_ray.util.storage.resolve`), and the checkpoint comes back as a location of the same
 kind. The workers write nothing else: the progress bar, live TensorBoard scalars and the per-rank read counts go
 through a `bcoder_ray.loop.stage_channel.StageChannel` actor, and the driver writes those files.
 
@@ -31,15 +32,15 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.fs as pafs
 import torch
 
 from bcoder_ray.algorithms import make_algorithm
-from bcoder_ray.algorithms.base import Rows, StagePlan, TargetsPlan
+from bcoder_ray.algorithms.base import AlgorithmConfig, RunContext, StagePlan
+from bcoder_ray.config import StageConfig
 from bcoder_ray.model.batch import collate
 from bcoder_ray.buffer import rows_from_batch
 from bcoder_ray.loop.metric_sinks import MetricSinks
@@ -48,7 +49,7 @@ from bcoder_ray.util.storage import is_uri, join_uri, resolve, upload_dir, uri_o
 from bcoder_ray.loop.sharding import (distribute, global_grad_norm, gradient_sync, is_sharded, portable_state,
                                  restore_state, saveable)
 from bcoder_ray.loop.stage_channel import stage_channel
-from bcoder_ray.model.tokenization import load_tokenizer, pad_id
+from bcoder_ray.model.tokenization import pad_id
 
 CHECKPOINT_DIR_NAME = "final"
 RESUME_FILE = "resume.pt"  # in a resumable checkpoint: trained parameters, optimiser, scheduler, RNG, step
@@ -56,13 +57,13 @@ RESUME_FILE = "resume.pt"  # in a resumable checkpoint: trained parameters, opti
 
 @dataclass(frozen=True)
 class StageJob:
-    """Everything one stage's workers need (plain data, built by the driver)."""
+    """Everything one stage's workers need (built by the driver; the workers receive the objects themselves)."""
 
     algorithm: str  # a registered algorithm's name
-    algorithm_config: dict  # its config (AlgorithmConfig.model_dump())
-    context: dict  # RunContext fields
-    plan: dict  # the StagePlan (dataclasses.asdict)
-    optim: dict  # StageConfig fields
+    algorithm_config: AlgorithmConfig  # its typed config
+    context: RunContext
+    plan: StagePlan  # the stage, bound to the algorithm's state (`Algorithm.prepare_stage`)
+    optim: StageConfig  # the stage's optimiser settings (`stages.<name>`)
     imports: tuple[str, ...] = ()  # modules that register outside algorithms
     seed: int = 0
     progress: bool = True
@@ -70,15 +71,15 @@ class StageJob:
 
     @property
     def steps(self) -> int:
-        return int(self.optim["steps"])
+        return self.optim.steps
 
     @property
     def stage(self) -> str:
-        return self.plan.get("label") or self.plan["name"]
+        return self.plan.label or self.plan.name
 
     def batches_needed(self, num_workers: int) -> int:
         """Mini-batches the dataset must hold for `steps` optimiser steps on `num_workers` workers."""
-        return self.steps * int(self.optim["grad_accum"]) * max(1, num_workers)
+        return self.steps * self.optim.grad_accum * max(1, num_workers)
 
 
 @dataclass(frozen=True)
@@ -114,20 +115,6 @@ def learning_rate_factor(step: int, steps: int, schedule: str, warmup_steps: int
     raise ValueError(f"unknown lr schedule {schedule!r}")
 
 
-def plan_from_dict(data: dict) -> StagePlan:
-    """A `StagePlan` back from `dataclasses.asdict` (what crossed to the workers)."""
-    rows = Rows(**{**data["rows"], "filters": dict(data["rows"]["filters"]),
-                   "extra_columns": tuple(data["rows"]["extra_columns"]),
-                   "token_columns": tuple(data["rows"]["token_columns"])})
-    targets = None
-    if data.get("targets"):
-        t = data["targets"]
-        targets = TargetsPlan(t["fingerprint"], tuple(t["columns"]), dict(t["spec"]),
-                              Rows(**{**t["rows"], "extra_columns": tuple(t["rows"]["extra_columns"]),
-                                      "token_columns": tuple(t["rows"]["token_columns"])}))
-    return StagePlan(data["name"], rows, targets, dict(data["spec"]), data.get("label", ""))
-
-
 def _batches(shard, batch_size: int):
     """Endless pyarrow mini-batches from a dataset shard (a new epoch when one ends)."""
     while True:
@@ -145,8 +132,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     entered = time.time()
-    job = StageJob(**config["job"])
-    o = SimpleNamespace(**job.optim)
+    job: StageJob = config["job"]
+    o = job.optim
     quiet_libraries()
     quiet_ray_logs()
     torch.set_num_threads(max(1, math.ceil(o.cpus_per_worker)))
@@ -155,9 +142,8 @@ def train_loop_per_worker(config: dict) -> None:
     world = ctx.get_world_size()
     device = ray.train.torch.get_device()
     algorithm = make_algorithm(job.algorithm, job.algorithm_config, job.context, job.imports)
-    plan = plan_from_dict(job.plan)
-    tokenizer = load_tokenizer(algorithm.ctx.tokenizer_path, options=algorithm.ctx.options_for(
-        algorithm.ctx.tokenizer_path))
+    plan = job.plan
+    tokenizer = job.context.load_tokenizer()
     pad = pad_id(tokenizer)
     token_columns = plan.rows.token_columns
     info_columns = tuple(c for c in plan.rows.extra_columns if c not in token_columns)
@@ -353,7 +339,7 @@ def train_stage(job: StageJob, dataset, scaling: ScalingSpec, *, storage_path: s
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker or 1
-    loop_config: dict[str, Any] = {"job": asdict(job)}
+    loop_config: dict[str, Any] = {"job": job}
     local_copy = None
     if scaling.num_workers == 0:  # Ray Train's local mode: the loop runs in this process, no worker group
         if is_uri(str(storage_path)):  # saved here, uploaded after the stage

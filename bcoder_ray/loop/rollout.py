@@ -3,13 +3,18 @@ environment's batch path and append them to the replay buffer; the same actors s
 evaluation and fill cached targets. Nothing here knows which algorithm runs: an actor loads a policy (an LM
 folder) and, for ranking, whatever `RankerRef` it is handed.
 
-    pool = ActorPool(PolicyWorker, ActorSettings(num_actors=2, num_cpus=0.5), worker_args)
+    pool = ActorPool(PolicyWorker, ActorSettings(num_actors=2, num_cpus=0.5), WorkerArgs(problems, ctx))
+    sampling = cfg.rollout.settings(cfg.model)                      # a SamplingSettings, as every sampler takes it
     summaries = pool.rollout(tasks, policy, sampling, request)      # each task's rows appended under task.key
     records = pool.candidates(tasks, policy, sampling, "test", ranker=ref)
     pool.shutdown()
 
-- A task's sampling seed is a function of the task alone, and the buffer's `append` writes nothing for a key it
-  already holds, so a task that is redone (its actor died, or the driver was restarted) adds no duplicate rows.
+What the actors are handed crosses to them as the typed objects themselves (Ray pickles them): the `RunContext`
+in `WorkerArgs`, `SamplingSettings`, `PolicyRef`, `RankerRef`, `RolloutRequest`, `TargetJob`.
+
+- A task's sampling seed is a function of the task alone (it replaces `SamplingSettings.seed`), and the buffer's
+  `append` writes nothing for a key it already holds, so a task that is redone (its actor died, or the driver was
+  restarted) adds no duplicate rows.
   A task's greedy baselines (CodeRL) are appended with its samples, under the same key.
 - Fault tolerance is Ray's: an actor that dies is restarted (`max_restarts`) and the call it was running is
   retried on it (`max_task_retries`); `ray.util.ActorPool` hands tasks to free actors as they finish.
@@ -24,24 +29,24 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import ray
 from ray.util import ActorPool as RayActorPool
 
 from bcoder_ray.algorithms import load_ranker
-from bcoder_ray.algorithms.base import RankerRef, RolloutRequest
+from bcoder_ray.algorithms.base import RankerRef, RolloutRequest, RunContext
 from bcoder_ray.buffer import ReplayBuffer, make_row
+from bcoder_ray.evaluation.metrics import CandidateRecord
 from bcoder_ray.loop.target_filling import TargetChunk, TargetComputer, TargetJob
 from bcoder_ray.model.candidates import SamplingSettings, load_sampler, sample_and_score
-from bcoder_ray.model.lm import LoadOptions
 from bcoder_ray.util.quiet import quiet_libraries
-from bcoder_ray.model.tokenization import TextFormat, encode_prompt, load_tokenizer, tokenizer_fingerprint
+from bcoder_ray.model.tokenization import encode_prompt, tokenizer_fingerprint
 from envs.problem import Problem
 
 
-# ---------------------------------------------------------------------------------------------- plain data
+# ---------------------------------------------------------------------------------------------- what actors are handed
 
 
 @dataclass(frozen=True)
@@ -51,18 +56,6 @@ class PolicyRef:
     path: str  # an LM folder (`from_pretrained`): the published policy, or θ_ckpt
     version: str  # policy_version written with each row: "0" = θ_ckpt, "k" = the policy after iteration k-1
     label: str = "ckpt"  # how records name this policy (e.g. "warm-start", "theta-iter2")
-
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    n: int  # samples per problem (m)
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    prompts_per_call: int = 4
-
-    def as_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -77,19 +70,14 @@ class Task:
 
 @dataclass
 class WorkerArgs:
-    """Constructor arguments of `PolicyWorker` (plain data, sent once per actor)."""
+    """Constructor arguments of `PolicyWorker` (sent once per actor, kept for its restarts)."""
 
     problems: dict[str, list[Problem]]  # by split name
-    tokenizer_path: str
-    source_len: int
-    target_len: int
-    buffer_uri: str | None
-    context: dict = field(default_factory=dict)  # RunContext fields (for rankers and target computers)
+    context: RunContext  # the run's tokenizer, lengths, dtype, load options, text format, seed, buffer
     imports: tuple[str, ...] = ()  # modules that register outside algorithms
     run_id: str | None = None
     executor: dict = field(default_factory=dict)  # keyword arguments of envs.execute.Executor
     num_threads: int = 1
-    dtype: str = "float32"
     engine: str = "torch"  # rollout.engine: what samples the rollouts (torch or vllm)
 
 
@@ -175,16 +163,14 @@ class PolicyWorker:
         torch.set_num_threads(max(1, args.num_threads))
         quiet_libraries()
         self.args = args
+        self.ctx = args.context
         self.actor_name = actor_name or f"actor-{os.getpid()}"
-        self.load_options = LoadOptions.from_mapping(args.context.get("load_options"))
-        self.theta_ckpt = args.context.get("theta_ckpt")  # the revision in load_options is for θ_ckpt's loads
-        self.tokenizer = load_tokenizer(args.tokenizer_path,
-                                        options=self.load_options.for_source(args.tokenizer_path, self.theta_ckpt))
-        self.text_format = TextFormat.from_mapping(args.context)
+        self.tokenizer = self.ctx.load_tokenizer()
+        self.text_format = self.ctx.text_format()
         self.tokenizer_hash = tokenizer_fingerprint(self.tokenizer, self.text_format)
         self.problems = args.problems
         self._prompt_ids: dict[str, list[list[int]]] = {
-            split: [encode_prompt(self.tokenizer, p.prompt, args.source_len, self.text_format.chat_template)
+            split: [encode_prompt(self.tokenizer, p.prompt, self.ctx.source_len, self.text_format.chat_template)
                     for p in probs]
             for split, probs in args.problems.items()}
         self._executor_handles = list(executor_handles or [])
@@ -206,9 +192,9 @@ class PolicyWorker:
 
     def _get_buffer(self) -> ReplayBuffer:
         if self._buffer is None:
-            if self.args.buffer_uri is None:
-                raise RuntimeError("PolicyWorker: no buffer_uri, cannot write rollouts")
-            self._buffer = ReplayBuffer(self.args.buffer_uri)
+            if self.ctx.buffer_uri is None:
+                raise RuntimeError("PolicyWorker: the run context has no buffer_uri, cannot write rollouts")
+            self._buffer = ReplayBuffer(self.ctx.buffer_uri)
         return self._buffer
 
     def _cached(self, kind: str, ref: Any, load: Callable[[], Any]) -> Any:
@@ -224,45 +210,44 @@ class PolicyWorker:
     def _sampler(self, policy: PolicyRef):
         import torch
 
+        ctx = self.ctx  # the revision in its load options is for θ_ckpt's loads only
         return self._cached("sampler", policy, lambda: load_sampler(
-            policy.path, tokenizer=self.args.tokenizer_path, label=policy.label,
-            dtype=getattr(torch, self.args.dtype), options=self.load_options, checkpoint=self.theta_ckpt,
-            eos_token_ids=self.args.context.get("eos_token_ids"), engine=self.args.engine,
-            seed=int(self.args.context.get("seed", 0)), text_format=self.text_format))
+            policy.path, tokenizer=ctx.tokenizer_path, label=policy.label, dtype=getattr(torch, ctx.dtype),
+            options=ctx.load_options, checkpoint=ctx.theta_ckpt, eos_token_ids=ctx.eos_token_ids,
+            engine=self.args.engine, seed=ctx.seed, text_format=self.text_format))
 
     def _ranker(self, ref: RankerRef | None):
         if ref is None:
             return None
-        return self._cached("ranker", ref, lambda: load_ranker(ref, self.args.context, self.args.imports))
+        return self._cached("ranker", ref, lambda: load_ranker(ref, self.ctx, self.args.imports))
 
-    def _score(self, split: str, task: Task, policy: PolicyRef, sampling: SamplingSpec, *, examples: bool,
+    def _score(self, split: str, task: Task, policy: PolicyRef, sampling: SamplingSettings, *, examples: bool,
                ranker: RankerRef | None = None, logprobs: bool = False, decoding: str = "sample",
-               n: int | None = None):
+               m: int | None = None):
         """The shared candidates path (`bcoder_ray.model.candidates`) on this actor's models and executor, seeded by
-        the task."""
-        settings = SamplingSettings(m=n or sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                    max_prompt_len=self.args.source_len, max_new_tokens=sampling.max_new_tokens,
-                                    seed=task.seed, prompts_per_call=sampling.prompts_per_call)
+        the task (`m`: programs per problem other than `sampling.m`)."""
+        settings = replace(sampling, m=m or sampling.m, seed=task.seed)
         problems = [self.problems[split][i] for i in task.problem_indices]
         prompts = [self._prompt_ids[split][i] for i in task.problem_indices]
         return sample_and_score(problems, self._sampler(policy), self._get_executor(), settings,
                                 examples=examples, ranker=self._ranker(ranker), prompt_ids=prompts,
                                 logprobs=logprobs, decoding=decoding)
 
-    def rollout(self, task: Task, policy: PolicyRef, sampling: SamplingSpec, request: RolloutRequest,
+    def rollout(self, task: Task, policy: PolicyRef, sampling: SamplingSettings, request: RolloutRequest,
                 split: str = "train") -> dict:
         """Sample (and, when asked, greedy-decode one program per problem), score and append one task's
         programs to the buffer under `task.key` (idempotent)."""
         t0 = time.time()
         scored = self._score(split, task, policy, sampling, examples=False, logprobs=request.logprobs)
         if request.greedy_baseline:
-            scored += self._score(split, task, policy, sampling, examples=False, decoding="greedy", n=1)
+            scored += self._score(split, task, policy, sampling, examples=False, decoding="greedy", m=1)
         infra = sum(c.infra for c in scored)
         scored = [c for c in scored if not c.infra]  # no verdict: never written as a reward
+        sampled = asdict(replace(sampling, seed=task.seed))  # the rows' record of how they were sampled
         rows = [make_row(c.problem, c.program, c.program_ids, c.result, source="generated",
                          tokenizer_hash=self.tokenizer_hash, iteration=task.iteration,
                          policy_version=policy.version, actor=self.actor_name,
-                         sampling=sampling.as_json() if c.decoding == "sample" else "{}", decoding=c.decoding,
+                         sampling=sampled if c.decoding == "sample" else "{}", decoding=c.decoding,
                          logprobs=c.logprobs, truncated=c.truncated, run_id=self.args.run_id)
                 for c in scored]
         written = self._get_buffer().append(rows, batch_key=task.key)
@@ -278,13 +263,13 @@ class PolicyWorker:
     def _after_write(self, task: Task) -> None:
         """Hook between the buffer write and the reply (tests inject a crash here)."""
 
-    def candidates(self, task: Task, policy: PolicyRef, sampling: SamplingSpec, split: str,
+    def candidates(self, task: Task, policy: PolicyRef, sampling: SamplingSettings, split: str,
                    ranker: RankerRef | None, examples: bool) -> dict:
         """Evaluation candidate records (`bcoder_ray.evaluation.metrics.CandidateRecord`) for held-out problems, scored by
         `ranker` when given (never written to the buffer), and how many candidates had no verdict (the sandbox
         failed on every re-run: left out, not counted as failed)."""
         scored = self._score(split, task, policy, sampling, examples=examples, ranker=ranker)
-        return {"records": [c.record() for c in scored if not c.infra], "infra": sum(c.infra for c in scored)}
+        return {"records": [CandidateRecord.of(c) for c in scored if not c.infra], "infra": sum(c.infra for c in scored)}
 
     def fill_targets(self, chunk: TargetChunk, job: TargetJob) -> int:
         """Cached targets for `chunk.table` (rows from `ReplayBuffer.missing_targets`), written under `chunk.key`."""
@@ -326,11 +311,11 @@ class ActorPool:
                 on_result(item, value)
         return results
 
-    def rollout(self, tasks: Iterable[Task], policy: PolicyRef, sampling: SamplingSpec, request: RolloutRequest,
+    def rollout(self, tasks: Iterable[Task], policy: PolicyRef, sampling: SamplingSettings, request: RolloutRequest,
                 split: str = "train", on_result: Callable[[Task, dict], None] | None = None) -> list[dict]:
         return self._map(lambda a, t: a.rollout.remote(t, policy, sampling, request, split), tasks, on_result)
 
-    def candidates(self, tasks: Iterable[Task], policy: PolicyRef, sampling: SamplingSpec, split: str,
+    def candidates(self, tasks: Iterable[Task], policy: PolicyRef, sampling: SamplingSettings, split: str,
                    ranker: RankerRef | None = None, examples: bool = False,
                    on_result: Callable[[Task, dict], None] | None = None) -> list[dict]:
         return self._map(lambda a, t: a.candidates.remote(t, policy, sampling, split, ranker, examples), tasks,

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bcoder_ray.algorithms.base import RunContext
 from bcoder_ray.config import Config, ConfigError, config_from_data, load_config, read_yaml
+from bcoder_ray.loop.components import run_context
 from bcoder_ray.util.atomic import atomic_write_text
 
 STATE_FILE = "state.json"
@@ -162,15 +164,11 @@ class LoadedRun:
 
         return make_algorithm(self.cfg.algorithm.name, self.cfg.algorithm, self.context(), self.cfg.imports)
 
-    def context(self) -> dict:
+    def context(self) -> RunContext:
+        """The run's `RunContext`, from its config.yaml and the θ_ckpt its state.json recorded (no buffer)."""
         if not self.state.theta_ckpt:
             raise ConfigError(f"{self.run_dir / STATE_FILE}: no 'theta_ckpt' recorded")
-        m = self.cfg.model
-        return {"theta_ckpt": self.state.theta_ckpt, "tokenizer_path": m.tokenizer or self.state.theta_ckpt,
-                "source_len": m.source_len, "target_len": m.target_len, "dtype": m.dtype, "seed": self.cfg.run.seed,
-                "load_options": m.load_options(),
-                "eos_token_ids": None if m.eos_token_ids is None else tuple(m.eos_token_ids),
-                "chat_template": m.chat_template, "stop_strings": tuple(m.stop_strings)}
+        return run_context(self.cfg, self.state.theta_ckpt)
 
     def policy_path(self) -> str:
         return self.state.policy or str(self.state.theta_ckpt)
@@ -194,6 +192,7 @@ def sampler_and_ranker(*, checkpoint: str | None = None, run_dir: str | None = N
     `chat_template` / `stop_strings` are given. ValueError / ConfigError name what is missing."""
     from bcoder_ray.algorithms import load_ranker
     from bcoder_ray.model.candidates import load_sampler
+    from bcoder_ray.model.tokenization import TextFormat
 
     run = load_run(run_dir) if run_dir else None
     ranking_run = None if not rank else (load_run(rank_with) if rank_with else run)
@@ -202,17 +201,20 @@ def sampler_and_ranker(*, checkpoint: str | None = None, run_dir: str | None = N
         raise ValueError(f"--rank-with {rank_with}: its algorithm {ranking_run.cfg.algorithm.name!r} has no "
                          f"ranker (or none trained yet)")
     ranker = load_ranker(ref, ranking_run.context(), ranking_run.cfg.imports, device) if ref else None
-    rank_tokenizer = ranking_run.context()["tokenizer_path"] if ref else None
+    rank_tokenizer = ranking_run.context().tokenizer_path if ref else None
     path = checkpoint or (run.policy_path() if run else None)
     if path is None:
         if need_sampler:
             raise ValueError("give --checkpoint (any Hugging Face LM) or --run-dir (a run folder)")
         return None, ranker, rank_tokenizer
-    tok = tokenizer or (run.context()["tokenizer_path"] if run and not checkpoint else None)
-    ctx = run.context() if run else {}  # the run's load options (its revision only for its θ_ckpt)
-    text_format = {"chat_template": ctx.get("chat_template", False) if chat_template is None else chat_template,
-                   "stop_strings": ctx.get("stop_strings", ()) if stop_strings is None else stop_strings}
-    sampler = load_sampler(path, tokenizer=tok, label=label, device=device, options=ctx.get("load_options"),
-                           checkpoint=ctx.get("theta_ckpt"), eos_token_ids=ctx.get("eos_token_ids"),
-                           text_format=text_format)
+    ctx = run.context() if run else None  # the run's load options (its revision only for its θ_ckpt)
+    if ctx is None:
+        tok, fmt, options, theta_ckpt, eos_token_ids = tokenizer, TextFormat(), None, None, None
+    else:
+        tok = tokenizer or (None if checkpoint else ctx.tokenizer_path)
+        fmt, options, theta_ckpt, eos_token_ids = ctx.text_format(), ctx.load_options, ctx.theta_ckpt, ctx.eos_token_ids
+    text_format = TextFormat(chat_template=fmt.chat_template if chat_template is None else chat_template,
+                             stop_strings=fmt.stop_strings if stop_strings is None else tuple(stop_strings))
+    sampler = load_sampler(path, tokenizer=tok, label=label, device=device, options=options, checkpoint=theta_ckpt,
+                           eos_token_ids=eos_token_ids, text_format=text_format)
     return sampler, ranker, rank_tokenizer

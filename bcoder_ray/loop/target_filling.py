@@ -1,7 +1,8 @@
 """Filling an algorithm's cached per-token targets into the buffer: once per row and fingerprint, by a Ray Data
 `map_batches` job or by the running policy actors.
 
-    n = fill_targets(buffer, algorithm_ref, plan.targets, pad, via=TargetsVia(num_cpus=1.0))
+    job = TargetJob(AlgorithmRef(cfg.algorithm.name, cfg.algorithm, ctx), plan.targets, pad_id(tokenizer))
+    n = fill_targets(buffer, job, num_cpus=1.0)              # or pool=actor_pool: the policy actors fill them
 
 What is computed is the algorithm's business (`Algorithm.target_computer(targets)`: a callable from a `Batch` to
 {column: one list per row}); this module only finds the rows lacking `targets.fingerprint`, hands them over in
@@ -19,13 +20,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from bcoder_ray.algorithms import make_algorithm
-from bcoder_ray.algorithms.base import TargetsPlan
+from bcoder_ray.algorithms.base import AlgorithmConfig, RunContext, TargetsPlan
 from bcoder_ray.model.batch import collate
 from bcoder_ray.buffer import rows_from_batch
 from bcoder_ray.util.quiet import quiet_libraries
@@ -40,11 +41,11 @@ rows by sample id)."""
 
 @dataclass(frozen=True)
 class AlgorithmRef:
-    """An algorithm by plain data, rebuilt in any process (`make_algorithm`)."""
+    """An algorithm by name, typed config and run context, rebuilt in any process (`make_algorithm`)."""
 
     name: str
-    config: Mapping[str, Any]
-    context: Mapping[str, Any]
+    config: AlgorithmConfig
+    context: RunContext
     imports: tuple[str, ...] = ()
 
     def build(self):
@@ -149,8 +150,8 @@ def fill_targets(buffer, job: TargetJob, *, num_cpus: float = 1.0, num_gpus: flo
 
     t = job.targets
     context = tuple(dict.fromkeys((*t.rows.extra_columns, *t.group_by)))
-    tables = [x for x in buffer.missing_targets(t.fingerprint, filters=dict(t.rows.filters) or None,
-                                                columns=context) if x.num_rows]
+    tables = [x for x in buffer.missing_targets(t.fingerprint, filters=t.rows.filters, columns=context)
+              if x.num_rows]
     if not tables:
         return 0
     if t.group_by:  # whole groups per chunk (actors slice them further by group) or per Ray Data batch

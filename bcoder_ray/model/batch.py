@@ -7,21 +7,17 @@ Public API
     - ``program_ids`` [B, T] int64, **right**-padded with ``pad_id``; ``program_mask`` [B, T] int64.
     - ``reward`` [B] float32: the eq. 2 reward, received at the program's last token (the terminal step).
     - ``is_human`` [B] bool: ground-truth program (L_adv and L_ce of eq. 17 use these rows only).
-    - optional cached frozen targets (see ``bcoder_ray.algorithms.bcoder.targets``), each [B, T], aligned with ``program_ids``:
-        ``target_actions`` int64, ``target_actions[b, t] = argmax_a p_ckpt(a | s_{t+1})`` = â_{t+1}, defined for
-        t < T_b - 1; the last token and padding hold -1.
-        ``a_ckpt`` float32, ``a_ckpt[b, t] = A_ckpt(s_t, a_t) = α(ℓ_ckpt(s_t, a_t) - max_a ℓ_ckpt(s_t, a))`` (eq. 9).
-        ``v_phi`` float32, ``v_phi[b, t]`` = the *raw* (uncapped) value head output v_φ(s_t) of the frozen φ;
-        V_φ(s_t) = R_max - softabs(v_phi[b, t]) (G.1). Padding holds 0.
+    - ``tokens``: per-token columns by name, each [B, T] aligned with ``program_ids`` and 0 at padding: an
+      algorithm's cached targets (B-Coder's, read through ``bcoder_ray.algorithms.bcoder.targets.FrozenTargets``),
+      the sampling log-probabilities, ...; ``info``: per-row values by name, as lists.
   ``Batch.lengths`` [B]: program lengths T_b. ``Batch.size``: B.
-- ``collate(examples: list[dict], pad_id: int) -> Batch``: each example has the replay buffer's columns
-  ``prompt_ids``, ``program_ids`` (list[int], as made by ``bcoder_ray.model.tokenization``: program ids + EOS, or cut at
-  the length limit without EOS), ``reward`` (float), ``is_human`` (bool; or ``source`` == "human"), and optionally
-  the per-token lists ``target_actions``, ``a_ckpt``, ``v_phi`` of the same length as ``program_ids``. A cached
-  target is put in the batch only when every example has it (a batch is all-cached or all-live).
-  ``token_columns``: other per-token float columns to pad into ``Batch.tokens[name]`` [B, T] (e.g. sampling
-  log-probabilities, θ_ckpt's log-probabilities); ``info_columns``: per-row values kept as lists in
-  ``Batch.info[name]`` (e.g. problem_id, policy_version).
+- ``collate(examples: list[dict], pad_id: int, *, token_columns=(), info_columns=()) -> Batch``: each example has
+  the replay buffer's columns ``prompt_ids``, ``program_ids`` (list[int], as made by
+  ``bcoder_ray.model.tokenization``: program ids + EOS, or cut at the length limit without EOS), ``reward``
+  (float), ``is_human`` (bool; or ``source`` == "human"). ``token_columns``: per-token lists, one value per program
+  token, padded into ``Batch.tokens[name]`` [B, T] (int64 when the values are ints, float32 otherwise; 0 at
+  padding); ``info_columns``: per-row values kept as lists in ``Batch.info[name]`` (e.g. problem_id,
+  policy_version).
 - ``Batch.ground_truth`` [B] bool: the rows whose program is a ground truth, i.e. a human program that passes its
   tests (stored text) — the one definition every loss term on "human programs" (B-Coder's L_adv and L_ce, the
   baselines' cross-entropy) uses.
@@ -31,7 +27,8 @@ Positions: program token t is the action a_t = w_t taken in state s_t = (prompt,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+import numbers
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -39,8 +36,6 @@ import torch
 from envs.result import REWARD, Outcome
 
 PASS_REWARD = REWARD[Outcome.PASSED]
-CACHED_TARGET_KEYS = ("target_actions", "a_ckpt", "v_phi")
-NO_ACTION = -1  # target_actions at the terminal step and at padding
 
 
 @dataclass
@@ -51,9 +46,6 @@ class Batch:
     program_mask: torch.Tensor
     reward: torch.Tensor
     is_human: torch.Tensor
-    target_actions: torch.Tensor | None = None
-    a_ckpt: torch.Tensor | None = None
-    v_phi: torch.Tensor | None = None
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict[str, list] = field(default_factory=dict)
 
@@ -72,11 +64,8 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         moved = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("tokens", "info")}
-        return Batch(**{k: (v.to(device) if v is not None else None) for k, v in moved.items()},
+        return Batch(**{k: v.to(device) for k, v in moved.items()},
                      tokens={k: v.to(device) for k, v in self.tokens.items()}, info=dict(self.info))
-
-    def without_cached_targets(self) -> "Batch":
-        return replace(self, target_actions=None, a_ckpt=None, v_phi=None)
 
 
 def _is_human(example: Mapping[str, Any], index: int) -> bool:
@@ -92,15 +81,16 @@ def _where(example: Mapping[str, Any], index: int) -> str:
     return f"example {index}" + (f" (sample_id {sid})" if sid is not None else "")
 
 
-def _per_token(examples: Sequence[Mapping[str, Any]], key: str, t: int, dtype: torch.dtype,
-               fill: float) -> torch.Tensor:
-    out = torch.full((len(examples), t), fill, dtype=dtype)
+def _per_token(examples: Sequence[Mapping[str, Any]], key: str, t: int) -> torch.Tensor:
+    # ints (token ids) stay ints; the first row decides (a program has at least one token)
+    integral = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in examples[0][key])
+    out = torch.zeros((len(examples), t), dtype=torch.long if integral else torch.float32)
     for i, ex in enumerate(examples):
         values = list(ex[key])
         if len(values) != len(ex["program_ids"]):
             raise ValueError(f"{_where(ex, i)}: '{key}' has {len(values)} entries, program_ids has "
                              f"{len(ex['program_ids'])}; per-token columns have one value per program token")
-        out[i, : len(values)] = torch.tensor(values, dtype=dtype)
+        out[i, : len(values)] = torch.tensor(values, dtype=out.dtype)
     return out
 
 
@@ -133,20 +123,14 @@ def collate(examples: Sequence[Mapping[str, Any]], pad_id: int, *, token_columns
     reward = torch.tensor([float(ex["reward"]) for ex in examples], dtype=torch.float32)
     is_human = torch.tensor([_is_human(ex, i) for i, ex in enumerate(examples)], dtype=torch.bool)
 
-    cached: dict[str, torch.Tensor | None] = {}
-    for key, dtype, fill in (("target_actions", torch.long, NO_ACTION), ("a_ckpt", torch.float32, 0.0),
-                             ("v_phi", torch.float32, 0.0)):
-        present = [ex.get(key) is not None for ex in examples]
-        cached[key] = _per_token(examples, key, t, dtype, fill) if all(present) else None
     tokens = {}
     for key in token_columns:
         missing = [i for i, ex in enumerate(examples) if ex.get(key) is None]
         if missing:
             raise KeyError(f"{_where(examples[missing[0]], missing[0])}: missing per-token column '{key}'")
-        tokens[key] = _per_token(examples, key, t, torch.float32, 0.0)
+        tokens[key] = _per_token(examples, key, t)
     info = {key: [ex.get(key) for ex in examples] for key in info_columns}
-    return Batch(prompt_ids, prompt_mask, program_ids, program_mask, reward, is_human, **cached, tokens=tokens,
-                 info=info)
+    return Batch(prompt_ids, prompt_mask, program_ids, program_mask, reward, is_human, tokens=tokens, info=info)
 
 
 def per_program_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The one path from problems to scored candidates, shared by the rollout, evaluation and generation:
 sample (`bcoder_ray.model.sampling`, from a published policy) → execute (`envs.scoring`, hidden and example tests) →
-rank (the algorithm's `Ranker`, when given) → `ScoredCandidate`s that build buffer rows and evaluation records.
+rank (the algorithm's `Ranker`, when given) → `ScoredCandidate`s that build buffer rows and evaluation records
+(`bcoder_ray.evaluation.metrics.CandidateRecord.of`).
 
     sampler = load_sampler(policy_dir or theta_ckpt, tokenizer=tok_path, label="theta-iter2")
     with Executor(workers=2) as executor:
@@ -13,15 +14,14 @@ Q_θ/α is sampling from ℓ_θ: `bcoder_ray.model.sampling`), CodeRL's actor, t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from bcoder_ray.model import sampling
-from bcoder_ray.algorithms.base import Ranker, checkpoint_label
-from bcoder_ray.algorithms.bcoder.q_model import QModel
-from bcoder_ray.model.lm import LoadOptions, generation_eos_ids, generation_eos_ids_of
-from bcoder_ray.evaluation.metrics import CandidateRecord
+from bcoder_ray.model.lm import (LoadOptions, PolicyLM, checkpoint_label, generation_eos_ids, generation_eos_ids_of,
+                                 load_lm)
+from bcoder_ray.model.ranker import Ranker
 from bcoder_ray.model.tokenization import (StopStrings, TextFormat, decode_program, encode_prompt, load_tokenizer, pad_id,
                                     stop_ids)
 from bcoder_ray.model.vllm_sampling import ENGINES, VLLMEngine
@@ -33,14 +33,16 @@ from envs.result import ExecResult
 @dataclass(frozen=True)
 class SamplingSettings:
     """How candidates are sampled (Algorithm 2: temperature, then top-p). Paper: m = 256, T = 0.6 for
-    pass@{1,5}; m = 1000, T = 0.4 in the filtered setting."""
+    pass@{1,5}; m = 1000, T = 0.4 in the filtered setting. The one sampling type from the config to the sampler:
+    a run builds it once from its `rollout` / `evaluation` section (`bcoder_ray.config.SamplingConfig.settings`)
+    and hands it to the actors as is; the command lines build it from their flags."""
 
-    m: int = 8  # candidates per problem
+    m: int = 8  # candidates per problem (the config's samples_per_problem)
     temperature: float = 0.6
     top_p: float = 0.95
     max_prompt_len: int = 600  # prompt tokens kept (from the end)
     max_new_tokens: int = 512  # program tokens (cut there, no EOS)
-    seed: int = 0
+    seed: int = 0  # of the whole call; a run's actors use each task's own seed (`bcoder_ray.loop.rollout.Task`)
     prompts_per_call: int = 4  # prompts per batched sampling call (each expanded to m rows)
 
     def __post_init__(self) -> None:
@@ -52,16 +54,16 @@ class SamplingSettings:
 
 @dataclass
 class Sampler:
-    """A published policy loaded for sampling: the LM (as `QModel.ckpt`, with the frozen encoder of an
-    encoder-decoder), its tokenizer, its name in records, the token ids that end a program (EOS first) and the
-    run's text format (chat-templated prompts, stop strings)."""
+    """A published policy loaded for sampling: the LM as `from_pretrained` loads it, its tokenizer, its name in
+    records, the token ids that end a program (EOS first) and the run's text format (chat-templated prompts, stop
+    strings)."""
 
-    model: QModel | None
+    lm: PolicyLM | None
     tokenizer: Any
     label: str
     path: str
     stop_ids: tuple[int, ...] = ()
-    engine: VLLMEngine | None = None  # rollout.engine vllm: it samples, and `model` is None
+    engine: VLLMEngine | None = None  # rollout.engine vllm: it samples, and `lm` is None
     text_format: TextFormat = TextFormat()
 
     def __post_init__(self) -> None:
@@ -92,19 +94,19 @@ class Sampler:
 
 
 def load_sampler(path: str, *, tokenizer: str | None = None, label: str | None = None, dtype: Any = None,
-                 device: str | None = None, options: LoadOptions | Mapping[str, Any] | None = None,
+                 device: str | None = None, options: LoadOptions | None = None,
                  checkpoint: str | None = None, eos_token_ids: Sequence[int] | None = None,
                  engine: str = "torch", seed: int = 0,
-                 text_format: TextFormat | Mapping[str, Any] | None = None) -> Sampler:
+                 text_format: TextFormat | None = None) -> Sampler:
     """The LM at `path` (any folder `from_pretrained` loads, or a hub name) ready to sample. `options` (the run's
-    `LoadOptions`, or `RunContext.load_options`) go to the model's and the tokenizer's loads; given `checkpoint`
+    `LoadOptions`, `RunContext.load_options`) go to the model's and the tokenizer's loads; given `checkpoint`
     (the run's θ_ckpt), the revision only to loads of θ_ckpt itself. A program ends at the tokenizer's EOS or at
     one of `eos_token_ids` (`model.eos_token_ids`; None: those of the model's generation config). `engine`
     "vllm": a `VLLMEngine` samples (decoder-only, on a GPU; `seed` is its engine seed) and no torch model is
     loaded. `text_format` (`model.chat_template`, `model.stop_strings`): how prompts are built and where else a
     program ends."""
-    options = LoadOptions.from_mapping(options)
-    text_format = TextFormat.from_mapping(text_format)
+    options = options or LoadOptions()
+    text_format = text_format or TextFormat()
     tokenizer = str(tokenizer or path)
 
     def options_for(source: str) -> LoadOptions:
@@ -119,11 +121,11 @@ def load_sampler(path: str, *, tokenizer: str | None = None, label: str | None =
             eos_token_ids = generation_eos_ids_of(str(path), options_for(str(path)))
         vllm = VLLMEngine(str(path), tokenizer, dtype=str(dtype or torch.float32).removeprefix("torch."),
                           seed=seed, options=options_for(str(path)))
-        return Sampler(model=None, tokenizer=tok, label=label, path=str(path),
+        return Sampler(lm=None, tokenizer=tok, label=label, path=str(path),
                        stop_ids=stop_ids(tok, eos_token_ids), engine=vllm, text_format=text_format)
-    model = QModel.create(str(path), parts=("ckpt",), dtype=dtype, device=device, options=options_for(str(path)))
-    extra = generation_eos_ids(model.ckpt.lm) if eos_token_ids is None else tuple(eos_token_ids)
-    return Sampler(model=model, tokenizer=tok, label=label, path=str(path), stop_ids=stop_ids(tok, extra),
+    lm = PolicyLM(load_lm(str(path), dtype=dtype, device=device, options=options_for(str(path))))
+    extra = generation_eos_ids(lm.lm) if eos_token_ids is None else tuple(eos_token_ids)
+    return Sampler(lm=lm, tokenizer=tok, label=label, path=str(path), stop_ids=stop_ids(tok, extra),
                    text_format=text_format)
 
 
@@ -150,15 +152,6 @@ class ScoredCandidate:
         """Its verdict could not be given (the sandbox failed): it is dropped, counted, never a failed sample."""
         return self.result is not None and self.result.is_infra
 
-    def record(self) -> CandidateRecord:
-        if self.result is None or self.result.is_infra:
-            raise ValueError(f"{self.problem.key} sample {self.sample_index}: no verdict, no candidate record")
-        return CandidateRecord(
-            suite=self.problem.suite, split=self.problem.split, problem_id=self.problem.problem_id,
-            difficulty=self.problem.difficulty, sample_index=self.sample_index, program=self.program,
-            outcome=self.result.outcome.value, reward=self.result.reward, passed=self.result.passed,
-            example_passed=None if self.example_result is None else self.example_result.passed,
-            rtilde=self.rtilde, model=self.model, ranker=self.ranker if self.rtilde is not None else None)
 
 
 INFRA_RERUNS = 2  # extra rounds for programs whose verdict the sandbox could not give (after its own retries)
@@ -203,9 +196,9 @@ def sample_and_score(problems: Sequence[Problem], sampler: Sampler, executor: An
             stop_strings=sampler.stop_strings, temperature=temperature, top_p=settings.top_p, seed=settings.seed)
     else:
         sampled, sampled_logps = sampling.sample_programs(
-            sampler.model, prompt_ids, settings.m, max_new_tokens=settings.max_new_tokens, eos_id=sampler.stop_ids,
+            sampler.lm, prompt_ids, settings.m, max_new_tokens=settings.max_new_tokens, eos_id=sampler.stop_ids,
             pad_id=pad_id(tok), temperature=temperature, top_p=settings.top_p, seed=settings.seed,
-            batch_size=settings.prompts_per_call * settings.m, network="ckpt", return_logprobs=True,
+            batch_size=settings.prompts_per_call * settings.m, return_logprobs=True,
             stop_strings=sampler.stop_strings)
     flat_problems = [p for p in problems for _ in range(settings.m)]
     flat_prompts = [list(ids) for ids in prompt_ids for _ in range(settings.m)]

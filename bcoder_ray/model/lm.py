@@ -5,13 +5,16 @@ policy-gradient losses) and by sampling.
 
 - ``LoadOptions(revision, attn_implementation, trust_remote_code)``: the ``from_pretrained`` options of a run's
   checkpoint (``model.revision``, ``model.attn_implementation``, ``model.trust_remote_code``); ``config_kwargs()``
-  (AutoConfig, tokenizers), ``model_kwargs()`` (models), ``from_mapping(data)``, ``as_dict()`` (plain data).
+  (AutoConfig, tokenizers), ``model_kwargs()`` (models).
 - ``load_lm(name_or_path, *, dtype=None, device=None, options=None) -> PreTrainedModel``: frozen, eval mode, logit
   path checked.
+- ``checkpoint_identity(name_or_path, revision=None) -> str``: what a checkpoint is, for cache fingerprints (a
+  folder by its content, a hub name by name and revision).
 - ``lm_kind(lm_or_config)``, ``decoder_body(lm)``, ``lm_head_logits(lm, hidden)``.
 - ``Encoded``, ``SharedEncoder``: the frozen encoder's output / module (encoder-decoder only).
 - ``Trunk``: ``states(batch, encoded) -> [B, T, d]``, the hidden state of s_t = (prompt, w_<t) at index t.
-- ``PolicyLM(lm)``: a trunk with the LM head, ``logits(hidden)``.
+- ``PolicyLM(lm)``: a trunk with the LM head, ``logits(hidden)``, ``encode(prompt_ids, prompt_mask)``; what a
+  published policy is when loaded (``load_policy``).
 - ``token_logit_stats(logits, actions, lse_rows=None) -> (max ℓ, ℓ[a_t], log Z)``: one fused autograd op.
 - ``positions_from_mask(mask)``: position ids of a left-padded batch.
 - ``hidden_size(lm_or_config)``; ``new_head(d_model, out, like, generator)``: a fresh seeded linear head.
@@ -24,9 +27,12 @@ policy-gradient losses) and by sampling.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, fields, replace
+import hashlib
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -34,7 +40,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqL
                           PreTrainedModel)
 
 from bcoder_ray.model.batch import Batch
-from bcoder_ray.util.storage import local_dir
+from bcoder_ray.util.storage import is_uri, local_dir
 
 ENCODER_DECODER = "encoder-decoder"
 DECODER_ONLY = "decoder-only"
@@ -95,8 +101,7 @@ def check_logit_path(lm: PreTrainedModel, where: str) -> None:
 @dataclass(frozen=True)
 class LoadOptions:
     """The `from_pretrained` options a run's checkpoint needs (`model.revision`, `model.attn_implementation`,
-    `model.trust_remote_code`), given to every load of its models and tokenizers. Plain data travels as
-    `as_dict()` (`RunContext.load_options`) and comes back with `from_mapping`."""
+    `model.trust_remote_code`), given to every load of its models and tokenizers (`RunContext.load_options`)."""
 
     revision: str | None = None
     """Which version (branch, tag or commit) of a hub checkpoint θ_ckpt is; ignored for a local folder."""
@@ -105,20 +110,6 @@ class LoadOptions:
     nor a tokenizer's); None: the library's default."""
     trust_remote_code: bool = False
     """Allow the checkpoint's own modelling code (its `auto_map`); only for checkpoints you trust."""
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any] | LoadOptions | None) -> LoadOptions:
-        """From plain data (`as_dict()`, `RunContext.load_options`); None or {}: the defaults."""
-        if isinstance(data, LoadOptions):
-            return data
-        data = dict(data or {})
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"LoadOptions: unknown options {unknown}")
-        return cls(**data)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def config_kwargs(self) -> dict[str, Any]:
         """For `AutoConfig.from_pretrained` and tokenizers: the revision when set, and trust_remote_code always
@@ -162,6 +153,38 @@ def load_lm(name_or_path: str, *, dtype: torch.dtype | None = None, device: torc
         lm.to(device)
     check_logit_path(lm, str(name_or_path))
     return lm
+
+
+_IDENTITY_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt")
+_EDGE_BYTES = 1 << 20
+
+
+def checkpoint_identity(name_or_path: str, revision: str | None = None) -> str:
+    """A content identity for a checkpoint folder (cheap: sizes and edges of files; a URI's node-local copy),
+    else the name and, when given, the hub revision (a folder's content already says which one it is)."""
+    if is_uri(name_or_path):
+        name_or_path = local_dir(name_or_path)
+    if not os.path.isdir(name_or_path):
+        return f"name:{name_or_path}" if revision is None else f"name:{name_or_path}@{revision}"
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(name_or_path)):
+        path = os.path.join(name_or_path, name)
+        if not (os.path.isfile(path) and name.endswith(_IDENTITY_SUFFIXES)) or name.startswith("tokenizer"):
+            continue
+        size = os.path.getsize(path)
+        h.update(f"{name}:{size}".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(_EDGE_BYTES))
+            if size > 2 * _EDGE_BYTES:
+                f.seek(size - _EDGE_BYTES)
+                h.update(f.read(_EDGE_BYTES))
+    return "content:" + h.hexdigest()[:16]
+
+
+def checkpoint_label(path: str) -> str:
+    """A checkpoint's name for tables: its folder, or its parent's for Ray Train's generic `.../final`."""
+    p = Path(path)
+    return p.parent.name if p.name in ("final", "checkpoint") or p.name.startswith("checkpoint_") else p.name
 
 
 # ---------------------------------------------------------------------------------------------- network parts
@@ -246,6 +269,14 @@ class PolicyLM(Trunk):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_head_logits(self.lm, hidden)
+
+    def encode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Encoded | None:
+        """The LM's own encoder over the prompts (encoder-decoder; None for decoder-only). Gradient follows the
+        encoder's `requires_grad`; a B-Coder stage reads its frozen `SharedEncoder` instead."""
+        if self.kind != ENCODER_DECODER:
+            return None
+        hidden = self.lm.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
+        return Encoded(hidden, prompt_mask)
 
 
 

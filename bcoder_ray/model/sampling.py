@@ -1,17 +1,20 @@
-"""Q-sampling (Algorithm 2): batched temperature / nucleus sampling over Q_θ/α with the KV cache.
+"""Sampling programs from a policy LM (B-Coder's Q-sampling, Algorithm 2, is this over θ's LM): batched
+temperature / nucleus sampling with the KV cache.
 
 Public API
 ----------
-- ``sample_programs(model, prompts, n, *, max_new_tokens, eos_id, pad_id, temperature=1.0, top_p=1.0, seed=0,
-  batch_size=None, network="theta") -> list[list[list[int]]]``: ``prompts`` are prompt token ids (list of lists,
+- ``sample_programs(policy, prompts, n, *, max_new_tokens, eos_id, pad_id, temperature=1.0, top_p=1.0, seed=0,
+  batch_size=None) -> list[list[list[int]]]``: ``policy`` is a ``bcoder_ray.model.lm.PolicyLM`` (a published
+  policy as ``from_pretrained`` loads it, or a network of an algorithm that is one, such as B-Coder's θ);
+  ``prompts`` are prompt token ids (list of lists,
   as ``tokenization.encode_prompt`` makes them); returns, per prompt, ``n`` programs as token-id lists, each ending
   at its first stop id (included; ``eos_id`` is one id or several, ``tokenization.stop_ids``) or cut at
   ``max_new_tokens`` tokens (none) — the same convention as ``tokenization.encode_program``. With ``stop_strings``
   (a ``tokenization.StopStrings``) a program also ends at the token that completes the first stop string (that token
   included). ``temperature=0`` is greedy decoding. With ``return_logprobs`` it returns
   ``(programs, logprobs)``: each sampled token's log-probability under the distribution it was drawn from
-  (after temperature and top-p; the policy's own log-softmax for greedy decoding), aligned with the tokens. ``network="ckpt"`` samples from θ_ckpt
-  instead of θ. Rows are prompt-major (prompt 0's n samples first), processed ``batch_size`` rows at a time
+  (after temperature and top-p; the policy's own log-softmax for greedy decoding), aligned with the tokens.
+  Rows are prompt-major (prompt 0's n samples first), processed ``batch_size`` rows at a time
   (default: all), with one ``torch.Generator`` seeded by ``seed`` for the whole call, so a call is reproducible for
   the same inputs, settings and ``batch_size``.
 - ``warp_scores(scores, temperature, top_p) -> scores``: the sampler's processing of one step's scores
@@ -27,7 +30,7 @@ tokens as ``generate`` on the checkpoint with the same seed and settings.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -60,7 +63,7 @@ def _pad_left(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
 
 
 @torch.no_grad()
-def _sample_rows(model: Any, policy: PolicyLM, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
+def _sample_rows(policy: PolicyLM, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
                  stop: torch.Tensor, pad_id: int, temperature: float, top_p: float,
                  generator: torch.Generator, decoder_prefix: Sequence[int] = (), prefix: Sequence[int] = (),
                  stop_strings: StopStrings | None = None) -> tuple[list[list[int]], list[list[float]]]:
@@ -68,7 +71,7 @@ def _sample_rows(model: Any, policy: PolicyLM, rows: Sequence[Sequence[int]], *,
     ids, mask = _pad_left(rows, pad_id, device)
     encoded = None
     if policy.kind == ENCODER_DECODER:
-        encoded = model.encoder(ids, mask)
+        encoded = policy.encode(ids, mask)
         step_ids = torch.tensor([[policy.decoder_start_id, *decoder_prefix]] * len(rows), dtype=torch.long,
                                 device=device)
         hidden, cache = policy.decode(step_ids, encoded=encoded, use_cache=True)
@@ -119,21 +122,16 @@ def _sample_rows(model: Any, policy: PolicyLM, rows: Sequence[Sequence[int]], *,
     return programs, program_logps
 
 
-def sample_programs(model: Any, prompts: Sequence[Sequence[int]], n: int, *, max_new_tokens: int,
+def sample_programs(policy: PolicyLM, prompts: Sequence[Sequence[int]], n: int, *, max_new_tokens: int,
                     eos_id: int | Sequence[int],
                     pad_id: int, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                    batch_size: int | None = None, network: str = "theta", return_logprobs: bool = False,
+                    batch_size: int | None = None, return_logprobs: bool = False,
                     prefix: Sequence[int] = (), stop_strings: StopStrings | None = None):
-    """Algorithm 2 for every prompt, ``n`` samples each (see the module docstring). ``model`` holds the network
-    named ``network`` (a ``bcoder_ray.model.lm.PolicyLM``) and ``encoder`` (the frozen ``SharedEncoder`` or None): a
-    B-Coder ``QModel``, or any published policy loaded with ``bcoder_ray.policy.load_policy``.
+    """``n`` samples from ``policy`` for every prompt (see the module docstring).
 
     ``prefix``: program tokens every sample continues (Critic Sampling's seeds); each returned program starts
     with it and has at most ``max_new_tokens`` tokens in all (prefix included). No log-probabilities then.
     ``stop_strings``: a program also ends at the token that completes the first of them."""
-    policy = {"theta": model.theta, "ckpt": model.ckpt}.get(network)
-    if policy is None:
-        raise ValueError(f"sample_programs: network {network!r} is not held by this QModel (theta or ckpt)")
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"sample_programs: n={n} and max_new_tokens={max_new_tokens} must be ≥ 1")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -163,7 +161,7 @@ def sample_programs(model: Any, prompts: Sequence[Sequence[int]], n: int, *, max
     policy.eval()                                           # no dropout while sampling
     try:
         for start in range(0, len(rows), step):
-            ids, lps = _sample_rows(model, policy, rows[start:start + step], max_new_tokens=new_tokens,
+            ids, lps = _sample_rows(policy, rows[start:start + step], max_new_tokens=new_tokens,
                                     stop=stop, pad_id=pad_id, temperature=temperature, top_p=top_p,
                                     generator=generator, decoder_prefix=decoder_prefix, prefix=prefix,
                                     stop_strings=stop_strings)

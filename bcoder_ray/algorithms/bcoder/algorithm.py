@@ -14,6 +14,7 @@ LM (Q-sampling from Q_θ/α is sampling from ℓ_θ); the ranker is R̃ (eq. 19-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from functools import cached_property
@@ -24,13 +25,13 @@ from pydantic import model_validator
 
 from bcoder_ray.algorithms.bcoder import ranking
 from bcoder_ray.algorithms.base import (Algorithm, AlgorithmConfig, RankerRef, Ranker, Rows, StageModule, StagePlan,
-                                        TargetComputer, TargetsPlan, checkpoint_label)
+                                        TargetComputer, TargetsPlan)
 from bcoder_ray.algorithms.bcoder.losses import phi_loss, theta_loss
 from bcoder_ray.algorithms.bcoder.q_model import META_FILE, QModel
-from bcoder_ray.algorithms.bcoder.targets import compute_frozen_targets, targets_fingerprint
+from bcoder_ray.algorithms.bcoder.targets import TARGET_COLUMNS, compute_frozen_targets, targets_fingerprint
 from bcoder_ray.model.batch import Batch
+from bcoder_ray.model.lm import checkpoint_label
 from bcoder_ray.util.storage import local_dir
-from bcoder_ray.model.tokenization import load_tokenizer
 
 
 class BCoderConfig(AlgorithmConfig):
@@ -122,12 +123,11 @@ class BCoder(Algorithm):
     Config = BCoderConfig
     stage_names = ("phi", "theta")
     stage_defaults = {"phi": {"lr": 1e-5, "schedule": "constant"}, "theta": {"lr": 3e-5, "schedule": "linear"}}
-    has_ranker = True
     config: BCoderConfig
 
     @cached_property
     def _tokenizer(self):
-        return load_tokenizer(self.ctx.tokenizer_path, options=self.ctx.options_for(self.ctx.tokenizer_path))
+        return self.ctx.load_tokenizer()
 
     def _targets(self, phi_dir: str | None, needs_actions: bool) -> TargetsPlan | None:
         """Stage φ: â and A_ckpt; stage θ: â (conservative operator) and V_φ (when θ uses φ)."""
@@ -137,20 +137,24 @@ class BCoder(Algorithm):
         fp = targets_fingerprint(x.theta_ckpt, self._tokenizer, max_prompt_len=x.source_len,
                                  max_program_len=x.target_len, alpha=c.alpha, phi_checkpoint=phi_dir, dtype=x.dtype,
                                  revision=x.options_for().revision, prompt_format=x.text_format().identity())
-        columns = ("target_actions", "a_ckpt") + (("v_phi",) if phi_dir else ())
+        columns = TARGET_COLUMNS if phi_dir else TARGET_COLUMNS[:2]
         return TargetsPlan(fingerprint=fp, columns=columns, spec={"phi_dir": phi_dir})
+
+    def _rows(self, targets: TargetsPlan | None) -> Rows:
+        """The ρ_real-mixed rows, with the cached targets as per-token columns of the batch."""
+        return Rows(rho_real=self.config.rho_real, token_columns=targets.columns if targets else ())
 
     def plan_iteration(self, iteration: int, state: dict, policy_version: str) -> list[StagePlan]:
         c = self.config
         plans = []
         phi_due = state.get("phi") is None or (c.phi_retrain_every and iteration % c.phi_retrain_every == 0
                                                and state.get("phi_iteration") != iteration)
-        rows = Rows(rho_real=c.rho_real)
         if c.init_from_lm and phi_due:
-            plans.append(StagePlan("phi", rows, self._targets(None, needs_actions=True), spec={"phi_dir": None}))
+            targets = self._targets(None, needs_actions=True)
+            plans.append(StagePlan("phi", self._rows(targets), targets, spec={"phi_dir": None}))
         theta_start = state.get("theta") if c.theta_continue else None
         # stage θ's targets use the φ this iteration trains (the driver records it before planning θ's fill)
-        plans.append(StagePlan("theta", rows, None, spec={"theta_dir": theta_start}))
+        plans.append(StagePlan("theta", self._rows(None), None, spec={"theta_dir": theta_start}))
         return plans
 
     def prepare_stage(self, plan: StagePlan, state: dict) -> StagePlan:
@@ -159,7 +163,7 @@ class BCoder(Algorithm):
             return plan
         phi = state.get("phi") if self.config.init_from_lm else None
         targets = self._targets(phi, needs_actions=self.config.operator == "conservative")
-        return StagePlan(plan.name, plan.rows, targets, plan.spec, plan.label)
+        return dataclasses.replace(plan, rows=self._rows(targets), targets=targets)
 
     def policy(self, state: dict) -> str | None:
         return state.get("theta")

@@ -10,8 +10,9 @@ Public API
 over valid tokens), ``v_mean``, ``q_mean``, ``target_mean`` (mean TD target y); theta — ``l_q``, ``l_adv``, ``l_ce``,
 ``loss``, ``td_error``, ``v_mean``, ``q_mean``, ``target_mean``, ``adv_mean``, ``n_human``.
 
-Targets come from the batch's cached columns when present (``bcoder_ray.algorithms.bcoder.targets``), else live from the frozen
-networks the model holds (θ_ckpt; and φ for stage θ), without gradient. Cached and live give the same loss.
+Targets come from the batch's cached per-token columns when present (``FrozenTargets.cached``, in
+``bcoder_ray.algorithms.bcoder.targets``), else live from the frozen networks the model holds (θ_ckpt; and φ for stage
+θ), without gradient. Cached and live give the same loss.
 
 Conventions (program w_0 … w_{T-1}, state s_t, action a_t = w_t, reward r at the last step only):
 - TD target y_t = γ·SG(bootstrap(s_{t+1})) for t < T-1 (r_t = 0), and y_{T-1} = r (terminal: no bootstrap).
@@ -40,13 +41,13 @@ import torch
 
 from torch import nn
 
+from bcoder_ray.algorithms.common import AUX_REDUCTIONS
 from bcoder_ray.model.batch import Batch, masked_mean, per_program_mean
 from bcoder_ray.algorithms.bcoder.q_model import Encoded, QModel, capped_value
 from bcoder_ray.model.lm import eval_mode, has_dropout
-from bcoder_ray.algorithms.bcoder.targets import frozen_target_tensors
+from bcoder_ray.algorithms.bcoder.targets import FrozenTargets, frozen_target_tensors
 
 OPERATORS = ("conservative", "optimality")
-AUX_REDUCTIONS = ("sum", "mean")
 
 
 def _terminal_mask(batch: Batch) -> torch.Tensor:
@@ -75,7 +76,7 @@ def phi_loss(model: QModel, batch: Batch, *, gamma: float, dropout_free_targets:
     """L_V (eq. 12): only φ's decoder and V head receive gradient."""
     if encoded is None:
         encoded = model.encode(batch)
-    a_ckpt = batch.a_ckpt
+    a_ckpt = FrozenTargets.cached(batch).a_ckpt
     if a_ckpt is None:
         a_ckpt = frozen_target_tensors(model, batch, encoded, with_v_phi=False).a_ckpt
     value = capped_value(model.phi_raw_values(batch, encoded), model.r_max)   # V_φ(s_t), G.1
@@ -108,7 +109,8 @@ def theta_loss(model: QModel, batch: Batch, *, gamma: float, beta_adv: float = 0
         encoded = model.encode(batch)
     needs_actions = operator == "conservative"
     needs_v_phi = model.theta.uses_phi
-    target_actions, v_phi = batch.target_actions, batch.v_phi
+    cached = FrozenTargets.cached(batch)
+    target_actions, v_phi = cached.target_actions, cached.v_phi
     if (needs_actions and target_actions is None) or (needs_v_phi and v_phi is None):
         live = frozen_target_tensors(model, batch, encoded, with_v_phi=needs_v_phi and v_phi is None)
         target_actions = target_actions if target_actions is not None else live.target_actions

@@ -16,7 +16,6 @@ Public API
   tokenizer's content (``tokenization.tokenizer_fingerprint``), the truncation lengths, α, the φ checkpoint when
   ``v_phi`` is stored, the prompt construction (``prompt_format``: a version string of how prompt text is built),
   and the compute dtype. Recompute a row's targets when its fingerprint differs.
-- ``checkpoint_identity(name_or_path, revision=None) -> str``.
 
 Per-token meaning (program w_0 … w_{T-1}, state s_t = (prompt, w_<t)):
   target_actions[t] = â_{t+1} = argmax_a p_ckpt(a | s_{t+1}) for t < T-1; -1 at t = T-1 (terminal: no bootstrap).
@@ -30,26 +29,37 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
-from bcoder_ray.model.batch import NO_ACTION, Batch, collate
+from bcoder_ray.model.batch import Batch, collate
 from bcoder_ray.algorithms.bcoder.q_model import Encoded, QModel
-from bcoder_ray.util.storage import is_uri, local_dir
+from bcoder_ray.model.lm import checkpoint_identity
 from bcoder_ray.model.tokenization import tokenizer_fingerprint
 
-_IDENTITY_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt")
-_EDGE_BYTES = 1 << 20
+
+NO_ACTION = -1  # target_actions at the terminal step and at padding
+TARGET_COLUMNS = ("target_actions", "a_ckpt", "v_phi")  # the buffer's per-token columns (v_phi: when φ is held)
 
 
 @dataclass
 class FrozenTargets:
-    target_actions: torch.Tensor       # [B, T] int64, NO_ACTION at the terminal step and padding
-    a_ckpt: torch.Tensor               # [B, T] float32, 0 at padding
-    v_phi: torch.Tensor | None         # [B, T] float32, 0 at padding
+    """The frozen targets of a batch, computed live (`frozen_target_tensors`) or read from its cached per-token
+    columns (`cached`); a target the batch does not carry is None."""
+
+    target_actions: torch.Tensor | None  # [B, T] int64, NO_ACTION at the terminal step and padding
+    a_ckpt: torch.Tensor | None          # [B, T] float32, 0 at padding
+    v_phi: torch.Tensor | None           # [B, T] float32, 0 at padding
+
+    @classmethod
+    def cached(cls, batch: Batch) -> "FrozenTargets":
+        """The cached columns of `batch` (`Batch.tokens`, padded with 0: padding becomes NO_ACTION here)."""
+        actions = batch.tokens.get("target_actions")
+        if actions is not None:
+            actions = actions.long().masked_fill(batch.program_mask == 0, NO_ACTION)
+        return cls(actions, batch.tokens.get("a_ckpt"), batch.tokens.get("v_phi"))
 
 
 def frozen_target_tensors(model: QModel, batch: Batch, encoded: Encoded | None = None, *,
@@ -92,28 +102,6 @@ def compute_frozen_targets(model: QModel, batch: Batch | Sequence[Mapping], *,
             row["v_phi"] = targets.v_phi[b, :length].tolist()
         rows.append(row)
     return rows
-
-
-def checkpoint_identity(name_or_path: str, revision: str | None = None) -> str:
-    """A content identity for a checkpoint folder (cheap: sizes and edges of files; a URI's node-local copy),
-    else the name and, when given, the hub revision (a folder's content already says which one it is)."""
-    if is_uri(name_or_path):
-        name_or_path = local_dir(name_or_path)
-    if not os.path.isdir(name_or_path):
-        return f"name:{name_or_path}" if revision is None else f"name:{name_or_path}@{revision}"
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(name_or_path)):
-        path = os.path.join(name_or_path, name)
-        if not (os.path.isfile(path) and name.endswith(_IDENTITY_SUFFIXES)) or name.startswith("tokenizer"):
-            continue
-        size = os.path.getsize(path)
-        h.update(f"{name}:{size}".encode())
-        with open(path, "rb") as f:
-            h.update(f.read(_EDGE_BYTES))
-            if size > 2 * _EDGE_BYTES:
-                f.seek(size - _EDGE_BYTES)
-                h.update(f.read(_EDGE_BYTES))
-    return "content:" + h.hexdigest()[:16]
 
 
 def targets_fingerprint(checkpoint: str, tokenizer, *, max_prompt_len: int, max_program_len: int, alpha: float,

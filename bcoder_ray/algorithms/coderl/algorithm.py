@@ -1,4 +1,4 @@
-"""CodeRL (Le et al., NeurIPS 2022; ``../shared/docs/baselines.md`` §1) as an algorithm on the shared loop.
+"""CodeRL (Le et al., NeurIPS 2022; ``docs/baselines.md`` §1) as an algorithm on the shared loop.
 
 Per iteration: rollout (m sampled programs per problem, plus one greedy decode per problem, W^b, when the
 baseline is on: `RolloutRequest(greedy_baseline=True)`, stored with ``decoding = "greedy"`` under the task's batch
@@ -26,7 +26,8 @@ The selection is an iteration window (`Filters.iteration_min/max`) rather than `
 latter also drops the human rows L_ce needs from a ρ_real-mixed batch.
 
 Published: the actor's LM folder (``save_pretrained``; plain ``from_pretrained`` loads it). Ranker: the
-four-class critic's pooled p(passed) (`CriticRanker`). Critic Sampling at inference: `bcoder_ray.algorithms.coderl.inference`.
+four-class critic's pooled p(passed) (`CriticRanker`). Critic Sampling at inference:
+`bcoder_ray.algorithms.coderl.inference`.
 """
 
 from __future__ import annotations
@@ -42,14 +43,16 @@ import torch
 from pydantic import Field, model_validator
 
 from bcoder_ray.algorithms.base import (Algorithm, AlgorithmConfig, RankerRef, Ranker, RolloutRequest, Rows,
-                                        StageModule, StagePlan, TargetComputer, TargetsPlan, checkpoint_label)
-from bcoder_ray.algorithms.coderl.losses import REDUCTIONS, coderl_actor_loss, taken_log_probs
+                                        StageModule, StagePlan, TargetComputer, TargetsPlan)
+from bcoder_ray.algorithms.common import policy_forward
+from bcoder_ray.algorithms.coderl.losses import coderl_actor_loss
 from bcoder_ray.algorithms.coderl.critic import (BINARY_CLASSES, FOUR_CLASSES, Critic, check_critic_tokenizer,
                                           critic_loss, outcome_labels, p_passed, token_values)
+from bcoder_ray.buffer.filters import Filters
 from bcoder_ray.model.batch import Batch, collate
-from bcoder_ray.model.lm import LoadOptions
+from bcoder_ray.model.lm import LoadOptions, checkpoint_label
 from bcoder_ray.util.storage import local_dir
-from bcoder_ray.model.tokenization import load_tokenizer, pad_id
+from bcoder_ray.model.tokenization import pad_id
 
 TARGET_COLUMNS = ("q_hat", "r_baseline")
 STAGES = ("critic", "critic_test", "actor")
@@ -89,8 +92,6 @@ class CodeRLConfig(AlgorithmConfig):
         path = self.critic_checkpoint
         if path is not None and path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
             raise ValueError(f"critic_checkpoint: {path!r} is not a directory")
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}")
         return self
 
 
@@ -201,8 +202,9 @@ def load_trainable_lm(path: str, device=None, options: LoadOptions | None = None
 
 class ActorStage(StageModule):
     """Stage actor: ce_weight·L_ce (ground-truth human rows, `Batch.ground_truth`) + rl_weight·L_rl (generated
-    rows: A·Σ_t q̂_t log p_θ(w_t), eq. 8/10), each `coderl_losses.coderl_actor_loss`. Human rows that fail their
-    tests are in neither term. q̂ and r(W^b) come from ``batch.tokens`` (cached targets)."""
+    rows: A·Σ_t q̂_t log p_θ(w_t), eq. 8/10), each `bcoder_ray.algorithms.coderl.losses.coderl_actor_loss` on the
+    log-probabilities of one `bcoder_ray.algorithms.common.policy_forward`. Human rows that fail their tests are in
+    neither term. q̂ and r(W^b) come from ``batch.tokens`` (cached targets)."""
 
     def __init__(self, lm, config: CodeRLConfig):
         super().__init__()
@@ -216,7 +218,7 @@ class ActorStage(StageModule):
 
     def forward(self, batch: Batch):
         c = self.cfg
-        log_probs = taken_log_probs(self.policy, batch)
+        log_probs = policy_forward(self.policy, batch).logprobs          # ℓ_t, the actor's own encoder
         mask = batch.program_mask
         gt, gen = batch.ground_truth, ~batch.is_human
         q = batch.tokens.get("q_hat") if c.use_critic_weights else None
@@ -266,7 +268,7 @@ class ActorTargets:
 
     def __call__(self, batch: Batch) -> dict[str, list]:
         if "sample_id" not in batch.info or "source" not in batch.info:
-            raise KeyError("coderl targets: the batch lacks the rows' sample_id/source (cached_targets passes them)")
+            raise KeyError("coderl targets: the batch lacks the rows' sample_id/source (target filling passes them)")
         lengths = batch.lengths.tolist()
         generated = [s != "human" for s in batch.info["source"]]
         facts = self.lookup([sid for sid, g in zip(batch.info["sample_id"], generated) if g])
@@ -318,7 +320,6 @@ class CodeRL(Algorithm):
     stage_defaults = {"critic": {"lr": 2e-5, "schedule": "constant"},
                       "critic_test": {"lr": 2e-5, "schedule": "constant"},
                       "actor": {"lr": 2e-5, "schedule": "linear"}}
-    has_ranker = True
     config: CodeRLConfig
 
     def __init__(self, config: CodeRLConfig, ctx):
@@ -341,13 +342,13 @@ class CodeRL(Algorithm):
         return {}
 
     def critic_rows(self, iteration: int) -> Rows:
-        return Rows(rho_real=None, filters={"sources": ("generated",), "decoding": ("sample",),
-                                            **self._window(iteration)}, extra_columns=("outcome",))
+        return Rows(rho_real=None, filters=Filters(sources=("generated",), decoding=("sample",),
+                                                   **self._window(iteration)), extra_columns=("outcome",))
 
     def actor_rows(self, iteration: int) -> Rows:
         c = self.config
         needs_targets = c.use_baseline or c.use_critic_weights
-        return Rows(rho_real=c.rho_real, filters={"decoding": ("sample",), **self._window(iteration)},
+        return Rows(rho_real=c.rho_real, filters=Filters(decoding=("sample",), **self._window(iteration)),
                     token_columns=TARGET_COLUMNS if needs_targets else ())
 
     def actor_targets(self, critic_dir: str | None, rows: Rows) -> TargetsPlan | None:
@@ -361,7 +362,7 @@ class CodeRL(Algorithm):
         blob = json.dumps({"what": "coderl-actor-targets-v1", **spec, "source_len": x.source_len,
                            "target_len": x.target_len}, sort_keys=True)
         fp = "coderl-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
-        return TargetsPlan(fingerprint=fp, columns=TARGET_COLUMNS, spec=spec, rows=Rows(filters=dict(rows.filters)))
+        return TargetsPlan(fingerprint=fp, columns=TARGET_COLUMNS, spec=spec, rows=Rows(filters=rows.filters))
 
     def plan_iteration(self, iteration: int, state: dict, policy_version: str) -> list[StagePlan]:
         c = self.config
@@ -401,7 +402,7 @@ class CodeRL(Algorithm):
     # -- the workers' side
     @cached_property
     def _pad(self) -> int:
-        return pad_id(load_tokenizer(self.ctx.tokenizer_path, options=self.ctx.options_for(self.ctx.tokenizer_path)))
+        return pad_id(self.ctx.load_tokenizer())
 
     def build_stage(self, plan: StagePlan, device=None) -> StageModule:
         x = self.ctx

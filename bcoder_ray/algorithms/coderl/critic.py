@@ -1,4 +1,4 @@
-"""CodeRL's critic (Le et al. 2022, eq. 9-10; ``../shared/docs/baselines.md`` §1): an outcome classifier over
+"""CodeRL's critic (Le et al. 2022, eq. 9-10; ``docs/baselines.md`` §1): an outcome classifier over
 (problem, program) whose per-token class probabilities weight the actor's tokens.
 
 Public API

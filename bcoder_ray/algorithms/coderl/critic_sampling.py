@@ -1,4 +1,4 @@
-"""Critic Sampling (CodeRL, Le et al. 2022, Figure 3; ``../shared/docs/baselines.md`` §1) as pure logic over
+"""Critic Sampling (CodeRL, Le et al. 2022, Figure 3; ``docs/baselines.md`` §1) as pure logic over
 callables, so that any sampler, executor and critic can drive it (and a scripted critic can test it).
 
 Public API

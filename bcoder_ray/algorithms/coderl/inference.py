@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bcoder_ray.model import sampling
-from bcoder_ray.algorithms.base import Ranker
+from bcoder_ray.model.ranker import Ranker
 from bcoder_ray.algorithms.coderl.critic import Critic, p_passed_prefixes
 from bcoder_ray.algorithms.coderl.critic_sampling import CriticSamplingRefused, critic_sampling, require_example_tests
 from bcoder_ray.model.batch import collate
 from bcoder_ray.model.candidates import Sampler, SamplingSettings, sample_and_score, score_with_reruns
-from bcoder_ray.model.lm import LoadOptions
 from bcoder_ray.evaluation.metrics import CandidateRecord
 from bcoder_ray.model.tokenization import pad_id
 from envs import scoring
@@ -62,7 +61,7 @@ def load_phi_test(run, device=None) -> Critic:
         raise CriticSamplingRefused(f"{run.run_dir}: --critic-sampling needs a CodeRL run with a trained binary "
                                     f"critic φ_test (algorithm {run.cfg.algorithm.name!r}; coderl with "
                                     f"critic_test: true)")
-    return Critic.load(path, device=device, options=LoadOptions.from_mapping(run.context()["load_options"])).eval()
+    return Critic.load(path, device=device, options=run.context().load_options).eval()
 
 
 class PhiTestValues:
@@ -101,7 +100,7 @@ def critic_sampling_records(problems: Sequence[Problem], sampler: Sampler, execu
     """Critic Sampling on each problem: the pool's candidate records (rtilde = φ_test's p(passed), example and
     hidden verdicts) and per-problem round summaries (seed lengths, |F|)."""
     require_examples(problems)
-    if sampler.model is None:
+    if sampler.lm is None:
         raise ValueError("Critic Sampling continues program prefixes with the torch sampler: rollout.engine vllm "
                          "does not apply to it")
     tok = sampler.tokenizer
@@ -117,10 +116,10 @@ def critic_sampling_records(problems: Sequence[Problem], sampler: Sampler, execu
                 if count == 0:
                     continue
                 out += sampling.sample_programs(
-                    sampler.model, [prompt], count, max_new_tokens=settings.max_new_tokens, eos_id=sampler.stop_ids,
+                    sampler.lm, [prompt], count, max_new_tokens=settings.max_new_tokens, eos_id=sampler.stop_ids,
                     pad_id=pad_id(tok), temperature=settings.temperature, top_p=settings.top_p,
                     seed=stable_seed(seed, problem.key, j), batch_size=settings.prompts_per_call * max(1, count),
-                    network="ckpt", prefix=prefix, stop_strings=sampler.stop_strings)[0]
+                    prefix=prefix, stop_strings=sampler.stop_strings)[0]
             return out
 
         def example_pass_fn(programs, problem=problem):
@@ -168,7 +167,7 @@ def compare_with_plain(problems: Sequence[Problem], sampler: Sampler, executor: 
     plain_settings = replace(settings, m=budget)
     ranker = PhiTestRanker(PhiTestValues(critic, pad_id(sampler.tokenizer)))
     plain = sample_and_score(problems, sampler, executor, plain_settings, examples=True, ranker=ranker)
-    pm = write_evaluation(out / "plain", [c.record() for c in plain if not c.infra], ks=ks, ci_level=ci_level, seed=settings.seed,
+    pm = write_evaluation(out / "plain", [CandidateRecord.of(c) for c in plain if not c.infra], ks=ks, ci_level=ci_level, seed=settings.seed,
                           n_at_k_pairs=pairs, meta={**common, "sampling": asdict(plain_settings)})
     return {"critic_sampling": cs, "plain": pm, "budget": budget}
 

@@ -1,16 +1,16 @@
-"""CodeRL's actor loss (Le et al. 2022, eq. 8 and 10; ``../shared/docs/baselines.md`` §1): cross-entropy on the
-human programs + the critic-weighted, baseline-corrected policy gradient on the generated ones, equal weights.
+"""CodeRL's actor loss (Le et al. 2022, eq. 8 and 10; ``docs/baselines.md`` §1): cross-entropy on the human
+programs + the critic-weighted, baseline-corrected policy gradient on the generated ones, equal weights.
 
 Public API
 ----------
-- ``taken_log_probs(policy, batch, encoded=None) -> [B, T]``: log p_θ(w_t | w_<t, D) of every program token from a
-  ``bcoder_ray.q_model.PolicyLM`` (teacher-forced, with gradient); 0 at padding. For an encoder-decoder policy the
-  prompt is encoded by the policy's own encoder, with gradient, unless ``encoded`` is given.
 - ``coderl_actor_loss(log_probs, token_mask, is_human, reward, baseline_reward=None, q_weights=None, *,
   use_baseline=True, use_critic=True, reduction="sum") -> (loss, metrics)``: L = L_ce + L_rl.
-- ``actor_loss(policy, batch, *, baseline_reward=None, q_weights=None, use_baseline=True, use_critic=True,
-  reduction="sum", encoded=None) -> (loss, metrics)``: the two above on a ``Batch`` (reward from ``batch.reward``).
-- ``REDUCTIONS = ("sum", "mean")``.
+
+``log_probs`` are ℓ_t = log p_θ(w_t | w_<t, D) of every program token, [B, T] with gradient, 0 at padding: the
+actor's ``bcoder_ray.algorithms.common.policy_forward(policy, batch).logprobs`` (teacher-forced; for an
+encoder-decoder actor the prompt goes through the actor's own encoder, with gradient). The actor stage
+(``bcoder_ray.algorithms.coderl.algorithm.ActorStage``) calls ``coderl_actor_loss`` once on the ground-truth human
+rows (L_ce) and once on the generated rows (L_rl) and weights the two (``ce_weight``, ``rl_weight``).
 
 Definitions (program w_0 … w_{T-1} of a row b, m_t its valid-token mask, ℓ_t = log p_θ(w_t | w_<t, D)):
 - L_ce  = mean over human rows of  -Σ_t m_t ℓ_t                                      (eq. 1, the warm start's CE)
@@ -20,7 +20,8 @@ Definitions (program w_0 … w_{T-1} of a row b, m_t its valid-token mask, ℓ_t
   Both off: L_rl = mean over generated rows of -r · Σ_t ℓ_t, plain REINFORCE (eq. 2-3).
 - L = L_ce + L_rl (equal weights, as published). A term with no rows in the batch is 0.
 - ``reduction="sum"`` sums over a program's tokens as eq. 8/10 are written (the B-Coder losses' ``aux_reduction``
-  default); ``"mean"`` divides each program's sum by its valid-token count. Programs are then averaged.
+  default); ``"mean"`` divides each program's sum by its valid-token count (``AUX_REDUCTIONS``). Programs are then
+  averaged.
 Metrics (floats): ``loss``, ``l_ce``, ``l_rl``, ``n_human``, ``n_generated``, ``advantage_mean`` (mean A over the
 generated rows), ``q_weight_mean`` (mean c_t over their valid tokens), ``log_prob_mean`` (mean ℓ_t, all rows).
 """
@@ -29,28 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from bcoder_ray.model.batch import Batch
-from bcoder_ray.model.lm import ENCODER_DECODER, Encoded, PolicyLM, token_logit_stats
-
-REDUCTIONS = ("sum", "mean")
-
-
-def encode_prompts(policy: PolicyLM, batch: Batch) -> Encoded | None:
-    """The policy's own encoder over the prompts, with gradient (None for a decoder-only policy)."""
-    if policy.kind != ENCODER_DECODER:
-        return None
-    hidden = policy.lm.get_encoder()(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask).last_hidden_state
-    return Encoded(hidden, batch.prompt_mask)
-
-
-def taken_log_probs(policy: PolicyLM, batch: Batch, encoded: Encoded | None = None) -> torch.Tensor:
-    """ℓ_t = log p_θ(w_t | w_<t, D) = ℓ_θ(s_t, w_t) - log Z(s_t), [B, T] float32 with gradient, 0 at padding."""
-    if encoded is None:
-        encoded = encode_prompts(policy, batch)
-    logits = policy.logits(policy.states(batch, encoded))
-    every_row = torch.ones(batch.size, dtype=torch.bool, device=logits.device)
-    _, taken, log_z = token_logit_stats(logits, batch.program_ids, every_row)
-    return (taken - log_z).float() * batch.program_mask
+from bcoder_ray.algorithms.common import AUX_REDUCTIONS
 
 
 def _per_program(values: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -78,8 +58,8 @@ def coderl_actor_loss(log_probs: torch.Tensor, token_mask: torch.Tensor, is_huma
 
     ``baseline_reward`` (r(W^b), the greedy decode's executed reward) is needed with ``use_baseline``, ``q_weights``
     (q̂_φ(w_t), ``critic.token_values``) with ``use_critic``; their values on human rows are never read."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if reduction not in AUX_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {AUX_REDUCTIONS}, got {reduction!r}")
     if use_baseline and baseline_reward is None:
         raise ValueError("use_baseline=True needs baseline_reward (r(W^b) of each row's greedy decode)")
     if use_critic and q_weights is None:
@@ -115,12 +95,3 @@ def coderl_actor_loss(log_probs: torch.Tensor, token_mask: torch.Tensor, is_huma
                "advantage_mean": advantage_mean, "q_weight_mean": q_mean,
                "log_prob_mean": float(log_probs.detach()[valid].mean()) if valid.any() else 0.0}
     return loss, metrics
-
-
-def actor_loss(policy: PolicyLM, batch: Batch, *, baseline_reward: torch.Tensor | None = None,
-               q_weights: torch.Tensor | None = None, use_baseline: bool = True, use_critic: bool = True,
-               reduction: str = "sum", encoded: Encoded | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """``coderl_actor_loss`` on a ``Batch``: ℓ_t from ``policy`` (only the policy receives gradient)."""
-    log_probs = taken_log_probs(policy, batch, encoded)
-    return coderl_actor_loss(log_probs, batch.program_mask, batch.is_human, batch.reward, baseline_reward,
-                             q_weights, use_baseline=use_baseline, use_critic=use_critic, reduction=reduction)

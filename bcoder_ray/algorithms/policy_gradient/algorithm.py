@@ -1,4 +1,5 @@
-"""The on-policy policy-gradient baselines (docs/baselines.md §2) as plug-ins, both on `pg_losses`:
+"""The on-policy policy-gradient baselines (docs/baselines.md §2) as plug-ins, both on
+`bcoder_ray.algorithms.policy_gradient.losses` (configs: `bcoder_ray.algorithms.policy_gradient.config`):
 
 - `ppo`: PPO-clip with a value head on the policy's trunk and GAE; the reward of token t is the KL penalty
   -β (log π_old - log p_ckpt) plus, at the last token, the execution reward (eq. 2).
@@ -6,12 +7,13 @@
   failures: the group has the rows it has), no value head, β·KL[π_θ || p_ckpt] (k1 or k3) as a loss term.
 
 Each iteration is one stage (`stages.ppo` / `stages.grpo`) that starts from the current policy (θ_old, the one that
-sampled: θ_ckpt in iteration 0) and reads only the rows that policy sampled (`lm_policy.on_policy_rows`: generated,
-sampled, this `policy_version`, with the sampling log-probabilities); the buffer keeps every row. The stage makes
-`steps` optimiser steps of uniformly drawn mini-batches over those N = problems × m rows, so
-steps = epochs × ceil(N / (batch_size_per_worker × num_workers)) (epochs in expectation: Ray Data's read tasks
-each stream the rows in their own shuffled order). The defaults are for the embedded config (192 × 4 = 768 rows,
-32 per step: 24 mini-batches): PPO 4 epochs (96 steps), GRPO 2 epochs (48 steps, DeepSeekMath uses one).
+sampled: θ_ckpt in iteration 0) and reads only the rows that policy sampled
+(`bcoder_ray.algorithms.lm_policy.on_policy_rows`: generated, sampled, this `policy_version`, with the sampling
+log-probabilities); the buffer keeps every row. The stage makes `steps` optimiser steps of uniformly drawn
+mini-batches over those N = problems × m rows, so steps = epochs × ceil(N / (batch_size_per_worker × num_workers))
+(epochs in expectation: Ray Data's read tasks each stream the rows in their own shuffled order). The defaults are
+for the embedded config (192 × 4 = 768 rows, 32 per step: 24 mini-batches): PPO 4 epochs (96 steps), GRPO 2 epochs
+(48 steps, DeepSeekMath uses one).
 
 Cached targets, computed once per row before the stage (`bcoder_ray.loop.target_filling`), fingerprinted by θ_ckpt, the
 tokenizer, the lengths and the dtype, plus:
@@ -28,16 +30,16 @@ tokenizer, the lengths and the dtype, plus:
 
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from typing import Mapping
 
 import torch
-from pydantic import model_validator
 
-from bcoder_ray.algorithms.base import AlgorithmConfig, StageModule, StagePlan, TargetComputer, TargetsPlan
+from bcoder_ray.algorithms.base import StageModule, StagePlan, TargetComputer, TargetsPlan
+from bcoder_ray.algorithms.common import policy_forward
 from bcoder_ray.algorithms.lm_policy import (LMPolicyAlgorithm, PolicyStage, fingerprint, load_value_head,
                                              on_policy_rows, per_row)
-from bcoder_ray.algorithms.policy_gradient.losses import (GRPOOptions, PPOOptions, group_advantages, grpo_loss,
-                                             policy_forward, ppo_advantages, ppo_loss)
+from bcoder_ray.algorithms.policy_gradient.config import GRPOConfig, PPOConfig
+from bcoder_ray.algorithms.policy_gradient.losses import group_advantages, grpo_loss, ppo_advantages, ppo_loss
 from bcoder_ray.model.batch import Batch, masked_mean
 
 GROUP_BY = ("suite", "problem_id", "policy_version")
@@ -45,76 +47,13 @@ _STAGE = {"lr": 1e-5, "schedule": "constant", "batch_size_per_worker": 16, "num_
           "cpus_per_worker": 0.25, "report_every": 12}
 
 
-class PPOConfig(AlgorithmConfig):
-    name: str = "ppo"
-    gamma: float = 1.0
-    """Discount of the returns and of GAE (1: the KL-penalised return of the whole program)."""
-    beta: float = 0.05
-    """β of the per-token KL penalty -β·(log π_old - log p_ckpt) in the rewards."""
-    lam: float = 0.95
-    """λ of GAE."""
-    clip_low: float = 0.2
-    """ε_low: the ratio is clipped below at 1 - ε_low."""
-    clip_high: float = 0.2
-    """ε_high: the ratio is clipped above at 1 + ε_high."""
-    value_clip: float | None = 0.2
-    """Clip range of the value update around the old values; null: unclipped value loss."""
-    value_coef: float = 0.1
-    """Weight of the value loss."""
-    entropy_coef: float = 0.0
-    """Weight of the entropy bonus."""
-    whiten_advantages: bool = True
-    """Normalise the advantages to mean 0, std 1 over each mini-batch's tokens."""
-    aggregation: Literal["token", "sequence"] = "token"
-    """Mean of the per-token losses over all tokens, or per sequence then over sequences."""
-
-    def options(self) -> PPOOptions:
-        return PPOOptions(beta=self.beta, gamma=self.gamma, lam=self.lam, clip_low=self.clip_low,
-                          clip_high=self.clip_high, value_clip=self.value_clip, value_coef=self.value_coef,
-                          entropy_coef=self.entropy_coef, whiten_advantages=self.whiten_advantages,
-                          aggregation=self.aggregation)
-
-    @model_validator(mode="after")
-    def _check(self) -> "PPOConfig":
-        self.options()
-        return self
-
-
-class GRPOConfig(AlgorithmConfig):
-    name: str = "grpo"
-    beta: float = 0.04
-    """β of the KL loss term β·KL[π_θ || p_ckpt]."""
-    kl_estimator: Literal["k1", "k3"] = "k3"
-    """Per-token KL estimator: k1 = log π_θ - log p_ckpt, k3 = exp(-k1) + k1 - 1 (DeepSeekMath eq. 4)."""
-    clip_low: float = 0.2
-    """ε_low: the ratio is clipped below at 1 - ε_low."""
-    clip_high: float = 0.2
-    """ε_high: the ratio is clipped above at 1 + ε_high (DAPO's clip-higher: 0.28)."""
-    aggregation: Literal["token", "sequence"] = "sequence"
-    """sequence: mean over each program's tokens, then over programs (DeepSeekMath); token: over all tokens."""
-    normalize_std: bool = True
-    """Â = (r - mean_group) / (std_group + eps); false: r - mean_group (Dr. GRPO)."""
-    std_eps: float = 1e-4
-    """eps of the std normalisation."""
-
-    def options(self) -> GRPOOptions:
-        return GRPOOptions(beta=self.beta, kl_estimator=self.kl_estimator, clip_low=self.clip_low,
-                           clip_high=self.clip_high, aggregation=self.aggregation, normalize_std=self.normalize_std,
-                           std_eps=self.std_eps)
-
-    @model_validator(mode="after")
-    def _check(self) -> "GRPOConfig":
-        self.options()
-        return self
-
-
 class PPOStage(PolicyStage):
-    def __init__(self, policy, value_head, options: PPOOptions):
+    def __init__(self, policy, value_head, config: PPOConfig):
         super().__init__(policy, value_head, dropout=False)
-        self.options = options
+        self.config = config
 
     def forward(self, batch: Batch):
-        o, mask, tokens = self.options, batch.program_mask, batch.tokens
+        o, mask, tokens = self.config, batch.program_mask, batch.tokens
         old, ref, v_old = tokens["logprobs"], tokens["logp_ckpt"], tokens["v_old"]
         advantages, returns, _ = ppo_advantages(old, ref, v_old, batch.reward, mask, o)   # GAE, per mini-batch
         out = policy_forward(self.policy, batch, value_head=self.value_head, with_entropy=o.entropy_coef > 0)
@@ -125,16 +64,16 @@ class PPOStage(PolicyStage):
 
 
 class GRPOStage(PolicyStage):
-    def __init__(self, policy, options: GRPOOptions):
+    def __init__(self, policy, config: GRPOConfig):
         super().__init__(policy, dropout=False)
-        self.options = options
+        self.config = config
 
     def forward(self, batch: Batch):
         tokens = batch.tokens
         advantages = tokens["advantage"][:, 0]                          # the row's Â (the same on every token)
         out = policy_forward(self.policy, batch)
         loss, metrics = grpo_loss(out.logprobs, tokens["logprobs"], tokens["logp_ckpt"], advantages,
-                                  batch.program_mask, self.options)
+                                  batch.program_mask, self.config)
         metrics["reward_mean"] = float(batch.reward.mean())
         return loss, metrics
 
@@ -159,7 +98,7 @@ class PPO(LMPolicyAlgorithm):
         policy = self._load_start(plan, device)
         head = load_value_head(plan.spec.get("start"), policy, self.ctx.seed)
         head.requires_grad_(True)
-        return PPOStage(policy, head, self.config.options())
+        return PPOStage(policy, head, self.config)
 
     def target_computer(self, targets: TargetsPlan, device=None) -> TargetComputer:
         sampler_dir = targets.spec.get("sampler_dir")
@@ -201,7 +140,7 @@ class GRPO(LMPolicyAlgorithm):
         return [self._stage_plan(rows, state, targets=targets)]
 
     def build_stage(self, plan: StagePlan, device=None) -> StageModule:
-        return GRPOStage(self._load_start(plan, device), self.config.options())
+        return GRPOStage(self._load_start(plan, device), self.config)
 
     def target_computer(self, targets: TargetsPlan, device=None) -> TargetComputer:
         c = self.config

@@ -1,129 +1,47 @@
-"""Policy-gradient losses shared by the PPO and GRPO plug-ins: log-probs, KL estimators, GAE, PPO-clip, GRPO.
+"""Policy-gradient losses shared by the PPO and GRPO plug-ins: KL estimators, GAE, PPO-clip, GRPO.
 
-Pure PyTorch over the learner's padded ``Batch`` (``bcoder_ray.model.batch``); no Ray, no config. The method summaries
-are ``docs/baselines.md`` §2 (PPO with a KL penalty, GRPO).
+Pure PyTorch over the learner's padded ``Batch`` (``bcoder_ray.model.batch``); no Ray. The losses read the
+algorithm's own config (``bcoder_ray.algorithms.policy_gradient.config``: ``PPOConfig``, ``GRPOConfig``). The
+method summaries are ``docs/baselines.md`` §2 (PPO with a KL penalty, GRPO). The policy's log-probs, values and
+entropies come from ``bcoder_ray.algorithms.common.policy_forward``.
 
 Public API
 ----------
-- ``PPOOptions``, ``GRPOOptions``: the options (a docstring under each field); ``AGGREGATIONS``, ``KL_ESTIMATORS``.
-- ``encode_prompts(policy, batch) -> Encoded | None``: the policy's own encoder output (encoder-decoder only).
-- ``taken_logprobs(logits, actions, mask) -> [B, T]``: log π(a_t | s_t) of the taken tokens, 0 at padding.
-- ``token_entropy(logits, mask) -> [B, T]``: H(π(·| s_t)), 0 at padding.
-- ``ValueHead(hidden_size, *, seed=0)``, ``ValueHead.for_policy(policy, *, seed=0)``: V(s_t) = Linear(h_t).
-- ``policy_forward(policy, batch, *, encoded=None, value_head=None, with_entropy=False) -> PolicyOutputs``:
-  log-probs (+ values, + entropy) from ONE teacher-forced forward of the policy.
+- ``AGGREGATIONS``, ``KL_ESTIMATORS``: the choices of ``aggregate`` and ``kl_per_token``.
 - ``per_token_column(values, batch, what) -> [B, T]``: a buffer per-token list column (e.g. the sampling
   ``logprobs``) padded like ``batch.program_ids``; each row's length must equal its program's.
 - ``kl_per_token(logprobs, ref_logprobs, estimator) -> [B, T]``: k1 or k3 against θ_ckpt (Schulman 2020).
 - ``aggregate(per_token, mask, mode) -> scalar``: "token" (mean over all valid tokens) or "sequence" (mean over
   each sequence's tokens, then over sequences).
 - PPO: ``ppo_token_rewards``, ``gae``, ``whiten``, ``clipped_surrogate``, ``value_loss``,
-  ``ppo_advantages(...) -> (advantages, returns, token_rewards)``, ``ppo_loss(...) -> (loss, metrics)``.
-- GRPO: ``group_advantages(rewards, group_keys, *, normalize_std, eps) -> [B]``, ``grpo_loss(...) -> (loss, metrics)``.
+  ``ppo_advantages(..., config) -> (advantages, returns, token_rewards)``, ``ppo_loss(..., config) -> (loss, metrics)``.
+- GRPO: ``group_advantages(rewards, group_keys, *, normalize_std, eps) -> [B]``,
+  ``grpo_loss(..., config) -> (loss, metrics)``.
 
-Conventions (as ``bcoder_ray.losses``): program w_0 … w_{T_b-1}, state s_t = (prompt, w_<t), action a_t = w_t;
-``mask`` is the batch's ``program_mask`` ([B, T], right-padded); the execution reward r_b arrives at the last
-valid token. "old" log-probs are those of the distribution actually sampled (θ_old, the buffer's ``logprobs``);
-"ref" log-probs are θ_ckpt's (the KL anchor p_0). Every loss is a scalar to minimise; metrics are floats.
+Conventions (as ``bcoder_ray.algorithms.bcoder.losses``): program w_0 … w_{T_b-1}, state s_t = (prompt, w_<t),
+action a_t = w_t; ``mask`` is the batch's ``program_mask`` ([B, T], right-padded); the execution reward r_b arrives
+at the last valid token. "old" log-probs are those of the distribution actually sampled (θ_old, the buffer's
+``logprobs``); "ref" log-probs are θ_ckpt's (the KL anchor p_0). Every loss is a scalar to minimise; metrics are
+floats.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Hashable, Sequence
 
 import torch
-from torch import nn
 
-from bcoder_ray.model.batch import Batch
-from bcoder_ray.model.batch import per_program_mean
-from bcoder_ray.model.lm import ENCODER_DECODER, Encoded, PolicyLM, token_logit_stats
+from bcoder_ray.algorithms.common import PolicyOutputs
+from bcoder_ray.algorithms.policy_gradient.config import GRPOConfig, PPOConfig
+from bcoder_ray.model.batch import Batch, per_program_mean
 
 AGGREGATIONS = ("token", "sequence")
 KL_ESTIMATORS = ("k1", "k3")
 
 
-# ---------------------------------------------------------------------------------------------- options
 def _check_choice(owner: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{owner}.{name} must be one of {allowed}, got {value!r}")
-
-
-def _check_range(owner: str, name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
-    bad_lo = value <= lo if lo_open else value < lo
-    if bad_lo or value > hi:
-        raise ValueError(f"{owner}.{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}")
-
-
-@dataclass(frozen=True)
-class PPOOptions:
-    """PPO-clip with a value head, GAE and a per-token KL penalty against θ_ckpt (baselines.md §2)."""
-
-    beta: float = 0.05
-    """coefficient β of the per-token KL penalty -β·(log π_old - log p_ckpt) folded into the rewards"""
-    gamma: float = 1.0
-    """discount factor γ of the returns and of GAE"""
-    lam: float = 0.95
-    """λ of generalised advantage estimation (Schulman et al. 2016, eq. 16)"""
-    clip_low: float = 0.2
-    """ε_low: the ratio is clipped below at 1 - ε_low (PPO eq. 7)"""
-    clip_high: float = 0.2
-    """ε_high: the ratio is clipped above at 1 + ε_high (= ε_low in PPO; larger is DAPO's clip-higher)"""
-    value_clip: float | None = 0.2
-    """clip range of the value update around the old values (PPO2 / OpenAI baselines); None: unclipped loss"""
-    value_coef: float = 0.1
-    """weight of the value loss in the total loss"""
-    entropy_coef: float = 0.0
-    """weight of the entropy bonus (subtracted from the loss); 0 skips computing the entropy"""
-    whiten_advantages: bool = True
-    """normalise the GAE advantages to mean 0, std 1 over the batch's valid tokens"""
-    whiten_eps: float = 1e-8
-    """ε in (Â - mean) / (std + ε) of the whitening"""
-    aggregation: str = "token"
-    """"token": mean of the per-token losses over all valid tokens; "sequence": per sequence, then over sequences"""
-
-    def __post_init__(self) -> None:
-        name = type(self).__name__
-        _check_range(name, "beta", self.beta, 0.0, float("inf"))
-        _check_range(name, "gamma", self.gamma, 0.0, 1.0)
-        _check_range(name, "lam", self.lam, 0.0, 1.0)
-        _check_range(name, "clip_low", self.clip_low, 0.0, 1.0, lo_open=True)
-        _check_range(name, "clip_high", self.clip_high, 0.0, float("inf"), lo_open=True)
-        if self.value_clip is not None:
-            _check_range(name, "value_clip", self.value_clip, 0.0, float("inf"), lo_open=True)
-        _check_range(name, "value_coef", self.value_coef, 0.0, float("inf"))
-        _check_range(name, "entropy_coef", self.entropy_coef, 0.0, float("inf"))
-        _check_range(name, "whiten_eps", self.whiten_eps, 0.0, float("inf"), lo_open=True)
-        _check_choice(name, "aggregation", self.aggregation, AGGREGATIONS)
-
-
-@dataclass(frozen=True)
-class GRPOOptions:
-    """GRPO: group-relative advantages, no value head, KL to θ_ckpt as a loss term (DeepSeekMath 2024, eq. 3)."""
-
-    beta: float = 0.04
-    """coefficient β of the KL loss term β·D_KL[π_θ || p_ckpt] (DeepSeekMath: 0.04)"""
-    kl_estimator: str = "k3"
-    """per-token KL estimator: "k1" = log π_θ - log p_ckpt, "k3" = exp(log p_ckpt - log π_θ) - (…) - 1 (eq. 4)"""
-    clip_low: float = 0.2
-    """ε_low: the ratio is clipped below at 1 - ε_low"""
-    clip_high: float = 0.2
-    """ε_high: the ratio is clipped above at 1 + ε_high (DAPO's clip-higher uses 0.28)"""
-    aggregation: str = "sequence"
-    """"sequence": 1/G Σ_i 1/|o_i| Σ_t (DeepSeekMath eq. 3); "token": mean over all valid tokens (DAPO §3.3)"""
-    normalize_std: bool = True
-    """divide r_i - mean(r_group) by std(r_group) + eps (off: Dr. GRPO, Liu et al. 2025)"""
-    std_eps: float = 1e-4
-    """eps in (r_i - mean) / (std + eps)"""
-
-    def __post_init__(self) -> None:
-        name = type(self).__name__
-        _check_range(name, "beta", self.beta, 0.0, float("inf"))
-        _check_choice(name, "kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _check_range(name, "clip_low", self.clip_low, 0.0, 1.0, lo_open=True)
-        _check_range(name, "clip_high", self.clip_high, 0.0, float("inf"), lo_open=True)
-        _check_choice(name, "aggregation", self.aggregation, AGGREGATIONS)
-        _check_range(name, "std_eps", self.std_eps, 0.0, float("inf"), lo_open=True)
 
 
 # ---------------------------------------------------------------------------------------------- shape checks
@@ -159,98 +77,7 @@ def _last_token_mask(mask: torch.Tensor) -> torch.Tensor:
     return (positions.unsqueeze(0) == last.unsqueeze(1)) & mask.bool()
 
 
-# ---------------------------------------------------------------------------------------------- log-probs
-def encode_prompts(policy: PolicyLM, batch: Batch) -> Encoded | None:
-    """The policy's own encoder over the prompts (encoder-decoder); None for decoder-only models.
-
-    Gradient follows the encoder's ``requires_grad``; a trainer holding a frozen ``SharedEncoder`` (as
-    ``QModel.encode``) should pass that output to ``policy_forward`` instead."""
-    if policy.kind != ENCODER_DECODER:
-        return None
-    hidden = policy.lm.get_encoder()(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask).last_hidden_state
-    return Encoded(hidden, batch.prompt_mask)
-
-
-def taken_logprobs(logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log π(a_t | s_t) = ℓ(s_t, a_t) - log Σ_a exp ℓ(s_t, a), float32 [B, T], 0 at padding.
-
-    Uses ``q_model.token_logit_stats`` (one fused op: ℓ[a_t] and log Z, backward = one [N, V] gradient)."""
-    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(actions.shape):
-        raise ValueError(f"logits {tuple(logits.shape)} and actions {tuple(actions.shape)}: expected [B, T, V] "
-                         f"and [B, T]")
-    _check_like(mask, actions=actions)
-    every_row = torch.ones(actions.shape[0], dtype=torch.bool, device=logits.device)
-    _, taken, log_z = token_logit_stats(logits, actions, every_row)
-    logp = taken.float() - log_z                                            # log softmax at the taken token
-    return torch.where(mask.bool(), logp, torch.zeros_like(logp))
-
-
-def token_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """H(π(·|s_t)) = log Z - Σ_a π(a|s_t) ℓ(s_t, a), float32 [B, T], 0 at padding (a dense [B, T, V] softmax)."""
-    lf = logits.float()
-    log_z = torch.logsumexp(lf, dim=-1)
-    entropy = log_z - (lf.softmax(-1) * lf).sum(-1)
-    return torch.where(mask.bool(), entropy, torch.zeros_like(entropy))
-
-
-class ValueHead(nn.Module):
-    """PPO's critic on the policy's own hidden states: V(s_t) = w·h_t + b (a shared trunk, one forward).
-
-    Initialised with w ~ N(0, 0.02²), b = 0 from its own generator (no global RNG state). The value loss's gradient
-    reaches the policy's trunk through h_t unless the caller detaches it."""
-
-    def __init__(self, hidden_size: int, *, seed: int = 0):
-        super().__init__()
-        if hidden_size <= 0:
-            raise ValueError(f"ValueHead: hidden_size must be positive, got {hidden_size}")
-        self.linear = nn.Linear(hidden_size, 1)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            self.linear.weight.copy_(torch.randn(self.linear.weight.shape, generator=generator) * 0.02)
-            self.linear.bias.zero_()
-
-    @classmethod
-    def for_policy(cls, policy: PolicyLM, *, seed: int = 0) -> "ValueHead":
-        """A head sized for ``policy``'s hidden states (the LM head's input width), on its device."""
-        head_weight = policy.lm.get_output_embeddings().weight                # [V, d]
-        return cls(int(head_weight.shape[1]), seed=seed).to(device=head_weight.device)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[B, T, d] hidden states of s_t -> [B, T] float32 values V(s_t)."""
-        if hidden.shape[-1] != self.linear.in_features:
-            raise ValueError(f"ValueHead: hidden size {hidden.shape[-1]}, head expects {self.linear.in_features}")
-        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()
-
-
-@dataclass
-class PolicyOutputs:
-    """Per-token outputs of one teacher-forced policy forward ([B, T] each, 0 at padding)."""
-    logprobs: torch.Tensor                 # log π_θ(a_t | s_t)
-    values: torch.Tensor | None = None     # V(s_t) from the value head (PPO), else None
-    entropy: torch.Tensor | None = None    # H(π_θ(·|s_t)) when asked for, else None
-
-
-def policy_forward(policy: PolicyLM, batch: Batch, *, encoded: Encoded | None = None,
-                   value_head: ValueHead | None = None, with_entropy: bool = False) -> PolicyOutputs:
-    """Log-probs of the taken tokens (and V(s_t), H_t) from ONE pass of the policy's decoder.
-
-    The hidden states come from ``PolicyLM.states`` (positions as in ``q_model``'s docstring: decoder-only reads
-    [left-padded prompt, w_0 … w_{T-2}], encoder-decoder [decoder_start, w_0 … w_{T-2}]) and the logits from
-    ``PolicyLM.logits``; the value head reads the same hidden states."""
-    if encoded is None:
-        encoded = encode_prompts(policy, batch)
-    hidden = policy.states(batch, encoded)                                  # s_0 … s_{T-1}: [B, T, d]
-    logits = policy.logits(hidden)
-    mask = batch.program_mask
-    logp = taken_logprobs(logits, batch.program_ids, mask)
-    values = None
-    if value_head is not None:
-        v = value_head(hidden)
-        values = torch.where(mask.bool(), v, torch.zeros_like(v))
-    entropy = token_entropy(logits, mask) if with_entropy else None
-    return PolicyOutputs(logp, values, entropy)
-
-
+# ---------------------------------------------------------------------------------------------- buffer columns
 def per_token_column(values: Sequence[Sequence[float] | None], batch: Batch, what: str) -> torch.Tensor:
     """A per-token buffer column (one list per row, e.g. the sampling ``logprobs``) as float32 [B, T], 0-padded.
 
@@ -288,7 +115,8 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """Scalar loss from per-token losses: "token" = Σ_{b,t} x·m / Σ m (DAPO §3.3); "sequence" = 1/B Σ_b
-    (1/T_b Σ_t x·m) (DeepSeekMath eq. 3; ``losses._per_program_mean``, the 1/T of B-Coder's eq. 12/15)."""
+    (1/T_b Σ_t x·m) (DeepSeekMath eq. 3; ``bcoder_ray.model.batch.per_program_mean``, the 1/T of B-Coder's
+    eq. 12/15)."""
     _check_choice("aggregate", "mode", mode, AGGREGATIONS)
     _check_like(mask, per_token=per_token)
     if mode == "token":
@@ -299,8 +127,8 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.T
 # ---------------------------------------------------------------------------------------------- PPO
 def ppo_token_rewards(old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, reward: torch.Tensor,
                       mask: torch.Tensor, beta: float) -> torch.Tensor:
-    """r_t = -β·(log π_old(a_t|s_t) - log p_ckpt(a_t|s_t)) + [t = T_b - 1]·r_b (baselines.md §2; Ziegler et al.
-    2019 eq. 2 per token), float32 [B, T], 0 at padding; constants (no gradient)."""
+    """r_t = -β·(log π_old(a_t|s_t) - log p_ckpt(a_t|s_t)) + [t = T_b - 1]·r_b (docs/baselines.md §2; Ziegler et
+    al. 2019 eq. 2 per token), float32 [B, T], 0 at padding; constants (no gradient)."""
     _check_like(mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
     _check_rows(mask, reward=reward)
     m = _float_mask(mask, old_logprobs.float())
@@ -387,33 +215,33 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 def ppo_advantages(old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, old_values: torch.Tensor,
                    reward: torch.Tensor, mask: torch.Tensor,
-                   options: PPOOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   config: PPOConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Once per batch of fresh samples, before the PPO epochs: (advantages Â_t (whitened if asked), returns R_t,
     per-token rewards r_t), all [B, T], detached. ``old_values`` are the value head's V(s_t) at sampling time."""
-    rewards = ppo_token_rewards(old_logprobs, ref_logprobs, reward, mask, options.beta)
-    advantages, returns = gae(rewards, old_values, mask, options.gamma, options.lam)
-    if options.whiten_advantages:
-        advantages = whiten(advantages, mask, options.whiten_eps)          # returns stay unwhitened
+    rewards = ppo_token_rewards(old_logprobs, ref_logprobs, reward, mask, config.beta)
+    advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
+    if config.whiten_advantages:
+        advantages = whiten(advantages, mask, config.whiten_eps)           # returns stay unwhitened
     return advantages, returns, rewards
 
 
 def ppo_loss(outputs: PolicyOutputs, old_logprobs: torch.Tensor, old_values: torch.Tensor,
              advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-             options: PPOOptions) -> tuple[torch.Tensor, dict[str, float]]:
+             config: PPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """L = L_clip + c_v·L_V - c_H·H (PPO eq. 9, as a loss) for one mini-batch; ``outputs`` from ``policy_forward``
-    with the value head (and ``with_entropy=True`` when ``options.entropy_coef`` > 0)."""
+    with the value head (and ``with_entropy=True`` when ``config.entropy_coef`` > 0)."""
     if outputs.values is None:
         raise ValueError("ppo_loss: outputs.values is None; call policy_forward with the value head")
-    if options.entropy_coef > 0 and outputs.entropy is None:
+    if config.entropy_coef > 0 and outputs.entropy is None:
         raise ValueError("ppo_loss: entropy_coef > 0 but outputs.entropy is None; call policy_forward with "
                          "with_entropy=True")
-    pg, metrics = clipped_surrogate(outputs.logprobs, old_logprobs, advantages, mask, options.clip_low,
-                                    options.clip_high, options.aggregation)
-    vf, v_metrics = value_loss(outputs.values, old_values, returns, mask, options.value_clip, options.aggregation)
-    loss = pg + options.value_coef * vf
+    pg, metrics = clipped_surrogate(outputs.logprobs, old_logprobs, advantages, mask, config.clip_low,
+                                    config.clip_high, config.aggregation)
+    vf, v_metrics = value_loss(outputs.values, old_values, returns, mask, config.value_clip, config.aggregation)
+    loss = pg + config.value_coef * vf
     entropy = outputs.entropy
-    if entropy is not None and options.entropy_coef > 0:
-        loss = loss - options.entropy_coef * aggregate(entropy, mask, options.aggregation)
+    if entropy is not None and config.entropy_coef > 0:
+        loss = loss - config.entropy_coef * aggregate(entropy, mask, config.aggregation)
     metrics.update(v_metrics)
     metrics.update({"loss": float(loss.detach()), "policy_loss": float(pg.detach()),
                     "value_loss": float(vf.detach()),
@@ -460,18 +288,18 @@ def group_advantages(rewards: torch.Tensor, group_keys: Sequence[Hashable], *, n
 
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
               advantages: torch.Tensor, mask: torch.Tensor,
-              options: GRPOOptions) -> tuple[torch.Tensor, dict[str, float]]:
+              config: GRPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO objective (DeepSeekMath eq. 3) as a loss: agg(-min(ρ_t Â_i, clip(ρ_t, 1-ε_low, 1+ε_high) Â_i))
     + β·agg(KL_t), KL_t the k1 or k3 estimate against θ_ckpt (eq. 4); ``advantages`` [B] from ``group_advantages``.
     Both aggregations are linear, so this equals eq. 3's agg(-surrogate + β·KL) term by term."""
     _check_like(mask, logprobs=logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
     _check_rows(mask, advantages=advantages)
-    pg, metrics = clipped_surrogate(logprobs, old_logprobs, advantages, mask, options.clip_low, options.clip_high,
-                                    options.aggregation)
-    kl = kl_per_token(logprobs, ref_logprobs, options.kl_estimator)
+    pg, metrics = clipped_surrogate(logprobs, old_logprobs, advantages, mask, config.clip_low, config.clip_high,
+                                    config.aggregation)
+    kl = kl_per_token(logprobs, ref_logprobs, config.kl_estimator)
     kl = torch.where(mask.bool(), kl, torch.zeros_like(kl))
-    kl_term = aggregate(kl, mask, options.aggregation)
-    loss = pg + options.beta * kl_term                                      # eq. 3, negated
+    kl_term = aggregate(kl, mask, config.aggregation)
+    loss = pg + config.beta * kl_term                                      # eq. 3, negated
     adv = advantages.detach().float()
     metrics.update({"loss": float(loss.detach()), "policy_loss": float(pg.detach()), "kl": float(kl_term.detach()),
                     "advantage_mean": float(adv.mean()) if adv.numel() else 0.0,
@@ -479,7 +307,6 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
     return loss, metrics
 
 
-__all__ = ["AGGREGATIONS", "KL_ESTIMATORS", "GRPOOptions", "PPOOptions", "PolicyOutputs", "ValueHead",
-           "aggregate", "clipped_surrogate", "encode_prompts", "gae", "group_advantages", "grpo_loss",
-           "kl_per_token", "per_token_column", "policy_forward", "ppo_advantages", "ppo_loss",
-           "ppo_token_rewards", "taken_logprobs", "token_entropy", "value_loss", "whiten"]
+__all__ = ["AGGREGATIONS", "KL_ESTIMATORS", "aggregate", "clipped_surrogate", "gae", "group_advantages",
+           "grpo_loss", "kl_per_token", "per_token_column", "ppo_advantages", "ppo_loss", "ppo_token_rewards",
+           "value_loss", "whiten"]

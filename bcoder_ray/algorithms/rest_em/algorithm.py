@@ -2,28 +2,31 @@
 
 E-step: the rollout samples m programs per problem from the published policy and executes them (the shared
 rollout). M-step: one stage (`stages.rest_em`, its `steps` the M-step's optimiser steps) of cross-entropy
-(`rest_em.rest_em_loss`) on the programs of this iteration that passed (generated rows of this policy version,
-outcome passed), starting from θ_ckpt (ReST-EM, the default) or from the last policy (`restart_from_ckpt: false`);
-`include_human` also mixes every passing human program in (drawn uniformly with the generated ones). An
-iteration in which no program passed trains nothing: the policy is then θ_ckpt (restart: an M-step on no data
-from θ_ckpt) or stays the last one (continue). The published policy is the M-step's LM; no ranker.
+(`bcoder_ray.algorithms.rest_em.losses.rest_em_loss`) on the programs of this iteration that passed (generated rows
+of this policy version, outcome passed: `RestEM.m_step_rows`), starting from θ_ckpt (ReST-EM, the default) or from
+the last policy (`restart_from_ckpt: false`); `include_human` also mixes every passing human program in (drawn
+uniformly with the generated ones). An iteration in which no program passed trains nothing: the policy is then
+θ_ckpt (restart: an M-step on no data from θ_ckpt) or stays the last one (continue). The published policy is the
+M-step's LM; no ranker.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import model_validator
-
 from bcoder_ray.algorithms.base import AlgorithmConfig, Rows, StageModule, StagePlan
 from bcoder_ray.algorithms.lm_policy import LMPolicyAlgorithm, PolicyStage
-from bcoder_ray.algorithms.rest_em.losses import RestEMOptions, rest_em_loss
+from bcoder_ray.algorithms.rest_em.losses import rest_em_loss
+from bcoder_ray.buffer.filters import Filters
 from bcoder_ray.model.batch import Batch
 from envs.result import Outcome
 
 
 class RestEMConfig(AlgorithmConfig):
+    """Expert iteration / ReST-EM: fine-tune on the passing programs of each iteration (docs/baselines.md §3)."""
+
     name: str = "rest_em"
+    """The registered algorithm: rest_em."""
     restart_from_ckpt: bool = True
     """Each M-step starts from θ_ckpt (ReST-EM); false: from the last policy (expert iteration)."""
     include_human: bool = False
@@ -31,23 +34,14 @@ class RestEMConfig(AlgorithmConfig):
     reduction: Literal["mean", "sum"] = "mean"
     """Per program: mean of the token NLLs, or their sum (eq. 1 as written); then the mean over programs."""
 
-    def options(self) -> RestEMOptions:
-        return RestEMOptions(restart_from_ckpt=self.restart_from_ckpt, include_human=self.include_human,
-                             reduction=self.reduction)
-
-    @model_validator(mode="after")
-    def _check(self) -> "RestEMConfig":
-        self.options()
-        return self
-
 
 class RestEMStage(PolicyStage):
-    def __init__(self, policy, options: RestEMOptions):
+    def __init__(self, policy, config: RestEMConfig):
         super().__init__(policy, dropout=True)
-        self.options = options
+        self.config = config
 
     def forward(self, batch: Batch):
-        return rest_em_loss(self.policy, batch, reduction=self.options.reduction)
+        return rest_em_loss(self.policy, batch, reduction=self.config.reduction)
 
 
 class RestEM(LMPolicyAlgorithm):
@@ -65,11 +59,10 @@ class RestEM(LMPolicyAlgorithm):
         """The passing programs this iteration sampled (and, with `include_human`, every passing human one)."""
         passed = (Outcome.PASSED.value,)
         if self.config.include_human:  # the iteration window keeps human rows (they belong to no iteration)
-            filters = {"iteration_min": iteration, "iteration_max": iteration, "decoding": ("sample",),
-                       "outcomes": passed}
+            filters = Filters(iteration_min=iteration, iteration_max=iteration, decoding=("sample",), outcomes=passed)
         else:
-            filters = {"policy_versions": (str(policy_version),), "sources": ("generated",),
-                       "decoding": ("sample",), "outcomes": passed}
+            filters = Filters(policy_versions=(str(policy_version),), sources=("generated",), decoding=("sample",),
+                              outcomes=passed)
         return Rows(rho_real=None, filters=filters)
 
     def plan_iteration(self, iteration: int, state: dict, policy_version: str) -> list[StagePlan]:
@@ -83,4 +76,4 @@ class RestEM(LMPolicyAlgorithm):
         super().after_stage(plan, checkpoint, iteration, state)
 
     def build_stage(self, plan: StagePlan, device=None) -> StageModule:
-        return RestEMStage(self._load_start(plan, device), self.config.options())
+        return RestEMStage(self._load_start(plan, device), self.config)
