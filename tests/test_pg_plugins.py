@@ -173,7 +173,7 @@ def test_grpo_stage_loss_on_a_hand_batch(ctx):
     # ratio 1: the surrogate is -mean_i Â_i; k1 = log π_θ - log p_ckpt = +0.1 on every token
     assert metrics["policy_loss"] == pytest.approx(-np.mean([-1.0, 0.5, 0.5, 0.0]), abs=1e-6)
     assert metrics["kl"] == pytest.approx(0.1, abs=1e-5)
-    assert float(loss) == pytest.approx(metrics["policy_loss"] + 0.5 * 0.1, abs=1e-5)
+    assert float(loss.detach()) == pytest.approx(metrics["policy_loss"] + 0.5 * 0.1, abs=1e-5)
     loss.backward()
     assert stage.value_head is None and all(p.grad is not None for p in stage.trainable_parameters())
 

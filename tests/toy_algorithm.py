@@ -9,6 +9,7 @@ from bcoder_ray.algorithms.base import Algorithm, AlgorithmConfig, Rows, StageMo
 from bcoder_ray.algorithms.registry import register_algorithm
 from bcoder_ray.model.batch import Batch, per_program_mean
 from bcoder_ray.model.lm import PolicyLM, load_lm, token_logit_stats
+from bcoder_ray.util.storage import local_dir
 
 
 class ToyConfig(AlgorithmConfig):
@@ -52,6 +53,6 @@ class ToyCE(Algorithm):
         return state.get("ce")
 
     def build_stage(self, plan, device=None):
-        lm = load_lm(plan.spec.get("start") or self.ctx.theta_ckpt, device=device)
+        lm = load_lm(local_dir(plan.spec.get("start") or self.ctx.theta_ckpt), device=device)  # a URI: copied here
         lm.train()
         return CEStage(lm)

@@ -34,6 +34,7 @@ from bcoder_ray.model.batch import Batch
 from bcoder_ray.model.lm import LoadOptions
 from bcoder_ray.model.ranker import Ranker  # part of the interface: `load_ranker` returns one
 from bcoder_ray.model.tokenization import TextFormat, load_tokenizer
+from bcoder_ray.util.storage import local_dir
 
 
 class AlgorithmConfig(BaseModel):
@@ -81,7 +82,9 @@ class RunContext:
 
     def load_tokenizer(self):
         """The run's tokenizer (`tokenizer_path`, with its load options)."""
-        return load_tokenizer(self.tokenizer_path, options=self.options_for(self.tokenizer_path))
+        # the options are decided on the name (the revision is θ_ckpt's); a URI is copied to this node once, here
+        return load_tokenizer(local_dir(self.tokenizer_path, "model.tokenizer"),
+                              options=self.options_for(self.tokenizer_path))
 
 
 @dataclass(frozen=True)

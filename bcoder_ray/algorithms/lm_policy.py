@@ -40,7 +40,7 @@ def load_policy(path: str, *, trainable: bool, dtype: torch.dtype | None = None,
                 device: torch.device | str | None = None, options: LoadOptions | None = None) -> PolicyLM:
     """The LM at `path` as a `PolicyLM`: every parameter trainable, or frozen in eval mode (targets); `options`
     (`LoadOptions`) go to its `from_pretrained`."""
-    lm = load_lm(path, dtype=dtype, device=device, options=options)
+    lm = load_lm(local_dir(path), dtype=dtype, device=device, options=options)
     if trainable:
         lm.requires_grad_(True)
     return PolicyLM(lm)

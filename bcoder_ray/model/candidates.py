@@ -25,6 +25,7 @@ from bcoder_ray.model.ranker import Ranker
 from bcoder_ray.model.tokenization import (StopStrings, TextFormat, decode_program, encode_prompt, load_tokenizer, pad_id,
                                     stop_ids)
 from bcoder_ray.model.vllm_sampling import ENGINES, VLLMEngine
+from bcoder_ray.util.storage import local_dir
 from envs import scoring
 from envs.problem import Problem
 from envs.result import ExecResult
@@ -98,34 +99,35 @@ def load_sampler(path: str, *, tokenizer: str | None = None, label: str | None =
                  checkpoint: str | None = None, eos_token_ids: Sequence[int] | None = None,
                  engine: str = "torch", seed: int = 0,
                  text_format: TextFormat | None = None) -> Sampler:
-    """The LM at `path` (any folder `from_pretrained` loads, or a hub name) ready to sample. `options` (the run's
+    """The LM at `path` (any folder `from_pretrained` loads, a hub name, or a URI: copied to this node once, here)
+    ready to sample. `options` (the run's
     `LoadOptions`, `RunContext.load_options`) go to the model's and the tokenizer's loads; given `checkpoint`
     (the run's θ_ckpt), the revision only to loads of θ_ckpt itself. A program ends at the tokenizer's EOS or at
     one of `eos_token_ids` (`model.eos_token_ids`; None: those of the model's generation config). `engine`
     "vllm": a `VLLMEngine` samples (decoder-only, on a GPU; `seed` is its engine seed) and no torch model is
     loaded. `text_format` (`model.chat_template`, `model.stop_strings`): how prompts are built and where else a
     program ends."""
-    options = options or LoadOptions()
-    text_format = text_format or TextFormat()
-    tokenizer = str(tokenizer or path)
-
-    def options_for(source: str) -> LoadOptions:
-        return options if checkpoint is None else options.for_source(source, checkpoint)
-
     if engine not in ENGINES:
         raise ValueError(f"load_sampler: engine must be one of {ENGINES}, got {engine!r}")
-    tok = load_tokenizer(tokenizer, options=options_for(tokenizer))
-    label = label or checkpoint_label(str(path))
+    options = options or LoadOptions()
+    text_format = text_format or TextFormat()
+    path, tokenizer = str(path), str(tokenizer or path)
+    # the revision is θ_ckpt's: decided on the names given, before a URI becomes a folder of this node
+    model_options, tokenizer_options = ((options, options) if checkpoint is None else
+                                        (options.for_source(path, checkpoint), options.for_source(tokenizer, checkpoint)))
+    local, local_tokenizer = local_dir(path), local_dir(tokenizer, "model.tokenizer")
+    tok = load_tokenizer(local_tokenizer, options=tokenizer_options)
+    label = label or checkpoint_label(path)
     if engine == "vllm":
         if eos_token_ids is None:
-            eos_token_ids = generation_eos_ids_of(str(path), options_for(str(path)))
-        vllm = VLLMEngine(str(path), tokenizer, dtype=str(dtype or torch.float32).removeprefix("torch."),
-                          seed=seed, options=options_for(str(path)))
-        return Sampler(lm=None, tokenizer=tok, label=label, path=str(path),
+            eos_token_ids = generation_eos_ids_of(local, model_options)
+        vllm = VLLMEngine(local, local_tokenizer, dtype=str(dtype or torch.float32).removeprefix("torch."),
+                          seed=seed, options=model_options)
+        return Sampler(lm=None, tokenizer=tok, label=label, path=path,
                        stop_ids=stop_ids(tok, eos_token_ids), engine=vllm, text_format=text_format)
-    lm = PolicyLM(load_lm(str(path), dtype=dtype, device=device, options=options_for(str(path))))
+    lm = PolicyLM(load_lm(local, dtype=dtype, device=device, options=model_options))
     extra = generation_eos_ids(lm.lm) if eos_token_ids is None else tuple(eos_token_ids)
-    return Sampler(lm=lm, tokenizer=tok, label=label, path=str(path), stop_ids=stop_ids(tok, extra),
+    return Sampler(lm=lm, tokenizer=tok, label=label, path=path, stop_ids=stop_ids(tok, extra),
                    text_format=text_format)
 
 

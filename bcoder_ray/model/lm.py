@@ -139,9 +139,11 @@ def load_lm(name_or_path: str, *, dtype: torch.dtype | None = None, device: torc
             options: LoadOptions | None = None) -> PreTrainedModel:
     """Load a causal or seq2seq LM, frozen (no parameter requires grad) and in eval mode, in `dtype` (default
     float32, whatever the checkpoint stores: trained weights stay float32 masters under bf16 autocast), with the
-    run's `options` (`LoadOptions`) given to the config's and the model's `from_pretrained`."""
+    run's `options` (`LoadOptions`) given to the config's and the model's `from_pretrained`. `name_or_path` is a
+    folder on this node or a hub name: a URI is copied once where the load starts (`load_policy`, `load_sampler`,
+    an algorithm's network loader), with `bcoder_ray.util.storage.local_dir`."""
     options = options or LoadOptions()
-    name_or_path = local_dir(str(name_or_path))
+    name_or_path = str(name_or_path)
     config = AutoConfig.from_pretrained(name_or_path, **options.config_kwargs())
     cls = AutoModelForSeq2SeqLM if lm_kind(config) == ENCODER_DECODER else AutoModelForCausalLM
     lm = cls.from_pretrained(name_or_path, dtype=dtype or torch.float32, **options.model_kwargs())
@@ -343,11 +345,10 @@ def generation_eos_ids(lm: PreTrainedModel) -> tuple[int, ...]:
 
 
 def generation_eos_ids_of(name_or_path: str, options: LoadOptions | None = None) -> tuple[int, ...]:
-    """`generation_eos_ids` of a checkpoint without loading its weights (its generation_config.json; () when it
-    has none)."""
+    """`generation_eos_ids` of a checkpoint (a folder on this node or a hub name) without loading its weights (its
+    generation_config.json; () when it has none)."""
     try:
-        config = GenerationConfig.from_pretrained(local_dir(str(name_or_path)),
-                                                  **(options or LoadOptions()).config_kwargs())
+        config = GenerationConfig.from_pretrained(str(name_or_path), **(options or LoadOptions()).config_kwargs())
     except OSError:  # no generation_config.json
         return ()
     return generation_eos_ids(SimpleNamespace(generation_config=config))

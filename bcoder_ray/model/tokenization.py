@@ -25,12 +25,11 @@ __all__ = ["StopStrings", "TextFormat", "decode_program", "encode_program", "enc
 
 
 def load_tokenizer(path: str, *, options: "LoadOptions | None" = None):
-    """The tokenizer at `path`: a local folder, a hub name, or a URI (copied to this node first). `options`
-    (`bcoder_ray.model.lm.LoadOptions`): its revision and trust_remote_code apply (attn_implementation is a model's)."""
+    """The tokenizer at `path`: a folder on this node or a hub name (a URI: `bcoder_ray.util.storage.local_dir`
+    first, where the load starts, e.g. `RunContext.load_tokenizer`). `options` (`bcoder_ray.model.lm.LoadOptions`):
+    its revision and trust_remote_code apply (attn_implementation is a model's)."""
     from transformers import AutoTokenizer
-
-    from bcoder_ray.util.storage import local_dir
 
     # no options: still refuse custom code at once (transformers' default would prompt on stdin)
     kwargs = options.config_kwargs() if options is not None else {"trust_remote_code": False}
-    return AutoTokenizer.from_pretrained(local_dir(str(path), "model.tokenizer"), **kwargs)
+    return AutoTokenizer.from_pretrained(str(path), **kwargs)

@@ -25,7 +25,6 @@ from typing import Any, Sequence
 from transformers import AutoConfig
 
 from bcoder_ray.model.lm import ENCODER_DECODER, LoadOptions, lm_kind
-from bcoder_ray.util.storage import local_dir
 from bcoder_ray.model.tokenization import StopStrings
 
 ENGINES = ("torch", "vllm")
@@ -40,11 +39,12 @@ def import_vllm():
 
 
 class VLLMEngine:
-    """One `vllm.LLM` serving the policy at `path` (a local folder after `local_dir`)."""
+    """One `vllm.LLM` serving the policy at `path` with the tokenizer at `tokenizer` (folders on this node or hub
+    names: `load_sampler` copies a URI once)."""
 
     def __init__(self, path: str, tokenizer: str, *, dtype: str, seed: int, options: LoadOptions,
                  gpu_memory_utilization: float = 0.85):
-        path, tokenizer = local_dir(str(path)), local_dir(str(tokenizer), "model.tokenizer")
+        path, tokenizer = str(path), str(tokenizer)
         config = AutoConfig.from_pretrained(path, **options.config_kwargs())
         if lm_kind(config) == ENCODER_DECODER:
             raise ValueError(f"{path}: rollout.engine vllm serves decoder-only models; this is an encoder-decoder "
