@@ -275,11 +275,16 @@ class BufferConfig(Section):
     uri: str | None = None
     """null: <run.storage_uri>/<run folder name>/buffer, or <run_dir>/buffer without run.storage_uri; any URI the
     replay buffer accepts (s3://...), or a path; a location outside the run is shared by the runs naming it."""
-    human_programs: Literal["loop", "train"] = "loop"
+    human_programs: Literal["loop", "train", "warm_start"] = "loop"
     """Whose human programs seed the buffer: "loop", the RL loop's problems (`suite.max_train_problems`);
     "train", every problem of the train split, the warm start's included (the paper's setting: all human
     solutions are off-policy data beside the generated programs; the CE and advantage terms then keep
-    rehearsing what the warm start learned instead of fitting the loop's few hundred problems only)."""
+    rehearsing what the warm start learned instead of fitting the loop's few hundred problems only);
+    "warm_start", only the warm start's problems (the train problems the loop never rolls out on): the loop's own
+    problems carry no human program, as in code-RL data sets without reference solutions, so every gain on
+    held-out problems comes from the generated programs. The warm start's human rows still fill the ρ_real share
+    of each batch and feed the CE terms (B-Coder's L_ce and L_adv, SFT, CodeRL's actor). Needs
+    `suite.max_train_problems` below the train split's size."""
     targets_via: Literal["ray_data", "actors"] = "ray_data"
     """Cached targets filled by a Ray Data map_batches job, or by the running policy actors."""
     dataset_cpus: float = Field(0.25, ge=0)
@@ -581,6 +586,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         if split is not None and split not in info.splits:
             raise ConfigError(f"suite.{key}: suite {cfg.suite.name!r} has no split {split!r}; its splits are "
                               f"{list(info.splits)}" + (" (set it to null)" if key == "validation_split" else ""))
+    if cfg.buffer.human_programs == "warm_start" and cfg.suite.max_train_problems is None:
+        raise ConfigError("buffer.human_programs: warm_start seeds only the problems the loop never rolls out on, "
+                          "and with suite.max_train_problems null the loop rolls out on every train problem: set "
+                          "suite.max_train_problems below the train split's size")
     algo = algorithm_class(cfg.algorithm.name)
     for stage in algo.stage_names:
         cfg.stage(stage)

@@ -6,14 +6,21 @@ problems, seeds and executor; one run folder per algorithm (and seed, and swept 
         --out /tmp/cmp --suite.validation_split null --run.iterations 1
     python experiments/compare.py --algorithms "bcoder" "hi_alpha=bcoder:--algorithm.alpha 2.0" --seeds 3 ...
     python experiments/compare.py --algorithms bcoder --sweep stages.theta.lr=1e-4,3e-4 --budget 1152 ...
+    python experiments/compare.py --algorithms bcoder bcoder_rho1 bcoder_no_td sft --seeds 3 --budget 2304 ...
 
 An algorithm spec is `[LABEL=]TARGET[:OVERRIDES]`: TARGET a registered algorithm name (`run.py
 --list-algorithms`) or a config (a shipped name prefixed `config=`, or a .yaml path, whose `algorithm.name`
-decides); OVERRIDES `--section.key value ...` for that algorithm only. Other arguments are overrides for every
-run. Every run gets `--run.budget_programs BUDGET` (programs sampled and scored for training, the algorithm's
-extra samples included; the human seed, evaluation samples and infrastructure failures excluded),
+decides), or a preset (below); OVERRIDES `--section.key value ...` for that algorithm only. Other arguments are
+overrides for every run. Every run gets `--run.budget_programs BUDGET` (programs sampled and scored for training,
+the algorithm's extra samples included; the human seed, evaluation samples and infrastructure failures excluded),
 `--run.probe_problems P` (Figure 1's probe set), `--run.seed s` and one warm start (`model.warm_start.options.seed`
 pinned to the first seed unless given, so every seed and algorithm starts from the same θ_ckpt).
+
+Presets, the controls that say what B-Coder's value learning is worth (`--help` lists them; a preset's label is
+its name unless given, and OVERRIDES come after its own): `bcoder_rho1` (ρ_real = 1: the learner never reads a
+generated program), `bcoder_no_td` (β_td = 0: θ learns from L_adv and L_ce alone), `sft` (cross-entropy on the
+passing human programs of the batches B-Coder's θ reads, with `stages.sft.steps` set to the `stages.theta.steps`
+that B-Coder gets from the same config, overrides and sweep setting, unless given).
 
 `--sweep [LABEL:]key=v1,v2,...` (repeatable: the grid is their product) runs each setting and picks, per
 algorithm, the one with the best validation pass@1 (`--select-by`, mean over seeds) of the last iteration's
@@ -114,6 +121,34 @@ def provenance(code: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- specs
+@dataclass(frozen=True)
+class Preset:
+    """A named algorithm spec: the controls of docs/evaluation.md ("Controls")."""
+
+    algorithm: str
+    overrides: tuple[str, ...]
+    help: str
+    theta_steps: str | None = None
+    """A stage whose `steps` is set to the `stages.theta.steps` B-Coder gets from the same config, overrides and
+    sweep setting (unless the stage's steps are given): the optimiser steps of B-Coder's stage θ."""
+
+
+PRESETS = {
+    "bcoder_rho1": Preset("bcoder", ("--algorithm.rho_real", "1.0"),
+                          "B-Coder with rho_real 1: every row a human program, the value learning never reads a "
+                          "generated one"),
+    "bcoder_no_td": Preset("bcoder", ("--algorithm.beta_td", "0"),
+                           "B-Coder with beta_td 0: theta learns from L_adv and L_ce alone; phi still trains, "
+                           "for the ranker only"),
+    "sft": Preset("sft", (), "cross-entropy on the passing human programs of the batches B-Coder's theta reads, "
+                  "for as many steps: stages.sft.steps = stages.theta.steps unless given", theta_steps="sft"),
+}
+
+
+def presets_help() -> str:
+    return "; ".join(f"{name} ({p.help})" for name, p in PRESETS.items())
+
+
 @dataclass
 class AlgoSpec:
     label: str
@@ -121,6 +156,7 @@ class AlgoSpec:
     config: str | None  # a config (shipped name or path) of its own; None: the common --config
     overrides: list[str]
     spec: str
+    preset: str | None = None  # the name of a PRESETS entry
 
 
 def parse_spec(spec: str, algorithms: list[str]) -> AlgoSpec:
@@ -130,6 +166,9 @@ def parse_spec(spec: str, algorithms: list[str]) -> AlgoSpec:
     if eq and left != "config":
         label, head = left, right
     overrides = shlex.split(rest)
+    if head in PRESETS:  # before the registered names: the preset `sft` is the algorithm at θ's steps
+        preset = PRESETS[head]
+        return AlgoSpec(label or head, preset.algorithm, None, [*preset.overrides, *overrides], spec, head)
     if head.startswith("config="):
         config, name = head[len("config="):], None
     elif head.endswith((".yaml", ".yml")):
@@ -137,9 +176,40 @@ def parse_spec(spec: str, algorithms: list[str]) -> AlgoSpec:
     elif head in algorithms:
         config, name = None, head
     else:
-        raise ConfigError(f"algorithm spec {spec!r}: {head!r} is neither a registered algorithm {algorithms} nor a "
-                          f"config (config=NAME or a .yaml path)")
+        raise ConfigError(f"algorithm spec {spec!r}: {head!r} is neither a registered algorithm {algorithms}, a "
+                          f"preset {sorted(PRESETS)} nor a config (config=NAME or a .yaml path)")
     return AlgoSpec(label or (name or Path(head.split("config=")[-1]).stem), name, config, overrides, spec)
+
+
+def _sets(overrides: list[str], key: str) -> bool:
+    """Whether `--key value` or `--key=value` is among the overrides."""
+    return any(o == f"--{key}" or o.startswith(f"--{key}=") for o in overrides)
+
+
+def _rows_per_step(stage) -> int:
+    return stage.batch_size_per_worker * max(1, stage.num_workers) * stage.grad_accum
+
+
+def preset_overrides(spec: AlgoSpec, config: str | None, before: list[str], imports: list[str]) -> list[str]:
+    """What a preset adds after `before` (the common overrides, the algorithm name, the spec's overrides and the
+    sweep setting): for `theta_steps`, `--stages.<stage>.steps` = the `stages.theta.steps` of B-Coder under the
+    same config and overrides (the name set back to bcoder last, which drops the other algorithm's fields);
+    nothing when `before` gives that stage's steps. The stage must read as many rows per step as θ (batch size ×
+    workers × accumulation), else a ConfigError names both."""
+    from bcoder_ray.config import load_config
+
+    preset = PRESETS.get(spec.preset or "")
+    if preset is None or preset.theta_steps is None or _sets(before, f"stages.{preset.theta_steps}.steps"):
+        return []
+    stage = preset.theta_steps
+    theta = load_config(config, [*before, "--algorithm.name", "bcoder"], check_paths=False,
+                        imports=imports).stage("theta")
+    mine = load_config(config, before, check_paths=False, imports=imports).stage(stage)
+    if _rows_per_step(mine) != _rows_per_step(theta):
+        raise ConfigError(f"preset {spec.preset!r} ({spec.label}): stages.{stage} reads {_rows_per_step(mine)} rows a "
+                          f"step and B-Coder's stages.theta {_rows_per_step(theta)} (batch_size_per_worker × "
+                          f"num_workers × grad_accum): give stages.{stage} θ's batch, or its steps explicitly")
+    return [f"--stages.{stage}.steps", str(theta.steps)]
 
 
 def parse_sweeps(items: list[str]) -> list[tuple[str | None, str, list[str]]]:
@@ -203,8 +273,9 @@ def plan_job(spec: AlgoSpec, seed: int, setting: dict[str, str], common: list[st
         forced += ["--model.warm_start.options.seed", str(args.seed0)]
     name = ["--algorithm.name", spec.name] if spec.name else []
     sweep = [x for k, v in setting.items() for x in (f"--{k}", v)]
-    overrides = common + name + spec.overrides + sweep + forced
     config = spec.config or args.config
+    preset = preset_overrides(spec, config, common + name + spec.overrides + sweep, args.imports)
+    overrides = common + name + spec.overrides + sweep + preset + forced
     folder = out / "runs" / "__".join(filter(None, [spec.label, _slug(setting), f"seed{seed}"]))
     placeholder = prepare_run(config=config, overrides=overrides, run_dir=str(out / ".plan-placeholder"),
                               imports=args.imports)
@@ -336,8 +407,9 @@ def summarise(labels: list[str], chosen: dict[str, dict], results: list[dict], k
     """Per algorithm (its chosen setting): the spread over seeds of each figure, and paired intervals per seed
     against the same run's warm start and the same seed's bcoder run."""
     bcoder = {}
-    bcoder_label = next((lab for lab in labels if any(r["label"] == lab and r["algorithm"] == "bcoder"
-                                                      for r in results)), None)
+    candidates = [lab for lab in labels if any(r["label"] == lab and r["algorithm"] == "bcoder" for r in results)]
+    # the label "bcoder" when there is one (the presets bcoder_rho1 and bcoder_no_td run the algorithm bcoder too)
+    bcoder_label = "bcoder" if "bcoder" in candidates else next(iter(candidates), None)
     if bcoder_label:
         bcoder = {r["seed"]: r for r in results if r["label"] == bcoder_label and r["setting"] == chosen[bcoder_label]}
     rows = []
@@ -469,7 +541,8 @@ def parse_args(argv: list[str]):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Other arguments are config overrides for every run: --section.key value")
     p.add_argument("--algorithms", nargs="+", required=True, metavar="SPEC",
-                   help="[LABEL=]NAME[:--key value ...] or [LABEL=]config=NAME / PATH.yaml[:...]")
+                   help="[LABEL=]NAME[:--key value ...] or [LABEL=]config=NAME / PATH.yaml[:...]; NAME a registered "
+                        "algorithm or a preset: " + presets_help())
     p.add_argument("--budget", type=int, required=True, help="run.budget_programs of every run")
     p.add_argument("--out", required=True, help="the comparison folder")
     p.add_argument("--config", default=None, help="the common config (shipped name or path; default: embedded)")

@@ -116,7 +116,7 @@ def test_no_ray_inside_the_algorithms():
 
 # bcoder_ray's layers, bottom first: a module may import its own layer and those before it (envs: anything may).
 LAYERS = ("util", "model", "buffer", "evaluation", "algorithms", "config", "loop", "cli")
-FAMILIES = ("bcoder", "coderl", "policy_gradient", "rest_em")
+FAMILIES = ("bcoder", "coderl", "policy_gradient", "rest_em", "sft")
 
 
 def layer(module: str) -> str | None:

@@ -1,5 +1,6 @@
 """What more than one algorithm family uses: the teacher-forced forward of a trained LM policy (CodeRL's actor,
-PPO, GRPO, ReST-EM) and the per-program reductions of the cross-entropy terms (B-Coder, ReST-EM, CodeRL).
+PPO, GRPO, ReST-EM, SFT), the per-program reductions of the cross-entropy terms (B-Coder, ReST-EM, SFT, CodeRL)
+and the cross-entropy of eq. 1 itself (ReST-EM's M-step, SFT).
 
 Pure PyTorch over the learner's padded ``Batch`` (``bcoder_ray.model.batch``); no Ray, no config.
 
@@ -14,6 +15,8 @@ Public API
 - ``PolicyOutputs``; ``policy_forward(policy, batch, *, encoded=None, value_head=None, with_entropy=False)``:
   log-probs (+ values, + entropy) from ONE teacher-forced forward of the policy (the prompts through the policy's
   own encoder, ``PolicyLM.encode``, unless an encoder output is given).
+- ``cross_entropy(policy, batch, *, rows=None, encoded=None, reduction="mean") -> (loss, metrics)``: the CE of eq. 1
+  on the programs ``rows`` selects (every row by default), as B-Coder's L_ce computes it.
 
 Conventions: program w_0 … w_{T-1}, state s_t = (prompt, w_<t), action a_t = w_t; ``mask`` is the batch's
 ``program_mask`` ([B, T], right-padded).
@@ -116,4 +119,34 @@ def policy_forward(policy: PolicyLM, batch: Batch, *, encoded: Encoded | None = 
     return PolicyOutputs(logp, values, entropy)
 
 
-__all__ = ["AUX_REDUCTIONS", "PolicyOutputs", "ValueHead", "policy_forward", "taken_logprobs", "token_entropy"]
+def cross_entropy(policy: PolicyLM, batch: Batch, *, rows: torch.Tensor | None = None, encoded: Encoded | None = None,
+                  reduction: str = "mean") -> tuple[torch.Tensor, dict[str, float]]:
+    """The cross-entropy of eq. 1 on the programs ``rows`` selects (bool [B]; None: every row): per program Σ_t
+    (``reduction="sum"``, eq. 1 as written) or mean_t of -log p_θ(w_t | s_t) = log Z - ℓ[a_t] (``policy_forward``),
+    then the mean over the selected programs; ``reduction`` as B-Coder's ``aux_reduction`` (``AUX_REDUCTIONS``), so
+    this is ``bcoder_ray.algorithms.bcoder.losses.theta_loss``'s L_ce when ``rows`` is ``Batch.ground_truth``.
+
+    One forward over the whole batch; with no row selected the loss is 0, still computed from the forward (every
+    trained parameter gets a zero gradient, so backward and DDP behave as on any other step). Metrics:
+    ``l_ce``, ``n_programs`` and ``n_tokens`` (the selected programs and their tokens), ``n_human`` (the selected
+    human rows)."""
+    if reduction not in AUX_REDUCTIONS:
+        raise ValueError(f"cross_entropy: reduction must be one of {AUX_REDUCTIONS}, got {reduction!r}")
+    nll = -policy_forward(policy, batch, encoded=encoded).logprobs          # -log p_θ(w_t | s_t), 0 at padding
+    mask = batch.program_mask.to(nll.dtype)
+    per_program = (nll * mask).sum(1)
+    if reduction == "mean":
+        per_program = per_program / mask.sum(1).clamp_min(1.0)
+    if rows is None:
+        rows = torch.ones(batch.size, dtype=torch.bool, device=nll.device)
+        loss = per_program.mean()
+    else:
+        rows = rows.to(device=nll.device, dtype=torch.bool)
+        loss = per_program[rows].mean() if bool(rows.any()) else per_program.sum() * 0.0
+    metrics = {"l_ce": float(loss.detach()), "n_programs": float(rows.sum()),
+               "n_tokens": float(batch.program_mask[rows].sum()), "n_human": float((batch.is_human & rows).sum())}
+    return loss, metrics
+
+
+__all__ = ["AUX_REDUCTIONS", "PolicyOutputs", "ValueHead", "cross_entropy", "policy_forward", "taken_logprobs",
+           "token_entropy"]

@@ -1,7 +1,7 @@
 """What the LM-policy plug-ins (`ppo`, `grpo`: `bcoder_ray.algorithms.policy_gradient`; `rest_em`:
-`bcoder_ray.algorithms.rest_em`) share: the policy is a plain Hugging Face LM trained whole, published as its own
-folder (`save_pretrained`, so `from_pretrained` and the rollout's sampler load it; PPO's value head sits beside it
-in the same folder), no ranker.
+`bcoder_ray.algorithms.rest_em`; `sft`: `bcoder_ray.algorithms.sft`) share: the policy is a plain Hugging Face LM
+trained whole, published as its own folder (`save_pretrained`, so `from_pretrained` and the rollout's sampler load
+it; PPO's value head sits beside it in the same folder), no ranker.
 
 - `LMPolicyAlgorithm`: an `Algorithm` with one stage per iteration (`stage_names[0]`) whose checkpoint is the
   published policy; `start_of(state)` is where the next stage starts (None: θ_ckpt).

@@ -14,15 +14,29 @@ from bcoder_ray.model.tokenization import TextFormat, decode_program, encode_pro
 from envs.problem import Problem
 
 
+HUMAN_PROGRAMS = ("loop", "train", "warm_start")
+
+
 def seeded_problems(loop: Sequence[Problem], warm_start: Sequence[Problem], mode: str) -> list[Problem]:
     """The problems whose human programs seed the buffer (`buffer.human_programs`): "loop", the RL loop's;
-    "train", the loop's then the warm start's others (each problem once, whichever lists hold it)."""
+    "train", the loop's then the warm start's others (each problem once, whichever lists hold it); "warm_start",
+    the warm start's problems that are not the loop's (none of the loop's own: empty when the warm start learns
+    from the loop's problems too)."""
     if mode == "loop":
         return list(loop)
-    if mode != "train":
-        raise ValueError(f"buffer.human_programs must be 'loop' or 'train', got {mode!r}")
+    if mode not in HUMAN_PROGRAMS:
+        raise ValueError(f"buffer.human_programs must be one of {HUMAN_PROGRAMS}, got {mode!r}")
     ids = {p.problem_id for p in loop}
-    return list(loop) + [p for p in warm_start if p.problem_id not in ids]
+    others = [p for p in warm_start if p.problem_id not in ids]
+    return others if mode == "warm_start" else list(loop) + others
+
+
+def prompted_problems(loop: Sequence[Problem], seeded: Sequence[Problem],
+                      evaluation: Sequence[Problem] = ()) -> list[Problem]:
+    """The problems whose prompts the buffer holds: the seeded ones, the loop's (its rollouts append rows of
+    them, whether or not they carry a human program), then the evaluation splits'."""
+    ids = {p.problem_id for p in seeded}
+    return [*seeded, *(p for p in loop if p.problem_id not in ids), *evaluation]
 
 
 def holds_stop_string(program: str, text_format: TextFormat) -> bool:

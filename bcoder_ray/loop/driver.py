@@ -41,7 +41,7 @@ from bcoder_ray.loop.components import (check_components, executor_kwargs, run_c
                                    warm_start_config)
 from bcoder_ray.config import Config, ConfigError
 from bcoder_ray.evaluation.evaluate import write_evaluation
-from bcoder_ray.buffer.human_seed import human_rows, seeded_problems, stopped_references
+from bcoder_ray.buffer.human_seed import human_rows, prompted_problems, seeded_problems, stopped_references
 from bcoder_ray.loop.learner import ScalingSpec, StageJob, train_stage
 from bcoder_ray.loop.metric_sinks import MetricSinks, metric_sinks
 from bcoder_ray.evaluation.reuse import READS_DIR, reuse_stats
@@ -202,6 +202,12 @@ class Run:
         n = s.max_train_problems
         self.train = all_train if n is None else all_train[:n]
         self.warm_start_problems = all_train if n is None or n >= len(all_train) else all_train[n:]
+        if self.cfg.buffer.human_programs == "warm_start" and \
+                not seeded_problems(self.train, self.warm_start_problems, "warm_start"):
+            raise ConfigError(f"buffer.human_programs: warm_start seeds the human programs of the train problems the "
+                              f"loop never rolls out on, and there are none: suite.max_train_problems ({n}) leaves "
+                              f"none of the {len(all_train)} problems of {s.train_split!r} to the warm start alone; "
+                              f"set it below {len(all_train)}")
         self.eval_sets = {}
         for split in dict.fromkeys(x for x in (s.validation_split, s.test_split) if x):
             problems = load_suite(s.name, split, **s.options)
@@ -232,12 +238,13 @@ class Run:
 
     def seed_buffer(self) -> None:
         """Prompts of every problem, and the human programs of the loop's problems (of the whole train split
-        with `buffer.human_programs: train`), executed as stored: a program longer than `model.target_len` is
-        stored cut at the limit, and its reward is that of the cut text."""
+        with `buffer.human_programs: train`; of the warm start's problems only, none of the loop's, with
+        `warm_start`), executed as stored: a program longer than `model.target_len` is stored cut at the limit,
+        and its reward is that of the cut text."""
         m, tok, mode = self.cfg.model, self.tokenizer, self.cfg.buffer.human_programs
         fmt = self.ctx.text_format()
         seeded = seeded_problems(self.train, self.warm_start_problems, mode)
-        everything = seeded + [p for probs in self.eval_sets.values() for p in probs]
+        everything = prompted_problems(self.train, seeded, [p for probs in self.eval_sets.values() for p in probs])
         self.buffer.put_prompts(prompt_rows(everything, tok, max_len=m.source_len, text_format=fmt))
         if not any(p.references for p in seeded):
             raise ConfigError(f"suite {self.cfg.suite.name!r}: the train problems have no human programs")
@@ -251,7 +258,7 @@ class Run:
             self.log(f"{infra} human programs got no verdict (sandbox failures on every re-run): not written")
         self.state.infra_failures += infra
         # one seed per suite and tokenizer: a second run sharing the buffer (buffer.uri) adds nothing twice
-        scope = "" if len(seeded) == len(self.train) else f"-{mode}{len(seeded)}"
+        scope = "" if mode != "warm_start" and len(seeded) == len(self.train) else f"-{mode}{len(seeded)}"
         self.buffer.append(rows, batch_key=f"human-seed-{self.cfg.suite.name}{scope}-{self.tokenizer_hash[:12]}")
         self.state.human_rows = len(rows)
         passed, cut = sum(r["outcome"] == "passed" for r in rows), sum(r["truncated"] for r in rows)

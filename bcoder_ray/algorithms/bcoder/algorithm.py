@@ -1,10 +1,11 @@
 """B-Coder (Yu et al., ICLR 2024) and its Figure 1 ablations as algorithms on the shared loop.
 
 Per iteration: stage φ (eq. 12; the first iteration, or every `phi_retrain_every`) fits V_φ by TD with θ_ckpt's
-advantage, then stage θ (eq. 17 = eq. 15 + β_adv·eq. 8 + β_ce·CE) fine-tunes the dueling Q initialised from the
-LM (eq. 9-11, 16). Both read ρ_real-mixed batches of human and generated rows with the frozen targets cached
-(â_{t+1} = argmax p_ckpt(·|s_{t+1}), A_ckpt, V_φ: `bcoder_ray.algorithms.bcoder.targets`). The published policy is θ's
-LM (Q-sampling from Q_θ/α is sampling from ℓ_θ); the ranker is R̃ (eq. 19-20) from θ and φ.
+advantage, then stage θ (eq. 17 = β_td·eq. 15 + β_adv·eq. 8 + β_ce·CE, β_td = 1 as published) fine-tunes the
+dueling Q initialised from the LM (eq. 9-11, 16). Both read ρ_real-mixed batches of human and generated rows with
+the frozen targets cached (â_{t+1} = argmax p_ckpt(·|s_{t+1}), A_ckpt, V_φ: `bcoder_ray.algorithms.bcoder.targets`).
+The published policy is θ's LM (Q-sampling from Q_θ/α is sampling from ℓ_θ); the ranker is R̃ (eq. 19-20) from θ
+and φ.
 
 - `bcoder`: the paper (conservative operator, eq. 14).
 - `bcoder_optimality`: the optimality operator, eq. 13 (Figure 1: "without the conservative operator").
@@ -21,7 +22,7 @@ from functools import cached_property
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from bcoder_ray.algorithms.bcoder import ranking
 from bcoder_ray.algorithms.base import (Algorithm, AlgorithmConfig, RankerRef, Ranker, Rows, StageModule, StagePlan,
@@ -43,6 +44,12 @@ class BCoderConfig(AlgorithmConfig):
     """Weight of the advantage loss (eq. 8) in eq. 17."""
     beta_ce: float = 0.5
     """Weight of the cross-entropy loss on ground-truth programs in eq. 17."""
+    beta_td: float = Field(1.0, ge=0)
+    """Weight β_td of L_Q (eq. 15, the TD term) in stage θ's eq. 17; 1: the paper. 0: θ learns from
+    β_adv·L_adv + β_ce·L_ce alone (experiments/compare.py's control `bcoder_no_td`). β_td does not weigh stage φ
+    (eq. 12 is φ's whole loss, and φ still runs): at 0, θ's loss reads neither V_φ nor the cached target actions,
+    so φ's training cannot change θ's policy; it reaches only the ranker R̃, whose V_θ is then V_φ (θ's head h1
+    gets a zero gradient)."""
     rho_real: float = 0.5
     """Share of ground-truth (human) programs in each mini-batch (Appendix H)."""
     r_max: float = 1.0
@@ -98,7 +105,7 @@ class QStage(StageModule):
             return phi_loss(self.model, batch, gamma=c.gamma,
                             dropout_free_targets=c.dropout_free_targets)                   # eq. 12
         return theta_loss(self.model, batch, gamma=c.gamma, beta_adv=c.beta_adv, beta_ce=c.beta_ce,
-                          operator=c.operator, aux_reduction=c.aux_reduction,
+                          beta_td=c.beta_td, operator=c.operator, aux_reduction=c.aux_reduction,
                           dropout_free_targets=c.dropout_free_targets)                     # eq. 17
 
     def save(self, directory: str, tokenizer: Any = None) -> None:

@@ -1,10 +1,11 @@
-"""The B-Coder losses: stage φ (eq. 12) and stage θ (eq. 17 = eq. 15 + β_adv·eq. 8 + β_ce·CE of π_θ).
+"""The B-Coder losses: stage φ (eq. 12) and stage θ (eq. 17 = β_td·eq. 15 + β_adv·eq. 8 + β_ce·CE of π_θ; β_td = 1
+in the paper).
 
 Public API
 ----------
 - ``phi_loss(model, batch, *, gamma, dropout_free_targets=True, encoded=None) -> (loss, metrics)``: L_V of eq. 12.
-- ``theta_loss(model, batch, *, gamma, beta_adv=0.1, beta_ce=0.5, operator="conservative", aux_reduction="sum",
-  dropout_free_targets=True, encoded=None) -> (loss, metrics)``: L_ft of eq. 17 for θ.
+- ``theta_loss(model, batch, *, gamma, beta_adv=0.1, beta_ce=0.5, beta_td=1.0, operator="conservative",
+  aux_reduction="sum", dropout_free_targets=True, encoded=None) -> (loss, metrics)``: L_ft of eq. 17 for θ.
 - ``OPERATORS = ("conservative", "optimality")``; ``AUX_REDUCTIONS = ("sum", "mean")``.
 ``loss`` is a scalar tensor (backward it); ``metrics`` is a dict of floats: phi — ``l_v``, ``td_error`` (mean |TD|
 over valid tokens), ``v_mean``, ``q_mean``, ``target_mean`` (mean TD target y); theta — ``l_q``, ``l_adv``, ``l_ce``,
@@ -31,6 +32,9 @@ Conventions (program w_0 … w_{T-1}, state s_t, action a_t = w_t, reward r at t
 - L_adv (eq. 8) and L_ce (π_θ = softmax(Q_θ/α) = softmax(ℓ_θ), since Q_θ/α is ℓ_θ shifted per state) on ground-truth
   programs only (`Batch.ground_truth`: human programs that pass their tests), averaged over them of the batch (0 when there are none). Per program,
   ``aux_reduction="sum"`` sums over its tokens (eq. 8 and eq. 1 as written); ``"mean"`` averages over its tokens.
+- ``beta_td`` weighs L_Q (1: eq. 17 as written). With ``beta_td=0`` the loss is exactly β_adv·L_adv + β_ce·L_ce (the
+  TD term is still computed, for its metrics, and enters as 0·L_Q); neither term reads V_φ or the target actions â,
+  so θ then learns nothing from stage φ (the control `bcoder_no_td` of experiments/compare.py).
 - "Plain dueling DQN" (skip the LM initialisation) is a property of the model: ``QModel.create(...,
   init_from_lm=False)``; the losses are unchanged (pair it with ``operator="optimality"`` for Figure 1's curve).
 """
@@ -96,9 +100,11 @@ def phi_loss(model: QModel, batch: Batch, *, gamma: float, dropout_free_targets:
 
 
 def theta_loss(model: QModel, batch: Batch, *, gamma: float, beta_adv: float = 0.1, beta_ce: float = 0.5,
-               operator: str = "conservative", aux_reduction: str = "sum", dropout_free_targets: bool = True,
+               beta_td: float = 1.0, operator: str = "conservative", aux_reduction: str = "sum",
+               dropout_free_targets: bool = True,
                encoded: Encoded | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_ft (eq. 17) = L_Q (eq. 15) + β_adv·L_adv (eq. 8) + β_ce·L_ce; only θ (decoder, LM head, h1) is trained."""
+    """L_ft (eq. 17) = β_td·L_Q (eq. 15) + β_adv·L_adv (eq. 8) + β_ce·L_ce; only θ (decoder, LM head, h1) is
+    trained."""
     if operator not in OPERATORS:
         raise ValueError(f"operator must be one of {OPERATORS}, got {operator!r}")
     if aux_reduction not in AUX_REDUCTIONS:
@@ -143,7 +149,7 @@ def theta_loss(model: QModel, batch: Batch, *, gamma: float, beta_adv: float = 0
         norm = h_mask.sum(1).clamp_min(1.0) if aux_reduction == "mean" else torch.ones_like(h_mask[:, 0])
         l_adv = ((per_token_adv * h_mask).sum(1) / norm).mean()
         l_ce = ((per_token_ce * h_mask).sum(1) / norm).mean()
-    loss = l_q + beta_adv * l_adv + beta_ce * l_ce                          # eq. 17
+    loss = beta_td * l_q + beta_adv * l_adv + beta_ce * l_ce                # eq. 17 (β_td = 1 in the paper)
     metrics = {"loss": float(loss.detach()), "l_q": float(l_q.detach()), "l_adv": float(l_adv.detach()),
                "l_ce": float(l_ce.detach()),
                "td_error": masked_mean(td.detach().abs(), mask), "v_mean": masked_mean(out.value.detach(), mask),

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from bcoder_ray.algorithms.common import AUX_REDUCTIONS, policy_forward
-from bcoder_ray.model.batch import Batch, per_program_mean
+from bcoder_ray.algorithms.common import AUX_REDUCTIONS, cross_entropy
+from bcoder_ray.model.batch import Batch
 from bcoder_ray.model.lm import Encoded, PolicyLM
 from envs.result import REWARD, Outcome
 
@@ -27,8 +27,8 @@ PASSED_REWARD = REWARD[Outcome.PASSED]
 def rest_em_loss(policy: PolicyLM, batch: Batch, *, encoded: Encoded | None = None,
                  reduction: str = "mean") -> tuple[torch.Tensor, dict[str, float]]:
     """-J(θ) of the M-step: mean over programs of Σ_t (or mean_t) -log p_θ(w_t | s_t), the cross-entropy of
-    eq. 1 as ``bcoder_ray.algorithms.bcoder.losses.theta_loss``'s L_ce computes it (log Z - ℓ[a_t] via
-    ``bcoder_ray.model.lm.token_logit_stats``; ``reduction`` as its ``aux_reduction``, ``AUX_REDUCTIONS``).
+    eq. 1 on every row of the batch (``bcoder_ray.algorithms.common.cross_entropy``, which computes it as
+    ``bcoder_ray.algorithms.bcoder.losses.theta_loss``'s L_ce does; ``reduction`` as its ``aux_reduction``).
 
     Every row must be a passing program (r = +1; r ∈ {0, 1} weights the others out of J); the error names the
     first row that is not, so a selection bug cannot silently train on failures."""
@@ -39,12 +39,4 @@ def rest_em_loss(policy: PolicyLM, batch: Batch, *, encoded: Encoded | None = No
         i = int(bad[0])
         raise ValueError(f"rest_em_loss: row {i} has reward {float(batch.reward[i])}, the M-step trains only on "
                          f"passing programs (reward {PASSED_REWARD}); RestEM.m_step_rows selects them")
-    nll = -policy_forward(policy, batch, encoded=encoded).logprobs          # -log p_θ(w_t | s_t), 0 at padding
-    mask = batch.program_mask
-    if reduction == "mean":
-        loss = per_program_mean(nll, mask)
-    else:
-        loss = (nll * mask.to(nll.dtype)).sum(1).mean()
-    tokens = int(mask.sum())
-    return loss, {"l_ce": float(loss.detach()), "n_programs": float(batch.size), "n_tokens": float(tokens),
-                  "n_human": float(batch.is_human.sum())}
+    return cross_entropy(policy, batch, encoded=encoded, reduction=reduction)

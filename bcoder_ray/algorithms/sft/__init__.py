@@ -1,0 +1,1 @@
+"""Supervised fine-tuning, and rejection-sampling fine-tuning with `include_generated` (`algorithm`)."""
