@@ -58,3 +58,24 @@ def example_rows(n: int = 4) -> list[dict]:
             {"prompt_ids": [18], "program_ids": [19, 20, 21], "reward": -1.0, "is_human": False},
             {"prompt_ids": [22, 23], "program_ids": [24, 25, 26, EOS], "reward": -0.6, "is_human": True}]
     return rows[:n]
+
+
+def direct_logits(policy, row: dict) -> torch.Tensor:
+    """The logits [T, V] of each program token of one unpadded row, from the HF model's own forward (independent
+    of PolicyLM.states and the fused logit statistics): the reference the policy losses are checked against."""
+    prompt, program = torch.tensor([row["prompt_ids"]]), torch.tensor([row["program_ids"]])
+    with torch.no_grad():
+        if not policy.lm.config.is_encoder_decoder:
+            return policy.lm(input_ids=torch.cat([prompt, program[:, :-1]], 1)).logits[0, prompt.shape[1] - 1:]
+        start = torch.tensor([[policy.lm.config.decoder_start_token_id]])
+        return policy.lm(input_ids=prompt, decoder_input_ids=torch.cat([start, program[:, :-1]], 1)).logits[0]
+
+
+def tiny_context(root):
+    """A RunContext over a tiny decoder-only checkpoint and a BPE tokenizer trained on one program, under `root`."""
+    from bcoder_ray.algorithms.base import RunContext
+    from bcoder_ray.model.warm_start import train_tokenizer
+
+    ckpt = tiny_checkpoint("decoder-only", str(root / "ckpt"))
+    train_tokenizer(["def f(x):\n    return x\n"] * 20, 60).save_pretrained(str(root / "tok"))
+    return RunContext(theta_ckpt=ckpt, tokenizer_path=str(root / "tok"), source_len=16, target_len=16)

@@ -28,7 +28,7 @@ from bcoder_ray.algorithms.policy_gradient.losses import (aggregate, clipped_sur
                                                           ppo_loss, ppo_token_rewards, value_loss, whiten)
 from bcoder_ray.model.batch import collate
 from bcoder_ray.model.lm import DECODER_ONLY, PolicyLM, load_lm
-from learner_fixtures import KINDS, PAD, example_rows, perturb, tiny_checkpoint
+from learner_fixtures import KINDS, PAD, direct_logits, example_rows, perturb, tiny_checkpoint
 
 torch.set_num_threads(1)
 HAND = dict(rtol=1e-5, atol=2e-6)
@@ -60,15 +60,9 @@ def _policy(path: str, trainable: bool = False) -> PolicyLM:
 def _direct_logprobs(policy: PolicyLM, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(w_t | prompt, w_<t) and the entropy per program token, from the HF model's own forward on one
     unpadded row, through log_softmax (independent of PolicyLM.states / token_logit_stats)."""
-    prompt, program = torch.tensor([row["prompt_ids"]]), torch.tensor([row["program_ids"]])
-    with torch.no_grad():
-        if policy.kind == DECODER_ONLY:
-            logits = policy.lm(input_ids=torch.cat([prompt, program[:, :-1]], 1)).logits[0, prompt.shape[1] - 1:]
-        else:
-            start = torch.tensor([[policy.lm.config.decoder_start_token_id]])
-            logits = policy.lm(input_ids=prompt, decoder_input_ids=torch.cat([start, program[:, :-1]], 1)).logits[0]
-    logp_all = torch.log_softmax(logits.float(), -1)
-    taken = logp_all.gather(-1, program[0].unsqueeze(-1)).squeeze(-1)
+    program = torch.tensor(row["program_ids"])
+    logp_all = torch.log_softmax(direct_logits(policy, row).float(), -1)
+    taken = logp_all.gather(-1, program.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return taken, entropy
 

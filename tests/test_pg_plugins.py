@@ -25,7 +25,7 @@ from bcoder_ray.buffer import ReplayBuffer, rows_from_batch
 from bcoder_ray.loop.target_filling import AlgorithmRef, TargetComputer, TargetJob, fill_targets, group_slices
 from bcoder_ray.config import ConfigError, load_config
 from envs.result import REWARD, Outcome
-from learner_fixtures import PAD, example_rows, perturb, tiny_checkpoint
+from learner_fixtures import PAD, example_rows, perturb, tiny_context
 
 torch.set_num_threads(1)
 MODEL = dict(rtol=1e-5, atol=1e-5)
@@ -34,12 +34,7 @@ TOK_HASH = "tok"
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory) -> RunContext:
-    root = tmp_path_factory.mktemp("pg")
-    ckpt = tiny_checkpoint("decoder-only", str(root / "ckpt"))
-    from bcoder_ray.model.warm_start import train_tokenizer
-
-    train_tokenizer(["def f(x):\n    return x\n"] * 20, 60).save_pretrained(str(root / "tok"))
-    return RunContext(theta_ckpt=ckpt, tokenizer_path=str(root / "tok"), source_len=16, target_len=16)
+    return tiny_context(tmp_path_factory.mktemp("pg"))
 
 
 def _algo(name: str, ctx: RunContext, **config):

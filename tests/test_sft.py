@@ -28,9 +28,9 @@ from bcoder_ray.buffer import ReplayBuffer, rows_from_batch
 from bcoder_ray.buffer.human_seed import prompted_problems, seeded_problems
 from bcoder_ray.config import ConfigError, load_config
 from bcoder_ray.model.batch import collate
-from bcoder_ray.model.lm import DECODER_ONLY, PolicyLM, load_lm
+from bcoder_ray.model.lm import PolicyLM, load_lm
 from envs.result import REWARD, Outcome
-from learner_fixtures import KINDS, PAD, example_rows, tiny_checkpoint
+from learner_fixtures import KINDS, PAD, direct_logits, example_rows, tiny_checkpoint, tiny_context
 
 torch.set_num_threads(1)
 MODEL = dict(rtol=1e-5, atol=1e-5)
@@ -40,12 +40,7 @@ TOK_HASH = "tok"
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory) -> RunContext:
-    root = tmp_path_factory.mktemp("sft")
-    ckpt = tiny_checkpoint("decoder-only", str(root / "ckpt"))
-    from bcoder_ray.model.warm_start import train_tokenizer
-
-    train_tokenizer(["def f(x):\n    return x\n"] * 20, 60).save_pretrained(str(root / "tok"))
-    return RunContext(theta_ckpt=ckpt, tokenizer_path=str(root / "tok"), source_len=16, target_len=16)
+    return tiny_context(tmp_path_factory.mktemp("sft"))
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -67,14 +62,8 @@ def _rows() -> list[dict]:
 
 def _hand_nll(policy: PolicyLM, row: dict, reduction: str) -> torch.Tensor:
     """Σ_t (or mean_t) -log p(w_t | s_t) of one unpadded row, from a direct log_softmax."""
-    prompt, program = torch.tensor([row["prompt_ids"]]), torch.tensor([row["program_ids"]])
-    with torch.no_grad():
-        if policy.kind == DECODER_ONLY:
-            logits = policy.lm(input_ids=torch.cat([prompt, program[:, :-1]], 1)).logits[0, prompt.shape[1] - 1:]
-        else:
-            start = torch.tensor([[policy.lm.config.decoder_start_token_id]])
-            logits = policy.lm(input_ids=prompt, decoder_input_ids=torch.cat([start, program[:, :-1]], 1)).logits[0]
-    nll = -torch.log_softmax(logits.float(), -1).gather(-1, program[0].unsqueeze(-1)).squeeze(-1)
+    program = torch.tensor(row["program_ids"])
+    nll = -torch.log_softmax(direct_logits(policy, row).float(), -1).gather(-1, program.unsqueeze(-1)).squeeze(-1)
     return nll.sum() if reduction == "sum" else nll.mean()
 
 

@@ -24,6 +24,8 @@ Conventions: program w_0 … w_{T-1}, state s_t = (prompt, w_<t), action a_t = w
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +35,19 @@ from bcoder_ray.model.batch import Batch
 from bcoder_ray.model.lm import Encoded, PolicyLM, token_logit_stats
 
 AUX_REDUCTIONS = ("sum", "mean")
+
+
+def read_saved_meta(directory: str, meta_file: str, expected_format: str, saved_by: str) -> dict:
+    """The JSON `meta_file` a network's `save` writes beside its weights, refused unless its "format" is
+    `expected_format` (a folder another saver wrote, or none at all, names `saved_by` in the error)."""
+    path = os.path.join(directory, meta_file)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: missing; {directory} was not saved by {saved_by}")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != expected_format:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {expected_format!r}")
+    return meta
 
 
 def taken_logprobs(logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.dynamic_module_utils import custom_object_save
 
+from bcoder_ray.algorithms.common import read_saved_meta
 from bcoder_ray.model.batch import Batch
 from bcoder_ray.model.lm import (DECODER_ONLY, ENCODER_DECODER, Encoded, LoadOptions, PolicyLM,  # noqa: F401
                            SharedEncoder, Trunk, decoder_body, float32_linear, hidden_size, lm_kind, load_lm, new_head,
@@ -182,14 +183,7 @@ def _adopt_encoder(lm_or_base: PreTrainedModel, encoder: SharedEncoder, where: s
 
 
 def _read_meta(directory: str, expected_format: str) -> dict:
-    path = os.path.join(directory, META_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: missing; {directory} was not saved by QModel.save_{expected_format}")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != expected_format:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {expected_format!r}")
-    return meta
+    return read_saved_meta(directory, META_FILE, expected_format, f"QModel.save_{expected_format}")
 
 
 def _pick(name: str, given: float | None, saved: list[float]) -> float:

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
+from bcoder_ray.algorithms.common import read_saved_meta
 from bcoder_ray.model.batch import Batch
 from bcoder_ray.model.lm import ENCODER_DECODER, LoadOptions, hidden_size, lm_kind, new_head, positions_from_mask
 from bcoder_ray.util.storage import local_dir
@@ -200,14 +201,7 @@ class Critic(nn.Module):
 
 
 def read_meta(directory: str) -> dict:
-    path = os.path.join(directory, META_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: missing; {directory} was not saved by Critic.save")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
+    return read_saved_meta(directory, META_FILE, FORMAT, "Critic.save")
 
 
 # ---------------------------------------------------------------------------------------------- losses, values
