@@ -33,6 +33,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationEr
 from bcoder_ray.algorithms import algorithm_class, import_modules, parse_algorithm_config
 from bcoder_ray.algorithms.base import AlgorithmConfig
 from bcoder_ray.algorithms.registry import UnknownAlgorithmError, all_stage_names
+from bcoder_ray.model.gguf import PACKAGED, is_gguf_path, is_packaged
 from bcoder_ray.model.lm import LoadOptions
 from bcoder_ray.util.storage import is_local_path
 
@@ -130,16 +131,19 @@ class SuiteConfig(Section):
 
 class WarmStartConfig(Section):
     cache_dir: str | None = None
-    """null: $BCODER_CACHE or ~/.cache/bcoder-ray/warm_start."""
+    """null: the warm_start folder of the project's cache ($BCODER_CACHE/warm_start, else
+    ~/.cache/bcoder-ray/warm_start)."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Fields of bcoder_ray.model.warm_start.WarmStartConfig (checked before work)."""
 
 
 class ModelConfig(Section):
     checkpoint: str | None = None
-    """θ_ckpt: a local directory or a hub name ("org/name"); null: warm-start a tiny LM from the suite."""
+    """θ_ckpt: a local directory, a hub name ("org/name"), a GGUF file (path ending in .gguf) or a packaged
+    checkpoint (`smollm2-135m-instruct`; bcoder_ray.model.gguf.PACKAGED): a GGUF is converted once into a Hugging
+    Face folder under the cache ($BCODER_CACHE or ~/.cache/bcoder-ray); null: warm-start a tiny LM from the suite."""
     tokenizer: str | None = None
-    """null: the checkpoint's own tokenizer."""
+    """null: the checkpoint's own tokenizer; otherwise any source model.checkpoint takes."""
     source_len: int = Field(600, gt=0)
     """Prompt tokens (kept from the end)."""
     target_len: int = Field(512, gt=0)
@@ -571,9 +575,14 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     m = cfg.model
     if check_paths:
         for key, value in (("model.checkpoint", m.checkpoint), ("model.tokenizer", m.tokenizer)):
-            if value is not None and is_local_path(value):
-                if not os.path.isdir(os.path.expanduser(value)):
-                    raise ConfigError(f"{key}: checkpoint path {value!r} does not exist (or is not a directory)")
+            if value is None or is_packaged(value):  # a packaged checkpoint is fetched and converted when loaded
+                continue
+            if value.lower().endswith(".gguf"):  # read from this node: a URI is refused here, a missing file too
+                if not is_gguf_path(value) or not os.path.isfile(os.path.expanduser(value)):
+                    raise ConfigError(f"{key}: GGUF file {value!r} does not exist on this node (or is not a file)")
+            elif is_local_path(value) and not os.path.isdir(os.path.expanduser(value)):
+                raise ConfigError(f"{key}: checkpoint path {value!r} does not exist (or is not a directory); "
+                                  f"packaged checkpoints: {', '.join(sorted(PACKAGED))}")
     import envs  # noqa: F401  (importing envs registers the suites)
     from envs.registry import UnknownSuiteError, suite_info
 

@@ -80,7 +80,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     mode.add_argument("--figures", metavar="DIR", help="Figures 3 and 5 (and the R̃ order statement) for DIR")
     mode.add_argument("--training-curve", nargs="+", metavar="RUN_DIR", help="Figure 1 from run folders")
     m = p.add_argument_group("model")
-    m.add_argument("--checkpoint", help="sample from this LM (a local folder or hub name), e.g. a published policy")
+    m.add_argument("--checkpoint", help="sample from this LM (a local folder, hub name, GGUF file or packaged name "
+                                        "such as smollm2-135m-instruct), e.g. a published policy")
     m.add_argument("--run-dir", help="a run folder: sample from its published policy, rank with its ranker")
     m.add_argument("--rank-with", metavar="RUN_DIR", help="rank with this run's ranker (B-Coder's R̃, CodeRL's critic)")
     m.add_argument("--tokenizer", help="default: the LM's own folder")

@@ -83,7 +83,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     what.add_argument("--problem", help="SUITE/SPLIT/ID of a registered suite's problem")
     p.add_argument("--tests", help="TESTS.json or a file of assert lines (example tests: filter + outcome)")
     p.add_argument("--format", choices=FORMATS, default="embedded", help="prompt format for --statement")
-    p.add_argument("--checkpoint", help="sample from this LM (a local folder or hub name)")
+    p.add_argument("--checkpoint", help="sample from this LM (a local folder, hub name, GGUF file or packaged "
+                                         "name such as smollm2-135m-instruct)")
     p.add_argument("--run-dir", help="a run folder: its published policy, ranked by its algorithm's ranker")
     p.add_argument("--rank-with", metavar="RUN_DIR", help="rank with this run's ranker instead")
     p.add_argument("--tokenizer")

@@ -9,7 +9,9 @@ import os
 
 from bcoder_ray.algorithms.base import RunContext
 from bcoder_ray.config import Config, ConfigError
+from bcoder_ray.model.gguf import resolve_checkpoint
 from bcoder_ray.model.warm_start import WarmStartConfig
+from bcoder_ray.util.storage import cache_root
 from envs.execute import Executor
 
 
@@ -34,8 +36,8 @@ def warm_start_config(cfg: Config) -> WarmStartConfig:
 
 
 def warm_start_cache(cfg: Config) -> str:
-    return cfg.model.warm_start.cache_dir or os.environ.get("BCODER_CACHE") or \
-        os.path.join(os.path.expanduser("~"), ".cache", "bcoder-ray", "warm_start")
+    """model.warm_start.cache_dir, else `<cache root>/warm_start` (`bcoder_ray.util.storage.cache_root`)."""
+    return cfg.model.warm_start.cache_dir or os.path.join(cache_root(), "warm_start")
 
 
 def check_components(cfg: Config) -> None:
@@ -56,11 +58,16 @@ def executor_kwargs(cfg: Config) -> dict:
     return {"workers": cfg.executor.workers, "infra_retries": cfg.executor.infra_retries, **cfg.executor.options}
 
 
-def run_context(cfg: Config, theta_ckpt: str, buffer_uri: str | None = None) -> RunContext:
+def run_context(cfg: Config, theta_ckpt: str, buffer_uri: str | None = None,
+                tokenizer_path: str | None = None) -> RunContext:
     """The `RunContext` of a run of `cfg` from θ_ckpt (the driver's; a run folder's read back:
-    `bcoder_ray.loop.run_folder.LoadedRun.context`)."""
+    `bcoder_ray.loop.run_folder.LoadedRun.context`). The tokenizer: `tokenizer_path` when given (the driver's,
+    shared with the run's storage), else model.tokenizer (a GGUF source as its converted folder on this node), else
+    θ_ckpt's."""
     m = cfg.model
-    return RunContext(theta_ckpt=theta_ckpt, tokenizer_path=m.tokenizer or theta_ckpt, source_len=m.source_len,
+    if tokenizer_path is None:
+        tokenizer_path = theta_ckpt if m.tokenizer is None else resolve_checkpoint(m.tokenizer)
+    return RunContext(theta_ckpt=theta_ckpt, tokenizer_path=tokenizer_path, source_len=m.source_len,
                       target_len=m.target_len, dtype=m.dtype, seed=cfg.run.seed, buffer_uri=buffer_uri,
                       load_options=m.load_options(),
                       eos_token_ids=None if m.eos_token_ids is None else tuple(m.eos_token_ids),

@@ -55,6 +55,7 @@ from bcoder_ray.evaluation.plots import plot_budget_curve
 from bcoder_ray.loop.run_table import final_table, probe_points
 from bcoder_ray.util.storage import is_dir, is_local_path, join_uri, upload_dir
 from bcoder_ray.loop.storage_probe import check_every_node_sees
+from bcoder_ray.model.gguf import is_gguf_source, resolve_checkpoint as resolve_gguf
 from bcoder_ray.model.tokenization import pad_id, require_chat_template, tokenizer_fingerprint
 from bcoder_ray.model.warm_start import warm_start
 from envs.execute import Executor
@@ -146,7 +147,7 @@ class Run:
         self.load_problems()
         st.theta_ckpt = self.resolve_checkpoint()
         check_every_node_sees({}, folders={"model.checkpoint": st.theta_ckpt} if is_dir(st.theta_ckpt) else {})
-        self.ctx = run_context(cfg, st.theta_ckpt, self.buffer_uri())
+        self.ctx = run_context(cfg, st.theta_ckpt, self.buffer_uri(), tokenizer_path=self.resolve_tokenizer())
         self.algorithm = make_algorithm(cfg.algorithm.name, cfg.algorithm, self.ctx, cfg.imports)
         st.save(self.run_dir)
         self.tokenizer = self.ctx.load_tokenizer()
@@ -214,13 +215,14 @@ class Run:
             self.eval_sets[split] = problems if s.max_eval_problems is None else problems[: s.max_eval_problems]
 
     def resolve_checkpoint(self) -> str:
-        """θ_ckpt: the recorded one (a resume), the given one, or a warm start; a local folder is uploaded to
-        <run storage>/models/theta_ckpt when run.storage_uri is set, so every node loads it."""
+        """θ_ckpt: the recorded one (a resume), the given one, or a warm start; a GGUF file or a packaged checkpoint
+        is converted once into a Hugging Face folder first (`bcoder_ray.model.gguf.resolve_checkpoint`); a local
+        folder is uploaded to <run storage>/models/theta_ckpt when run.storage_uri is set, so every node loads it."""
         m, st = self.cfg.model, self.state
         if st.theta_ckpt and is_dir(st.theta_ckpt):
             return st.theta_ckpt
         if m.checkpoint is not None:
-            path = m.checkpoint
+            path = resolve_gguf(m.checkpoint, log=self.log)  # anything but a GGUF source comes back as it is
         else:
             cache = warm_start_cache(self.cfg)
             self.log(f"warm start: {len(self.warm_start_problems)} problems, cache {cache}")
@@ -228,10 +230,24 @@ class Run:
             path = str(warm_start(self.warm_start_problems, warm_start_config(self.cfg), cache,
                                   progress=self.cfg.run.progress))
             self.log(f"warm start ready in {time.time() - started:.0f}s: {path}")
+        return self.shared_folder(path, "theta_ckpt")
+
+    def shared_folder(self, path: str, name: str) -> str:
+        """`path`, or its copy at <run storage>/models/<name> when run.storage_uri is set and it is a local folder."""
         if self.cfg.run.storage_uri and is_local_path(path) and Path(path).expanduser().is_dir():
-            path = upload_dir(str(Path(path).expanduser()), join_uri(self.storage, "models", "theta_ckpt"))
-            self.log(f"θ_ckpt uploaded to {path}")
+            path = upload_dir(str(Path(path).expanduser()), join_uri(self.storage, "models", name))
+            self.log(f"{'θ_ckpt' if name == 'theta_ckpt' else name} uploaded to {path}")
         return path
+
+    def resolve_tokenizer(self) -> str | None:
+        """model.tokenizer when it names a GGUF file or a packaged checkpoint: θ_ckpt's folder for the same source,
+        else its own converted folder (shared like θ_ckpt's); None otherwise (`run_context` decides)."""
+        m = self.cfg.model
+        if not is_gguf_source(m.tokenizer):
+            return None
+        if m.tokenizer == m.checkpoint:
+            return self.state.theta_ckpt
+        return self.shared_folder(resolve_gguf(m.tokenizer, log=self.log), "tokenizer")
 
     def buffer_uri(self) -> str:
         return self.cfg.buffer.uri or join_uri(self.storage, "buffer")

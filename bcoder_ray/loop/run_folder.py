@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,10 +190,19 @@ def sampler_and_ranker(*, checkpoint: str | None = None, run_dir: str | None = N
     """(sampler, ranker, the ranker's tokenizer path) for the command-line tools: sample from `checkpoint` (any
     LM) or `run_dir`'s published policy; rank with `rank_with`'s ranker, else `run_dir`'s (when its algorithm
     has one and `rank`). Prompts and stop strings as `run_dir`'s run has them (plain without one), unless
-    `chat_template` / `stop_strings` are given. ValueError / ConfigError name what is missing."""
+    `chat_template` / `stop_strings` are given. `checkpoint` and `tokenizer` may name a GGUF file or a packaged
+    checkpoint (converted once: `bcoder_ray.model.gguf.resolve_checkpoint`). ValueError / ConfigError /
+    FileNotFoundError name what is missing."""
     from bcoder_ray.algorithms import load_ranker
     from bcoder_ray.model.candidates import load_sampler
+    from bcoder_ray.model.gguf import resolve_checkpoint
     from bcoder_ray.model.tokenization import TextFormat
+
+    def say(line: str) -> None:  # a first conversion takes a while: say so
+        print(line, file=sys.stderr, flush=True)
+
+    checkpoint = resolve_checkpoint(checkpoint, log=say) if checkpoint else checkpoint
+    tokenizer = resolve_checkpoint(tokenizer, log=say) if tokenizer else tokenizer
 
     run = load_run(run_dir) if run_dir else None
     ranking_run = None if not rank else (load_run(rank_with) if rank_with else run)

@@ -1,2 +1,3 @@
-"""Leaf helpers every layer may use: storage URIs and node-local copies (`storage`), atomic local writes
-(`atomic`), quiet third-party logs (`quiet`), number formatting (`formatting`). Imports nothing of the project."""
+"""Leaf helpers every layer may use: storage URIs, node-local copies and the project's cache root (`storage`),
+atomic local writes (`atomic`), quiet third-party logs (`quiet`), number formatting (`formatting`). Imports nothing
+of the project."""

