@@ -32,6 +32,7 @@ four-class critic's pooled p(passed) (`CriticRanker`). Critic Sampling at infere
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -382,8 +383,7 @@ class CodeRL(Algorithm):
         """The actor's q̂ targets use the critic the same iteration may just have trained: bind them now."""
         if plan.name != "actor":
             return plan
-        return StagePlan(plan.name, plan.rows, self.actor_targets(state.get("critic"), plan.rows), plan.spec,
-                         plan.label)
+        return dataclasses.replace(plan, targets=self.actor_targets(state.get("critic"), plan.rows))
 
     def policy(self, state: dict) -> str | None:
         return state.get("actor")
