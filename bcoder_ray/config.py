@@ -168,6 +168,10 @@ class ModelConfig(Section):
     """Strings that end a sampled program (an instruct model's closing "```", MBPP few-shot's "[DONE]"): the episode
     ends at the token that completes the first one, the program's text is cut where it begins, and human programs
     holding one are left out of the buffer (they are no episode of this MDP)."""
+    response_prefix: str = ""
+    """Text the answer starts with, written into every prompt after the chat template's generation prompt (after the
+    text of a plain prompt): "```python\n" for an instruct model that answers in a fenced block, so the program is
+    the code and its closing fence a stop string. Part of the rows' tokenizer_hash."""
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
 
     @field_validator("stop_strings")

@@ -35,7 +35,7 @@ from envs.problem import Problem
 from envs.registry import load_suite
 from envs.result import ExecResult
 from envs.scoring import BatchExecutor, score_program
-from envs.tokenization import TextFormat, decode_program, encode_prompt, eos_id, pad_id, stop_ids
+from envs.tokenization import TextFormat, decode_program, eos_id, pad_id, stop_ids
 
 INFRA_RERUNS = 2  # re-runs of a program whose run the sandbox itself failed (no verdict)
 
@@ -55,7 +55,7 @@ class TokenEnv(gym.Env):
                  tokenizer: Any = None, max_prompt_len: int = 1024, max_program_len: int = 512,
                  executor: BatchExecutor | None = None, executor_options: dict | None = None,
                  render_mode: str | None = None, extra_stop_ids: Sequence[int] = (),
-                 stop_strings: Sequence[str] = (), chat_template: bool = False):
+                 stop_strings: Sequence[str] = (), chat_template: bool = False, response_prefix: str = ""):
         """`problems` given directly, or loaded with `load_suite(suite, split, **suite_options)`.
 
         `executor` is shared and left open; without one the env starts an `envs.execute.Executor` with
@@ -78,7 +78,8 @@ class TokenEnv(gym.Env):
         self.render_mode = render_mode
         self.eos_id = eos_id(self.tokenizer)
         self.stop_ids = stop_ids(self.tokenizer, extra_stop_ids)  # the actions that end the episode, EOS first
-        self.text_format = TextFormat(chat_template=chat_template, stop_strings=tuple(stop_strings))
+        self.text_format = TextFormat(chat_template=chat_template, stop_strings=tuple(stop_strings),
+                                      response_prefix=response_prefix)
         self.stop_strings = self.text_format.stops(self.tokenizer)  # texts that end it too (None: none)
         self.pad_id = pad_id(self.tokenizer)
         self.vocab_size = len(self.tokenizer)
@@ -132,8 +133,8 @@ class TokenEnv(gym.Env):
 
     def _prompt_ids_of(self, problem: Problem) -> list[int]:
         if problem.key not in self._prompt_cache:
-            self._prompt_cache[problem.key] = encode_prompt(self.tokenizer, problem.prompt, self.max_prompt_len,
-                                                            self.text_format.chat_template)
+            self._prompt_cache[problem.key] = self.text_format.prompt_ids(self.tokenizer, problem.prompt,
+                                                                          self.max_prompt_len)
         return self._prompt_cache[problem.key]
 
     @property

@@ -8,6 +8,9 @@ It lives in `envs` because the gymnasium env needs it and `envs` never imports `
   (`TextFormat.chat_template`, for instruct models) the text is one user turn of the tokenizer's template with the
   generation prompt after it, tokenized as the template spells it (its own BOS, none added); a long prompt loses
   the start of its text, never a part of the template.
+- A response prefix (`TextFormat.response_prefix`, e.g. "```python\n" for an instruct model that answers in a
+  fenced block) is text the answer starts with, written into the prompt after the template's generation prompt
+  (after the text of a plain prompt): the program is what follows it, so its closing fence can be a stop string.
 - A program is `tokenizer(text, add_special_tokens=False)` followed by EOS, the terminal action of the MDP.
   A program longer than `max_len` is cut at `max_len` tokens with no EOS: its episode ended at the length limit.
 - The ids that end a program (`stop_ids`) are EOS and any others the model's generation config names (an
@@ -59,6 +62,8 @@ class TextFormat:
     """Wrap each prompt as one user turn of the tokenizer's chat template, with the generation prompt."""
     stop_strings: tuple[str, ...] = ()
     """Strings that end a sampled program besides the stop ids (the text is cut where one begins)."""
+    response_prefix: str = ""
+    """Text the answer starts with, part of the prompt (an opening fence "```python\n": the program is the code)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
@@ -67,7 +72,10 @@ class TextFormat:
             raise ValueError(f"stop strings must be non-empty strings, got {bad!r}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"chat_template": self.chat_template, "stop_strings": list(self.stop_strings)}
+        out = {"chat_template": self.chat_template, "stop_strings": list(self.stop_strings)}
+        if self.response_prefix:  # only when set: the fingerprints of runs without one stay as they were
+            out["response_prefix"] = self.response_prefix
+        return out
 
     def identity(self) -> str:
         """"" for the default format (so existing fingerprints stay as they were), else its canonical JSON."""
@@ -78,13 +86,17 @@ class TextFormat:
     def stops(self, tokenizer: PreTrainedTokenizerBase) -> "StopStrings | None":
         return StopStrings(tokenizer, self.stop_strings) if self.stop_strings else None
 
+    def prompt_ids(self, tokenizer: PreTrainedTokenizerBase, text: str, max_len: int) -> list[int]:
+        """`text` as a prompt of this format (`encode_prompt`)."""
+        return encode_prompt(tokenizer, text, max_len, self.chat_template, self.response_prefix)
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, max_len: int, chat_template: bool = False
-                  ) -> list[int]:
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, max_len: int, chat_template: bool = False,
+                  response_prefix: str = "") -> list[int]:
     if chat_template:
-        return encode_chat_prompt(tokenizer, text, max_len)
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    return list(ids[-max_len:])
+        return encode_chat_prompt(tokenizer, text, max_len, response_prefix)
+    ids = tokenizer(text + response_prefix, add_special_tokens=True)["input_ids"]
+    return list(ids[-max_len:])  # the left cut keeps the prefix, the end of the prompt
 
 
 def require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -95,17 +107,19 @@ def require_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
                          f"(chat_template in its tokenizer_config.json); turn it off for a base model")
 
 
-def _chat_ids(tokenizer: PreTrainedTokenizerBase, content: str) -> list[int]:
+def _chat_ids(tokenizer: PreTrainedTokenizerBase, content: str, response_prefix: str = "") -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)
+                                         add_generation_prompt=True) + response_prefix
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template writes its own BOS
 
 
-def encode_chat_prompt(tokenizer: PreTrainedTokenizerBase, text: str, max_len: int) -> list[int]:
-    """`text` as one user turn of the tokenizer's chat template with the generation prompt, at most `max_len`
-    tokens: a longer prompt keeps the template whole and the end of its text."""
+def encode_chat_prompt(tokenizer: PreTrainedTokenizerBase, text: str, max_len: int, response_prefix: str = ""
+                       ) -> list[int]:
+    """`text` as one user turn of the tokenizer's chat template with the generation prompt (and `response_prefix`
+    after it), at most `max_len` tokens: a longer prompt keeps the template and prefix whole and the end of its
+    text."""
     require_chat_template(tokenizer)
-    ids = _chat_ids(tokenizer, text)
+    ids = _chat_ids(tokenizer, text, response_prefix)
     if len(ids) <= max_len:
         return ids
     content = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -113,7 +127,7 @@ def encode_chat_prompt(tokenizer: PreTrainedTokenizerBase, text: str, max_len: i
     keep = max_len - template
     while keep > 0:
         ids = _chat_ids(tokenizer, tokenizer.decode(content[-keep:], skip_special_tokens=False,
-                                                    clean_up_tokenization_spaces=False))
+                                                    clean_up_tokenization_spaces=False), response_prefix)
         if len(ids) <= max_len:
             return ids
         keep -= len(ids) - max_len  # tokens may merge differently at the cut: shorten by the excess, again

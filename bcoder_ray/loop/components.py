@@ -71,4 +71,5 @@ def run_context(cfg: Config, theta_ckpt: str, buffer_uri: str | None = None,
                       target_len=m.target_len, dtype=m.dtype, seed=cfg.run.seed, buffer_uri=buffer_uri,
                       load_options=m.load_options(),
                       eos_token_ids=None if m.eos_token_ids is None else tuple(m.eos_token_ids),
-                      chat_template=m.chat_template, stop_strings=tuple(m.stop_strings))
+                      chat_template=m.chat_template, stop_strings=tuple(m.stop_strings),
+                      response_prefix=m.response_prefix)

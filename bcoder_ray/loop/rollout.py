@@ -42,7 +42,7 @@ from bcoder_ray.evaluation.metrics import CandidateRecord
 from bcoder_ray.loop.target_filling import TargetChunk, TargetComputer, TargetJob
 from bcoder_ray.model.candidates import SamplingSettings, load_sampler, sample_and_score
 from bcoder_ray.util.quiet import quiet_libraries
-from bcoder_ray.model.tokenization import encode_prompt, tokenizer_fingerprint
+from bcoder_ray.model.tokenization import tokenizer_fingerprint
 from envs.problem import Problem
 
 
@@ -170,7 +170,7 @@ class PolicyWorker:
         self.tokenizer_hash = tokenizer_fingerprint(self.tokenizer, self.text_format)
         self.problems = args.problems
         self._prompt_ids: dict[str, list[list[int]]] = {
-            split: [encode_prompt(self.tokenizer, p.prompt, self.ctx.source_len, self.text_format.chat_template)
+            split: [self.text_format.prompt_ids(self.tokenizer, p.prompt, self.ctx.source_len)
                     for p in probs]
             for split, probs in args.problems.items()}
         self._executor_handles = list(executor_handles or [])

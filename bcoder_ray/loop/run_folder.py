@@ -186,7 +186,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 def sampler_and_ranker(*, checkpoint: str | None = None, run_dir: str | None = None, rank_with: str | None = None,
                        rank: bool = True, tokenizer: str | None = None, label: str | None = None,
                        device: str | None = None, need_sampler: bool = True, chat_template: bool | None = None,
-                       stop_strings: list[str] | None = None):
+                       stop_strings: list[str] | None = None, response_prefix: str | None = None):
     """(sampler, ranker, the ranker's tokenizer path) for the command-line tools: sample from `checkpoint` (any
     LM) or `run_dir`'s published policy; rank with `rank_with`'s ranker, else `run_dir`'s (when its algorithm
     has one and `rank`). Prompts and stop strings as `run_dir`'s run has them (plain without one), unless
@@ -224,7 +224,8 @@ def sampler_and_ranker(*, checkpoint: str | None = None, run_dir: str | None = N
         tok = tokenizer or (None if checkpoint else ctx.tokenizer_path)
         fmt, options, theta_ckpt, eos_token_ids = ctx.text_format(), ctx.load_options, ctx.theta_ckpt, ctx.eos_token_ids
     text_format = TextFormat(chat_template=fmt.chat_template if chat_template is None else chat_template,
-                             stop_strings=fmt.stop_strings if stop_strings is None else tuple(stop_strings))
+                             stop_strings=fmt.stop_strings if stop_strings is None else tuple(stop_strings),
+                             response_prefix=fmt.response_prefix if response_prefix is None else response_prefix)
     sampler = load_sampler(path, tokenizer=tok, label=label, device=device, options=options, checkpoint=theta_ckpt,
                            eos_token_ids=eos_token_ids, text_format=text_format)
     return sampler, ranker, rank_tokenizer

@@ -76,7 +76,7 @@ class Sampler:
         return self.text_format.stops(self.tokenizer)
 
     def prompt_ids(self, text: str, max_len: int) -> list[int]:
-        return encode_prompt(self.tokenizer, text, max_len, self.text_format.chat_template)
+        return self.text_format.prompt_ids(self.tokenizer, text, max_len)
 
     def decode(self, ids: Sequence[int]) -> str:
         """A sampled program's text: up to its first stop id, then up to its first stop string."""
