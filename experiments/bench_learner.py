@@ -14,6 +14,10 @@ Prints, per model kind:
 - ``dropout_free_vs_same_forward``: a stage-θ step whose TD targets come from a second no-grad forward without
   dropout (the default, `dropout_free_targets`) / one that reads them from the training forward. Both models have
   transformers' default dropout 0.1.
+- ``targets_vs_forward``: rows/s of the cached-target computation (θ_ckpt and φ, `compute_frozen_targets`) / rows/s
+  of a plain no-grad forward of the same two networks over the same rows. Goal ≥ 0.8.
+- ``peak_mb``: the peak memory of each part (CUDA: `torch.cuda.max_memory_allocated`, reset per part; CPU: the
+  process's resident high-water mark after the part, which only grows, so a part's figure includes those before).
 Both sides of each ratio train the same parameters and freeze the same parts (the shared encoder of an
 encoder-decoder); each side has its own AdamW. Timings alternate A, B, A, B … and the ratio is of the medians, so
 load from other processes hits both sides alike. The last line is ``theta_step_vs_ce: X``, the worst (largest)
@@ -21,11 +25,15 @@ over the kinds run.
 
     python experiments/bench_learner.py                       # small random GPT-2 and T5, built from configs
     python experiments/bench_learner.py --checkpoint PATH     # a local checkpoint instead
+    python experiments/bench_learner.py --checkpoint smollm2-135m-instruct --repeats 3   # the real model (issue 27)
+
+``--checkpoint`` takes whatever `model.checkpoint` takes (a folder, a GGUF file, a packaged name).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import tempfile
 import time
@@ -42,6 +50,7 @@ from bcoder_ray.algorithms.bcoder.ranking import token_scores
 from bcoder_ray.model.sampling import sample_programs
 from bcoder_ray.model.tokenization import StopStrings
 from bcoder_ray.algorithms.bcoder.targets import compute_frozen_targets
+from bcoder_ray.model.gguf import resolve_checkpoint
 
 EOS, PAD = 1, 0
 
@@ -136,17 +145,41 @@ def word_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{EOS}", pad_token=f"t{PAD}", unk_token="t2")
 
 
+def peak_mb(reset: bool = False) -> float:
+    """The peak memory so far (see the module docstring), in MiB; `reset` starts a new CUDA window."""
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def plain_forward(model: QModel, batch: Batch) -> None:
+    """What the target computation cannot do with less: θ_ckpt's and φ's bodies over the rows, no grad."""
+    with torch.no_grad():
+        encoded = model.encode(batch)
+        model.ckpt_logits(batch, encoded)
+        model.phi_raw_values(batch, encoded)
+
+
 def bench_kind(checkpoint: str, args) -> dict[str, float]:
     config = AutoConfig.from_pretrained(checkpoint)
     kind, vocab = lm_kind(config), int(config.vocab_size)
     examples = make_examples(args.batch, args.prompt_len, args.program_len, vocab, seed=0)
+    results: dict = {"peak_mb": {}}
+    peak_mb(reset=True)
 
     frozen = QModel.create(checkpoint, parts=("ckpt", "phi"))              # the cache writer
-    rows = compute_frozen_targets(frozen, collate(examples, PAD))
+    plain = collate(examples, PAD)
+    rows = compute_frozen_targets(frozen, plain)
+    t_targets, t_forward = side_by_side(lambda: compute_frozen_targets(frozen, plain),
+                                        lambda: plain_forward(frozen, plain), args.repeats)
+    results["targets_vs_forward"] = t_forward / t_targets  # rows/s over rows/s: the same rows on both sides
+    results["peak_mb"]["targets"] = peak_mb(reset=True)
     del frozen
     batch = collate([{**ex, **row} for ex, row in zip(examples, rows)], PAD)
 
-    results: dict[str, float] = {}
     theta_model = QModel.create(checkpoint, parts=("theta",))             # stage θ holds θ alone
     theta_params = theta_model.freeze_for_stage("theta")
     theta_model.train()
@@ -162,6 +195,7 @@ def bench_kind(checkpoint: str, args) -> dict[str, float]:
         lambda: learner_step(lambda m, b: theta_loss(m, b, gamma=0.999, dropout_free_targets=False), theta_model,
                              batch, opt_q), args.repeats)
     results["dropout_free_vs_same_forward"] = t_free / t_same
+    results["peak_mb"]["theta"] = peak_mb(reset=True)
 
     phi_model = QModel.create(checkpoint, parts=("phi",))                 # stage φ holds φ alone
     phi_params = phi_model.freeze_for_stage("phi")
@@ -171,6 +205,7 @@ def bench_kind(checkpoint: str, args) -> dict[str, float]:
         lambda: learner_step(lambda m, b: phi_loss(m, b, gamma=0.999), phi_model, batch, opt_phi),
         lambda: ce_step(theta_model, batch, opt_ce), args.repeats)
     results["phi_step_vs_ce"] = t_phi / t_ce2
+    results["peak_mb"]["phi"] = peak_mb(reset=True)
     del phi_model, opt_phi
 
     theta_model.freeze_for_stage("none")
@@ -202,6 +237,7 @@ def bench_kind(checkpoint: str, args) -> dict[str, float]:
     t_checked, t_plain = side_by_side(checked, ours, args.repeats)
     assert produced["checked"] == produced["ours"], "a stop string that never occurs changed the samples"
     results["stop_string_check_vs_none"] = t_checked / t_plain
+    results["peak_mb"]["sampling"] = peak_mb(reset=True)
     del theta_model, opt_q, opt_ce
 
     ranker = QModel.create(checkpoint, parts=("phi", "theta"))            # ranking holds θ and φ
@@ -212,6 +248,7 @@ def bench_kind(checkpoint: str, args) -> dict[str, float]:
         token_scores(ranker, candidate_prompts, candidates, gamma=0.999, pad_id=PAD, batch_size=len(candidates))
     t_rank = (time.perf_counter() - start) / 2
     results["rank_vs_sample"] = (t_rank / len(candidates)) / (t_ours / len(candidates))
+    results["peak_mb"]["ranking"] = peak_mb(reset=True)
     results["kind"] = kind
     return results
 
@@ -236,7 +273,7 @@ def main() -> None:
 
     checkpoints = []
     if args.checkpoint:
-        checkpoints.append(args.checkpoint)
+        checkpoints.append(resolve_checkpoint(args.checkpoint, log=print))
     else:
         for kind in args.kinds.split(","):
             checkpoints.append(build_small(kind, tempfile.mkdtemp(prefix="bench_learner_"), args.vocab,
@@ -252,8 +289,9 @@ def main() -> None:
               f"{bool(r['same_tokens_as_generate'])}; {r['qsample_tokens_per_s']:.0f} tok/s)  "
               f"stop_string_check_vs_none={r['stop_string_check_vs_none']:.3f} (sampling with a stop string "
               f"checked)  "
-              f"rank_vs_sample={r['rank_vs_sample']:.3f} (ranking time per candidate / sampling time per candidate)",
-              flush=True)
+              f"rank_vs_sample={r['rank_vs_sample']:.3f} (ranking time per candidate / sampling time per candidate)  "
+              f"targets_vs_forward={r['targets_vs_forward']:.3f} (goal >= 0.8)  "
+              f"peak_mb={ {k: round(v) for k, v in r['peak_mb'].items()} }", flush=True)
         worst = max(worst, r["theta_step_vs_ce"])
     print(f"theta_step_vs_ce: {worst:.3f}")
 

@@ -134,3 +134,24 @@ def test_two_mbpp_problems_through_rollout_targets_phi_theta_and_the_published_p
     base = load_sampler(folder, text_format=fmt).lm.lm.get_output_embeddings().weight
     moved = (sampler.lm.lm.get_output_embeddings().weight - base).abs().max().item()
     assert moved > 0  # θ's step reached the published LM (its head is tied to its own input embedding)
+
+
+def test_the_gpu_check_refuses_without_cuda_and_its_overrides_make_a_valid_config(monkeypatch, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from bcoder_ray.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
+    assert gpu_check.main() == 2 and "no CUDA device" in capsys.readouterr().err
+    for gpus, engine in ((1, "torch"), (8, "vllm")):
+        cfg = load_config(gpu_check.CONFIG, gpu_check.gpu_overrides(gpus, engine))
+        assert cfg.stages["theta"].use_gpu and cfg.stages["theta"].num_workers == gpus
+        assert cfg.rollout.engine == engine and cfg.model.response_prefix == "```python\n"
