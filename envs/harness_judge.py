@@ -276,7 +276,10 @@ def _exit_note(status) -> str:
 
 
 def _short(x: object, n: int = 200) -> str:
-    r = repr(x)
+    try:
+        r = repr(x)
+    except ValueError:  # an int past the int-to-str conversion limit (4,300 digits): a value, not an error
+        return f"a value of type {type(x).__name__} too large to print"
     return r if len(r) <= n else r[:n] + "..."
 
 

@@ -7,12 +7,13 @@ Frames: a 4-byte big-endian length, then that many bytes of UTF-8 JSON. Every re
 
 Values (what a program's call returns, shipped from the untrusted child to the parent for judging) are plain
 Python data only: `type(x)` is exactly one of int, float, complex, str, bytes, bool, NoneType, list, tuple,
-set, frozenset, dict (recursively), plus fractions.Fraction and decimal.Decimal. They travel as tagged JSON:
+set, frozenset, dict (recursively), plus collections.deque, fractions.Fraction and decimal.Decimal. They travel
+as tagged JSON:
 
     None, bool, int (< 4000 digits), float (NaN and ±Infinity allowed), str, list -> JSON as is
     {"t": [...]} tuple    {"s": [...]} set     {"f": [...]} frozenset    {"d": [[k, v], ...]} dict
     {"i": "hex"} big int  {"c": [re, im]} complex  {"b": "base64"} bytes  {"q": [n, d]} Fraction
-    {"D": "str"} Decimal
+    {"D": "str"} Decimal  {"Q": [...]} deque (its maxlen is not kept: equality ignores it)
 
 `canonical` (run in the child) turns honest look-alikes (a numpy integer, a Counter, a namedtuple, a str
 subclass) into these plain types through the base types' own methods, and refuses anything else.
@@ -23,6 +24,7 @@ so an object with a forged `__eq__` can never reach the parent's comparison.
 from __future__ import annotations
 
 import base64
+import collections
 # Bound here so that a program replacing builtins (it runs in the same process) cannot bend the codec.
 from builtins import (TypeError, ValueError, bool, bytes, complex, dict, float, frozenset, int,  # noqa
                       isinstance, len, list, set, str, tuple, type)
@@ -174,6 +176,8 @@ def canonical(x: object, _state: list | None = None, _depth: int = 0) -> object:
         return {"q": [canonical(int(x.numerator), state, d), canonical(int(x.denominator), state, d)]}
     if t is decimal.Decimal:
         return {"D": decimal.Decimal.__str__(x)}
+    if isinstance(x, collections.deque):  # an expected value may be one (`deque([1, 2])` != `[1, 2]`)
+        return {"Q": [canonical(v, state, d) for v in collections.deque.__iter__(x)]}
     # Look-alikes: converted through the base types' own methods, then checked again.
     if isinstance(x, str):
         return canonical(str.__str__(x), state, d)
@@ -224,6 +228,8 @@ def decode_value(j: object, _depth: int = 0) -> object:
             return {decode_value(e, d) for e in _as_list(v)}
         if tag == "f":
             return frozenset(decode_value(e, d) for e in _as_list(v))
+        if tag == "Q":
+            return collections.deque(decode_value(e, d) for e in _as_list(v))
         if tag == "d":
             out = {}
             for kv in _as_list(v):
