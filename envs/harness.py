@@ -550,6 +550,8 @@ class _Channel:
             if k == "vals" and type(reply.get("v")) is list and len(reply["v"]) == 1:
                 try:
                     return wire.decode_value(reply["v"][0])
+                except wire.TooCostly as e:
+                    raise _ProgramRaised(f"the program's value is too costly to judge: {e}") from None
                 except (wire.WireError, RecursionError) as e:
                     raise _ProgramGone(f"malformed value from the program's process: {e}") from None
             if k == "unshippable":

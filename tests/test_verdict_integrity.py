@@ -1,10 +1,12 @@
-"""Verdicts no program can bend and correct programs judged correct (issue 28, items 1, 2 and 10).
+"""Verdicts no program can bend and correct programs judged correct (issue 28, items 1, 2, 6 and 10).
 
 Every program runs in one batch on one worker (module fixture); each test checks the verdicts of its group.
 - Item 1: a test resolves builtins and modules to the real ones and a prompt's helpers to the prompt's own
   definitions; only the entry point (and what else the problem asks for) is the program's.
 - Item 2: an exception raised by the program's code is the test's runtime error, even where the test's own
   expression would take it for the end of an iteration (StopIteration inside `map`).
+- Item 6: a returned value too costly for the parent to rebuild or compare (set members sharing a hash value,
+  a huge Fraction) is the program's runtime error; honest large values and duplicates still pass.
 - Item 10: `math.isclose` in an assert set run by the test process, `type(f(x)) == int` and `deque` expected
   values pass; a wrong answer of more than 4,300 digits fails (it is no runtime error).
 """
@@ -83,7 +85,24 @@ CORRECT = {
     "huge_wrong_answer_call": ("def f(x):\n    return 10 ** 5000\n",
                                TestSpec("call", fn_name="f", cases=({"args": [1], "expected": 3},)), "failed"),
 }
-CASES = {**SHADOWING, **RAISING, **CORRECT}
+COLLIDING = "P = (1 << 61) - 1  # ints that differ by multiples of P share one hash value\n"
+COSTLY = {
+    "colliding_set": (COLLIDING + "def f(x):\n    return {P * i for i in range(1, 2000)}\n",
+                      TestSpec("call", fn_name="f", cases=({"args": [1], "expected": [1]},)), "runtime_error"),
+    "colliding_set_in_the_test_process": (COLLIDING + "def f(x):\n    return {P * i for i in range(1, 2000)}\n",
+                                          _assert(LOOP + "assert f(x) == {1}"), "runtime_error"),
+    "colliding_list_made_a_set_by_the_test": (COLLIDING + "def f(x):\n    return [P * i for i in range(1, 3000)]\n",
+                                              _assert("assert set(f(1) + [0]) == {0}"), "runtime_error"),
+    "huge_fraction": ("from fractions import Fraction\ndef f(x):\n    return Fraction(3 ** 70000, 2 ** 110000 + 1)\n",
+                      _assert("assert f(1) == 1"), "runtime_error"),
+    "duplicates_made_a_set_by_the_test": ("def f(x):\n    return [1] * 100000\n",
+                                          _assert("assert set(f(1) + [1]) == {1}"), "passed"),
+    "honest_big_set_and_fraction": ("from fractions import Fraction\ndef f(x):\n    return set(range(50000))\n"
+                                    "def g(x):\n    return Fraction(x, 3)\n",
+                                    _assert("assert f(1) == set(range(50000))", "assert g(1) == Fraction(1, 3)"),
+                                    "passed"),
+}
+CASES = {**SHADOWING, **RAISING, **CORRECT, **COSTLY}
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +144,13 @@ def test_program_exception_is_a_runtime_error_wherever_the_test_sits(verdicts, n
 @pytest.mark.parametrize("name", list(CORRECT))
 def test_correct_programs_are_judged_correct(verdicts, name):
     _check_group(verdicts, CORRECT, name)
+
+
+@pytest.mark.parametrize("name", list(COSTLY))
+def test_value_too_costly_to_judge_is_a_runtime_error(verdicts, name):
+    _check_group(verdicts, COSTLY, name)
+    if COSTLY[name][2] != "passed":
+        assert "too costly to judge" in verdicts[name].error
 
 
 def test_deque_travels_as_a_deque():
