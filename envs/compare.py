@@ -23,6 +23,8 @@ assert / check (`evaluate`): the test's own expression, evaluated here with the 
 (see `envs/harness_plan.py`), with Python's semantics, restricted to literals, arithmetic (no `**` on
 program values), comparisons, `not`, subscripts and the pure builtins of `TRUSTED_NAMES`. The test passes
 iff the expression is truthy; an exception here is the program's runtime error, as it would be in Python.
+`set`, `frozenset` and `dict` refuse members whose shared hash values would make building them quadratic
+(`harness_wire.check_hashes`): the program's values must not hold the parent up.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from __future__ import annotations
 import ast
 import math
 import operator
+from typing import Callable
+
+from .harness_wire import check_hashes
 
 FLOAT_TOLERANCE = 1e-6
 
@@ -98,9 +103,31 @@ def _tuples_to_lists(x: object) -> object:
 
 # ---------------------------------------------------------------------------------------------- assert / check
 
-_FUNCTIONS = {f.__name__: f for f in (abs, round, len, sorted, set, frozenset, tuple, list, dict, sum, min, max,
+def _hash_checked(kind: type) -> Callable:
+    """`kind` (set, frozenset), refusing members whose shared hash values would make building it quadratic."""
+    def build(*args):
+        items = list(args[0]) if args else []
+        check_hashes(items)
+        return kind(items)
+    build.__name__ = kind.__name__
+    return build
+
+
+def _checked_dict(*args, **kwargs) -> dict:
+    """dict(...), refusing keys whose shared hash values would make building it quadratic (a dict argument
+    was checked when it was decoded)."""
+    if not args or isinstance(args[0], dict):
+        return dict(*args, **kwargs)
+    items = list(args[0])
+    check_hashes([p[0] for p in items if type(p) in (tuple, list) and len(p) == 2])
+    return dict(items, **kwargs)
+
+
+_FUNCTIONS = {f.__name__: f for f in (abs, round, len, sorted, tuple, list, sum, min, max,
                                       all, any, int, float, str, bool, repr, isinstance, type, reversed,
                                       enumerate, zip, chr, ord, divmod, complex, bytes)}
+# Building a set or dict from the program's values in the parent is bounded like decoding one.
+_FUNCTIONS.update(set=_hash_checked(set), frozenset=_hash_checked(frozenset), dict=_checked_dict)
 _MATH = {name: getattr(math, name) for name in ("isclose", "fabs", "floor", "ceil", "sqrt", "isnan", "isinf",
                                                 "isfinite", "pi", "e", "inf", "nan", "trunc", "log", "exp")}
 TRUSTED_MODULES = frozenset({"math"})

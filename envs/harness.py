@@ -30,6 +30,7 @@ or {"k": "raised", "i": i, "e": msg}, a {"k": "tick"} after each call it made (r
 then {"k": "done"}.
 Requests of the test process to the program's process, and replies:
     {"op": "names", "names": [...]}  -> {"k": "names", "v": [[name, "callable" | "value" | "opaque", value]]}
+                                        (only the plan's `names`: builtins and modules are the test process's)
     {"op": "call", "name": n, "args": [value...], "kwargs": [[key, value]...]}
                                      -> {"k": "vals", "v": [value]} | {"k": "raised", "e", "t"} | {"k": "unshippable", "e"}
 """
@@ -68,6 +69,9 @@ CALL_PRELUDE = (
 )
 CALL_PRELUDE_CODE = compile(CALL_PRELUDE, "<prelude>", "exec")  # compiled once, in the worker
 ERROR_TAIL = 2000
+# The builtins as they were before any program ran (this module is loaded when the worker starts): the
+# names a test evaluates in the program's process resolve here, never to what the program rebinds.
+_TRUSTED_BUILTINS = dict(builtins.__dict__)
 
 
 def _err(e: BaseException) -> str:
@@ -354,16 +358,52 @@ def _run_in_process(code, payload: dict, send, serve_fds: tuple[int, int] | None
         send.flush()
         _serve(g, *serve_fds)
         return
-    local = {payload.get("param", "candidate"): fn} if style == "check" else None
+    ns = _hole_namespace(g, payload)
+    if style == "check":
+        ns[payload.get("param", "candidate")] = _guard(fn)
     for stmt in payload.get("imports", ()):
         try:
-            exec(compile(stmt, "<check>", "exec"), g)
+            exec(compile(stmt, "<check>", "exec"), ns)
         except BaseException as e:
             send({"k": "raised", "i": 0, "e": _err(e)})
             return
     for i, item in enumerate(payload["items"]):
         codes = [compile(h, "<test>", "eval") for h in item["holes"]]
-        _send_values(send, i, lambda codes=codes: [eval(c, g, local) for c in codes])
+        _import_modules(ns, codes)
+        _send_values(send, i, lambda codes=codes: [eval(c, ns) for c in codes])
+
+
+class _ProgramRaised(BaseException):
+    """The program's code raised while a test called it. A BaseException, so that no part of the test (an
+    `except Exception`, or `map` and `all`, which take a StopIteration for the end of the data) can absorb
+    it: it is the test's runtime error."""
+
+
+def _guard(v: object) -> object:
+    """`v` itself, or for a function of the program, a wrapper that turns its exceptions into _ProgramRaised."""
+    if not callable(v) or isinstance(v, type):
+        return v  # a class stays one (isinstance(x, C) in a test); its instances' methods are not wrapped
+
+    def guarded(*args, **kwargs):
+        try:
+            return v(*args, **kwargs)
+        except _ProgramRaised:
+            raise
+        except BaseException as e:
+            raise _ProgramRaised(_err(e)) from None
+    return guarded
+
+
+def _hole_namespace(g: dict, payload: dict) -> dict:
+    """Where the holes are evaluated: the program's names (`payload["names"]`, guarded), its other globals
+    (inputs such as a setup's objects) except those that rebind a builtin, and the builtins as they were
+    before the program ran."""
+    ns = {k: v for k, v in g.items() if type(k) is str and k not in _TRUSTED_BUILTINS}
+    for name in payload.get("names", ()):
+        if name in g:
+            ns[name] = _guard(g[name])
+    ns["__builtins__"] = _TRUSTED_BUILTINS
+    return ns
 
 
 def _serve(g: dict, req_fd: int, rep_fd: int) -> None:
@@ -426,9 +466,23 @@ def _lookup_callable(g: dict, name: str):
     return fn
 
 
+def _import_modules(ns: dict, codes: list) -> None:
+    """Bind the standard-library modules the holes name (`f(math.pi)`) that the program did not import."""
+    for code in codes:
+        for name in code.co_names:
+            if name not in ns and name in sys.stdlib_module_names:
+                try:
+                    ns[name] = _TRUSTED_BUILTINS["__import__"](name)
+                except Exception:  # not importable here: the hole's NameError
+                    pass
+
+
 def _send_values(send, i: int, compute) -> None:
     try:
         values = compute()
+    except _ProgramRaised as e:
+        send({"k": "raised", "i": i, "e": str(e.args[0])})
+        return
     except BaseException as e:
         send({"k": "raised", "i": i, "e": _err(e)})
         return
@@ -496,16 +550,14 @@ class _Channel:
             if k == "vals" and type(reply.get("v")) is list and len(reply["v"]) == 1:
                 try:
                     return wire.decode_value(reply["v"][0])
+                except wire.TooCostly as e:
+                    raise _ProgramRaised(f"the program's value is too costly to judge: {e}") from None
                 except (wire.WireError, RecursionError) as e:
                     raise _ProgramGone(f"malformed value from the program's process: {e}") from None
             if k == "unshippable":
                 raise _Unjudgeable(f"result cannot be judged: {reply.get('e')}")
-            if k == "raised":
-                exc = getattr(builtins, str(reply.get("t")), None)
-                msg = str(reply.get("e", "error"))
-                if isinstance(exc, type) and issubclass(exc, Exception):
-                    raise exc(msg.split(": ", 1)[-1])
-                raise RuntimeError(msg)
+            if k == "raised":  # never re-raised as itself: a StopIteration would end the test's `map`
+                raise _ProgramRaised(str(reply.get("e", "error")))
             raise _ProgramGone(f"unexpected reply {k!r} from the program's process")
         call.__name__ = call.__qualname__ = name
         return call
@@ -519,21 +571,20 @@ def run_test_process(payload: dict, req_fd: int, rep_fd: int, wfd: int) -> None:
     try:
         kind = payload["kind"]
         sources = [payload["check"]] if kind == "check" else list(payload["asserts"])
-        names = set()
-        for src in sources:
-            try:
-                names |= {n.id for n in ast.walk(ast.parse(src.strip())) if isinstance(n, ast.Name)}
-            except (SyntaxError, ValueError):
-                pass
-        if kind == "check":
-            names.add(payload["entry_point"])
         chan = _Channel(req_fd, rep_fd, send)
-        try:
-            reply = chan.ask({"op": "names", "names": sorted(names)})
+        try:  # only the names the plan gives the program; builtins and modules are this process's own
+            reply = chan.ask({"op": "names", "names": list(payload["names"])})
         except _ProgramGone:
             os._exit(0)  # the program did not load (its own frames say why) or crashed: no verdicts
         g: dict = {"__name__": "__main__", "__builtins__": builtins}
+        for stmt in payload.get("imports", ()):
+            try:
+                exec(compile(stmt, "<test>", "exec"), g)
+            except ImportError:
+                pass  # the test's NameError, as where the program did not import it either
         for name, what, value in reply.get("v", ()):
+            if name not in payload["names"]:
+                continue
             if what == "callable":
                 g[name] = chan.proxy(name)
             elif what == "value":
@@ -568,6 +619,8 @@ def _judged(send, i: int, run) -> bool:
         send({"k": "judged", "i": i, "ok": False, "e": _err(e)})
     except _Unjudgeable as e:
         send({"k": "judged", "i": i, "ok": False, "e": str(e)})
+    except _ProgramRaised as e:
+        send({"k": "raised", "i": i, "e": str(e.args[0])})
     except BaseException as e:
         send({"k": "raised", "i": i, "e": _err(e)})
     else:

@@ -27,7 +27,7 @@ import base64
 
 from . import compare
 from .harness_plan import Plan
-from .harness_wire import WireError, decode_value
+from .harness_wire import TooCostly, WireError, decode_value
 from .result import REWARD, ExecResult, Outcome, TestResult, infra_result
 
 PASSED, FAILED, RUNTIME, COMPILE = (o.value for o in REWARD)
@@ -226,7 +226,10 @@ def _verdict(plan: Plan, i: int, f: dict) -> TestResult:
         return TestResult(FAILED, f"result cannot be judged: {f.get('e')}")
     if k != "vals" or type(f.get("v")) is not list:
         raise Tampered(f"test {i}: expected values, got {k!r}")
-    values = [decode_value(v) for v in f["v"]]
+    try:
+        values = [decode_value(v) for v in f["v"]]
+    except TooCostly as e:  # what the program returned would hold the parent up: its runtime error
+        return TestResult(RUNTIME, f"the program's value is too costly to judge: {e}")
     if plan.style == "call":
         if len(values) != 1:
             raise Tampered(f"test {i}: {len(values)} values for one call")
@@ -238,6 +241,8 @@ def _verdict(plan: Plan, i: int, f: dict) -> TestResult:
         raise Tampered(f"test {i}: {len(values)} values for {item.n_holes} holes")
     try:
         ok = bool(compare.evaluate(item.expr, values))
+    except TooCostly as e:
+        return TestResult(RUNTIME, f"the program's value is too costly to judge: {e}")
     except Exception as e:  # the test expression raised on the program's values: a runtime error, as in Python
         return TestResult(RUNTIME, f"{type(e).__name__}: {e}"[:500])
     return TestResult(PASSED) if ok else TestResult(FAILED, f"assertion failed with {_short(values)}")
@@ -276,7 +281,10 @@ def _exit_note(status) -> str:
 
 
 def _short(x: object, n: int = 200) -> str:
-    r = repr(x)
+    try:
+        r = repr(x)
+    except ValueError:  # an int past the int-to-str conversion limit (4,300 digits): a value, not an error
+        return f"a value of type {type(x).__name__} too large to print"
     return r if len(r) <= n else r[:n] + "..."
 
 

@@ -40,7 +40,6 @@ import os
 import platform
 import resource
 import select
-import shutil
 import signal
 import socket
 import sys
@@ -325,7 +324,7 @@ def _run_job(job: dict, cfg: dict, work_base: str) -> dict:
         if tester is not None:
             os.kill(tester[0], signal.SIGKILL)
             os.waitpid(tester[0], 0)
-        shutil.rmtree(workdir, ignore_errors=True)
+        _remove_tree(workdir)
         return {"infra": f"{type(e).__name__}: {e}", "frames": [], "wall": time.monotonic() - t0,
                 "fatal": isinstance(e, _Desync)}
     if pid == 0:
@@ -347,7 +346,7 @@ def _run_job(job: dict, cfg: dict, work_base: str) -> dict:
     if tester:
         os.close(tester[1])
     harness.kill_descendants()
-    shutil.rmtree(workdir, ignore_errors=True)
+    _remove_tree(workdir)
     for scratch in cfg.get("scratch", ()):  # the private root's /tmp and /dev/shm: nothing carries over
         _empty_dir(scratch)
     reply["wall"] = time.monotonic() - t0
@@ -355,19 +354,85 @@ def _run_job(job: dict, cfg: dict, work_base: str) -> dict:
 
 
 def _empty_dir(path: str) -> None:
+    """Remove everything in `path`, keeping `path` itself (a scratch mount point)."""
+    _remove_tree(path, keep_top=True)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _remove_tree(path: str, keep_top: bool = False) -> None:
+    """Remove the tree at `path`, ignoring errors as `shutil.rmtree(ignore_errors=True)` does, but without
+    recursion: a correct program may leave a directory tree thousands of levels deep, and `shutil.rmtree`
+    (one Python frame per level) then fails with a RecursionError that would kill this worker. It walks
+    relative to one open directory at a time and climbs back through '..' (no path grows with the depth, and
+    at most two descriptors are open), never follows a symbolic link, and visits each entry once. The
+    program's processes are all dead by now, so nothing moves the tree underneath."""
     try:
-        names = os.listdir(path)
+        fd = os.open(path, _DIR_FLAGS)
     except OSError:
+        if not keep_top:
+            _unlink(path)
         return
-    for name in names:
-        p = os.path.join(path, name)
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p, ignore_errors=True)
-        else:
+    stack = [(None, _clear_dir(fd))]  # per level: its name in the parent, its subdirectories left to do
+    try:
+        while True:
+            name, todo = stack[-1]
+            if todo:
+                sub = todo.pop()
+                try:
+                    child = os.open(sub, _DIR_FLAGS, dir_fd=fd)
+                except OSError:
+                    continue
+                os.close(fd)
+                fd = child
+                stack.append((sub, _clear_dir(fd)))
+                continue
+            stack.pop()
+            if name is None:
+                break
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = parent
             try:
-                os.unlink(p)
+                os.rmdir(name, dir_fd=fd)
             except OSError:
                 pass
+    except OSError:
+        pass  # '..' could not be opened: leave the rest, as rmtree with ignore_errors would
+    finally:
+        os.close(fd)
+    if not keep_top:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
+def _clear_dir(fd: int) -> list[str]:
+    """Unlink every entry of the open directory `fd` that is not a directory; return the subdirectories."""
+    subdirs = []
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    subdirs.append(entry.name)
+                else:
+                    _unlink(entry.name, fd)
+    except OSError:
+        pass
+    return subdirs
+
+
+def _unlink(name: str, dir_fd: int | None = None) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -642,7 +707,7 @@ def main(cfg: dict) -> None:
     finally:
         harness.kill_descendants()
         if work_base != "/tmp":
-            shutil.rmtree(work_base, ignore_errors=True)
+            _remove_tree(work_base)
 
 
 if __name__ == "__main__":
