@@ -148,6 +148,9 @@ class RankerRef:
     config: Mapping[str, Any]
     spec: Mapping[str, Any]
     label: str
+    description: str = ""
+    """What the ranker computes, in words, for tables that set it beside others (`experiments/evaluate.py
+    --rankers`)."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,11 @@ class Algorithm(ABC):
 
     def ranker(self, state: dict) -> RankerRef | None:
         """The ranker evaluation uses (None: the algorithm has none; evaluation is unranked)."""
+        return None
+
+    def untrained_ranker(self) -> RankerRef | None:
+        """The same ranker before any training, built from θ_ckpt alone: the control that shows what training
+        added to it (`experiments/evaluate.py --rankers run_untrained`). None: the algorithm offers none."""
         return None
 
     # -- the workers' side

@@ -8,6 +8,12 @@ Evaluate (sample m per problem, execute, rank, write candidates.jsonl + metrics.
     python experiments/evaluate.py --checkpoint LM --suite mbpp --split test --out runs/eval/lm   # any HF LM
     python experiments/evaluate.py --run-dir runs/ppo --rank-with runs/bcoder --out DIR   # another run's ranker
 
+Rankers side by side on the same candidates (sampled once, or --candidates DIR_OR_JSONL), one table with each
+ranker's ranked pass@1 and a paired interval against the policy's likelihood (rankers.md, rankers.json in --out):
+    python experiments/evaluate.py --run-dir runs/bcoder --rankers all --rank-with runs/coderl --out DIR
+    (random, sum_loglik, mean_loglik, majority_vote, run: each run's ranker (--run-dir's and --rank-with's),
+    run_untrained: its untrained control; --baseline-ranker: the paired comparison's other side, default sum_loglik)
+
 Critic Sampling (CodeRL runs; problems with example tests), beside plain sampling at the same budget:
     python experiments/evaluate.py --run-dir runs/coderl --critic-sampling --cs-n 8 --cs-rounds 2 --out DIR
 
@@ -26,6 +32,7 @@ From saved files only (no model):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -62,10 +69,14 @@ def models_from_args(args: argparse.Namespace):
     from bcoder_ray.config import ConfigError
     from bcoder_ray.loop.run_folder import sampler_and_ranker
 
+    if args.rank_with and len(args.rank_with) > 1:
+        raise SystemExit(f"--rank-with names {len(args.rank_with)} runs: several only with --rankers (one table "
+                         f"of rankers); to evaluate or rank a file give one")
     try:
-        return sampler_and_ranker(checkpoint=args.checkpoint, run_dir=args.run_dir, rank_with=args.rank_with,
-                                  rank=not args.no_rank, tokenizer=args.tokenizer, label=args.label,
-                                  device=args.device, need_sampler=not args.rank_file,
+        return sampler_and_ranker(checkpoint=args.checkpoint, run_dir=args.run_dir,
+                                  rank_with=args.rank_with[0] if args.rank_with else None, rank=not args.no_rank,
+                                  tokenizer=args.tokenizer, label=args.label, device=args.device,
+                                  need_sampler=not args.rank_file,
                                   **text_format_overrides(args))
     except (ConfigError, FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e)) from None
@@ -79,11 +90,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     mode.add_argument("--table", nargs="+", metavar="RESULT", help="metrics.json files or folders -> Table 1")
     mode.add_argument("--figures", metavar="DIR", help="Figures 3 and 5 (and the R̃ order statement) for DIR")
     mode.add_argument("--training-curve", nargs="+", metavar="RUN_DIR", help="Figure 1 from run folders")
+    mode.add_argument("--rankers", nargs="+", metavar="NAME",
+                      help="rank one set of candidates by these rankers side by side ('all', or names: random, "
+                           "sum_loglik, mean_loglik, majority_vote, run, run_untrained) -> rankers.md in --out")
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint", help="sample from this LM (a local folder, hub name, GGUF file or packaged name "
                                         "such as smollm2-135m-instruct), e.g. a published policy")
     m.add_argument("--run-dir", help="a run folder: sample from its published policy, rank with its ranker")
-    m.add_argument("--rank-with", metavar="RUN_DIR", help="rank with this run's ranker (B-Coder's R̃, CodeRL's critic)")
+    m.add_argument("--rank-with", nargs="+", metavar="RUN_DIR",
+                   help="rank with this run's ranker (B-Coder's R̃, CodeRL's critic); with --rankers, several runs")
     m.add_argument("--tokenizer", help="default: the LM's own folder")
     m.add_argument("--label", help="row label in tables (default: the policy folder's name)")
     m.add_argument("--device", default=None)
@@ -117,6 +132,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     o = p.add_argument_group("output")
     o.add_argument("--out", help="output folder (candidates.jsonl, metrics.json)")
     o.add_argument("--plots", action="store_true", help="also write Figures 3 and 5 into --out")
+    o.add_argument("--candidates", metavar="DIR_OR_JSONL",
+                   help="--rankers: rank these saved candidates (an evaluation folder or its candidates.jsonl) "
+                        "instead of sampling")
+    o.add_argument("--baseline-ranker", default="sum_loglik",
+                   help="--rankers: the ranker every row is compared with, paired over problems")
     o.add_argument("--variant", default="auto", help="table metric: auto, pass, ranked_pass, filtered_pass, "
                                                       "filtered_ranked_pass")
     o.add_argument("--with-paper", action="store_true", help="add the paper's Table 1 rows (APPS test set)")
@@ -166,6 +186,88 @@ def critic_sampling_main(args: argparse.Namespace, problems) -> int:
     for line in summary_lines(result):
         print(line)
     print(f"wrote {Path(args.out) / 'critic_sampling'} and {Path(args.out) / 'plain'}")
+    return 0
+
+
+def _sampling_settings(args: argparse.Namespace):
+    from bcoder_ray.model.candidates import SamplingSettings
+
+    return SamplingSettings(m=args.m, temperature=args.temperature, top_p=args.top_p,
+                            max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed, prompts_per_call=args.prompts_per_call)
+
+
+def _sampler_for_rankers(args: argparse.Namespace):
+    """The policy whose likelihood ranks (and which samples, unless --candidates): None without one."""
+    from bcoder_ray.config import ConfigError
+    from bcoder_ray.loop.run_folder import sampler_and_ranker
+
+    if not (args.checkpoint or args.run_dir):
+        return None
+    try:
+        sampler, _, _ = sampler_and_ranker(checkpoint=args.checkpoint, run_dir=args.run_dir, rank=False,
+                                           tokenizer=args.tokenizer, label=args.label, device=args.device,
+                                           **text_format_overrides(args))
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    return sampler
+
+
+def _candidate_records(args: argparse.Namespace, problems, sampler, executor, out: Path) -> list:
+    """--candidates' records (those of the problems loaded when --limit cuts them), or fresh ones sampled once
+    and saved in --out with their unranked metrics."""
+    from bcoder_ray.evaluation.evaluate import write_evaluation
+    from bcoder_ray.evaluation.metrics import CandidateRecord, read_candidates
+    from bcoder_ray.model.candidates import sample_and_score
+
+    if args.candidates:
+        records = read_candidates(args.candidates)
+        if args.limit is not None:  # the candidates of the problems --limit keeps
+            keys = {(p.suite, p.split, p.problem_id) for p in problems}
+            records = [r for r in records if r.problem_key in keys]
+        return records
+    if sampler is None:
+        raise SystemExit("--rankers samples the candidates from --checkpoint LM or --run-dir RUN_DIR (or give "
+                         "--candidates DIR of an earlier evaluation)")
+    settings = _sampling_settings(args)
+    scored = sample_and_score(problems, sampler, executor, settings, examples=not args.no_examples)
+    records = [CandidateRecord.of(c) for c in scored if not c.infra]
+    meta = {"label": sampler.label, "sampling": dataclasses.asdict(settings), "policy": sampler.path, "ranker": None,
+            "infra_failures": sum(c.infra for c in scored)}
+    write_evaluation(out, records, ks=[k for k in args.ks if k <= settings.m] or [1], ci_level=args.confidence,
+                     seed=settings.seed, meta=meta)
+    return records
+
+
+def rankers_main(args: argparse.Namespace, problems) -> int:
+    """--rankers: one set of candidates ranked by each ranker; the table printed and written into --out."""
+    import bcoder_ray.loop.run_rankers  # noqa: F401  (registers the run folders' rankers)
+    from bcoder_ray.evaluation.metrics import CandidateError
+    from bcoder_ray.evaluation.rankers import (RANKERS_JSON, RANKERS_MD, RankingInputs, build_rankers,
+                                               compare_rankers)
+    from bcoder_ray.evaluation.report import write_json
+    from bcoder_ray.util.atomic import atomic_write_text
+    from envs.execute import Executor
+
+    out = Path(args.out)
+    sampler = _sampler_for_rankers(args)
+    runs = ((args.run_dir,) if args.run_dir and not args.no_rank else ()) + tuple(args.rank_with or ())
+    with Executor(workers=args.workers) as executor:
+        try:
+            records = _candidate_records(args, problems, sampler, executor, out)
+            inputs = RankingInputs(executor=executor, sampler=sampler, runs=tuple(dict.fromkeys(runs)),
+                                   device=args.device, max_prompt_len=args.max_prompt_len,
+                                   max_program_len=args.max_new_tokens)
+            rankers = build_rankers(args.rankers, inputs)
+            table = compare_rankers(problems, records, rankers, baseline=args.baseline_ranker,
+                                    level=args.confidence, seed=args.seed)
+        except (CandidateError, FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
+            raise SystemExit(f"--rankers: {e}") from None
+    text = table.markdown()
+    print(text, end="")
+    atomic_write_text(out / RANKERS_MD, text)
+    write_json(out / RANKERS_JSON, table.to_json())
+    print(f"wrote {out / RANKERS_MD} and {out / RANKERS_JSON}")
     return 0
 
 
@@ -228,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"suite {args.suite!r} split {args.split!r} has no problems with options {options}")
     if args.critic_sampling:
         return critic_sampling_main(args, problems)
+    if args.rankers:
+        return rankers_main(args, problems)
     sampler, ranker, _ = models_from_args(args)
     out = Path(args.out)
     with Executor(workers=args.workers) as executor:
@@ -236,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit("--rank-file needs a ranker: --rank-with RUN_DIR (or --run-dir of a run with one)")
             from bcoder_ray.loop.run_folder import load_run
 
-            ctx = load_run(args.rank_with or args.run_dir).context()  # the ranking run's tokenizer and options
+            ctx = load_run(args.rank_with[0] if args.rank_with else args.run_dir).context()  # the ranking run's tokenizer and options
             metrics = rank_candidates_file(args.rank_file, problems, ranker, ctx.load_tokenizer(), executor, out,
                                            ks=args.ks, max_program_len=args.max_new_tokens,
                                            max_prompt_len=args.max_prompt_len, ci_level=args.confidence,

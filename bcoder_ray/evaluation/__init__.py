@@ -1,2 +1,3 @@
 """Measuring policies: pass@k and ranked metrics with intervals (`metrics`), candidate files and their metrics
-(`evaluate`), paired comparisons (`report`), Figure 1 curves (`plots`), off-policy reuse of a buffer (`reuse`)."""
+(`evaluate`), paired comparisons (`report`), rankers side by side (`rankers`), Figure 1 curves (`plots`),
+off-policy reuse of a buffer (`reuse`)."""

@@ -35,6 +35,13 @@ from bcoder_ray.model.lm import checkpoint_label
 from bcoder_ray.util.storage import local_dir
 
 
+# What R̃ of the untrained Q is (eq. 16 with θ = θ_ckpt and h1 = h2, so V_θ = V_φ): R̃ = V(s_0) + Σ_t A_θ(s_t, w_t)
+# + (1-γ)·Σ_{t≥1} V(s_t) with A_θ(s_t, w_t) = α·(log p_ckpt(w_t|s_t) - max_a log p_ckpt(a|s_t)).
+UNTRAINED_RTILDE = ("R̃ of the Q initialised from θ_ckpt (no training) = α·[Σ_t log p_ckpt(w_t|s_t) − Σ_t max_a "
+                    "log p_ckpt(a|s_t)] + V(s_0) + (1−γ)·Σ_{t≥1} V(s_t): θ_ckpt's sum log-likelihood, less each "
+                    "step's best-token log-prob, plus value terms of a fresh V_φ head (≈ R_max each)")
+
+
 class BCoderConfig(AlgorithmConfig):
     name: str = "bcoder"
     """bcoder, bcoder_optimality or dueling_dqn."""
@@ -181,7 +188,13 @@ class BCoder(Algorithm):
             return None
         label = checkpoint_label(theta)
         return RankerRef(self.name, self.config.model_dump(), {"theta_dir": theta, "phi_dir": state.get("phi")},
-                         label)
+                         label, description="R̃ (eq. 19-20) of the trained θ and φ")
+
+    def untrained_ranker(self) -> RankerRef | None:
+        """R̃ of the Q the run starts from: θ and φ initialised from θ_ckpt with the run's seed, no step taken."""
+        return RankerRef(self.name, self.config.model_dump(), {"theta_dir": None, "phi_dir": None},
+                         "untrained-Q", description=UNTRAINED_RTILDE if self.config.init_from_lm else
+                         "R̃ of the untrained dueling Q (random LM head, no φ)")
 
     def build_stage(self, plan: StagePlan, device=None) -> StageModule:
         c, x = self.config, self.ctx
@@ -208,6 +221,8 @@ class BCoder(Algorithm):
         return compute
 
     def load_ranker(self, spec: Mapping[str, Any], label: str, device=None) -> Ranker:
+        if spec.get("theta_dir") is None:
+            return self._untrained_ranker(label, device)
         theta_dir, phi_dir = local_dir(spec["theta_dir"], "theta checkpoint"), spec.get("phi_dir")
         with open(os.path.join(theta_dir, META_FILE), encoding="utf-8") as f:
             uses_phi = bool(json.load(f).get("uses_phi", True))
@@ -217,6 +232,14 @@ class BCoder(Algorithm):
                               theta_dir=theta_dir, phi_dir=phi_dir if uses_phi else None,
                               dtype=getattr(torch, self.ctx.dtype), device=device, options=self.ctx.options_for())
         return RTildeRanker(model, self.config.gamma, label)
+
+    def _untrained_ranker(self, label: str, device=None) -> Ranker:
+        # seeded as build_stage seeds the first φ and θ stages (seed + 0), so this is the run's own starting Q
+        c, x = self.config, self.ctx
+        model = QModel.create(x.theta_ckpt, parts=("theta", "phi") if c.init_from_lm else ("theta",),
+                              alpha=c.alpha, r_max=c.r_max, init_from_lm=c.init_from_lm, seed=x.seed,
+                              dtype=getattr(torch, x.dtype), device=device, options=x.options_for())
+        return RTildeRanker(model, c.gamma, label)
 
 
 class BCoderOptimality(BCoder):

@@ -393,7 +393,8 @@ class CodeRL(Algorithm):
         if critic is None:
             return None
         return RankerRef(self.name, self.config.model_dump(), {"critic_dir": critic},
-                         f"critic-{checkpoint_label(critic)}")
+                         f"critic-{checkpoint_label(critic)}",
+                         description="CodeRL's critic: the four-class critic's pooled p(passed)")
 
     def critic_test_dir(self, state: dict) -> str | None:
         """φ_test's checkpoint (Critic Sampling), None before it is trained."""
