@@ -55,6 +55,7 @@ import time
 import weakref
 from typing import Iterable, Mapping, Sequence
 
+from . import checker
 from .harness_judge import crashed, judge_reply
 from .harness_plan import make_plan
 from .harness_wire import encode_frame
@@ -179,7 +180,12 @@ class Executor:
             if todo:
                 bar = _progress(len(todo)) if progress else None
                 pending = collections.deque(_Job(key, jobs[idx[0]][0], jobs[idx[0]][1]) for key, idx in todo.items())
-                for key, res in self._execute(pending, bar):
+                outputs: dict[CacheKey, dict[int, str]] = {}
+                results = dict(self._execute(pending, bar, outputs))
+                if outputs:  # stdio tests judged by a checker: run the checkers, then decide (envs/checker.py)
+                    results.update(self._run_checkers({key: jobs[todo[key][0]][1] for key in outputs}, outputs,
+                                                      results))
+                for key, res in results.items():
                     if self.use_cache and not res.is_infra:
                         self._cache[key] = res
                     first, *rest = todo[key]
@@ -189,6 +195,13 @@ class Executor:
                 if bar is not None:
                     bar.close()
             return out  # type: ignore[return-value]
+
+    def _run_checkers(self, specs: dict[CacheKey, TestSpec], outputs: dict[CacheKey, dict[int, str]],
+                      results: dict[CacheKey, ExecResult]) -> dict[CacheKey, ExecResult]:
+        """Each checker as a sandboxed call-style job of its own (one per program, a case per pending test)."""
+        keys = list(outputs)
+        verdicts = self.run_batch([checker.checker_job(specs[k], outputs[k]) for k in keys])
+        return {k: checker.fold(results[k], outputs[k], v) for k, v in zip(keys, verdicts)}
 
     # ------------------------------------------------------------------------------------------ scheduling
 
@@ -201,11 +214,13 @@ class Executor:
                     self._workers[i].kill()
                 self._workers[i] = Worker(i, self.options)
 
-    def _execute(self, pending: collections.deque, bar) -> Iterable[tuple[CacheKey, ExecResult]]:
+    def _execute(self, pending: collections.deque, bar,
+                 outputs: dict | None = None) -> Iterable[tuple[CacheKey, ExecResult]]:
         """Keep every worker busy. A worker holds up to PIPELINE jobs: the next small job waits in its
         stdin while the current one runs, so the worker never idles on a round trip to this process.
         The parent's watchdog times the job a worker is running (the head of its queue). A job whose run
-        may have been the sandbox's failure is retried first thing on a fresh worker (`fresh`)."""
+        may have been the sandbox's failure is retried first thing on a fresh worker (`fresh`). The outputs of
+        stdio tests awaiting a checker go into `outputs` under the job's key."""
         self._ensure_workers(min(self.n_workers, len(pending)))
         workers = [w for w in self._workers[:self.n_workers] if w is not None]
         queues: dict[Worker, collections.deque] = {w: collections.deque() for w in workers}
@@ -264,6 +279,9 @@ class Executor:
                     if bar is not None:
                         bar.update(1)
                     res.attempts = job.attempts + 1
+                    waiting = checker.pending(res)
+                    if waiting and outputs is not None:
+                        outputs[job.key] = checker.pending_outputs(reply, waiting)
                     yield job.key, res
             now = time.monotonic()
             for w in [w for w in busy if w in queues and queues[w] and deadline[w] <= now]:
