@@ -60,13 +60,9 @@ def validate_problems(executor: BatchExecutor, problems: Sequence[Problem], suit
     return report
 
 
-def broken_problems(problems: Sequence[Problem], workers: int | None = None) -> dict[str, str]:
-    """{problem key: why} for the problems that have references and none of them passes."""
-    from envs.execute import Executor
-
-    with Executor(workers=workers or min(2, len(problems))) as executor:
-        report = validate_problems(executor, problems, "", "")
-    why = {}
+def why_broken(report: SplitReport) -> dict[str, str]:
+    """{problem key: why} for the report's problems whose references all fail (the first failure's reason)."""
+    why: dict[str, str] = {}
     for key, index, result in report.broken:
         if key in report.all_fail and key not in why:
             kind = "timeout" if result.timeout else result.outcome.value

@@ -98,7 +98,8 @@ def test_missing_split_and_bad_json(tmp_path):
         load("train", path)
 
 
-def test_problems_whose_references_all_fail_are_left_out(tmp_path, caplog):
+def test_problems_whose_references_all_fail_are_left_out(tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("BCODER_CACHE", str(tmp_path / "cache"))
     data = [r for r in rows() if r["split"] == "train"][:3]
     data[0]["solutions"] = ["print('wrong')\n", "raise SystemExit(1)\n"]  # all fail: left out
     data[1]["solutions"] = ["print('wrong')\n", data[1]["solutions"][0]]  # one passes: kept
@@ -108,11 +109,25 @@ def test_problems_whose_references_all_fail_are_left_out(tmp_path, caplog):
     kept = load_suite("files", "train", source=str(path), workers=1)
     assert [p.problem_id for p in kept] == [data[1]["id"], data[2]["id"]]
     assert "add1" in caplog.text and "all 2 reference solution(s) fail" in caplog.text
+    assert len(list((tmp_path / "cache" / "envs" / "reference_checks").glob("*.json"))) == 1
     out = io.StringIO()
     validate_main(["files", "--source", str(path), "--split", "train", "--workers", "1"], out=out)
     text = out.getvalue()
     assert "all references fail: files/add1" in text and "1 have references that all fail" in text
     assert text.strip().splitlines()[-1] == "reference pass rate: 1/4 (25.00%)"
+    # a second load takes every verdict from the cache: nothing runs (the Executor is never built)
+    import envs.execute
+
+    monkeypatch.setattr(envs.execute, "Executor", None)
+    assert [p.problem_id for p in load_suite("files", "train", source=str(path))] == [p.problem_id for p in kept]
+    monkeypatch.undo()
+    monkeypatch.setenv("BCODER_CACHE", str(tmp_path / "cache"))
+    # an edited problem is checked again, the others are not: add1 gets a reference that passes
+    from envs.reference_check import broken_references
+
+    data[0]["solutions"].append("print(int(input()) + 1)\n")
+    path.write_text("".join(json.dumps(r) + "\n" for r in data))
+    assert broken_references(load("train", path), str(path), "train", workers=1) == ({}, 1)
 
 
 def test_suite_option_compare_applies_to_stdio_tests_without_a_rule():

@@ -12,10 +12,12 @@ Options (`suite.options` in a run):
 - `compare`: a comparison rule (a name, or {"rule": "float", "abs_tol": 1e-4, ...}) for the stdio tests that
   name none themselves (`envs.problem.Comparison`);
 - `prompt_format`: "apps" (default: the APPS / CodeRL frame of the shipped suites) or "plain";
-- `check_references` (default true): run every problem's reference solutions once at load, and leave out each
+- `check_references` (default true): run every problem's reference solutions at load, and leave out each
   problem whose references all fail (its tests are wrong, or its references are: no reward from it can be
-  trusted); they are logged. Problems without references are kept. `python -m envs.validate files` reports
-  every failing reference;
+  trusted); they are logged. Problems without references are kept. The verdicts are cached by each problem's
+  tests and references (`envs/reference_check.py`, under $BCODER_CACHE), so a second load of the same data runs
+  nothing and an edited file re-checks only the problems that changed; `reference_cache: false` checks afresh.
+  `python -m envs.validate files` reports every failing reference;
 - `limit`: the first N problems of the split; `streaming`, `cache_dir`: for a hub source; `workers`: sandbox
   workers for the reference check.
 
@@ -43,7 +45,7 @@ SPLITS = ("train", "validation", "test")
 
 def load_files(split: str, source: str | None = None, format: str = "native", split_column: str = "split",
                compare: Any = None, prompt_format: str = "apps", check_references: bool = True,
-               limit: int | None = None, streaming: bool = False, cache_dir: str | None = None,
+               reference_cache: bool = True, limit: int | None = None, streaming: bool = False, cache_dir: str | None = None,
                workers: int | None = None) -> list[Problem]:
     """The problems of one split of `source` (see the module's docstring for the options)."""
     if source is None:
@@ -78,17 +80,20 @@ def load_files(split: str, source: str | None = None, format: str = "native", sp
         log.warning("%s: %s [%s]: skipped %s", SUITE, source, split,
                     ", ".join(f"{n} row(s): {why}" for why, n in sorted(skipped.items())))
     if check_references:
-        problems = drop_broken(problems, workers)
+        problems = drop_broken(problems, str(source), split, workers, reference_cache)
     return problems
 
 
-def drop_broken(problems: list[Problem], workers: int | None = None) -> list[Problem]:
+def drop_broken(problems: list[Problem], source: str, split: str, workers: int | None = None,
+                cache: bool = True) -> list[Problem]:
     """`problems` without those whose references all fail (each logged): never trained or evaluated on."""
     if not any(p.references for p in problems):
         return problems
-    from envs.validate import broken_problems
+    from envs.reference_check import broken_references
 
-    broken = broken_problems(problems, workers)
+    broken, ran = broken_references(problems, source, split, workers, cache)
+    log.info("%s: %s [%s]: reference check: %d problem(s) run, the others' verdicts cached", SUITE, source, split,
+             ran)
     for p in problems:
         if p.key in broken:
             log.warning("%s: %s: all %d reference solution(s) fail (%s); left out", SUITE, p.metadata.get("where", p.key),
