@@ -126,7 +126,8 @@ class SuiteConfig(Section):
     max_eval_problems: int | None = Field(None, ge=1)
     """Problems of each evaluated split (the first N); null: all."""
     options: dict[str, Any] = Field(default_factory=dict)
-    """Passed to load_suite(name, split, **options)."""
+    """Passed to load_suite(name, split, **options), except `drop_contaminated` (true: train without the problems
+    the run's contamination report finds in the evaluation splits too; envs/contamination.py)."""
 
 
 class WarmStartConfig(Section):
