@@ -9,7 +9,8 @@ per program, which runs all of that program's tests (`envs/harness.py`). A worke
 runs the current one, so it never waits for a round trip to this process. Expected values stay in this
 process (`envs/harness_plan.py`) and verdicts are taken here (`envs/harness_judge.py`, `envs/compare.py`).
 Results are cached in memory by `cache_key(program, tests)` = (program_hash, tests.content_hash());
-`seed_cache` takes results known from elsewhere (the replay buffer).
+`seed_cache` takes results known from elsewhere (the replay buffer). `run_batch(jobs, first_failure=True)`
+runs large stdio / call test sets in stages and stops at the first failing one (`envs/first_failure.py`).
 
 Limits (Executor keys, defaults): `cpu_time_per_test` 15 s and `cpu_time_per_program` 30 s of CPU time of the
 program's whole process tree (descendants included; load does not change them). Every reference-passing MBPP
@@ -55,7 +56,7 @@ import time
 import weakref
 from typing import Iterable, Mapping, Sequence
 
-from . import checker
+from . import checker, first_failure
 from .harness_judge import crashed, judge_reply
 from .harness_plan import make_plan
 from .harness_wire import encode_frame
@@ -159,7 +160,12 @@ class Executor:
     def run(self, program: str, tests: TestSpec) -> ExecResult:
         return self.run_batch([(program, tests)])[0]
 
-    def run_batch(self, jobs: Sequence[tuple[str, TestSpec]], progress: bool = False) -> list[ExecResult]:
+    def run_batch(self, jobs: Sequence[tuple[str, TestSpec]], progress: bool = False,
+                  first_failure: bool = False) -> list[ExecResult]:
+        """Results in job order. `first_failure`: large stdio / call test sets run in stages and stop at the
+        first stage with a test that does not pass (`envs/first_failure.py`: for rollouts, never evaluation)."""
+        if first_failure:
+            return self._run_first_failure(jobs, progress)
         with self._lock:
             if self._closed:
                 raise RuntimeError("Executor is closed")
@@ -195,6 +201,40 @@ class Executor:
                 if bar is not None:
                     bar.close()
             return out  # type: ignore[return-value]
+
+    def _run_first_failure(self, jobs: Sequence[tuple[str, TestSpec]], progress: bool) -> list[ExecResult]:
+        """Rounds of stages: round k runs stage k of every program still passing, all in one batch (so the
+        workers stay busy across programs); a whole set's cached result is used as it is."""
+        out: list[ExecResult | None] = [None] * len(jobs)
+        plans: dict[int, list[TestSpec]] = {}
+        for i, (program, tests) in enumerate(jobs):
+            split = first_failure.stages(tests) if isinstance(tests, TestSpec) else [tests]
+            hit = self.cached(program, tests) if len(split) > 1 and isinstance(program, str) else None
+            if hit is not None:
+                out[i] = hit
+            elif len(split) > 1:
+                plans[i] = split
+        whole = [i for i in range(len(jobs)) if out[i] is None and i not in plans]
+        for i, res in zip(whole, self.run_batch([jobs[i] for i in whole], progress) if whole else []):
+            out[i] = res
+        parts: dict[int, list[ExecResult]] = {i: [] for i in plans}
+        active = sorted(plans)
+        while active:
+            results = self.run_batch([(jobs[i][0], plans[i][len(parts[i])]) for i in active], progress)
+            still = []
+            for i, res in zip(active, results):
+                parts[i].append(res)
+                limit = first_failure.over_budget(parts[i], self.limits.cpu_time_per_program,
+                                                  self.limits.timeout_per_program)
+                if res.passed and limit is None and len(parts[i]) < len(plans[i]):
+                    still.append(i)
+                    continue
+                out[i] = first_failure.assemble(len(jobs[i][1]), parts[i], limit)
+                if self.use_cache and len(parts[i]) == len(plans[i]) and limit is None and not out[i].is_infra:
+                    with self._lock:  # every test ran: the full run's result
+                        self._cache[cache_key(*jobs[i])] = out[i]
+            active = still
+        return out  # type: ignore[return-value]
 
     def _run_checkers(self, specs: dict[CacheKey, TestSpec], outputs: dict[CacheKey, dict[int, str]],
                       results: dict[CacheKey, ExecResult]) -> dict[CacheKey, ExecResult]:

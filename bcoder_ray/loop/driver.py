@@ -185,7 +185,7 @@ class Run:
         splits = {"train": self.train, **self.eval_sets}
         args = WorkerArgs(problems=splits, context=self.ctx, imports=tuple(cfg.imports), run_id=self.state.run_id,
                           executor=executor_kwargs(cfg), num_threads=max(1, math.ceil(r.cpus_per_actor)),
-                          engine=r.engine)
+                          engine=r.engine, first_failure=r.stop_at_first_failure)
         self.pool = ActorPool(self.worker_cls, ActorSettings(num_actors=r.num_actors, num_cpus=r.cpus_per_actor,
                                                              num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts,
                                                              max_task_retries=r.max_restarts),
