@@ -126,7 +126,8 @@ class SuiteConfig(Section):
     max_eval_problems: int | None = Field(None, ge=1)
     """Problems of each evaluated split (the first N); null: all."""
     options: dict[str, Any] = Field(default_factory=dict)
-    """Passed to load_suite(name, split, **options)."""
+    """Passed to load_suite(name, split, **options), except `drop_contaminated` (true: train without the problems
+    the run's contamination report finds in the evaluation splits too; envs/contamination.py)."""
 
 
 class WarmStartConfig(Section):
@@ -229,6 +230,11 @@ class RolloutConfig(SamplingConfig):
     engine: Literal["torch", "vllm"] = "torch"
     """What samples the rollouts: torch (this project's sampler, any model, CPU or GPU) or vllm (decoder-only
     policies on GPU actors; the vllm extra on those nodes; not tested on a GPU here)."""
+    stop_at_first_failure: bool = False
+    """Rollouts run test sets of more than 10 stdio / call tests in stages and stop at the first failing one
+    (envs/first_failure.py): the same pass or fail, a wrong program runs ~10 tests instead of hundreds; a program
+    that fails a test and would crash on a later one is rewarded as failed, not runtime error. Evaluation always
+    runs every test."""
 
     @model_validator(mode="after")
     def _vllm_needs_gpus(self) -> "RolloutConfig":

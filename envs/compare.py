@@ -12,6 +12,11 @@ stdio (`stdio_output_matches`), as strict as correctness allows:
    exponent (e.g. `0.333333`, `1e-3`) and the output token parses as a float within 1e-6 absolute or
    relative error. Integers and words must match exactly (`3` vs `3.0` fails).
 
+Other stdio rules (`stdio_matches(actual, expected, rule)`, the rule a `Comparison` of the test spec names;
+rule 1 applies to all of them): "exact" (the text as is), "float" (numbers within the spec's tolerances),
+"unordered_lines" (lines as a multiset), "case_insensitive" (tokens compared case-folded). A "checker" rule is
+no comparison here: the test's verdict waits for the checker's (`envs/checker.py`).
+
 call (`call_output_matches`), following the APPS harness:
 1. Expected values come from JSON, which has no tuples, so tuples in the returned value count as lists.
 2. The value must equal the expected one (Python `==` on plain data; `True == 1` as in Python).
@@ -32,21 +37,82 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import re
 from typing import Callable
 
 from .harness_wire import check_hashes
+from .problem import Comparison
 
 FLOAT_TOLERANCE = 1e-6
 
 # ---------------------------------------------------------------------------------------------- stdio
 
 
-def stdio_output_matches(actual: bytes | str, expected: str) -> bool:
-    if isinstance(actual, bytes):
-        try:
-            actual = actual.decode("utf-8")
-        except UnicodeDecodeError:
+def stdio_matches(actual: bytes | str, expected: str, rule: Comparison | None = None) -> bool:
+    """Does the output match under `rule` (None: the default)? Never called for the "checker" rule."""
+    rule = rule or Comparison()
+    if rule.rule == "whitespace":
+        return stdio_output_matches(actual, expected)
+    text = _decode(actual)
+    if text is None:
+        return False
+    if rule.rule == "exact":
+        return text == expected
+    if rule.rule == "float":
+        return _token_lines_match(text, expected, lambda x, y: x == y or _numbers_close(x, y, rule))
+    if rule.rule == "case_insensitive":
+        return _token_lines_match(text, expected, lambda x, y: x.casefold() == y.casefold() or _float_close(x, y))
+    if rule.rule == "unordered_lines":
+        return sorted(_normal_lines(text)) == sorted(_normal_lines(expected))
+    raise ValueError(f"rule {rule.rule!r} is not judged by comparison (a checker runs in its own process)")
+
+
+def _decode(actual: bytes | str) -> str | None:
+    if isinstance(actual, str):
+        return actual
+    try:
+        return actual.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _normal_lines(text: str) -> list[str]:
+    """The lines as the default rule sees them: tokens joined by one space, trailing empty lines dropped."""
+    return [" ".join(line.split()) for line in _lines(text)]
+
+
+def _token_lines_match(actual: str, expected: str, same: Callable[[str, str], bool]) -> bool:
+    a, e = _lines(actual), _lines(expected)
+    if len(a) != len(e):
+        return False
+    for la, le in zip(a, e):
+        ta, te = la.split(), le.split()
+        if len(ta) != len(te) or not all(same(x, y) for x, y in zip(ta, te)):
             return False
+    return True
+
+
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")  # what float() reads, less "1_0", "nan", "inf"
+
+
+def _numbers_close(actual: str, expected: str, rule: Comparison) -> bool:
+    """Both tokens finite numbers (ints included) within the rule's absolute or relative tolerance."""
+    if not (_NUMBER.fullmatch(actual) and _NUMBER.fullmatch(expected)):
+        return False
+    try:
+        a, e = float(actual), float(expected)
+    except ValueError:
+        return False
+    if not (math.isfinite(a) and math.isfinite(e)):
+        return False  # "nan" or "inf" must be written as expected (the identical-token case)
+    return abs(a - e) <= rule.abs_tol or abs(a - e) <= rule.rel_tol * abs(e)
+
+
+def stdio_output_matches(actual: bytes | str, expected: str) -> bool:
+    """The default rule ("whitespace"), as described above."""
+    actual = _decode(actual)
+    if actual is None:
+        return False
     a, e = _lines(actual), _lines(expected)
     if a == e:
         return True

@@ -9,7 +9,8 @@ per program, which runs all of that program's tests (`envs/harness.py`). A worke
 runs the current one, so it never waits for a round trip to this process. Expected values stay in this
 process (`envs/harness_plan.py`) and verdicts are taken here (`envs/harness_judge.py`, `envs/compare.py`).
 Results are cached in memory by `cache_key(program, tests)` = (program_hash, tests.content_hash());
-`seed_cache` takes results known from elsewhere (the replay buffer).
+`seed_cache` takes results known from elsewhere (the replay buffer). `run_batch(jobs, first_failure=True)`
+runs large stdio / call test sets in stages and stops at the first failing one (`envs/first_failure.py`).
 
 Limits (Executor keys, defaults): `cpu_time_per_test` 15 s and `cpu_time_per_program` 30 s of CPU time of the
 program's whole process tree (descendants included; load does not change them). Every reference-passing MBPP
@@ -55,6 +56,7 @@ import time
 import weakref
 from typing import Iterable, Mapping, Sequence
 
+from . import checker, first_failure
 from .harness_judge import crashed, judge_reply
 from .harness_plan import make_plan
 from .harness_wire import encode_frame
@@ -158,7 +160,12 @@ class Executor:
     def run(self, program: str, tests: TestSpec) -> ExecResult:
         return self.run_batch([(program, tests)])[0]
 
-    def run_batch(self, jobs: Sequence[tuple[str, TestSpec]], progress: bool = False) -> list[ExecResult]:
+    def run_batch(self, jobs: Sequence[tuple[str, TestSpec]], progress: bool = False,
+                  first_failure: bool = False) -> list[ExecResult]:
+        """Results in job order. `first_failure`: large stdio / call test sets run in stages and stop at the
+        first stage with a test that does not pass (`envs/first_failure.py`: for rollouts, never evaluation)."""
+        if first_failure:
+            return self._run_first_failure(jobs, progress)
         with self._lock:
             if self._closed:
                 raise RuntimeError("Executor is closed")
@@ -179,7 +186,12 @@ class Executor:
             if todo:
                 bar = _progress(len(todo)) if progress else None
                 pending = collections.deque(_Job(key, jobs[idx[0]][0], jobs[idx[0]][1]) for key, idx in todo.items())
-                for key, res in self._execute(pending, bar):
+                outputs: dict[CacheKey, dict[int, str]] = {}
+                results = dict(self._execute(pending, bar, outputs))
+                if outputs:  # stdio tests judged by a checker: run the checkers, then decide (envs/checker.py)
+                    results.update(self._run_checkers({key: jobs[todo[key][0]][1] for key in outputs}, outputs,
+                                                      results))
+                for key, res in results.items():
                     if self.use_cache and not res.is_infra:
                         self._cache[key] = res
                     first, *rest = todo[key]
@@ -189,6 +201,47 @@ class Executor:
                 if bar is not None:
                     bar.close()
             return out  # type: ignore[return-value]
+
+    def _run_first_failure(self, jobs: Sequence[tuple[str, TestSpec]], progress: bool) -> list[ExecResult]:
+        """Rounds of stages: round k runs stage k of every program still passing, all in one batch (so the
+        workers stay busy across programs); a whole set's cached result is used as it is."""
+        out: list[ExecResult | None] = [None] * len(jobs)
+        plans: dict[int, list[TestSpec]] = {}
+        for i, (program, tests) in enumerate(jobs):
+            split = first_failure.stages(tests) if isinstance(tests, TestSpec) else [tests]
+            hit = self.cached(program, tests) if len(split) > 1 and isinstance(program, str) else None
+            if hit is not None:
+                out[i] = hit
+            elif len(split) > 1:
+                plans[i] = split
+        whole = [i for i in range(len(jobs)) if out[i] is None and i not in plans]
+        for i, res in zip(whole, self.run_batch([jobs[i] for i in whole], progress) if whole else []):
+            out[i] = res
+        parts: dict[int, list[ExecResult]] = {i: [] for i in plans}
+        active = sorted(plans)
+        while active:
+            results = self.run_batch([(jobs[i][0], plans[i][len(parts[i])]) for i in active], progress)
+            still = []
+            for i, res in zip(active, results):
+                parts[i].append(res)
+                limit = first_failure.over_budget(parts[i], self.limits.cpu_time_per_program,
+                                                  self.limits.timeout_per_program)
+                if res.passed and limit is None and len(parts[i]) < len(plans[i]):
+                    still.append(i)
+                    continue
+                out[i] = first_failure.assemble(len(jobs[i][1]), parts[i], limit)
+                if self.use_cache and len(parts[i]) == len(plans[i]) and limit is None and not out[i].is_infra:
+                    with self._lock:  # every test ran: the full run's result
+                        self._cache[cache_key(*jobs[i])] = out[i]
+            active = still
+        return out  # type: ignore[return-value]
+
+    def _run_checkers(self, specs: dict[CacheKey, TestSpec], outputs: dict[CacheKey, dict[int, str]],
+                      results: dict[CacheKey, ExecResult]) -> dict[CacheKey, ExecResult]:
+        """Each checker as a sandboxed call-style job of its own (one per program, a case per pending test)."""
+        keys = list(outputs)
+        verdicts = self.run_batch([checker.checker_job(specs[k], outputs[k]) for k in keys])
+        return {k: checker.fold(results[k], outputs[k], v) for k, v in zip(keys, verdicts)}
 
     # ------------------------------------------------------------------------------------------ scheduling
 
@@ -201,11 +254,13 @@ class Executor:
                     self._workers[i].kill()
                 self._workers[i] = Worker(i, self.options)
 
-    def _execute(self, pending: collections.deque, bar) -> Iterable[tuple[CacheKey, ExecResult]]:
+    def _execute(self, pending: collections.deque, bar,
+                 outputs: dict | None = None) -> Iterable[tuple[CacheKey, ExecResult]]:
         """Keep every worker busy. A worker holds up to PIPELINE jobs: the next small job waits in its
         stdin while the current one runs, so the worker never idles on a round trip to this process.
         The parent's watchdog times the job a worker is running (the head of its queue). A job whose run
-        may have been the sandbox's failure is retried first thing on a fresh worker (`fresh`)."""
+        may have been the sandbox's failure is retried first thing on a fresh worker (`fresh`). The outputs of
+        stdio tests awaiting a checker go into `outputs` under the job's key."""
         self._ensure_workers(min(self.n_workers, len(pending)))
         workers = [w for w in self._workers[:self.n_workers] if w is not None]
         queues: dict[Worker, collections.deque] = {w: collections.deque() for w in workers}
@@ -264,6 +319,9 @@ class Executor:
                     if bar is not None:
                         bar.update(1)
                     res.attempts = job.attempts + 1
+                    waiting = checker.pending(res)
+                    if waiting and outputs is not None:
+                        outputs[job.key] = checker.pending_outputs(reply, waiting)
                     yield job.key, res
             now = time.monotonic()
             for w in [w for w in busy if w in queues and queues[w] and deadline[w] <= now]:

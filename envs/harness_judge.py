@@ -31,6 +31,7 @@ from .harness_wire import TooCostly, WireError, decode_value
 from .result import REWARD, ExecResult, Outcome, TestResult, infra_result
 
 PASSED, FAILED, RUNTIME, COMPILE = (o.value for o in REWARD)
+CHECKING = "checking"  # a stdio test whose output awaits its checker's verdict: never a pass until then
 
 
 class Tampered(Exception):
@@ -213,7 +214,13 @@ def _verdict(plan: Plan, i: int, f: dict) -> TestResult:
             tail = str(f.get("err", "")).strip().splitlines()
             return TestResult(RUNTIME, f"{what}: {tail[-1]}" if tail else what)
         out = base64.b64decode(str(f["out"]).encode("ascii"), validate=True)
-        if compare.stdio_output_matches(out, plan.expected[i]):
+        if plan.compare is not None and plan.compare.rule == "checker":
+            try:
+                out.decode("utf-8")
+            except UnicodeDecodeError:
+                return TestResult(FAILED, "output is not valid UTF-8")
+            return TestResult(CHECKING)  # the checker's process decides (envs/checker.py)
+        if compare.stdio_matches(out, plan.expected[i], plan.compare):
             return TestResult(PASSED)
         return TestResult(FAILED, _mismatch(out, plan.expected[i]))
     if k == "raised":
@@ -254,13 +261,18 @@ def _frame(f: object) -> dict:
     return f
 
 
+def result_of(tests: list[TestResult], wall: float, error: str | None = None) -> ExecResult:
+    """The program's outcome over its tests' verdicts (the rule of the module's docstring)."""
+    return _result(tests, wall, error)
+
+
 def _result(tests: list[TestResult], wall: float, error: str | None = None) -> ExecResult:
     statuses = {t.status for t in tests}
     if COMPILE in statuses:
         outcome = Outcome.COMPILE_ERROR
     elif RUNTIME in statuses or "timeout" in statuses:
         outcome = Outcome.RUNTIME_ERROR
-    elif FAILED in statuses:
+    elif FAILED in statuses or CHECKING in statuses:  # an unresolved checker verdict is never a pass
         outcome = Outcome.FAILED
     elif "not_run" in statuses:
         outcome = Outcome.RUNTIME_ERROR

@@ -37,7 +37,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .compare import TRUSTED_NAMES, evaluable
-from .problem import TestSpec
+from .problem import Comparison, TestSpec
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class Plan:
     expected: tuple = ()  # stdio: expected outputs; call: expected returns
     items: tuple[Item, ...] = ()  # assert: one per test; check: all belong to the single test
     test_payload: dict | None = None  # for the test process only (never the program's): tests run there
+    compare: Comparison | None = None  # stdio: the comparison rule (None: the default); never sent to the child
     info: dict = field(default_factory=dict)
 
     @property
@@ -72,7 +73,7 @@ def make_plan(program: str, tests: TestSpec) -> Plan:
     if tests.style == "stdio":
         return Plan("stdio", {"style": "stdio", "program": program,
                               "inputs": [c["input"] for c in tests.cases]},
-                    len(tests.cases), expected=tuple(c["output"] for c in tests.cases))
+                    len(tests.cases), expected=tuple(c["output"] for c in tests.cases), compare=tests.compare)
     if tests.style == "call":
         return Plan("call", {"style": "call", "program": program, "fn_name": tests.fn_name,
                              "args": [c["args"] for c in tests.cases]},

@@ -3,10 +3,14 @@
 `TestSpec` is what the executor runs a program against. Its JSON form is the TESTS.json accepted by
 `python -m envs.execute`:
 
-    {"style": "stdio",  "cases": [{"input": "...", "output": "..."}]}
+    {"style": "stdio",  "cases": [{"input": "...", "output": "..."}], "compare": {"rule": "float", "abs_tol": 1e-4}}
     {"style": "call",   "fn_name": "f", "cases": [{"args": [...], "expected": ...}]}
     {"style": "assert", "setup": "...", "asserts": ["assert f(1) == 2", ...]}
     {"style": "check",  "entry_point": "f", "check": "def check(candidate): ..."}
+
+A stdio spec's optional `compare` is its comparison rule (`Comparison`; a bare rule name is short for
+`{"rule": NAME}`); without it, the default rule ("whitespace") applies and the spec's JSON form and hash are
+what they were before rules existed.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 STYLES = ("stdio", "call", "assert", "check")
+# How a stdio test's output is compared with the expected one (implemented in `envs/compare.py`).
+COMPARE_RULES = ("whitespace", "exact", "float", "unordered_lines", "case_insensitive", "checker")
+DEFAULT_RULE = "whitespace"
 
 
 class SpecError(ValueError):
@@ -33,6 +40,74 @@ def _require(d: dict, key: str, kind: type | tuple[type, ...], where: str) -> An
     return value
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """The comparison rule of a stdio test set (the special judge). Rules (see `envs/compare.py`):
+
+    - "whitespace" (the default): line ends and trailing whitespace ignored, tokens split on whitespace,
+      decimal expected tokens within 1e-6;
+    - "exact": the output's text must equal the expected text character for character;
+    - "float": as "whitespace", but every pair of tokens that both parse as finite numbers matches within
+      `abs_tol` absolute or `rel_tol` relative error (integers included: `2` matches `2.0000`);
+    - "unordered_lines": the lines, each normalised as "whitespace" does, as a multiset (any order);
+    - "case_insensitive": as "whitespace", tokens compared case-insensitively (`YES` matches `yes`);
+    - "checker": `checker` is Python source defining `check(input, output, expected) -> bool`, shipped with the
+      data; it runs in a sandboxed process of its own, after the program's (`envs/checker.py`), and only a
+      return value equal to True accepts.
+    """
+
+    rule: str = DEFAULT_RULE
+    abs_tol: float = 1e-6
+    rel_tol: float = 1e-6
+    checker: str = ""
+
+    def __post_init__(self) -> None:
+        if self.rule not in COMPARE_RULES:
+            raise SpecError(f"unknown comparison rule {self.rule!r}; expected one of {COMPARE_RULES}")
+        if self.rule == "checker" and not self.checker.strip():
+            raise SpecError("comparison rule 'checker' needs the checker's source in 'checker'")
+        if self.rule != "checker" and self.checker:
+            raise SpecError(f"comparison rule {self.rule!r} takes no 'checker' (use rule 'checker')")
+        if not (self.abs_tol >= 0 and self.rel_tol >= 0):
+            raise SpecError(f"comparison tolerances must be >= 0, got abs_tol={self.abs_tol}, rel_tol={self.rel_tol}")
+
+    @property
+    def is_default(self) -> bool:
+        return self == Comparison()
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"rule": self.rule}
+        if self.rule == "float":
+            out.update(abs_tol=self.abs_tol, rel_tol=self.rel_tol)
+        if self.rule == "checker":
+            out["checker"] = self.checker
+        return out
+
+    @classmethod
+    def from_json(cls, d: Any, where: str = "compare") -> "Comparison":
+        if isinstance(d, str):
+            d = {"rule": d}
+        if not isinstance(d, dict):
+            raise SpecError(f"{where}: expected a rule name or a JSON object, got {type(d).__name__}")
+        unknown = set(d) - {"rule", "abs_tol", "rel_tol", "checker"}
+        if unknown:
+            raise SpecError(f"{where}: unknown field(s) {sorted(unknown)}; expected rule, abs_tol, rel_tol, checker")
+        rule = _require(d, "rule", str, where)
+        kwargs: dict[str, Any] = {"rule": rule}
+        for key in ("abs_tol", "rel_tol"):
+            if key in d:
+                value = d[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise SpecError(f"{where}: field {key!r} must be a number, got {type(value).__name__}")
+                kwargs[key] = float(value)
+        if "checker" in d:
+            kwargs["checker"] = _require(d, "checker", str, where)
+        try:
+            return cls(**kwargs)
+        except SpecError as e:
+            raise SpecError(f"{where}: {e}") from None
+
+
 @dataclass(frozen=True, eq=True)
 class TestSpec:
     """The unit tests of one problem, in one of the four styles of `STYLES`."""
@@ -46,10 +121,21 @@ class TestSpec:
     asserts: tuple[str, ...] = ()  # assert style: one `assert ...` line per test
     check: str = ""  # check style: source defining `check(candidate)`
     entry_point: str | None = None  # check style: the function handed to `check`
+    compare: Comparison | None = None  # stdio style: the comparison rule (None: the default, "whitespace")
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
             raise SpecError(f"unknown test style {self.style!r}; expected one of {STYLES}")
+        if self.compare is not None:
+            if self.style != "stdio":
+                raise SpecError(f"a comparison rule applies to stdio tests only, not to {self.style!r} tests")
+            if self.compare.is_default:  # one spelling of the default, so hashes and cache keys never differ
+                object.__setattr__(self, "compare", None)
+
+    @property
+    def rule(self) -> Comparison:
+        """The comparison rule of a stdio spec (the default when none was given)."""
+        return self.compare or Comparison()
 
     def __len__(self) -> int:
         """Number of individual tests (a HumanEval `check` counts as one)."""
@@ -61,7 +147,10 @@ class TestSpec:
 
     def to_json(self) -> dict:
         if self.style == "stdio":
-            return {"style": "stdio", "cases": [dict(c) for c in self.cases]}
+            out = {"style": "stdio", "cases": [dict(c) for c in self.cases]}
+            if self.compare is not None:
+                out["compare"] = self.compare.to_json()
+            return out
         if self.style == "call":
             return {"style": "call", "fn_name": self.fn_name, "cases": [dict(c) for c in self.cases]}
         if self.style == "assert":
@@ -73,12 +162,20 @@ class TestSpec:
         if not isinstance(d, dict):
             raise SpecError(f"{where}: expected a JSON object, got {type(d).__name__}")
         style = _require(d, "style", str, where)
+        if style != "stdio" and d.get("compare") is not None:
+            raise SpecError(f"{where}: field 'compare' applies to stdio tests only, not to {style!r} tests")
+        cases = d.get("cases") if style in ("stdio", "call") and isinstance(d.get("cases"), list) else []
+        for i, c in enumerate(cases):
+            if not isinstance(c, dict):
+                raise SpecError(f"{where}.cases[{i}]: expected a JSON object, got {type(c).__name__}")
         if style == "stdio":
             cases = _require(d, "cases", list, where)
             for i, c in enumerate(cases):
                 _require(c, "input", str, f"{where}.cases[{i}]")
                 _require(c, "output", str, f"{where}.cases[{i}]")
-            return cls("stdio", cases=tuple({"input": c["input"], "output": c["output"]} for c in cases))
+            compare = Comparison.from_json(d["compare"], f"{where}.compare") if d.get("compare") is not None else None
+            return cls("stdio", cases=tuple({"input": c["input"], "output": c["output"]} for c in cases),
+                       compare=compare)
         if style == "call":
             fn = _require(d, "fn_name", str, where)
             cases = _require(d, "cases", list, where)

@@ -25,6 +25,7 @@ class BatchExecutor(Protocol):
     """What scoring needs of `envs.execute.Executor`."""
 
     def run_batch(self, jobs: Sequence[tuple[str, TestSpec]]) -> list[ExecResult]: ...
+    # and, where `first_failure` is asked for: run_batch(jobs, first_failure=True) (envs/first_failure.py)
 
 
 def select_tests(problem: Problem, which: str = "hidden") -> TestSpec | None:
@@ -37,9 +38,11 @@ def select_tests(problem: Problem, which: str = "hidden") -> TestSpec | None:
 
 
 def score_programs(executor: BatchExecutor, problems: Sequence[Problem], programs: Sequence[str],
-                   which: str = "hidden") -> list[ExecResult]:
+                   which: str = "hidden", first_failure: bool = False) -> list[ExecResult]:
     """Run `programs[i]` against the `which` tests of `problems[i]`, all in one executor batch, in order.
-    Results with `is_infra` are passed on as they are (see the module's docstring)."""
+    Results with `is_infra` are passed on as they are (see the module's docstring). `first_failure`: large test
+    sets stop at the first failing stage (`envs/first_failure.py`: the same pass or not, fewer tests counted;
+    for rollouts, never for evaluation)."""
     if len(problems) != len(programs):
         raise ValueError(f"score_programs: {len(problems)} problems but {len(programs)} programs")
     jobs = []
@@ -48,7 +51,9 @@ def score_programs(executor: BatchExecutor, problems: Sequence[Problem], program
         if tests is None:
             raise ValueError(f"{problem.key}: has no {which} tests; use score_examples for the filtered setting")
         jobs.append((program, tests))
-    return executor.run_batch(jobs) if jobs else []
+    if not jobs:
+        return []
+    return executor.run_batch(jobs, first_failure=True) if first_failure else executor.run_batch(jobs)
 
 
 def score_program(executor: BatchExecutor, problem: Problem, program: str, which: str = "hidden") -> ExecResult:

@@ -181,7 +181,7 @@ def test_greedy_baselines_are_stored_once_per_problem_under_the_tasks_key(tmp_pa
 
     class StubWorker(PolicyWorker):
         def _score(self, split, task, policy, sampling, *, examples, ranker=None, logprobs=False,
-                   decoding="sample", m=None):
+                   decoding="sample", m=None, first_failure=False):
             calls.append((task.key, decoding, m))
             out = []
             for i in task.problem_indices:

@@ -240,7 +240,7 @@ def test_warm_start_mode_seeds_exactly_the_warm_starts_problems():
         ids(train) + ids(evaluation)                                      # every loop problem's prompt, once
 
 
-def test_warm_start_mode_needs_problems_the_loop_never_rolls_out_on():
+def test_warm_start_mode_needs_problems_the_loop_never_rolls_out_on(tmp_path):
     from bcoder_ray.loop.driver import Run
 
     cfg = load_config("ci_tiny", ["--buffer.human_programs", "warm_start", "--suite.validation_split", "null"],
@@ -249,7 +249,8 @@ def test_warm_start_mode_needs_problems_the_loop_never_rolls_out_on():
     with pytest.raises(ConfigError, match="max_train_problems"):
         load_config("ci_tiny", ["--buffer.human_programs", "warm_start", "--suite.max_train_problems", "null",
                                 "--suite.validation_split", "null"], check_paths=False)
-    run = Run.__new__(Run)                                               # only its problem lists: no Ray, no folder
+    run = Run.__new__(Run)                                               # only its problem lists: no Ray
+    run.run_dir = tmp_path                                               # (the contamination report goes here)
     run.cfg = load_config("ci_tiny", ["--buffer.human_programs", "warm_start", "--suite.max_train_problems",
                                       "100000", "--suite.validation_split", "null"], check_paths=False)
     with pytest.raises(ConfigError, match="leaves none of the"):

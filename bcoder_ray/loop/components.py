@@ -53,6 +53,17 @@ def check_components(cfg: Config) -> None:
         warm_start_config(cfg)
 
 
+def suite_loader_options(options: dict) -> tuple[dict, bool]:
+    """(the loader's options, drop_contaminated): suite.options go to `envs.registry.load_suite`, except
+    `drop_contaminated`, which the run reads itself (training without the problems the contamination report
+    names, `bcoder_ray.loop.driver.Run.check_contamination`), so every suite takes it."""
+    options = dict(options)
+    drop = options.pop("drop_contaminated", False)
+    if not isinstance(drop, bool):
+        raise ConfigError(f"suite.options.drop_contaminated must be true or false, got {drop!r}")
+    return options, drop
+
+
 def executor_kwargs(cfg: Config) -> dict:
     """The keyword arguments of `envs.execute.Executor` the config gives."""
     return {"workers": cfg.executor.workers, "infra_retries": cfg.executor.infra_retries, **cfg.executor.options}

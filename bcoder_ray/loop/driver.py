@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -37,8 +38,8 @@ from bcoder_ray.algorithms import make_algorithm
 from bcoder_ray.algorithms.base import Rows, StagePlan
 from bcoder_ray.buffer import ReplayBuffer, prompt_rows
 from bcoder_ray.loop.target_filling import AlgorithmRef, TargetJob, fill_targets
-from bcoder_ray.loop.components import (check_components, executor_kwargs, run_context, warm_start_cache,
-                                   warm_start_config)
+from bcoder_ray.loop.components import (check_components, executor_kwargs, run_context, suite_loader_options,
+                                        warm_start_cache, warm_start_config)
 from bcoder_ray.config import Config, ConfigError
 from bcoder_ray.evaluation.evaluate import write_evaluation
 from bcoder_ray.buffer.human_seed import human_rows, prompted_problems, seeded_problems, stopped_references
@@ -49,16 +50,18 @@ from bcoder_ray.loop.ray_session import ray_session
 from bcoder_ray.loop.resources import cluster_need, describe, local_cluster, plan_schedule
 from bcoder_ray.loop.rollout import (ActorPool, ActorSettings, PolicyRef, PolicyWorker, WorkerArgs, iteration_slice,
                                 make_tasks)
-from bcoder_ray.loop.run_folder import (CONFIG_FILE, TABLE_FILE, RunPlan, RunState, prepare_run as _prepare_run,
-                                   version_name, write_metrics_lines)
+from bcoder_ray.loop.run_folder import (CONFIG_FILE, CONTAMINATION_FILE, TABLE_FILE, RunPlan, RunState,
+                                        prepare_run as _prepare_run, version_name, write_metrics_lines)
 from bcoder_ray.evaluation.plots import plot_budget_curve
 from bcoder_ray.loop.run_table import final_table, probe_points
+from bcoder_ray.util.atomic import atomic_write_text
 from bcoder_ray.util.storage import is_dir, is_local_path, join_uri, upload_dir
 from bcoder_ray.loop.storage_probe import check_every_node_sees
 from bcoder_ray.model.gguf import is_gguf_source, resolve_checkpoint as resolve_gguf
 from bcoder_ray.model.tokenization import pad_id, require_chat_template, tokenizer_fingerprint
 from bcoder_ray.model.warm_start import warm_start
 from envs.execute import Executor
+from envs.contamination import contamination_report
 from envs.registry import load_suite
 
 
@@ -182,7 +185,7 @@ class Run:
         splits = {"train": self.train, **self.eval_sets}
         args = WorkerArgs(problems=splits, context=self.ctx, imports=tuple(cfg.imports), run_id=self.state.run_id,
                           executor=executor_kwargs(cfg), num_threads=max(1, math.ceil(r.cpus_per_actor)),
-                          engine=r.engine)
+                          engine=r.engine, first_failure=r.stop_at_first_failure)
         self.pool = ActorPool(self.worker_cls, ActorSettings(num_actors=r.num_actors, num_cpus=r.cpus_per_actor,
                                                              num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts,
                                                              max_task_retries=r.max_restarts),
@@ -197,9 +200,15 @@ class Run:
         """The RL loop's train problems (the first `max_train_problems`), the warm start's (the rest of the train
         split: the loop rolls out on problems whose solutions the warm start never saw), the evaluation splits."""
         s = self.cfg.suite
-        all_train = load_suite(s.name, s.train_split, **s.options)
+        options, drop = suite_loader_options(s.options)
+        all_train = load_suite(s.name, s.train_split, **options)
         if not all_train:
             raise ConfigError(f"suite {s.name!r} split {s.train_split!r} has no problems")
+        self.eval_sets = {}
+        for split in dict.fromkeys(x for x in (s.validation_split, s.test_split) if x):
+            problems = load_suite(s.name, split, **options)
+            self.eval_sets[split] = problems if s.max_eval_problems is None else problems[: s.max_eval_problems]
+        all_train = self.check_contamination(all_train, drop)
         n = s.max_train_problems
         self.train = all_train if n is None else all_train[:n]
         self.warm_start_problems = all_train if n is None or n >= len(all_train) else all_train[n:]
@@ -209,10 +218,23 @@ class Run:
                               f"loop never rolls out on, and there are none: suite.max_train_problems ({n}) leaves "
                               f"none of the {len(all_train)} problems of {s.train_split!r} to the warm start alone; "
                               f"set it below {len(all_train)}")
-        self.eval_sets = {}
-        for split in dict.fromkeys(x for x in (s.validation_split, s.test_split) if x):
-            problems = load_suite(s.name, split, **s.options)
-            self.eval_sets[split] = problems if s.max_eval_problems is None else problems[: s.max_eval_problems]
+
+    def check_contamination(self, train: list, drop: bool) -> list:
+        """The contamination report of the evaluated problems against the whole train split (the warm start's
+        problems included: it learns from them too), printed and written to the run folder
+        (`CONTAMINATION_FILE`); with `drop`, the train split without the problems it names."""
+        report = contamination_report(train, self.eval_sets)
+        for line in report.summary().splitlines():
+            self.log(line)
+        atomic_write_text(self.run_dir / CONTAMINATION_FILE, json.dumps(report.to_json(), indent=1) + "\n")
+        if not drop or not report.matches:
+            return train
+        dropped = report.train_keys()
+        kept = [p for p in train if p.key not in dropped]
+        self.log(f"suite.options.drop_contaminated: {len(train) - len(kept)} training problems left out")
+        if not kept:
+            raise ConfigError(f"suite.options.drop_contaminated leaves no training problem of {len(train)}")
+        return kept
 
     def resolve_checkpoint(self) -> str:
         """θ_ckpt: the recorded one (a resume), the given one, or a warm start; a GGUF file or a packaged checkpoint

@@ -79,6 +79,7 @@ class WorkerArgs:
     executor: dict = field(default_factory=dict)  # keyword arguments of envs.execute.Executor
     num_threads: int = 1
     engine: str = "torch"  # rollout.engine: what samples the rollouts (torch or vllm)
+    first_failure: bool = False  # rollout.stop_at_first_failure (envs/first_failure.py); evaluation runs every test
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,8 @@ class ExecutorWorker:
         self._executor = Executor(**options)
         self._executor.__enter__()
 
-    def run_batch(self, jobs):
-        return self._executor.run_batch(jobs)
+    def run_batch(self, jobs, first_failure: bool = False):
+        return self._executor.run_batch(jobs, first_failure=first_failure)
 
 
 class RemoteExecutor:
@@ -141,12 +142,12 @@ class RemoteExecutor:
             raise ValueError("RemoteExecutor needs at least one ExecutorWorker handle")
         self._handles = list(handles)
 
-    def run_batch(self, jobs):
+    def run_batch(self, jobs, first_failure: bool = False):
         jobs = list(jobs)
         if not jobs:
             return []
         size = -(-len(jobs) // len(self._handles))
-        refs = [h.run_batch.remote(jobs[i * size:(i + 1) * size])
+        refs = [h.run_batch.remote(jobs[i * size:(i + 1) * size], first_failure=first_failure)
                 for i, h in enumerate(self._handles) if jobs[i * size:(i + 1) * size]]
         return [r for part in ray.get(refs) for r in part]
 
@@ -223,7 +224,7 @@ class PolicyWorker:
 
     def _score(self, split: str, task: Task, policy: PolicyRef, sampling: SamplingSettings, *, examples: bool,
                ranker: RankerRef | None = None, logprobs: bool = False, decoding: str = "sample",
-               m: int | None = None):
+               m: int | None = None, first_failure: bool = False):
         """The shared candidates path (`bcoder_ray.model.candidates`) on this actor's models and executor, seeded by
         the task (`m`: programs per problem other than `sampling.m`)."""
         settings = replace(sampling, m=m or sampling.m, seed=task.seed)
@@ -231,16 +232,19 @@ class PolicyWorker:
         prompts = [self._prompt_ids[split][i] for i in task.problem_indices]
         return sample_and_score(problems, self._sampler(policy), self._get_executor(), settings,
                                 examples=examples, ranker=self._ranker(ranker), prompt_ids=prompts,
-                                logprobs=logprobs, decoding=decoding)
+                                logprobs=logprobs, decoding=decoding, first_failure=first_failure)
 
     def rollout(self, task: Task, policy: PolicyRef, sampling: SamplingSettings, request: RolloutRequest,
                 split: str = "train") -> dict:
         """Sample (and, when asked, greedy-decode one program per problem), score and append one task's
         programs to the buffer under `task.key` (idempotent)."""
         t0 = time.time()
-        scored = self._score(split, task, policy, sampling, examples=False, logprobs=request.logprobs)
+        stop = self.args.first_failure  # the reward needs no test after the first failure (envs/first_failure.py)
+        scored = self._score(split, task, policy, sampling, examples=False, logprobs=request.logprobs,
+                             first_failure=stop)
         if request.greedy_baseline:
-            scored += self._score(split, task, policy, sampling, examples=False, decoding="greedy", m=1)
+            scored += self._score(split, task, policy, sampling, examples=False, decoding="greedy", m=1,
+                                  first_failure=stop)
         infra = sum(c.infra for c in scored)
         scored = [c for c in scored if not c.infra]  # no verdict: never written as a reward
         sampled = asdict(replace(sampling, seed=task.seed))  # the rows' record of how they were sampled

@@ -38,6 +38,7 @@ STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 TABLE_FILE = "table.md"
 METRICS_FILE = "metrics.jsonl"
+CONTAMINATION_FILE = "contamination.json"  # evaluation problems also in training (envs/contamination.py)
 # Keys a resume may change; the rest define the run and must stay as recorded.
 RESUME_MUTABLE = ("run.iterations", "run.progress", "run.tensorboard", "ray.", "executor.", "evaluation.every")
 

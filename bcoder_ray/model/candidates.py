@@ -160,17 +160,17 @@ INFRA_RERUNS = 2  # extra rounds for programs whose verdict the sandbox could no
 
 
 def score_with_reruns(executor: Any, problems: Sequence[Problem], programs: Sequence[str],
-                      reruns: int = INFRA_RERUNS) -> list[ExecResult]:
+                      reruns: int = INFRA_RERUNS, first_failure: bool = False) -> list[ExecResult]:
     """`envs.scoring.score_programs`, with the programs whose result is an infrastructure failure (no verdict,
     `ExecResult.is_infra`) run again, up to `reruns` more rounds; what still fails stays an infra result, which
-    callers drop and count (never a reward, never a failed sample)."""
-    results = list(scoring.score_programs(executor, problems, programs))
+    callers drop and count (never a reward, never a failed sample). `first_failure`: as in score_programs."""
+    results = list(scoring.score_programs(executor, problems, programs, first_failure=first_failure))
     for _ in range(reruns):
         again = [i for i, r in enumerate(results) if r.is_infra]
         if not again:
             break
         for i, r in zip(again, scoring.score_programs(executor, [problems[i] for i in again],
-                                                      [programs[i] for i in again])):
+                                                      [programs[i] for i in again], first_failure=first_failure)):
             results[i] = r
     return results
 
@@ -178,11 +178,12 @@ def score_with_reruns(executor: Any, problems: Sequence[Problem], programs: Sequ
 def sample_and_score(problems: Sequence[Problem], sampler: Sampler, executor: Any | None,
                      settings: SamplingSettings, *, examples: bool = True, ranker: Ranker | None = None,
                      prompt_ids: Sequence[Sequence[int]] | None = None, logprobs: bool = False,
-                     decoding: str = "sample") -> list[ScoredCandidate]:
+                     decoding: str = "sample", first_failure: bool = False) -> list[ScoredCandidate]:
     """Sample `settings.m` programs per problem (greedy decoding when `decoding == "greedy"`), execute them on
     the hidden tests (and on the example tests when `examples` and the problem has some; nothing is executed when
     `executor` is None), score them with `ranker` when given; problem-major candidates (problem 0's m first).
-    The sampling seed is `settings.seed` for the whole call, so the same call gives the same candidates."""
+    The sampling seed is `settings.seed` for the whole call, so the same call gives the same candidates.
+    `first_failure`: large test sets stop at the first failing stage (rollouts only: `envs/first_failure.py`)."""
     problems = list(problems)
     tok = sampler.tokenizer
     if prompt_ids is None:
@@ -211,7 +212,7 @@ def sample_and_score(problems: Sequence[Problem], sampler: Sampler, executor: An
     results: list[ExecResult | None] = [None] * len(texts)
     example_results: list[ExecResult | None] = [None] * len(texts)
     if executor is not None:
-        results = score_with_reruns(executor, flat_problems, texts)
+        results = score_with_reruns(executor, flat_problems, texts, first_failure=first_failure)
         if examples:
             example_results = scoring.score_examples(executor, flat_problems, texts)
     scores: list[float | None] = [None] * len(texts)

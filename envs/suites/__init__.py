@@ -4,4 +4,4 @@ To add a suite: write one module here (or anywhere) with a `load(split, **option
 and one `register_suite(...)` call, and import it below (or from your own code).
 """
 
-from envs.suites import apps, embedded, humaneval, mbpp  # noqa: F401  (each module registers its suite)
+from envs.suites import apps, embedded, files, humaneval, mbpp  # noqa: F401  (each module registers its suite)
