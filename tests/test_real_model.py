@@ -86,7 +86,7 @@ def test_two_mbpp_problems_through_rollout_targets_phi_theta_and_the_published_p
     task = make_tasks("it0", range(2), 2, iteration=0, seed=0)[0]
     out = worker.rollout(task, PolicyRef(folder, "0"), settings, RolloutRequest())
     assert out["programs"] == out["written"] == 4 and out["infra"] == 0
-    generated = [r for r in buf.read_samples().to_pylist() if r["source"] == "generated"]
+    generated = [r for r in buf.read().to_pylist() if r["source"] == "generated"]
     assert len(generated) == 4
     stop = {tok.eos_token_id}
     for r in generated:
@@ -126,9 +126,8 @@ def test_two_mbpp_problems_through_rollout_targets_phi_theta_and_the_published_p
 
     def sample(lm):
         with torch.no_grad():
-            ids, _ = sample_programs(lm, prompt, 2, max_new_tokens=12, eos_id=sampler.stop_ids, pad_id=pad_id(tok),
-                                     temperature=1.0, top_p=0.95, seed=7)
-        return ids
+            return sample_programs(lm, prompt, 2, max_new_tokens=12, eos_id=sampler.stop_ids, pad_id=pad_id(tok),
+                                   temperature=1.0, top_p=0.95, seed=7)
 
     assert sample(sampler.lm) == sample(q.theta)
     base = load_sampler(folder, text_format=fmt).lm.lm.get_output_embeddings().weight
