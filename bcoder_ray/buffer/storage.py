@@ -411,7 +411,8 @@ class Lease:
             self.store.write_bytes(self._rel(self.generation), self._body(released=True))
 
 
-_PUTS: dict[int, Callable[[str, bytes], bool] | None] = {}
+# id(fs) -> (fs, put): the filesystem is kept referenced, so its id is never reused by another one
+_PUTS: dict[int, tuple[pafs.FileSystem, Callable[[str, bytes], bool] | None]] = {}
 
 
 def conditional_put(fs: pafs.FileSystem) -> Callable[[str, bytes], bool] | None:
@@ -421,8 +422,8 @@ def conditional_put(fs: pafs.FileSystem) -> Callable[[str, bytes], bool] | None:
     if fs.type_name != "s3":
         return None
     if id(fs) not in _PUTS:
-        _PUTS[id(fs)] = _s3_conditional_put(fs)
-    return _PUTS[id(fs)]
+        _PUTS[id(fs)] = (fs, _s3_conditional_put(fs))
+    return _PUTS[id(fs)][1]
 
 
 def _s3_conditional_put(fs: pafs.FileSystem) -> Callable[[str, bytes], bool] | None:
