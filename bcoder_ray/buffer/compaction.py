@@ -84,8 +84,8 @@ def _remap_sidecars(catalog: Catalog, group: list[FileEntry], offsets: dict[str,
 def _finish_interrupted(catalog: Catalog, area: str, fingerprints: list[str]) -> None:
     """Finish what a killed compaction left (under the lock): delete the sources (and their old sidecars) of a
     visible merged file; forget records that never committed (their merged file never appeared: it is neither
-    live, nor merged again, nor in quarantine), and those whose merged file was quarantined while sources are
-    still live; their live sources are grouped afresh, so no source is ever named by two live records."""
+    live, nor merged again, nor in quarantine), and those whose merged file was quarantined while its sources are
+    all still live; their sources are grouped afresh, so no source is ever named by two records."""
     catalog.ledger.refresh()
     names = {i.base_name for i in catalog.store.list(area)}
     _delete_files(catalog, area, catalog.ledger.hidden(area, names), fingerprints)
@@ -95,8 +95,10 @@ def _finish_interrupted(catalog: Catalog, area: str, fingerprints: list[str]) ->
         if record.merged in names or record.merged in replaced:
             continue  # committed
         quarantined = catalog.store.exists(f"{QUARANTINE}/{area}/{record.merged}")
-        if quarantined and not any(n in names for n, _, _ in record.sources):
-            continue  # committed, its merged file damaged since: kept, it tells which rows were lost
+        if quarantined and not all(n in names for n, _, _ in record.sources):
+            # committed, its merged file damaged since, some sources deleted: kept, it tells which rows were
+            # lost; its live sources are never grouped again (`_stuck`), so no other record names them
+            continue
         _delete_files(catalog, area, set(), fingerprints, {record.merged.removesuffix(".parquet")})
         catalog.ledger.forget(record)
 
@@ -128,6 +130,8 @@ def _compact_locked(catalog: Catalog, area: str, target_rows: int, min_files: in
     fingerprints = [d.removeprefix("fp=") for d in catalog.store.list_dirs(TARGETS_DIR)] if area == SAMPLES else []
     _finish_interrupted(catalog, area, fingerprints)
     files = catalog.files(area)
+    stuck = _stuck(catalog, area, {f.name for f in files})
+    files = [f for f in files if f.name not in stuck]
     report = CompactionReport(area, files_before=len(files), files_after=len(files))
     for group in _groups(files, target_rows, min_files):
         if _merge(catalog, area, group, fingerprints, row_group_size, check):
@@ -135,6 +139,14 @@ def _compact_locked(catalog: Catalog, area: str, target_rows: int, min_files: in
             report.rows_moved += sum(f.num_rows for f in group)
             report.files_after -= len(group) - 1
     return report
+
+
+def _stuck(catalog: Catalog, area: str, live: set[str]) -> set[str]:
+    """Live sources of a kept record whose merged file is not live (it was quarantined after some sources were
+    deleted): grouping them again would make two records name them."""
+    replaced = catalog.ledger.replaced(area)
+    return {n for r in catalog.ledger.records(area) if r.merged not in live and r.merged not in replaced
+            for n, _, _ in r.sources if n in live}
 
 
 def _merged_name(group: list[FileEntry]) -> str:
