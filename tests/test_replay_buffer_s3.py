@@ -11,8 +11,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pytest
 
+from bcoder_ray.buffer.schema import rows_to_table
 from bcoder_ray.buffer.synthetic import synthetic_prompts, synthetic_rows
-from bcoder_ray.buffer import BufferWarning, ReplayBuffer
+from bcoder_ray.buffer import BufferError, BufferWarning, ReplayBuffer
 
 BUCKET = "replay"
 CREDENTIALS = {"access_key": "testing", "secret_key": "testing", "region": "us-east-1"}
@@ -94,3 +95,31 @@ def test_buffer_on_s3(endpoint, monkeypatch):
     assert reopened.read().num_rows == 340
     stats = reopened.stats()
     assert stats.samples.rows == 340 and stats.quarantined == 1 and stats.bytes_on_disk["samples"] > 0
+
+
+def test_writers_and_compactions_exclude_each_other_on_s3(endpoint, monkeypatch):
+    """S3's conditional PUT (If-None-Match: *, through boto3): one of two live attempts of a batch publishes;
+    compactions hold a lease that a second one waits for, and that a dead holder loses when it expires."""
+    fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", **CREDENTIALS)
+    rng = np.random.default_rng(3)
+    first = ReplayBuffer(f"{BUCKET}/run-2", filesystem=fs)
+    first.put_prompts(synthetic_prompts(rng, 10, mean_tokens=8, max_tokens=20))
+    second = ReplayBuffer(f"{BUCKET}/run-2", filesystem=fs)
+    monkeypatch.setattr(second.store, "exists", lambda rel: False)  # it checked before the first published
+    mine, theirs = small(np.random.default_rng(1), 20), small(np.random.default_rng(2), 20)
+    assert first.append(mine, "batch") == 20
+    assert second.append(theirs, "batch") == 0  # never replaces the rows the first reported
+    assert first.read()["sample_id"].to_pylist() == rows_to_table(mine, "batch")["sample_id"].to_pylist()
+    monkeypatch.undo()
+    assert second.append(small(np.random.default_rng(4), 20), "other") == 20
+
+    with first.store.lock("compaction"):
+        with pytest.raises(BufferError, match="lock 'compaction' held by another process"):
+            second.compact(lock_timeout_s=0.5)
+    assert second.compact(lock_timeout_s=5)[0].files_after == 1
+
+    dead = first.store.lock("compaction", lease_s=0.5)
+    lease = dead.__enter__()  # a compactor that dies holding the lease: it is never released
+    assert second.compact(lock_timeout_s=10)[0].files_after == 1  # waits out the lease, then takes the lock
+    with pytest.raises(BufferError, match="taken over"):
+        lease.check()  # the old holder learns it before publishing anything

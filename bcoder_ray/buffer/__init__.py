@@ -10,7 +10,8 @@ Parts, one job each; every part works on the storage layer (Store, Ledger, Catal
   into Arrow tables, reading rows of older versions as the current one (`conform`)
 - filters: which rows a reader wants (suite, split, outcome, iteration window, tokenizer, policy versions,
   decoding, source, log-probabilities present)
-- storage: files on any pyarrow filesystem: atomic whole-file writes, listing, footer checks, quarantine
+- storage: files on any pyarrow filesystem: atomic, durable (exclusive when asked) whole-file writes, listing,
+  reads that retry transient errors and tell them from damage, footer checks, quarantine, the compaction lock
 - ledger: which files a compaction replaced (reader hiding, retry detection, targets relocation)
 - catalog: the live, validated files of each area and reading them (the layer readers work on)
 - targets: an algorithm's cached-target sidecar files (any per-token columns) and joining them onto rows
@@ -18,8 +19,9 @@ Parts, one job each; every part works on the storage layer (Store, Ledger, Catal
 - ray_data: the same batches as a Ray Data dataset for Ray Train (imports Ray; not imported here)
 - compaction: merging small files without changing what readers see
 - stats: what a buffer holds (the `stats` command)
+- recheck: re-checking quarantined files, restoring those that read back whole (the `recheck` command)
 - synthetic: synthetic rows and prompts for tests and the benchmark
-- replay_buffer: the `ReplayBuffer` facade;  __main__: `python -m bcoder_ray.buffer stats|compact PATH`
+- replay_buffer: the `ReplayBuffer` facade;  __main__: `python -m bcoder_ray.buffer stats|compact|recheck PATH`
 """
 
 from bcoder_ray.buffer.compaction import CompactionReport

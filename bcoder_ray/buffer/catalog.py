@@ -1,14 +1,16 @@
 """The live files of a buffer and reading them: the layer every reader (sampler, compaction, stats, Ray Data
 read tasks, the `ReplayBuffer` facade) works on.
 
-`Catalog(store, ledger)` lists an area's live Parquet files (footers validated once per file and cached; a
-damaged file goes to quarantine/; sources of a visible merged file hidden by the ledger), opens them with page
-checksums on, and reads sample rows of any schema version as the current schema (`schema.conform`).
+`Catalog(store, ledger)` lists an area's live Parquet files (footers validated once per file and cached; sources
+of a visible merged file hidden by the ledger), opens them with page checksums on, and reads sample rows of any
+schema version as the current schema (`schema.conform`). A read that fails is diagnosed (`Store.read_parquet`):
+a file proven damaged goes to quarantine/; one that only could not be read (I/O errors after bounded retries)
+stays in place, is skipped this time with a warning, and is read again later.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -18,13 +20,13 @@ import pyarrow.parquet as pq
 from bcoder_ray.buffer.filters import Filters
 from bcoder_ray.buffer.ledger import Ledger
 from bcoder_ray.buffer.schema import FILE_COLUMNS, PROMPT_SCHEMA, SAMPLE_SCHEMA, conform, prompt_keys
-from bcoder_ray.buffer.storage import DamagedFileError, FileEntry, Store
+from bcoder_ray.buffer.storage import DamagedFileError, FileEntry, Store, UnreadableFileError
 from bcoder_ray.buffer.targets import SIDECAR_KEY_COLUMNS, TARGETS_DIR
 
+T = TypeVar("T")
 SAMPLES, EVAL, PROMPTS = "samples", "eval", "prompts"
 SAMPLE_AREAS = (SAMPLES, EVAL)
-_REQUIRED = {SAMPLES: FILE_COLUMNS, EVAL: FILE_COLUMNS, PROMPTS: PROMPT_SCHEMA.names}
-READ_ERRORS = (pa.ArrowInvalid, pa.ArrowIOError, OSError, DamagedFileError)
+REQUIRED_COLUMNS = {SAMPLES: FILE_COLUMNS, EVAL: FILE_COLUMNS, PROMPTS: PROMPT_SCHEMA.names}
 
 
 class Catalog:
@@ -45,7 +47,7 @@ class Catalog:
 
     def files(self, area: str) -> list[FileEntry]:
         """Live, validated Parquet files of an area, sorted by name (sources of a visible merged file hidden)."""
-        required = _REQUIRED.get(area, SIDECAR_KEY_COLUMNS)
+        required = REQUIRED_COLUMNS.get(area, SIDECAR_KEY_COLUMNS)
         entries = []
         for info in self.store.list(area):
             cached = self._footers.get(info.path)
@@ -56,6 +58,9 @@ class Catalog:
                     continue  # compacted away since the listing
                 except DamagedFileError as e:
                     self.store.quarantine(f"{area}/{info.base_name}", str(e))
+                    continue
+                except UnreadableFileError as e:
+                    self.store.warn(f"skipped {area}/{info.base_name} for now (not moved): {e}")
                     continue
                 self._footers[info.path] = cached = (info.size, meta)
             entries.append(FileEntry(info.base_name, info.path, info.size, cached[1].num_rows))
@@ -78,17 +83,39 @@ class Catalog:
         self.store.quarantine(f"{area}/{entry.name}", reason)
         self._footers.pop(entry.path, None)
 
+    def guarded(self, entry: FileEntry, what: str, read: Callable[[], T]) -> T | None:
+        """`read()` of one file for a reader that carries on without it: None when the file is gone (compacted
+        away), proven damaged (moved to quarantine/) or unreadable for now (left in place, warned)."""
+        try:
+            return read()
+        except FileNotFoundError:
+            return None
+        except DamagedFileError as e:
+            self.quarantine_file(entry, f"{what} failed: {e}")
+        except UnreadableFileError as e:
+            self.store.warn(f"skipped {entry.name} ({what}) for now (not moved): {e}")
+        return None
+
+    def read_table(self, entry: FileEntry, columns: Sequence[str] | None = None,
+                   row_group: int | None = None) -> pa.Table:
+        """Columns of a file (or one row group) as stored; transient errors retried, damage proven before
+        DamagedFileError (`Store.read_parquet`)."""
+        cols = list(columns) if columns is not None else None
+
+        def read(pf: pq.ParquetFile) -> pa.Table:
+            if row_group is None:
+                return pf.read(columns=cols)
+            return pf.read_row_group(row_group, columns=cols, use_threads=False)
+
+        return self.store.read_parquet(entry.path, read, self._footers.get(entry.path, (0, None))[1])
+
     def read_samples(self, entry: FileEntry, columns: Sequence[str] | None = None,
                      row_group: int | None = None) -> pa.Table:
         """Rows of a sample file (or one row group of it) as `columns` of the current schema, whatever the
         file's schema version (`schema.conform`)."""
         wanted = list(SAMPLE_SCHEMA.names if columns is None else columns)
         present = set(self.metadata(entry).schema.to_arrow_schema().names)
-        read = [c for c in wanted if c in present]
-        pf = self.parquet_file(entry)
-        t = pf.read(columns=read) if row_group is None else pf.read_row_group(row_group, columns=read,
-                                                                              use_threads=False)
-        return conform(t, wanted)
+        return conform(self.read_table(entry, [c for c in wanted if c in present], row_group), wanted)
 
     def scan(self, area: str = SAMPLES, columns: Sequence[str] | None = None,
              filters: Filters | dict | None = None) -> Iterator[tuple[FileEntry, pa.Table]]:
@@ -96,15 +123,11 @@ class Catalog:
         Sample rows come as the current schema (`read_samples`); `columns` must include what `filters` reads."""
         expr = Filters.coerce(filters).expression()
         for entry in self.files(area):
-            try:
-                if area in SAMPLE_AREAS:
-                    t = self.read_samples(entry, columns)
-                else:
-                    t = self.parquet_file(entry).read(columns=list(columns) if columns is not None else None)
-            except FileNotFoundError:
-                continue
-            except READ_ERRORS as e:
-                self.quarantine_file(entry, f"reading failed: {e}")
+            if area in SAMPLE_AREAS:
+                t = self.guarded(entry, "reading", lambda: self.read_samples(entry, columns))
+            else:
+                t = self.guarded(entry, "reading", lambda: self.read_table(entry, columns))
+            if t is None:
                 continue
             yield entry, (t.filter(expr) if expr is not None else t)
 

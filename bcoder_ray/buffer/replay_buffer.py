@@ -18,9 +18,10 @@ Public API (`bcoder_ray.buffer`; this module is its facade, the parts live besid
                 require_targets=True, num_batches=None, extra_columns=()) -> MixedSampler (iterable of pa.Table)
     buf.ray_dataset(batch_size, num_batches, rho_real=0.5, filters=None, seed=0, targets_fingerprint=None,
                     require_targets=True, parallelism=None, num_cpus=None, extra_columns=()) -> ray.data.Dataset
-    buf.compact(target_rows=65536, min_files=2) -> [CompactionReport, ...]
+    buf.compact(target_rows=65536, min_files=2, lock_timeout_s=600) -> [CompactionReport, ...]
     buf.stats() -> BufferStats;  buf.read(area, columns, filters) / buf.scan(...) for small buffers and tools
     python -m bcoder_ray.buffer stats PATH [--json];  python -m bcoder_ray.buffer compact PATH
+    python -m bcoder_ray.buffer recheck PATH      # restore quarantined files that read back whole
 
 Rows. `make_row(problem, program, program_ids, exec_result, source=..., tokenizer_hash=..., iteration=...,
 policy_version=..., actor=..., sampling=..., decoding="sample", logprobs=None, truncated=False, run_id=None)`
@@ -83,21 +84,28 @@ versions needs a reader that unifies schemas, e.g. DuckDB's `union_by_name=true`
     quarantine/<area>/<name>                    damaged files moved aside
     _meta/compactions/<area>--<merged>.json     what each compaction replaced (kept for ever)
 
-Guarantees. A writer writes whole new files: a hidden temporary `_tmp-*.partial` name then a rename (on object
-stores one PUT, visible only when complete), never touching others' files; `clean_tmp` (also run by
-`compact`) removes leftovers of killed writers after an hour. The file name derives from the batch key, so a
-retried `append` writes nothing, also after its file was compacted (the ledger in `_meta`). `sample_id` is a
-hash of (batch_key, index in the batch, program_hash, suite/problem_id, source, iteration). Compaction writes
-its ledger record before the merged file appears and this package's readers hide the sources as soon as it
-does, so they never see a row twice (plain tools may, between the merged file's rename and the sources'
-deletion); run one compactor at a time (the driver). Opening validates every new file's footer and columns; a
-damaged file is moved to quarantine/ with a `BufferWarning`. Pages carry CRC checksums, so damage inside a file
-is caught on read and that file is moved aside too; the rest stays readable.
+Guarantees. A writer writes whole new files: a hidden temporary `_tmp-*.partial` name, fsynced, then renamed
+and the directory fsynced (on object stores one PUT, visible only when complete), never touching others' files,
+so after a crash or a power loss a name holds its whole file or is absent; `clean_tmp` (also run by `compact`)
+removes leftovers of killed writers after an hour. The file name derives from the batch key, so a retried
+`append` writes nothing, also after its file was compacted (the ledger in `_meta`); the name is taken
+exclusively (hard link; S3: conditional PUT through boto3), so of two live attempts of one batch exactly one
+reports its rows and the other 0. `sample_id` is a hash of (batch_key, index in the batch, program_hash,
+suite/problem_id, source, iteration). Compaction writes its ledger record before the merged file appears and
+this package's readers hide the sources as soon as it does, so they never see a row twice (plain tools may,
+between the merged file's rename and the sources' deletion); compactions exclude each other by the compaction
+lock (`Store.lock`: flock on local and NFS paths, a lease on S3; docs/buffer.md says what each guarantees), and
+each finishes what a killed one left. A compaction record that does not parse was never complete: it is
+quarantined with a warning and treated as never written. Opening validates every new file's footer and
+columns, and pages carry CRC checksums. A failed read is retried and diagnosed (the bytes fetched whole and
+parsed in memory): a file proven damaged is moved to quarantine/ with a `BufferWarning` and the rest stays
+readable; one that only could not be read stays in place and is skipped for now, with a warning.
+`python -m bcoder_ray.buffer recheck PATH` restores quarantined files that read back whole.
 Costs: `lookup_results` scans the two hash columns of the whole buffer (about a second per million rows);
 `stats` scans four small columns.
 
 Parts (each works on the storage layer, `Store` / `Ledger` / `Catalog`, never on this facade): schema, filters,
-storage, ledger, catalog, targets, sampler, ray_data, compaction, stats, synthetic.
+storage, ledger, catalog, targets, sampler, ray_data, compaction, stats, recheck, synthetic.
 """
 
 from __future__ import annotations
@@ -201,8 +209,32 @@ class ReplayBuffer:
         self.ledger.refresh()
         if self.store.exists(f"{area}/{name}") or name in self.ledger.replaced(area):
             return 0  # a retried batch: already written (perhaps since compacted)
-        self.store.write_parquet(f"{area}/{name}", table, SAMPLE_SCHEMA, self.row_group_size)
-        return table.num_rows
+        # Exclusive: of two live attempts of one batch (a retried task whose first attempt still runs) exactly
+        # one publishes; the other reports 0 rows instead of replacing the first's file after it reported them.
+        if not self.store.write_parquet(f"{area}/{name}", table, SAMPLE_SCHEMA, self.row_group_size,
+                                        exclusive=True):
+            return 0
+        return 0 if self._superseded(area, name, table) else table.num_rows
+
+    def _superseded(self, area: str, name: str, table: pa.Table) -> bool:
+        """Whether the file just published is a late copy of a batch whose first file another attempt
+        published and a compaction merged away while this one wrote (readers hide the copy): then it is
+        deleted and this attempt wrote nothing. Not so when the compaction that names it is in progress, or
+        merged this very file (its rows are those in the merged file)."""
+        self.ledger.refresh()
+        found = self.ledger.replaced(area).get(name)
+        if found is None:
+            return False
+        live = {i.base_name for i in self.store.list(area)}
+        where = self.ledger.resolve(area, found[0], live)
+        if where is None:
+            return False  # its compaction has not committed: it reads this file
+        path, offset = self.store.path(f"{area}/{where[0]}"), found[1] + where[1]
+        ids = self.store.read_parquet(path, lambda pf: pf.read(columns=["sample_id"]))["sample_id"]
+        if ids.slice(offset, table.num_rows).combine_chunks().equals(table["sample_id"].combine_chunks()):
+            return False
+        self.store.delete(f"{area}/{name}")
+        return True
 
     def append(self, rows: Any, batch_key: str) -> int:
         """Append train-split rows as one new file named after `batch_key`; 0 when that batch exists already."""
@@ -419,12 +451,13 @@ class ReplayBuffer:
         return ray.data.read_datasource(source, override_num_blocks=tasks, num_cpus=num_cpus)
 
     # ---- maintenance ----------------------------------------------------------------------------------------
-    def compact(self, target_rows: int = 65536, min_files: int = 2,
-                clean_tmp_older_than_s: float = 3600.0) -> list[CompactionReport]:
-        """Merge small files of samples/ and eval/ (see bcoder_ray.buffer.compaction); one compactor at a time."""
+    def compact(self, target_rows: int = 65536, min_files: int = 2, clean_tmp_older_than_s: float = 3600.0,
+                lock_timeout_s: float = 600.0) -> list[CompactionReport]:
+        """Merge small files of samples/ and eval/ (see bcoder_ray.buffer.compaction) under the buffer's
+        compaction lock (waiting up to `lock_timeout_s` for another compactor, then BufferError)."""
         self.clean_tmp(clean_tmp_older_than_s)
-        return [compact(self.catalog, SAMPLES, target_rows, min_files, self.row_group_size),
-                compact(self.catalog, EVAL, target_rows, min_files, self.row_group_size)]
+        return [compact(self.catalog, area, target_rows, min_files, self.row_group_size, lock_timeout_s)
+                for area in (SAMPLES, EVAL)]
 
     def stats(self) -> BufferStats:
         return compute_stats(self.catalog)

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bcoder_ray.buffer.catalog import READ_ERRORS, SAMPLES, Catalog
+from bcoder_ray.buffer.catalog import SAMPLES, Catalog
 from bcoder_ray.buffer.filters import Filters
 from bcoder_ray.buffer.schema import LEARNER_COLUMNS, PROMPT_KEY, SAMPLE_SCHEMA, BufferError, prompt_keys
 from bcoder_ray.buffer.storage import FileEntry
@@ -111,12 +111,11 @@ class SourceStream:
                       if self.fp is not None else None)
 
     def _read_unit(self, unit: Unit) -> pa.Table | None:
-        try:
-            t = self.catalog.read_samples(unit.file, self.read_columns, unit.row_group)
-        except FileNotFoundError:
-            return None  # compacted away since the epoch began: its rows are in the merged file next epoch
-        except READ_ERRORS as e:
-            self.catalog.quarantine_file(unit.file, f"reading row group {unit.row_group} failed: {e}")
+        # None: compacted away since the epoch began (its rows are in the merged file next epoch), damaged
+        # (quarantined) or unreadable for now (read again next epoch)
+        t = self.catalog.guarded(unit.file, f"reading row group {unit.row_group}",
+                                 lambda: self.catalog.read_samples(unit.file, self.read_columns, unit.row_group))
+        if t is None:
             return None
         keep = pc.equal(t["source"], self.source) if self.source is not None else pa.array(np.ones(t.num_rows, bool))
         if self._join is not None:

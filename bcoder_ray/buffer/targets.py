@@ -20,9 +20,10 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from bcoder_ray.buffer.schema import LEARNER_COLUMNS, SAMPLE_SCHEMA, BufferError
-from bcoder_ray.buffer.storage import Store
+from bcoder_ray.buffer.storage import DamagedFileError, Store, UnreadableFileError
 
 TARGETS_DIR = "targets"
 SIDECAR_KEY_FIELDS = (pa.field("row_index", pa.int64(), nullable=False),
@@ -103,6 +104,18 @@ def check_target_lengths(table: pa.Table, program_ids: pa.ChunkedArray | pa.Arra
                               f"{pc.list_value_length(table[c])[i].as_py()} values for {n_ids[i].as_py()} program tokens")
 
 
+def _row_range(pf: pq.ParquetFile, start: int, stop: int) -> pa.Table | None:
+    """The row groups of a sidecar whose `row_index` statistics may fall in [start, stop)."""
+    meta = pf.metadata
+    col = meta.schema.to_arrow_schema().names.index("row_index")
+    groups = []
+    for g in range(meta.num_row_groups):
+        st = meta.row_group(g).column(col).statistics
+        if st is None or not st.has_min_max or (st.min < stop and st.max >= start):
+            groups.append(g)
+    return pf.read_row_groups(groups, use_threads=False) if groups else None
+
+
 class TargetsJoin:
     """Attach the targets of one fingerprint to row groups of sample files (one instance per reader epoch).
     `fields`: the fingerprint's target columns (fixed by the reader when it starts)."""
@@ -127,18 +140,13 @@ class TargetsJoin:
         parts = []
         for path in list(self.sidecars.get(stem, ())):
             try:
-                pf = self.store.parquet_file(path)
-                meta = pf.metadata
-                col = meta.schema.to_arrow_schema().names.index("row_index")
-                groups = []
-                for g in range(meta.num_row_groups):
-                    st = meta.row_group(g).column(col).statistics
-                    if st is None or not st.has_min_max or (st.min < stop and st.max >= start):
-                        groups.append(g)
-                t = pf.read_row_groups(groups, use_threads=False) if groups else None
+                t = self.store.read_parquet(path, lambda pf: _row_range(pf, start, stop))
             except FileNotFoundError:
                 continue  # replaced by compaction since the listing
-            except (pa.ArrowInvalid, pa.ArrowIOError, OSError, ValueError) as e:
+            except UnreadableFileError as e:
+                self.store.warn(f"skipped targets {path} for now (not moved): {e}")
+                continue  # those rows lack targets this time
+            except DamagedFileError as e:
                 # its rows simply lack targets again: missing_targets lists them for recomputation
                 self.store.quarantine(path[len(self.store.root) + 1:], f"reading targets failed: {e}")
                 self.sidecars[stem] = [p for p in self.sidecars[stem] if p != path]
