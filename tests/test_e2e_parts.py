@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -86,19 +85,6 @@ class FlakyWorker:
             marker.write_text(task.key)
             os._exit(1)
         return task.key
-
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 ** 2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def test_actor_pool_redoes_the_task_of_a_dead_actor(ray_local, tmp_path):
