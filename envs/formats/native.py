@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
+from envs.formats.common import field
 from envs.problem import Comparison, Problem, SpecError, TestSpec
 
 FIELDS = ("id", "prompt", "tests", "example_tests", "starter_code", "solutions", "difficulty", "tags", "split",
@@ -45,21 +45,21 @@ def parse_row(row: dict, where: str, *, suite: str, split: str, prompt_format: s
     if unknown:
         raise SpecError(f"{where}: unknown field(s) {unknown}; the schema's fields are {list(FIELDS)} "
                         f"(put anything else under 'metadata', or pick an adapter with suite.options.format)")
-    prompt = _typed(row, "prompt", str, where, required=True)
-    starter = _typed(row, "starter_code", str, where) or ""
+    prompt = field(row, "prompt", str, where)
+    starter = field(row, "starter_code", str, where, required=False) or ""
     hidden = _tests(row, "tests", where, base_dir, default_compare, required=True)
     example = _tests(row, "example_tests", where, base_dir, default_compare)
-    solutions = _typed(row, "solutions", list, where) or []
+    solutions = field(row, "solutions", list, where, required=False) or []
     for i, s in enumerate(solutions):
         if not isinstance(s, str):
             raise SpecError(f"{where}: field 'solutions'[{i}] must be a string, got {type(s).__name__}")
     difficulty = row.get("difficulty")
     if difficulty is not None and (isinstance(difficulty, bool) or not isinstance(difficulty, (str, int))):
         raise SpecError(f"{where}: field 'difficulty' must be a string or an integer, got {type(difficulty).__name__}")
-    tags = _typed(row, "tags", list, where) or []
+    tags = field(row, "tags", list, where, required=False) or []
     if not all(isinstance(t, str) for t in tags):
         raise SpecError(f"{where}: field 'tags' must be a list of strings")
-    metadata = dict(_typed(row, "metadata", dict, where) or {})
+    metadata = dict(field(row, "metadata", dict, where, required=False) or {})
     if prompt_format not in PROMPT_FORMATS:
         raise SpecError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
     return Problem(suite=suite, problem_id=str(ident), split=split, statement=prompt,
@@ -77,17 +77,6 @@ def format_prompt(statement: str, starter: str, tests: TestSpec, prompt_format: 
     from envs.suites.apps import format_apps_prompt  # the one definition of the frame
 
     return format_apps_prompt(statement, starter, call_based=tests.style != "stdio")
-
-
-def _typed(row: dict, key: str, kind: type, where: str, required: bool = False) -> Any:
-    value = row.get(key)
-    if value is None:
-        if required:
-            raise SpecError(f"{where}: missing field {key!r}")
-        return None
-    if not isinstance(value, kind):
-        raise SpecError(f"{where}: field {key!r} must be {kind.__name__}, got {type(value).__name__}")
-    return value
 
 
 def _tests(row: dict, key: str, where: str, base_dir: Path | None, default_compare: Comparison | None,
