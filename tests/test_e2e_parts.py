@@ -15,7 +15,8 @@ from bcoder_ray.algorithms.base import RolloutRequest
 from bcoder_ray.config import ConfigError
 from bcoder_ray.loop.driver import prepare_run
 from bcoder_ray.loop.learner import learning_rate_factor
-from bcoder_ray.loop.rollout import ActorPool, ActorSettings, PolicyRef, iteration_slice, make_tasks
+from bcoder_ray.loop.rollout import (ActorPool, ActorSettings, PolicyRef, StoredArgs, iteration_slice, make_tasks,
+                                     worker_args)
 from bcoder_ray.loop.run_folder import CONFIG_FILE, RunState
 from bcoder_ray.model.candidates import SamplingSettings
 
@@ -70,12 +71,15 @@ def test_prepare_run_refuses_to_reuse_or_redefine_a_run(tmp_path):
     assert not (tmp_path / "x").exists()  # nothing was started or written
 
 
+ACTOR_ARGS_LINE = "has constructor arguments in the object store"  # Ray's error line (ray-project/ray#53727)
+
+
 class FlakyWorker:
     """Stands in for PolicyWorker: writes its task under the task's key (a file per key, written once, as the
     buffer's append does) and dies after its first write, before replying."""
 
-    def __init__(self, args, executor_handles=None, actor_name=""):
-        self.root = Path(args)
+    def __init__(self, args: StoredArgs, executor_names: tuple[str, ...] = (), actor_name: str = ""):
+        self.root = Path(worker_args(args))  # the pool's "arguments" here: a folder
 
     def rollout(self, task, policy, sampling, request, split="train"):
         target = self.root / f"{task.key}.txt"
@@ -101,9 +105,10 @@ def ray_local():
     ray.shutdown()
 
 
-def test_actor_pool_redoes_the_task_of_a_dead_actor(ray_local, tmp_path):
+def test_actor_pool_redoes_the_task_of_a_dead_actor(ray_local, tmp_path, capfd):
     pool = ActorPool(FlakyWorker, ActorSettings(num_actors=2, num_cpus=0.25, max_restarts=2, max_task_retries=2),
-                     str(tmp_path))
+                     str(tmp_path), storage=str(tmp_path / "storage"))
+    assert ACTOR_ARGS_LINE not in capfd.readouterr().err  # printed (once per process) as an actor is created
     try:
         tasks = make_tasks("it0", range(6), 2, iteration=0, seed=0)
         seen = []
@@ -117,6 +122,62 @@ def test_actor_pool_redoes_the_task_of_a_dead_actor(ray_local, tmp_path):
     assert (tmp_path / "died").exists()
     written = sorted(p.name for p in tmp_path.glob("it0-*.txt"))
     assert written == [f"{t.key}.txt" for t in tasks]
+
+
+class KilledWorker:
+    """Stands in for PolicyWorker as `ActorPool` starts it: each construction reads the stored arguments (a
+    folder) and notes its process there; a task notes that it started, then waits for the test's go-ahead."""
+
+    def __init__(self, args: StoredArgs, executor_names: tuple[str, ...] = (), actor_name: str = ""):
+        self.root = Path(worker_args(args))
+        with (self.root / "constructed").open("a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def rollout(self, task, policy, sampling, request, split="train") -> tuple[str, int]:
+        (self.root / f"started-{os.getpid()}").write_text(task.key)
+        while not (self.root / "go").exists():
+            time.sleep(0.05)
+        return task.key, os.getpid()
+
+
+def wait_for(condition, what: str, seconds: float = 60.0) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_killed_actor_restarts_from_the_run_storage_and_finishes_its_task(ray_local, tmp_path, capfd):
+    """ray-project/ray#53727: a restarted actor is rebuilt from its creation arguments, and Ray keeps nothing
+    they refer to alive for that. The pool hands its actors only their arguments' location under the run's
+    storage, so Ray has no reason to say (at error level) that a restart could fail, and a SIGKILLed actor,
+    killed in the middle of its task, comes back from that file and finishes the task."""
+    import signal
+    import threading
+
+    pool = ActorPool(KilledWorker, ActorSettings(num_actors=1, num_cpus=0.25, max_restarts=1, max_task_retries=1),
+                     str(tmp_path), storage=str(tmp_path / "storage"))
+    results: list = []
+    try:
+        assert pool.stored_args.uri.startswith(str(tmp_path / "storage"))
+        task = make_tasks("it0", range(2), 2, iteration=0, seed=0)[0]
+        runner = threading.Thread(target=lambda: results.extend(pool.rollout(
+            [task], PolicyRef("ckpt", "0"), SamplingSettings(m=1, temperature=1.0, top_p=1.0, max_new_tokens=8),
+            RolloutRequest())))
+        runner.start()
+        wait_for(lambda: list(tmp_path.glob("started-*")), "the task to start")
+        first = int(next(tmp_path.glob("started-*")).name.split("-")[1])
+        os.kill(first, signal.SIGKILL)  # the actor's process, mid-task
+        wait_for(lambda: len(list(tmp_path.glob("started-*"))) == 2, "the task to start again on a restarted actor")
+        (tmp_path / "go").write_text("")
+        runner.join(timeout=60)
+    finally:
+        (tmp_path / "go").write_text("")
+        pool.shutdown()
+    constructed = [int(x) for x in (tmp_path / "constructed").read_text().split()]
+    assert len(constructed) == 2 and constructed[0] == first  # built, then rebuilt from the stored arguments
+    assert results == [(task.key, constructed[1])] and constructed[1] != first  # the task finished on the new one
+    assert ACTOR_ARGS_LINE not in capfd.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ learner stages
