@@ -180,6 +180,59 @@ def test_a_killed_actor_restarts_from_the_run_storage_and_finishes_its_task(ray_
     assert ACTOR_ARGS_LINE not in capfd.readouterr().err
 
 
+def test_a_target_filling_job_whose_actor_died_is_followed_by_one_over_the_rows_still_missing(monkeypatch):
+    """The Ray Data job's actor is not restarted (Ray Data hands it its arguments through the object store):
+    `fill_targets` runs a new job over the rows still lacking targets, a bounded number of times. Here the
+    buffer and the jobs are stand-ins; `test_stages_on_a_tiny_encoder_decoder...` runs the real job."""
+    import pyarrow as pa
+    import ray.exceptions
+
+    from bcoder_ray.algorithms.base import TargetsPlan
+    from bcoder_ray.loop import target_filling
+    from bcoder_ray.loop.target_filling import RAY_DATA_ATTEMPTS, TargetJob, fill_targets
+
+    class Buffer:  # rows lack their targets until written, as ReplayBuffer's
+        def __init__(self):
+            self.missing, self.written = {f"s{i}" for i in range(6)}, []
+
+        def missing_targets(self, fingerprint, filters=None, columns=()):
+            return [pa.table({"sample_id": sorted(self.missing)})]
+
+        def write_targets(self, table, fingerprint, batch_key):
+            ids = table.column("sample_id").to_pylist()
+            self.written += ids
+            self.missing -= set(ids)
+
+    jobs: list[int] = []  # rows handed to each job
+    deaths = {"jobs": 1}  # how many jobs lose their actor after their first batch
+
+    class Job:
+        def __init__(self, tables):
+            self.rows = pa.concat_tables(tables)
+
+        def iter_batches(self, batch_size, batch_format):
+            yield self.rows.slice(0, 2)
+            if len(jobs) <= deaths["jobs"]:
+                raise ray.exceptions.ActorDiedError()
+            yield self.rows.slice(2)
+
+    def ray_data_job(tables, job, num_cpus, num_gpus):
+        jobs.append(sum(t.num_rows for t in tables))
+        return Job(tables)
+
+    monkeypatch.setattr(target_filling, "_ray_data_job", ray_data_job)
+    job = TargetJob(None, TargetsPlan("fp", ("t",)), pad_id=0, batch_size=2)
+    buffer = Buffer()
+    assert fill_targets(buffer, job) == 6
+    assert jobs == [6, 4] and sorted(buffer.written) == [f"s{i}" for i in range(6)]  # every row once
+    jobs.clear()
+    deaths["jobs"] = RAY_DATA_ATTEMPTS
+    buffer = Buffer()
+    with pytest.raises(ray.exceptions.ActorDiedError):  # bounded: an actor that always dies fails the fill
+        fill_targets(buffer, job)
+    assert len(jobs) == RAY_DATA_ATTEMPTS and jobs[0] == 6
+
+
 # ------------------------------------------------------------------------------------------ learner stages
 
 
@@ -270,7 +323,7 @@ def test_a_stages_bar_scalars_and_reads_are_written_by_the_driver_from_what_the_
             time.sleep(0.1)
 
 
-def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp_path):
+def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp_path, capfd):
     """apps_codet5.yaml's pieces on tiny stand-ins, through the algorithm interface: an encoder-decoder θ_ckpt,
     bf16 autocast, gradient accumulation, clipping, φ constant lr then θ linear decay, targets filled by the Ray
     Data job; the stages run in Ray Train's local mode (no worker group) to stay fast."""
@@ -307,6 +360,7 @@ def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp
     targets = TargetJob(ref, phi_plan.targets, pad_id(tok), batch_size=4)
     assert fill_targets(buf, targets) == 12
     assert fill_targets(buf, targets) == 0  # cached: nothing twice
+    assert ACTOR_ARGS_LINE not in capfd.readouterr().err  # Ray Data's actor: created without restarts
     phi_job = job(phi_plan, "constant")
     phi = train_stage(phi_job, buf.ray_dataset(4, phi_job.batches_needed(0),
                                                targets_fingerprint=phi_plan.targets.fingerprint),
