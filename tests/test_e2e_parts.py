@@ -14,7 +14,8 @@ from bcoder_ray.algorithms.base import RolloutRequest
 from bcoder_ray.config import ConfigError
 from bcoder_ray.loop.driver import prepare_run
 from bcoder_ray.loop.learner import learning_rate_factor
-from bcoder_ray.loop.rollout import ActorPool, ActorSettings, PolicyRef, iteration_slice, make_tasks
+from bcoder_ray.loop.rollout import (ActorPool, ActorSettings, PolicyRef, StoredArgs, iteration_slice, make_tasks,
+                                     worker_args)
 from bcoder_ray.loop.run_folder import CONFIG_FILE, RunState
 from bcoder_ray.model.candidates import SamplingSettings
 
@@ -69,12 +70,15 @@ def test_prepare_run_refuses_to_reuse_or_redefine_a_run(tmp_path):
     assert not (tmp_path / "x").exists()  # nothing was started or written
 
 
+ACTOR_ARGS_LINE = "has constructor arguments in the object store"  # Ray's error line (ray-project/ray#53727)
+
+
 class FlakyWorker:
     """Stands in for PolicyWorker: writes its task under the task's key (a file per key, written once, as the
     buffer's append does) and dies after its first write, before replying."""
 
-    def __init__(self, args, executor_handles=None, actor_name=""):
-        self.root = Path(args)
+    def __init__(self, args: StoredArgs, executor_names: tuple[str, ...] = (), actor_name: str = ""):
+        self.root = Path(worker_args(args))  # the pool's "arguments" here: a folder
 
     def rollout(self, task, policy, sampling, request, split="train"):
         target = self.root / f"{task.key}.txt"
@@ -87,9 +91,10 @@ class FlakyWorker:
         return task.key
 
 
-def test_actor_pool_redoes_the_task_of_a_dead_actor(ray_local, tmp_path):
+def test_actor_pool_redoes_the_task_of_a_dead_actor(ray_local, tmp_path, capfd):
     pool = ActorPool(FlakyWorker, ActorSettings(num_actors=2, num_cpus=0.25, max_restarts=2, max_task_retries=2),
-                     str(tmp_path))
+                     str(tmp_path), storage=str(tmp_path / "storage"))
+    assert ACTOR_ARGS_LINE not in capfd.readouterr().err  # printed (once per process) as an actor is created
     try:
         tasks = make_tasks("it0", range(6), 2, iteration=0, seed=0)
         seen = []
@@ -103,6 +108,115 @@ def test_actor_pool_redoes_the_task_of_a_dead_actor(ray_local, tmp_path):
     assert (tmp_path / "died").exists()
     written = sorted(p.name for p in tmp_path.glob("it0-*.txt"))
     assert written == [f"{t.key}.txt" for t in tasks]
+
+
+class KilledWorker:
+    """Stands in for PolicyWorker as `ActorPool` starts it: each construction reads the stored arguments (a
+    folder) and notes its process there; a task notes that it started, then waits for the test's go-ahead."""
+
+    def __init__(self, args: StoredArgs, executor_names: tuple[str, ...] = (), actor_name: str = ""):
+        self.root = Path(worker_args(args))
+        with (self.root / "constructed").open("a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    def rollout(self, task, policy, sampling, request, split="train") -> tuple[str, int]:
+        (self.root / f"started-{os.getpid()}").write_text(task.key)
+        while not (self.root / "go").exists():
+            time.sleep(0.05)
+        return task.key, os.getpid()
+
+
+def wait_for(condition, what: str, seconds: float = 60.0) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_killed_actor_restarts_from_the_run_storage_and_finishes_its_task(ray_local, tmp_path, capfd):
+    """ray-project/ray#53727: a restarted actor is rebuilt from its creation arguments, and Ray keeps nothing
+    they refer to alive for that. The pool hands its actors only their arguments' location under the run's
+    storage, so Ray has no reason to say (at error level) that a restart could fail, and a SIGKILLed actor,
+    killed in the middle of its task, comes back from that file and finishes the task."""
+    import signal
+    import threading
+
+    pool = ActorPool(KilledWorker, ActorSettings(num_actors=1, num_cpus=0.25, max_restarts=1, max_task_retries=1),
+                     str(tmp_path), storage=str(tmp_path / "storage"))
+    results: list = []
+    try:
+        assert pool.stored_args.uri.startswith(str(tmp_path / "storage"))
+        task = make_tasks("it0", range(2), 2, iteration=0, seed=0)[0]
+        runner = threading.Thread(target=lambda: results.extend(pool.rollout(
+            [task], PolicyRef("ckpt", "0"), SamplingSettings(m=1, temperature=1.0, top_p=1.0, max_new_tokens=8),
+            RolloutRequest())))
+        runner.start()
+        wait_for(lambda: list(tmp_path.glob("started-*")), "the task to start")
+        first = int(next(tmp_path.glob("started-*")).name.split("-")[1])
+        os.kill(first, signal.SIGKILL)  # the actor's process, mid-task
+        wait_for(lambda: len(list(tmp_path.glob("started-*"))) == 2, "the task to start again on a restarted actor")
+        (tmp_path / "go").write_text("")
+        runner.join(timeout=60)
+    finally:
+        (tmp_path / "go").write_text("")
+        pool.shutdown()
+    constructed = [int(x) for x in (tmp_path / "constructed").read_text().split()]
+    assert len(constructed) == 2 and constructed[0] == first  # built, then rebuilt from the stored arguments
+    assert results == [(task.key, constructed[1])] and constructed[1] != first  # the task finished on the new one
+    assert ACTOR_ARGS_LINE not in capfd.readouterr().err
+
+
+def test_a_target_filling_job_whose_actor_died_is_followed_by_one_over_the_rows_still_missing(monkeypatch):
+    """The Ray Data job's actor is not restarted (Ray Data hands it its arguments through the object store):
+    `fill_targets` runs a new job over the rows still lacking targets, a bounded number of times. Here the
+    buffer and the jobs are stand-ins; `test_stages_on_a_tiny_encoder_decoder...` runs the real job."""
+    import pyarrow as pa
+    import ray.exceptions
+
+    from bcoder_ray.algorithms.base import TargetsPlan
+    from bcoder_ray.loop import target_filling
+    from bcoder_ray.loop.target_filling import RAY_DATA_ATTEMPTS, TargetJob, fill_targets
+
+    class Buffer:  # rows lack their targets until written, as ReplayBuffer's
+        def __init__(self):
+            self.missing, self.written = {f"s{i}" for i in range(6)}, []
+
+        def missing_targets(self, fingerprint, filters=None, columns=()):
+            return [pa.table({"sample_id": sorted(self.missing)})]
+
+        def write_targets(self, table, fingerprint, batch_key):
+            ids = table.column("sample_id").to_pylist()
+            self.written += ids
+            self.missing -= set(ids)
+
+    jobs: list[int] = []  # rows handed to each job
+    deaths = {"jobs": 1}  # how many jobs lose their actor after their first batch
+
+    class Job:
+        def __init__(self, tables):
+            self.rows = pa.concat_tables(tables)
+
+        def iter_batches(self, batch_size, batch_format):
+            yield self.rows.slice(0, 2)
+            if len(jobs) <= deaths["jobs"]:
+                raise ray.exceptions.ActorDiedError()
+            yield self.rows.slice(2)
+
+    def ray_data_job(tables, job, num_cpus, num_gpus):
+        jobs.append(sum(t.num_rows for t in tables))
+        return Job(tables)
+
+    monkeypatch.setattr(target_filling, "_ray_data_job", ray_data_job)
+    job = TargetJob(None, TargetsPlan("fp", ("t",)), pad_id=0, batch_size=2)
+    buffer = Buffer()
+    assert fill_targets(buffer, job) == 6
+    assert jobs == [6, 4] and sorted(buffer.written) == [f"s{i}" for i in range(6)]  # every row once
+    jobs.clear()
+    deaths["jobs"] = RAY_DATA_ATTEMPTS
+    buffer = Buffer()
+    with pytest.raises(ray.exceptions.ActorDiedError):  # bounded: an actor that always dies fails the fill
+        fill_targets(buffer, job)
+    assert len(jobs) == RAY_DATA_ATTEMPTS and jobs[0] == 6
 
 
 # ------------------------------------------------------------------------------------------ learner stages
@@ -195,7 +309,7 @@ def test_a_stages_bar_scalars_and_reads_are_written_by_the_driver_from_what_the_
             time.sleep(0.1)
 
 
-def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp_path):
+def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp_path, capfd):
     """apps_codet5.yaml's pieces on tiny stand-ins, through the algorithm interface: an encoder-decoder θ_ckpt,
     bf16 autocast, gradient accumulation, clipping, φ constant lr then θ linear decay, targets filled by the Ray
     Data job; the stages run in Ray Train's local mode (no worker group) to stay fast."""
@@ -232,6 +346,7 @@ def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp
     targets = TargetJob(ref, phi_plan.targets, pad_id(tok), batch_size=4)
     assert fill_targets(buf, targets) == 12
     assert fill_targets(buf, targets) == 0  # cached: nothing twice
+    assert ACTOR_ARGS_LINE not in capfd.readouterr().err  # Ray Data's actor: created without restarts
     phi_job = job(phi_plan, "constant")
     phi = train_stage(phi_job, buf.ray_dataset(4, phi_job.batches_needed(0),
                                                targets_fingerprint=phi_plan.targets.fingerprint),

@@ -189,7 +189,8 @@ class Run:
         self.pool = ActorPool(self.worker_cls, ActorSettings(num_actors=r.num_actors, num_cpus=r.cpus_per_actor,
                                                              num_gpus=r.gpus_per_actor, max_restarts=r.max_restarts,
                                                              max_task_retries=r.max_restarts),
-                              args, executor_actors=e.num_actors, executor_cpus=e.cpus_per_actor)
+                              args, storage=join_uri(self.storage, "actors"),  # a restarted actor reads it there
+                              executor_actors=e.num_actors, executor_cpus=e.cpus_per_actor)
 
     def stop_pool(self) -> None:
         if self.pool is not None:

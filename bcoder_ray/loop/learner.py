@@ -27,6 +27,7 @@ old run, so the driver names runs by stage, iteration and attempt.
 from __future__ import annotations
 
 import collections
+import copy
 import math
 import os
 import shutil
@@ -313,9 +314,13 @@ def in_order_data_config():
     """Ray Train's ingest defaults, read in order and split without regard to locality: each rank's shard yields
     the same batches in the same order on every attempt, so a resumed stage's data position is its step. (The
     batches are token ids, small beside a step's compute: locality saves little.)"""
+    from ray.data import DataContext
     from ray.train import DataConfig
 
-    options = DataConfig.default_ingest_options()
+    # DataContext's options as they are, as `DataConfig.default_ingest_options()` would carry them over; not by
+    # calling it, since it passes `exclude_resources` to ExecutionOptions, which warns (deprecated) even when
+    # unset. A copy keeps them all (label_selector, its replacement, included) and sets none through the setter.
+    options = copy.deepcopy(DataContext.get_current().execution_options)
     options.preserve_order = True
     return DataConfig(execution_options=options, enable_shard_locality=False)
 

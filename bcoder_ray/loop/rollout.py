@@ -3,21 +3,26 @@ environment's batch path and append them to the replay buffer; the same actors s
 evaluation and fill cached targets. Nothing here knows which algorithm runs: an actor loads a policy (an LM
 folder) and, for ranking, whatever `RankerRef` it is handed.
 
-    pool = ActorPool(PolicyWorker, ActorSettings(num_actors=2, num_cpus=0.5), WorkerArgs(problems, ctx))
+    pool = ActorPool(PolicyWorker, ActorSettings(num_actors=2, num_cpus=0.5), WorkerArgs(problems, ctx),
+                     storage=join_uri(run_storage, "actors"))    # the actors read WorkerArgs from there
     sampling = cfg.rollout.settings(cfg.model)                      # a SamplingSettings, as every sampler takes it
     summaries = pool.rollout(tasks, policy, sampling, request)      # each task's rows appended under task.key
     records = pool.candidates(tasks, policy, sampling, "test", ranker=ref)
     pool.shutdown()
 
-What the actors are handed crosses to them as the typed objects themselves (Ray pickles them): the `RunContext`
-in `WorkerArgs`, `SamplingSettings`, `PolicyRef`, `RankerRef`, `RolloutRequest`, `TargetJob`.
+What the actors are handed crosses to them as the typed objects themselves (Ray pickles them): `SamplingSettings`,
+`PolicyRef`, `RankerRef`, `RolloutRequest`, `TargetJob`. Their constructor's `WorkerArgs` (the problems, the
+`RunContext`) are written once to the run's storage and handed over as `StoredArgs`, their location.
 
 - A task's sampling seed is a function of the task alone (it replaces `SamplingSettings.seed`), and the buffer's
   `append` writes nothing for a key it already holds, so a task that is redone (its actor died, or the driver was
   restarted) adds no duplicate rows.
   A task's greedy baselines (CodeRL) are appended with its samples, under the same key.
 - Fault tolerance is Ray's: an actor that dies is restarted (`max_restarts`) and the call it was running is
-  retried on it (`max_task_retries`); `ray.util.ActorPool` hands tasks to free actors as they finish.
+  retried on it (`max_task_retries`); `ray.util.ActorPool` hands tasks to free actors as they finish. Ray
+  rebuilds a restarted actor from its creation arguments, and it keeps no object that a creation argument
+  refers to alive for that (ray-project/ray#53727): so they are plain values that refer to nothing, a location
+  (`StoredArgs`, re-read by each construction) and the names of the executor actors (looked up by name).
 - Executors scale apart from the actors: with `executor_actors = 0` each policy actor runs its own sandbox
   pool (`WorkerArgs.executor`: the Executor's keyword arguments); with N > 0 the pool starts N `ExecutorWorker` actors (each with its own
   CPU share and sandbox processes) shared by all policy actors, e.g. GPU samplers with CPU executors.
@@ -29,6 +34,7 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
@@ -42,6 +48,7 @@ from bcoder_ray.evaluation.metrics import CandidateRecord
 from bcoder_ray.loop.target_filling import TargetChunk, TargetComputer, TargetJob
 from bcoder_ray.model.candidates import SamplingSettings, load_sampler, sample_and_score
 from bcoder_ray.util.quiet import quiet_libraries
+from bcoder_ray.util.storage import join_uri, read_bytes, write_bytes
 from bcoder_ray.model.tokenization import tokenizer_fingerprint
 from envs.problem import Problem
 
@@ -80,6 +87,36 @@ class WorkerArgs:
     num_threads: int = 1
     engine: str = "torch"  # rollout.engine: what samples the rollouts (torch or vllm)
     first_failure: bool = False  # rollout.stop_at_first_failure (envs/first_failure.py); evaluation runs every test
+
+
+@dataclass(frozen=True)
+class StoredArgs:
+    """A pool's `WorkerArgs`, pickled under the run's storage: what an actor's constructor is handed. A restarted
+    actor reads them again from there, which outlives any process (an object in Ray's object store, or a large
+    argument that Ray puts there itself, may be gone by then)."""
+
+    uri: str  # a file under the run's storage (a local path on a one-machine run, else a URI every node reads)
+
+    @classmethod
+    def write(cls, args: Any, folder: str) -> "StoredArgs":
+        """`args` pickled under `folder`, named by its content (the same arguments are written once, and a file
+        is never replaced under an actor that may be reading it)."""
+        import ray.cloudpickle
+
+        data = ray.cloudpickle.dumps(args)  # Ray's own pickler: classes a test registers by value travel too
+        stored = cls(join_uri(folder, f"worker-args-{hashlib.sha256(data).hexdigest()[:16]}.pkl"))
+        write_bytes(stored.uri, data)
+        return stored
+
+    def load(self) -> WorkerArgs:
+        import ray.cloudpickle
+
+        return ray.cloudpickle.loads(read_bytes(self.uri))
+
+
+def worker_args(args: WorkerArgs | StoredArgs) -> WorkerArgs:
+    """The arguments themselves, read from the run's storage when the actor was handed their location."""
+    return args.load() if isinstance(args, StoredArgs) else args
 
 
 @dataclass(frozen=True)
@@ -158,9 +195,12 @@ class RemoteExecutor:
 class PolicyWorker:
     """Holds the current policy and samples + scores programs (used as a Ray actor by `ActorPool`)."""
 
-    def __init__(self, args: WorkerArgs, executor_handles: Sequence[Any] | None = None, actor_name: str = ""):
+    def __init__(self, args: WorkerArgs | StoredArgs, executor_names: Sequence[str] = (), actor_name: str = ""):
+        """`args`: the arguments, or (as `ActorPool` hands them) their location, read here on every construction,
+        a restart's included; `executor_names`: the pool's named `ExecutorWorker` actors (none: an own Executor)."""
         import torch
 
+        args = worker_args(args)
         torch.set_num_threads(max(1, args.num_threads))
         quiet_libraries()
         self.args = args
@@ -174,7 +214,7 @@ class PolicyWorker:
             split: [self.text_format.prompt_ids(self.tokenizer, p.prompt, self.ctx.source_len)
                     for p in probs]
             for split, probs in args.problems.items()}
-        self._executor_handles = list(executor_handles or [])
+        self._executor_names = tuple(executor_names)
         self._executor = None
         self._buffer = None
         self._loaded: dict[str, tuple[Any, Any]] = {}  # kind -> (reference, loaded object)
@@ -182,8 +222,8 @@ class PolicyWorker:
     # -- resources, created on first use and kept while their reference is unchanged
     def _get_executor(self):
         if self._executor is None:
-            if self._executor_handles:
-                self._executor = RemoteExecutor(self._executor_handles)
+            if self._executor_names:  # looked up by name: a handle among the creation arguments is a reference
+                self._executor = RemoteExecutor([ray.get_actor(n) for n in self._executor_names])
             else:
                 from envs.execute import Executor
 
@@ -289,20 +329,27 @@ class PolicyWorker:
 class ActorPool:
     """Policy actors (and optional executor actors); typed methods hand tasks to free actors."""
 
-    def __init__(self, worker_cls: type, settings: ActorSettings, args: WorkerArgs, executor_actors: int = 0,
-                 executor_cpus: float = 1.0, name: str = "policy"):
+    def __init__(self, worker_cls: type, settings: ActorSettings, args: WorkerArgs, *, storage: str,
+                 executor_actors: int = 0, executor_cpus: float = 1.0, name: str = "policy"):
+        """`storage`: a folder of the run's storage (every node reads it) where `args` are written for the actors
+        (`StoredArgs`)."""
         self.settings = settings
+        self.stored_args = StoredArgs.write(args, storage)
         self._executors = []
+        self.executor_names: tuple[str, ...] = ()
         if executor_actors > 0:
-            remote_exec = ray.remote(ExecutorWorker).options(num_cpus=executor_cpus, max_restarts=-1,
-                                                             max_task_retries=-1)
-            self._executors = [remote_exec.remote(args.executor)
-                               for _ in range(executor_actors)]
+            prefix = f"{name}-executor-{uuid.uuid4().hex[:12]}"  # unique among the job's named actors
+            self.executor_names = tuple(f"{prefix}-{i}" for i in range(executor_actors))
+            # the executor's options are a small dict: by value, so a restart needs nothing of the object store
+            self._executors = [ray.remote(ExecutorWorker).options(
+                name=n, num_cpus=executor_cpus, max_restarts=-1, max_task_retries=-1).remote(args.executor)
+                for n in self.executor_names]
         remote_cls = ray.remote(worker_cls).options(
             num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, max_restarts=settings.max_restarts,
             max_task_retries=settings.max_task_retries)
-        self._args_ref = ray.put(args)  # held for the pool's life: a restarted actor is rebuilt from it
-        self.actors = [remote_cls.remote(self._args_ref, self._executors, f"{name}-{i}")
+        # creation arguments that refer to nothing (no ObjectRef, no actor handle, small enough to travel in
+        # the task itself): a restart rebuilds the actor from them alone (ray-project/ray#53727)
+        self.actors = [remote_cls.remote(self.stored_args, self.executor_names, f"{name}-{i}")
                        for i in range(settings.num_actors)]
 
     def _map(self, call: Callable[[Any, Any], Any], items: Iterable[Any],

@@ -32,6 +32,7 @@ from bcoder_ray.buffer import rows_from_batch
 from bcoder_ray.util.quiet import quiet_libraries
 
 GROUPED_CHUNK_ROWS = 4096  # rows per actor task when targets are filled by groups (as missing_targets' tables)
+RAY_DATA_ATTEMPTS = 3  # Ray Data jobs per fill: one whose actor died is followed by one over the rows still missing
 
 
 IDENTITY_COLUMNS = ("sample_id", "suite", "problem_id", "source")
@@ -145,27 +146,55 @@ class TargetChunk:
 def fill_targets(buffer, job: TargetJob, *, num_cpus: float = 1.0, num_gpus: float = 0.0, pool=None) -> int:
     """Compute and store `job.targets` for every buffer row lacking them. With no `pool`: a Ray Data
     `map_batches` job (one actor holding the frozen networks, `num_cpus`/`num_gpus`); with a
-    `rollout.ActorPool`: its policy actors compute and write them. Returns the number of rows filled."""
-    import ray.data
+    `rollout.ActorPool`: its policy actors compute and write them. Returns the number of rows filled.
 
+    The Ray Data job's actor is not restarted by Ray (`max_restarts=0`): Ray Data hands its actors their
+    constructor arguments through the object store, which a restart cannot count on (ray-project/ray#53727, and
+    Ray's error line at every run). A job whose actor died is followed by a new one, with a new actor, over the
+    rows that still lack targets (the buffer is what survives; a batch written before the death is not redone).
+    """
+    import ray.exceptions
+
+    t = job.targets
+    tables = _missing(buffer, job, GROUPED_CHUNK_ROWS if pool is not None else job.batch_size)
+    if not tables:
+        return 0
+    if pool is not None:
+        return sum(pool.fill_targets([TargetChunk(targets_batch_key(x), x) for x in tables], job))
+    filled = 0
+    for attempt in range(1, RAY_DATA_ATTEMPTS + 1):
+        try:
+            for out in _ray_data_job(tables, job, num_cpus, num_gpus).iter_batches(batch_size=None,
+                                                                                    batch_format="pyarrow"):
+                buffer.write_targets(out, t.fingerprint, batch_key=targets_batch_key(out))
+                filled += out.num_rows
+            return filled
+        except ray.exceptions.RayActorError:  # the actor died (a bug in the computer raises RayTaskError)
+            if attempt == RAY_DATA_ATTEMPTS:
+                raise
+            tables = _missing(buffer, job, job.batch_size)
+            if not tables:
+                return filled
+    return filled
+
+
+def _missing(buffer, job: TargetJob, group_rows: int) -> list[pa.Table]:
+    """The rows lacking `job.targets` (with the columns the computer sees), in whole groups of at most
+    `group_rows` rows when the targets are grouped."""
     t = job.targets
     context = tuple(dict.fromkeys((*t.rows.extra_columns, *t.group_by)))
     tables = [x for x in buffer.missing_targets(t.fingerprint, filters=t.rows.filters, columns=context)
               if x.num_rows]
-    if not tables:
-        return 0
-    if t.group_by:  # whole groups per chunk (actors slice them further by group) or per Ray Data batch
-        tables = group_slices(pa.concat_tables(tables, promote_options="default"), t.group_by,
-                              GROUPED_CHUNK_ROWS if pool is not None else job.batch_size)
-    if pool is not None:
-        return sum(pool.fill_targets([TargetChunk(targets_batch_key(x), x) for x in tables], job))
-    dataset = ray.data.from_arrow(tables).map_batches(
-        TargetComputer, fn_constructor_args=(job,), batch_size=None if t.group_by else job.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=num_cpus, num_gpus=num_gpus)
-    filled = 0
-    for out in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        buffer.write_targets(out, t.fingerprint, batch_key=targets_batch_key(out))
-        filled += out.num_rows
-    return filled
+    if tables and t.group_by:  # whole groups per chunk (actors slice them further by group) or per Ray Data batch
+        tables = group_slices(pa.concat_tables(tables, promote_options="default"), t.group_by, group_rows)
+    return tables
+
+
+def _ray_data_job(tables: list[pa.Table], job: TargetJob, num_cpus: float, num_gpus: float) -> "ray.data.Dataset":
+    import ray.data
+
+    return ray.data.from_arrow(tables).map_batches(
+        TargetComputer, fn_constructor_args=(job,), batch_size=None if job.targets.group_by else job.batch_size,
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=num_cpus, num_gpus=num_gpus,
+        max_restarts=0)  # no restart from arguments Ray Data keeps in the object store: `fill_targets` starts anew
 

@@ -23,7 +23,11 @@ def quiet_libraries() -> None:
 def quiet_ray_logs() -> None:
     """Raise the level of `QUIET_LOGGERS` (a `worker_process_setup_hook` of the local Ray instance, and called
     by the train loop). Some of those modules name their logger after their file, so both names are set."""
-    warnings.filterwarnings("ignore", message=".*exclude_resources.*")  # Ray Data's own deprecation notice
+    # Ray's own call, not ours: Ray Train's state tracking (RAY_TRAIN_ENABLE_STATE_TRACKING=1) exports the ingest
+    # options through `DataConfig.default_ingest_options()`, which sets the deprecated option on every call; the
+    # run itself builds its options without it (`loop.learner.in_order_data_config`)
+    warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated",
+                            category=DeprecationWarning)
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
         try:

@@ -24,6 +24,8 @@ import uuid
 
 import pyarrow.fs as pafs
 
+from bcoder_ray.util.atomic import atomic_write_bytes
+
 REQUIRE_URIS_ENV = "BCODER_REQUIRE_URIS"
 NODE_CACHE_ENV = "BCODER_NODE_CACHE"
 CACHE_ENV = "BCODER_CACHE"
@@ -163,3 +165,21 @@ def read_text(uri: str) -> str:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
         return f.read().decode()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """`data` under the local path or URI `uri`, whole or not at all: a local file is written durably and renamed
+    into place (`atomic_write_bytes`), an object is one PUT (a reader never sees part of either)."""
+    if not is_uri(uri):
+        atomic_write_bytes(os.path.abspath(uri.removeprefix("file://")), data)
+        return
+    fs, path = resolve(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
