@@ -383,7 +383,8 @@ class Run:
             extra_columns=(*rows.extra_columns, "sample_id"), num_cpus=cfg.buffer.dataset_cpus)
         scaling = ScalingSpec(num_workers=st.num_workers, use_gpu=st.use_gpu, cpus_per_worker=st.cpus_per_worker,
                               gpus_per_worker=st.gpus_per_worker)
-        self.log(f"stage {label}: {st.steps} steps × {st.batch_size_per_worker}×{st.num_workers}×{st.grad_accum} "
+        workers = max(1, st.num_workers)  # 0: Ray Train's local mode, one process
+        self.log(f"stage {label}: {st.steps} steps × {st.batch_size_per_worker}×{workers}×{st.grad_accum} "
                  f"programs ({name}{', continued from its last checkpoint' if resume else ''})")
         result = train_stage(job, dataset, scaling, storage_path=join_uri(self.storage, "train"), name=name,
                              tensorboard_dir=self.run_dir / "tensorboard" / label if cfg.run.tensorboard else None,
