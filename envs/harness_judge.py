@@ -57,7 +57,9 @@ def judge_reply(plan: Plan, reply: dict) -> tuple[ExecResult, str | None]:
     except (Tampered, WireError, KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as e:
         tests = [TestResult(RUNTIME, f"malformed report from the program's process: {e}")] + \
                 [TestResult("not_run") for _ in range(plan.n_tests - 1)]
-        return _result(tests, wall, error=tests[0].error), None
+        res = _result(tests, wall, error=tests[0].error)
+        res.cpu_time = float(reply.get("cpu") or 0.0)
+        return res, None
     if timed_out:
         res.limit = limit
         res.error = _limit_message(limit)

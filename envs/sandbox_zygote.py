@@ -38,6 +38,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
 import select
 import signal
@@ -341,7 +342,7 @@ def _run_job(job: dict, cfg: dict, work_base: str) -> dict:
     if tester:
         os.close(tester[2])
         os.close(tester[3])
-    reply = _relay(pid, rfd, lim, t0, cfg, tester[:2] if tester else None)
+    reply = _relay(pid, rfd, lim, t0, cfg, tester[:2] if tester else None, _indexed_frames(job))
     os.close(rfd)
     if tester:
         os.close(tester[1])
@@ -476,11 +477,14 @@ def _run_queue_wait(pids: list[int]) -> float:
     return most
 
 
-def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[int, int] | None) -> dict:
+def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[int, int] | None,
+           n_indexed: int) -> dict:
     """Collect the frames of the child (and of the test process) until they exit, enforcing the limits:
     CPU time of the program's process tree per test and per program (sampled so that neither is overshot by
-    more than MIN_POLL x CPUs), and the wall clocks as a backstop. Any frame restarts the per-test clocks.
-    SIGKILL when a limit fires. On a wall-clock timeout, `starved` says whether a process of the job waited
+    more than MIN_POLL x CPUs), and the wall clocks as a backstop. The per-test clocks restart on a frame of
+    the test process, or on a frame of the program's process that is the next step of the protocol.
+    SIGKILL when a limit fires, or when the program's process writes a frame out of the protocol (`_Cursor`).
+    On a wall-clock timeout, `starved` says whether a process of the job waited
     on the run queue for most of the time (then the machine, not the program, was too slow)."""
     wall_test, wall_prog = float(lim["timeout_per_test"]), float(lim["timeout_per_program"])
     cpu_test, cpu_prog = float(lim["cpu_time_per_test"]), float(lim["cpu_time_per_program"])
@@ -491,6 +495,7 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[in
     pidfd = os.pidfd_open(pid)
     tpidfd = os.pidfd_open(tester[0]) if tester else None
     streams = {rfd: (bytearray(), []), **({tester[1]: (bytearray(), [])} if tester else {})}
+    cursor = _Cursor(n_indexed, serving=tester is not None)
     cap = int(lim["max_report_bytes"])
     total, status, limit, starved = 0, None, None, False
     alive = {pidfd: pid, **({tpidfd: tester[0]} if tester else {})}
@@ -535,8 +540,13 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[in
                         new = wire.split_frames(buf)
                     except wire.WireError:
                         raise _Flood() from None
-                    if new:
-                        frames.extend(f for f in new if f != b'{"k":"tick"}')
+                    if fd == rfd:  # the program's process: only a step of the protocol is progress
+                        frames.extend(new)
+                        if not all(cursor.step(f) for f in new):
+                            raise _Flood()  # a frame the harness never writes: the program's own
+                        new_frames = new_frames or bool(new)
+                    elif new:  # the test process (trusted, out of the program's reach): ticks are progress
+                        frames.extend(f for f in new if f != _TICK_FRAME)
                         new_frames = True
             if new_frames:
                 now = time.monotonic()
@@ -556,7 +566,7 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[in
                         if buf is not None:
                             _drain(sfd, buf, frames, cap - total)
     except _Flood:
-        pass  # a report flood, or malformed framing: kill it; the missing sentinel makes it a runtime error
+        pass  # a report flood, malformed framing or a forged frame: kill it; the parent judges it a runtime error
     finally:
         for fd in (pidfd, tpidfd):
             if fd is not None:
@@ -580,6 +590,59 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[in
 
 class _Flood(Exception):
     pass
+
+
+_TICK_FRAME = b'{"k":"tick"}'
+_HEAD = re.compile(rb'\{"k":"([a-z_]+)"(?:,"i":(0|[1-9][0-9]{0,8})[,}])?')
+_INDEXED = {b"vals", b"raised", b"unshippable", b"ran"}
+
+
+def _indexed_frames(job: dict) -> int:
+    """How many frames with a test index the program's process sends (none when the test process runs the
+    tests): one per stdio input, per call, per assert or check item."""
+    if job.get("test_process"):
+        return 0
+    payload = job.get("payload") or {}
+    for key in ("inputs", "args", "items"):
+        if isinstance(payload.get(key), list):
+            return len(payload[key])
+    return 0
+
+
+class _Cursor:
+    """Where the program's process is in the protocol of `harness.run_child`: compiled, loaded, one frame per
+    test in order, done. The per-test clocks restart only on a frame that is the next step, so a frame restarts
+    them once at most and only by committing that step (a test's answer is final once sent; the parent judges
+    a second frame for it as tampering). Why not authenticate the harness's frames instead: the harness runs
+    in the program's process, and a key there is readable by the program (gc, ctypes, /proc/self/mem), so no
+    authenticator the program cannot forge exists; and the program's values can only come from its own
+    process. What must not be forgeable is progress, so progress is this worker's reading of the protocol, and
+    "tick" frames count only from the test process, which the program cannot reach (its own uid as root,
+    non-dumpable). Only the head of a frame is read here (cheap); the parent checks the whole frame."""
+
+    def __init__(self, n_indexed: int, serving: bool):
+        self.n, self.serving, self.state, self.next = n_indexed, serving, "start", 0
+
+    def step(self, raw: bytes) -> bool:
+        """Advance past `raw`; False when it is not the next step (the program wrote it)."""
+        m = _HEAD.match(raw)
+        if m is None:
+            return False
+        kind, index = m.group(1), m.group(2)
+        if index is not None and kind not in _INDEXED or index is None and kind in _INDEXED:
+            return False
+        state = self.state
+        if state == "start" and kind in (b"compiled", b"compile_error"):
+            self.state = "compiled" if kind == b"compiled" else "end"
+        elif state == "compiled" and kind in (b"loaded", b"load_error"):
+            self.state = "failed" if kind == b"load_error" else "serving" if self.serving else "tests"
+        elif state == "tests" and kind in _INDEXED and int(index) == self.next and self.next < self.n:
+            self.next += 1
+        elif state in ("tests", "serving", "failed") and kind == b"done":
+            self.state = "end"
+        else:
+            return False
+        return True
 
 
 def _drain(rfd: int, buf: bytearray, frames: list, budget: int) -> None:
