@@ -334,8 +334,11 @@ class Executor:
         one, or, with the retries spent, decide. Returns the final result, or None when retried."""
         job.kinds.append(kind)
         job.attempts += 1
+        job.wall += float(res.wall_time or 0.0)
         new = self._replace_in(w, queues, deadline, pending)
-        if job.attempts <= self.infra_retries:
+        # retries are bounded in time as well as count: a job whose suspect runs took one program's wall-clock
+        # backstop in all holds a worker no longer (each starved run costs a full backstop)
+        if job.attempts <= self.infra_retries and job.wall < self.limits.timeout_per_program:
             self.infra_stats["retries"] += 1
             fresh[new] = job
             return None
@@ -387,6 +390,7 @@ class _Job:
     tests: TestSpec
     attempts: int = 0  # runs that ended in a suspected sandbox failure
     kinds: list = dataclasses.field(default_factory=list)  # their suspect kinds
+    wall: float = 0.0  # seconds those runs took
 
 
 def _shutdown(workers: list) -> None:

@@ -38,6 +38,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import re
 import resource
 import select
@@ -477,6 +478,36 @@ def _run_queue_wait(pids: list[int]) -> float:
     return most
 
 
+SCHED_CHECK = 0.25  # seconds (to twice that, at random) between checks of the program's scheduling choices
+_SCHED_BATCH, _SCHED_IDLE = 3, 5
+
+
+def _deprioritized(pids: list[int], base_nice: int) -> bool:
+    """Whether any of `pids` lowered its own priority: a nice above the worker's, the batch or idle policy, or
+    its session's autogroup niced (a program's own session gets a fresh autogroup at nice 0; writing its nice
+    needs only that the program make itself dumpable). None of these can be undone without privilege except
+    the autogroup's, which is why the relay also checks at random times while the program runs."""
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if int(fields[16]) > base_nice or int(fields[38]) in (_SCHED_BATCH, _SCHED_IDLE):
+                return True
+        except (OSError, IndexError, ValueError):
+            pass
+        if _autogroup_nice(pid) > 0:
+            return True
+    return False
+
+
+def _autogroup_nice(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/autogroup", "rb") as f:
+            return int(f.read().split(b"nice")[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[int, int] | None,
            n_indexed: int) -> dict:
     """Collect the frames of the child (and of the test process) until they exit, enforcing the limits:
@@ -484,8 +515,9 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[in
     more than MIN_POLL x CPUs), and the wall clocks as a backstop. The per-test clocks restart on a frame of
     the test process, or on a frame of the program's process that is the next step of the protocol.
     SIGKILL when a limit fires, or when the program's process writes a frame out of the protocol (`_Cursor`).
-    On a wall-clock timeout, `starved` says whether a process of the job waited
-    on the run queue for most of the time (then the machine, not the program, was too slow)."""
+    On a wall-clock timeout, `starved` says whether a process of the job waited on the run queue for most of
+    the time (then the machine, not the program, was too slow), unless the program lowered its own priority
+    (`_deprioritized`): that is its own choice, so its timeout."""
     wall_test, wall_prog = float(lim["timeout_per_test"]), float(lim["timeout_per_program"])
     cpu_test, cpu_prog = float(lim["cpu_time_per_test"]), float(lim["cpu_time_per_program"])
     grace = float(lim.get("startup_grace", 0.5))
@@ -500,6 +532,7 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[in
     total, status, limit, starved = 0, None, None, False
     alive = {pidfd: pid, **({tpidfd: tester[0]} if tester else {})}
     sample_t, sample_cpu, test_cpu0 = t0, 0.0, 0.0
+    lowered, sched_check = False, t0 + SCHED_CHECK * (1 + random.random())
     try:
         while alive:
             now = time.monotonic()
@@ -514,14 +547,21 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[in
                 used = _cpu(pid, exclude) if pidfd in alive else sample_cpu
                 # starved: waited for a CPU most of the time, and the tree did not even get half of one (a
                 # program whose own processes crowd each other out, a fork bomb, gets far more)
-                starved = (_run_queue_wait(pids) > STARVED * (now - t0) and used < STARVED * (now - t0)) \
-                    or cfg.get("fault") == "starve"
+                # ... and never when the program lowered its own priority: its choice, so its timeout
+                lowered = lowered or _deprioritized(pids, cfg.get("base_nice", 0))
+                starved = (_run_queue_wait(pids) > STARVED * (now - t0) and used < STARVED * (now - t0)
+                           and not lowered) or cfg.get("fault") == "starve"
                 sample_cpu = max(sample_cpu, used)
                 break
             if now >= next_sample and pidfd in alive:
                 sample_t, sample_cpu = now, _cpu(pid, exclude)
                 continue
-            wait = min(program_deadline, test_deadline, next_sample if pidfd in alive else 1e18) - now
+            if now >= sched_check and pidfd in alive:  # at random times: a program cannot time a restore
+                lowered = lowered or _deprioritized(_tree(pid, exclude), cfg.get("base_nice", 0))
+                sched_check = now + SCHED_CHECK * (1 + random.random())
+                continue
+            wait = min(program_deadline, test_deadline, next_sample if pidfd in alive else 1e18,
+                       sched_check if pidfd in alive else 1e18) - now
             fds = [fd for fd, (buf, _) in streams.items() if buf is not None] + list(alive)
             ready, _, _ = select.select(fds, [], [], max(wait, 0.0))
             new_frames = False
@@ -747,6 +787,7 @@ def main(cfg: dict) -> None:
             cfg["uid"] = None  # an unprivileged uid could not even import the standard library here
             report["uid"] = None
             report["uid_drop_skipped"] = "the Python installation is not readable by other users"
+    cfg["base_nice"] = os.getpriority(os.PRIO_PROCESS, 0)  # a program's nice above this is its own doing
     if cfg.get("uid") is not None:
         cfg["test_uid"] = cfg["uid"] + TEST_UID_OFFSET
     os.environ.clear()

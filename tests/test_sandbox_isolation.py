@@ -102,3 +102,51 @@ def test_executors_on_one_host_never_share_a_uid():
     finally:
         one.close()
         two.close()
+
+
+# Lowers its own priority as far as it may (its autogroup's nice, which needs it dumpable again to write,
+# its nice, SCHED_IDLE), shares one CPU with a burner, and spins: starved, by its own choice.
+_SELF_STARVER = '''
+import ctypes, os
+def f(x):
+    ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)
+    try:
+        with open("/proc/self/autogroup", "w") as fh:
+            fh.write("19")
+    except OSError:
+        pass
+    os.nice(19)
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    os.sched_setaffinity(0, {CPU})
+    while True:
+        pass
+'''
+
+
+def test_a_program_that_starves_itself_gets_a_verdict_not_infra():
+    """Item 5: a program's own scheduling choices never make it infrastructure: it is its timeout."""
+    import os
+    import subprocess
+    import sys
+
+    cpu = min(os.sched_getaffinity(0))
+    burner = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+    try:
+        with Executor(workers=1, cpu_time_per_test=10.0, cpu_time_per_program=20.0, timeout_per_test=1.0,
+                      timeout_per_program=3.0, infra_retries=2) as ex:
+            res = ex.run(_SELF_STARVER.replace("CPU", str(cpu)), CALL)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert not res.is_infra and res.outcome.value == "runtime_error", (res.infra_error, res.error)
+    assert res.limit == "timeout_per_test" and res.attempts == 1
+
+
+def test_infrastructure_retries_are_bounded_in_wall_time():
+    """Item 5: a job whose runs keep looking starved is retried only while its attempts have taken less than
+    one program's wall-clock backstop in all, however many retries are allowed."""
+    with Executor(workers=1, fault="starve", timeout_per_test=0.3, timeout_per_program=2.0, infra_retries=6,
+                  cpu_time_per_test=10.0, cpu_time_per_program=20.0) as ex:
+        res = ex.run("def f(x):\n    while True:\n        pass\n", CALL)
+    # each run takes its 0.3 s backstop plus the 0.5 s start-up grace: 2 or 3 fit in 2 s, not 7
+    assert res.is_infra and 2 <= res.attempts <= 3, (res.attempts, res.infra_error)
