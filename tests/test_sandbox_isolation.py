@@ -150,3 +150,54 @@ def test_infrastructure_retries_are_bounded_in_wall_time():
         res = ex.run("def f(x):\n    while True:\n        pass\n", CALL)
     # each run takes its 0.3 s backstop plus the 0.5 s start-up grace: 2 or 3 fit in 2 s, not 7
     assert res.is_infra and 2 <= res.attempts <= 3, (res.attempts, res.infra_error)
+
+
+_SHM_KEY = 0x42420000 + (__import__("os").getpid() & 0xFFFF)
+# Creates a SysV shared-memory segment (key KEY) and leaves it behind.
+_SHM_CREATE = f'''
+import ctypes
+def f(x):
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmget.restype = ctypes.c_int
+    assert libc.shmget({_SHM_KEY}, 1 << 16, 0o1666) >= 0, ctypes.get_errno()
+    return x + 1
+'''
+# Passes only when no segment with that key is visible to it.
+_SHM_LOOK = f'''
+import ctypes
+def f(x):
+    libc = ctypes.CDLL(None, use_errno=True)
+    return x + 1 if libc.shmget({_SHM_KEY}, 0, 0) < 0 else -1
+'''
+
+
+def _host_segments(key: int) -> list[int]:
+    """Ids of the segments with `key` in this (the host's) IPC namespace."""
+    with open("/proc/sysvipc/shm") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return [int(r[1]) for r in rows if int(r[0]) == key]
+
+
+def _remove_host_segments(key: int) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None)
+    for shmid in _host_segments(key):
+        libc.shmctl(shmid, 0, None)  # IPC_RMID
+
+
+@pytest.mark.parametrize("namespaces", [True, False])
+def test_sysv_ipc_is_private_to_a_worker_and_removed(namespaces):
+    """Item 7: a segment a program leaves is seen by no later program (of its worker or of another executor),
+    and does not outlive its executor on the host. Without namespaces (the fallback), the segments of the
+    worker's own uid are removed after each program."""
+    try:
+        with Executor(workers=1, namespaces=namespaces) as one, Executor(workers=1, namespaces=namespaces) as two:
+            if not namespaces and one.isolation.get("uid") is None:
+                pytest.skip("without namespaces, only a worker with a uid of its own can tell its segments apart")
+            assert one.run(_SHM_CREATE, CALL).passed
+            assert one.run(_SHM_LOOK, CALL).passed, "the next program of the same worker saw the segment"
+            assert one.run(_SHM_CREATE, CALL).passed
+            assert two.run(_SHM_LOOK, CALL).passed, "another executor's program saw the segment"
+        assert _host_segments(_SHM_KEY) == [], "the segment outlived its executor on the host"
+    finally:
+        _remove_host_segments(_SHM_KEY)
