@@ -91,7 +91,7 @@ class Executor:
                  timeout_per_program: float = Limits.timeout_per_program, memory_mb: int = 1024, cache: bool = True,
                  max_output_bytes: int = 8 * 1024 * 1024, max_processes: int = 64, infra_retries: int = 2,
                  namespaces: bool = True, filesystem: bool = True, drop_privileges: bool = True,
-                 user_namespace: bool | None = None, fault: str | None = None):
+                 user_namespace: bool | None = None, cgroup: str = "auto", fault: str | None = None):
         self.n_workers = int(workers) if workers else default_workers()
         if self.n_workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -107,7 +107,8 @@ class Executor:
                              timeout_per_program=float(timeout_per_program), memory_mb=int(memory_mb),
                              max_output_bytes=int(max_output_bytes), max_processes=int(max_processes))
         self.options = SandboxOptions(namespaces=namespaces, filesystem=filesystem,
-                                      drop_privileges=drop_privileges, user_namespace=user_namespace, fault=fault)
+                                      drop_privileges=drop_privileges, user_namespace=user_namespace,
+                                      cgroup=cgroup, fault=fault)
         self.infra_retries = int(infra_retries)
         self.infra_stats: collections.Counter = collections.Counter()  # "retries", "infra_results"
         self.use_cache = cache

@@ -286,3 +286,39 @@ def test_a_cgroup_per_worker_where_the_host_allows_it():
         ours = [d for d in os.listdir(base) if d.startswith(f"bcoder-sandbox-{os.getpid()}-")]
         assert len(ours) == 1
     assert not [d for d in os.listdir(base) if d.startswith(f"bcoder-sandbox-{os.getpid()}-")]
+
+
+def test_the_cgroup_plumbing_on_a_stand_in(tmp_path, monkeypatch):
+    """Item 8, on hosts without a usable cgroup v2: the path that uses one (the worker joins its leaf, each
+    program joins the program leaf, the limits are written per job), run against plain files standing in for
+    the cgroup's, so it is exercised everywhere; the kernel's side is `test_a_cgroup_per_worker...`."""
+    import os
+    import shutil
+
+    from envs import sandbox
+
+    if os.geteuid() != 0:
+        pytest.skip("the cgroup path is taken only as root")
+    (tmp_path / "cgroup.controllers").write_text("memory pids")
+    (tmp_path / "cgroup.subtree_control").write_text("memory pids")
+    made = []
+    real_init = sandbox.WorkerCgroup.__init__
+
+    def stand_in(self, base):
+        real_init(self, base)
+        made.append(self.path)
+        for name in ("worker/cgroup.procs", "program/cgroup.procs", "program/memory.max", "program/pids.max"):
+            open(os.path.join(self.path, name), "w").close()
+        with open(os.path.join(self.path, "program", "memory.events"), "w") as f:
+            f.write("low 0\noom 0\noom_kill 0\n")
+    monkeypatch.setattr(sandbox.WorkerCgroup, "__init__", stand_in)
+    monkeypatch.setattr(sandbox.WorkerCgroup, "remove", lambda self: shutil.rmtree(self.path))
+    with Executor(workers=1, cgroup=str(tmp_path), memory_mb=300, max_processes=7) as ex:
+        assert ex.isolation["memory"] == "cgroup v2", ex.isolation
+        assert ex.run("def f(x):\n    return x + 1\n", CALL).passed
+        program = os.path.join(made[0], "program")
+        assert open(os.path.join(program, "memory.max")).read() == str(300 << 20)
+        assert open(os.path.join(program, "pids.max")).read() == "7"
+        assert open(os.path.join(program, "cgroup.procs")).read().startswith("0")  # the program joined
+        assert open(os.path.join(made[0], "worker", "cgroup.procs")).read() == "0"  # the worker joined
+    assert not os.path.exists(made[0])
