@@ -91,7 +91,7 @@ class Executor:
                  timeout_per_program: float = Limits.timeout_per_program, memory_mb: int = 1024, cache: bool = True,
                  max_output_bytes: int = 8 * 1024 * 1024, max_processes: int = 64, infra_retries: int = 2,
                  namespaces: bool = True, filesystem: bool = True, drop_privileges: bool = True,
-                 user_namespace: bool | None = None, fault: str | None = None):
+                 user_namespace: bool | None = None, cgroup: str = "auto", fault: str | None = None):
         self.n_workers = int(workers) if workers else default_workers()
         if self.n_workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -107,7 +107,8 @@ class Executor:
                              timeout_per_program=float(timeout_per_program), memory_mb=int(memory_mb),
                              max_output_bytes=int(max_output_bytes), max_processes=int(max_processes))
         self.options = SandboxOptions(namespaces=namespaces, filesystem=filesystem,
-                                      drop_privileges=drop_privileges, user_namespace=user_namespace, fault=fault)
+                                      drop_privileges=drop_privileges, user_namespace=user_namespace,
+                                      cgroup=cgroup, fault=fault)
         self.infra_retries = int(infra_retries)
         self.infra_stats: collections.Counter = collections.Counter()  # "retries", "infra_results"
         self.use_cache = cache
@@ -334,8 +335,11 @@ class Executor:
         one, or, with the retries spent, decide. Returns the final result, or None when retried."""
         job.kinds.append(kind)
         job.attempts += 1
+        job.wall += float(res.wall_time or 0.0)
         new = self._replace_in(w, queues, deadline, pending)
-        if job.attempts <= self.infra_retries:
+        # retries are bounded in time as well as count: a job whose suspect runs took one program's wall-clock
+        # backstop in all holds a worker no longer (each starved run costs a full backstop)
+        if job.attempts <= self.infra_retries and job.wall < self.limits.timeout_per_program:
             self.infra_stats["retries"] += 1
             fresh[new] = job
             return None
@@ -387,6 +391,7 @@ class _Job:
     tests: TestSpec
     attempts: int = 0  # runs that ended in a suspected sandbox failure
     kinds: list = dataclasses.field(default_factory=list)  # their suspect kinds
+    wall: float = 0.0  # seconds those runs took
 
 
 def _shutdown(workers: list) -> None:

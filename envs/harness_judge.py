@@ -57,7 +57,12 @@ def judge_reply(plan: Plan, reply: dict) -> tuple[ExecResult, str | None]:
     except (Tampered, WireError, KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as e:
         tests = [TestResult(RUNTIME, f"malformed report from the program's process: {e}")] + \
                 [TestResult("not_run") for _ in range(plan.n_tests - 1)]
-        return _result(tests, wall, error=tests[0].error), None
+        res = _result(tests, wall, error=tests[0].error)
+        res.cpu_time = float(reply.get("cpu") or 0.0)
+        return res, None
+    if reply.get("limit") == "memory_mb":  # the worker stopped all of the program's processes together
+        res.limit = "memory_mb"
+        res.error = "memory limit exceeded (memory_mb, all of the program's processes together)"
     if timed_out:
         res.limit = limit
         res.error = _limit_message(limit)

