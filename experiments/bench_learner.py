@@ -49,7 +49,7 @@ from bcoder_ray.algorithms.bcoder.q_model import ENCODER_DECODER, QModel, lm_kin
 from bcoder_ray.algorithms.bcoder.ranking import token_scores
 from bcoder_ray.model.sampling import sample_programs
 from bcoder_ray.model.tokenization import StopStrings
-from bcoder_ray.algorithms.bcoder.targets import compute_frozen_targets
+from bcoder_ray.algorithms.bcoder.targets import TARGET_COLUMNS, compute_frozen_targets
 from bcoder_ray.model.gguf import resolve_checkpoint
 
 EOS, PAD = 1, 0
@@ -178,7 +178,7 @@ def bench_kind(checkpoint: str, args) -> dict[str, float]:
     results["targets_vs_forward"] = t_forward / t_targets  # rows/s over rows/s: the same rows on both sides
     results["peak_mb"]["targets"] = peak_mb(reset=True)
     del frozen
-    batch = collate([{**ex, **row} for ex, row in zip(examples, rows)], PAD)
+    batch = collate([{**ex, **row} for ex, row in zip(examples, rows)], PAD, token_columns=TARGET_COLUMNS)
 
     theta_model = QModel.create(checkpoint, parts=("theta",))             # stage θ holds θ alone
     theta_params = theta_model.freeze_for_stage("theta")

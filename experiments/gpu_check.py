@@ -54,7 +54,7 @@ def step_times(checkpoint: str, batch_size: int = 16, repeats: int = 5) -> dict[
 
     from bcoder_ray.algorithms.bcoder.losses import theta_loss
     from bcoder_ray.algorithms.bcoder.q_model import QModel
-    from bcoder_ray.algorithms.bcoder.targets import compute_frozen_targets
+    from bcoder_ray.algorithms.bcoder.targets import TARGET_COLUMNS, compute_frozen_targets
     from bcoder_ray.model.batch import collate
     from experiments.bench_learner import PAD, ce_step, learner_step, make_examples, side_by_side
 
@@ -64,7 +64,7 @@ def step_times(checkpoint: str, batch_size: int = 16, repeats: int = 5) -> dict[
     rows = compute_frozen_targets(frozen, collate(examples, PAD).to("cuda"))
     del frozen
     torch.cuda.empty_cache()
-    batch = collate([{**ex, **row} for ex, row in zip(examples, rows)], PAD).to("cuda")
+    batch = collate([{**ex, **row} for ex, row in zip(examples, rows)], PAD, token_columns=TARGET_COLUMNS).to("cuda")
     model = QModel.create(checkpoint, parts=("theta",), device="cuda")
     params = model.freeze_for_stage("theta")
     model.train()
