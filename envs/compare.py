@@ -99,13 +99,9 @@ def _numbers_close(actual: str, expected: str, rule: Comparison) -> bool:
     """Both tokens finite numbers (ints included) within the rule's absolute or relative tolerance."""
     if not (_NUMBER.fullmatch(actual) and _NUMBER.fullmatch(expected)):
         return False
-    try:
-        a, e = float(actual), float(expected)
-    except ValueError:
-        return False
-    if not (math.isfinite(a) and math.isfinite(e)):
-        return False  # "nan" or "inf" must be written as expected (the identical-token case)
-    return abs(a - e) <= rule.abs_tol or abs(a - e) <= rule.rel_tol * abs(e)
+    pair = _finite_pair(actual, expected)  # "nan" or "inf" must be written as expected (the identical-token case)
+    return pair is not None and (abs(pair[0] - pair[1]) <= rule.abs_tol
+                                 or abs(pair[0] - pair[1]) <= rule.rel_tol * abs(pair[1]))
 
 
 def stdio_output_matches(actual: bytes | str, expected: str) -> bool:
@@ -137,13 +133,17 @@ def _lines(text: str) -> list[str]:
 def _float_close(actual: str, expected: str) -> bool:
     if not any(c in expected for c in ".eE"):
         return False
+    pair = _finite_pair(actual, expected)
+    return pair is not None and abs(pair[0] - pair[1]) <= FLOAT_TOLERANCE * max(1.0, abs(pair[1]))
+
+
+def _finite_pair(actual: str, expected: str) -> tuple[float, float] | None:
+    """Both tokens as finite floats, or None."""
     try:
         a, e = float(actual), float(expected)
     except ValueError:
-        return False
-    if not (math.isfinite(a) and math.isfinite(e)):
-        return False
-    return abs(a - e) <= FLOAT_TOLERANCE * max(1.0, abs(e))
+        return None
+    return (a, e) if math.isfinite(a) and math.isfinite(e) else None
 
 
 # ---------------------------------------------------------------------------------------------- call
