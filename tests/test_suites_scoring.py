@@ -66,7 +66,9 @@ def test_validate_command_lists_broken_references(tmp_path):
     validate_main(["mbpp", "--split", "test", "--workers", "1", "--opt", f"path={path}"], out=out)
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("  broken: mbpp/341 reference 0: failed: ")
-    assert lines[1] == "mbpp/test: 1/2 references pass; 1/2 problems have a passing reference"
+    assert lines[1] == "  all references fail: mbpp/341"
+    assert lines[2] == ("mbpp/test: 1/2 references pass; 1/2 problems have a passing reference; "
+                        "1 have references that all fail")
     assert lines[-1] == "reference pass rate: 1/2 (50.00%)"
 
 
