@@ -617,6 +617,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"algorithm.name: algorithm {algo.name!r} is on-policy: it learns from the policy's own "
                           f"samples, so rollout.temperature and rollout.top_p must be 1.0 (got {rollout.temperature}, "
                           f"{rollout.top_p})")
+    a = cfg.algorithm
+    if algo.on_policy and (a.max_staleness is not None or a.min_staleness):
+        raise ConfigError(f"algorithm.max_staleness / algorithm.min_staleness: algorithm {algo.name!r} is on-policy: "
+                          f"it reads only the rows of the policy being trained (lag 0), so a staleness window "
+                          f"does not apply (got {a.min_staleness} / {a.max_staleness}); leave both unset")
 
 
 def load_config(name_or_path: str | os.PathLike | None = None, overrides: list[str] | None = None,

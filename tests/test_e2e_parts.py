@@ -240,8 +240,12 @@ def tiny_t5_checkpoint(directory: Path, problems, dropout: float = 0.0) -> str:
     return str(directory)
 
 
+SEEDED_VERSION = "run0/0"  # the generated rows' policy version in `seeded_buffer`
+
+
 def seeded_buffer(root: Path, checkpoint: str, problems):
-    """A buffer with each problem's human program (passes) and a wrong program (fails)."""
+    """A buffer with each problem's human program (passes) and a wrong program (fails), sampled by the policy
+    version `SEEDED_VERSION`."""
     from transformers import AutoTokenizer
 
     from bcoder_ray.buffer import ReplayBuffer, make_row, prompt_rows
@@ -256,7 +260,8 @@ def seeded_buffer(root: Path, checkpoint: str, problems):
         for program, source, outcome in ((p.references[0], "human", Outcome.PASSED),
                                          ("def f(x):\n    return 0\n", "generated", Outcome.FAILED)):
             rows.append(make_row(p, program, encode_program(tok, program, 24), ExecResult(outcome, REWARD[outcome]),
-                                 source=source, tokenizer_hash=tokenizer_fingerprint(tok)))
+                                 source=source, tokenizer_hash=tokenizer_fingerprint(tok),
+                                 policy_version="human" if source == "human" else SEEDED_VERSION))
     buf.append(rows, batch_key="seed")
     return buf
 
@@ -339,7 +344,7 @@ def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp
     def job(plan, schedule):
         optim = StageConfig(steps=3, lr=1e-3, schedule=schedule, batch_size_per_worker=4, grad_accum=2,
                             mixed_precision="bf16", grad_clip=1.0, weight_decay=0.05, report_every=2)
-        return StageJob("bcoder", algo.config, ctx, plan, optim, progress=False)
+        return StageJob("bcoder", algo.config, ctx, plan, optim, progress=False, policy_version="run0/1")
 
     phi_plan, theta_plan = algo.plan_iteration(0, state, "0")
     assert (phi_plan.name, theta_plan.name) == ("phi", "theta")
@@ -360,8 +365,13 @@ def test_stages_on_a_tiny_encoder_decoder_with_the_papers_options(ray_local, tmp
     assert fill_targets(buf, TargetJob(ref, theta_plan.targets, pad_id(tok), batch_size=4)) == 12
     theta_job = job(theta_plan, "linear")
     fp_theta = theta_plan.targets.fingerprint
-    theta = train_stage(theta_job, buf.ray_dataset(4, theta_job.batches_needed(0), targets_fingerprint=fp_theta),
+    theta = train_stage(theta_job, buf.ray_dataset(4, theta_job.batches_needed(0), targets_fingerprint=fp_theta,
+                                                   rho_real=0.5, extra_columns=("policy_version",)),
                         ScalingSpec(num_workers=0), storage_path=storage, name="theta-a")
+    # every generated row read (2 of each 4-row batch, 3 steps × 2 micro-batches) is one version behind "run0/1";
+    # the worker counted them, the stage channel brought them back (φ's batches carried no versions: none)
+    assert (theta.lags.counts, theta.lags.unknown, phi.lags.rows) == ({1: 3 * 2 * 2}, 0, 0)
+    assert [h["lag_mean"] for h in theta.history] == [1.0, 1.0]
     lrs = [h["lr"] for h in theta.history]
     assert lrs[0] > lrs[-1] > 0  # linear decay
     assert all(h["grad_norm"] >= 0 and h["loss"] == h["loss"] for h in theta.history)  # finite (not NaN)

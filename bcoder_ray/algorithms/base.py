@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from bcoder_ray.buffer.filters import Filters
@@ -46,6 +46,23 @@ class AlgorithmConfig(BaseModel):
     """The registered algorithm (`python experiments/run.py --list-algorithms`)."""
     gamma: float = 0.999
     """Discount of the token MDP (the reward comes at the last token)."""
+    max_staleness: int | None = Field(None, ge=0)
+    """The oldest generated rows a stage may read, in policy versions behind the current one (its lag: 0 = sampled
+    by the policy the rollout just used); null: unbounded (B-Coder learns from any program in the buffer). Human
+    rows are never bounded; generated rows of another run sharing the buffer have no lag and are left out by any
+    bound. On-policy algorithms read only lag 0 and refuse a bound (`bcoder_ray.config.validate`)."""
+    min_staleness: int = Field(0, ge=0)
+    """The youngest generated rows a stage may read, in policy versions behind the current one: k reads only
+    generated rows at least k versions old (the staleness-tolerance experiment, docs/algorithms.md); human rows as
+    usual. While no generated row is that old, the stage's batches are human rows only."""
+
+    @model_validator(mode="after")
+    def _staleness_window(self) -> "AlgorithmConfig":
+        if self.max_staleness is not None and self.min_staleness > self.max_staleness:
+            raise ValueError(f"min_staleness {self.min_staleness} > max_staleness {self.max_staleness}: no generated "
+                             f"row is both at least {self.min_staleness} and at most {self.max_staleness} versions "
+                             f"old")
+        return self
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,11 @@ are present.
 
 The iteration window applies to generated rows: human programs were produced by no iteration's policy and stay
 in (as Appendix H mixes all of them into every batch). `policy_versions` instead selects generated rows of those
-versions only, human rows left out: what an on-policy reader wants. Rows of version-1 files read `decoding`
-null as "sample" and have no log-probabilities (`schema.conform`), and the masks here see them that way.
+versions only, human rows left out: what an on-policy reader wants. A staleness window (`current_version` with
+`min_staleness` / `max_staleness`) also selects generated rows only: those whose policy version lags the current
+one by min..max versions (`bcoder_ray.buffer.staleness.allowed_versions`), human rows kept; it becomes a set of
+version names, so it prunes and pushes down like `policy_versions`. Rows of version-1 files read `decoding` null as
+"sample" and have no log-probabilities (`schema.conform`), and the masks here see them that way.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bcoder_ray.buffer.schema import DECODINGS, SOURCES
+from bcoder_ray.buffer.staleness import allowed_versions
 
 
 def _names(value: Any) -> tuple[str, ...] | None:
@@ -40,6 +44,10 @@ class Filters:
     decoding: tuple[str, ...] | None = None  # e.g. ("sample",) leaves out greedy baseline rows
     sources: tuple[str, ...] | None = None  # ("human",) or ("generated",)
     require_logprobs: bool = False  # only rows whose sampling log-probabilities are stored
+    # the staleness window: generated rows min..max versions older than current_version (human rows always pass)
+    current_version: str | None = None
+    min_staleness: int = 0
+    max_staleness: int | None = None  # None: unbounded
 
     _ALIASES = {"suite": "suites", "split": "splits", "outcome": "outcomes", "policy_version": "policy_versions",
                 "source": "sources"}
@@ -52,6 +60,28 @@ class Filters:
             bad = [v for v in getattr(self, name) or () if v not in allowed]
             if bad:
                 raise ValueError(f"filter {name}: {bad} not in {allowed}")
+        if self.min_staleness < 0 or (self.max_staleness is not None and self.max_staleness < 0):
+            raise ValueError(f"filter min_staleness / max_staleness must be >= 0, got {self.min_staleness} / "
+                             f"{self.max_staleness}")
+        if self.max_staleness is not None and self.min_staleness > self.max_staleness:
+            raise ValueError(f"filter min_staleness {self.min_staleness} > max_staleness {self.max_staleness}: "
+                             f"no row can be both")
+        if self.bounded:
+            if self.current_version is None:
+                raise ValueError("filter min_staleness / max_staleness need current_version (the lag is counted "
+                                 "from it)")
+            allowed_versions(self.current_version)  # ValueError naming it when it is no version
+
+    @property
+    def bounded(self) -> bool:
+        """Whether the staleness window leaves any generated row out."""
+        return self.min_staleness > 0 or self.max_staleness is not None
+
+    def generated_versions(self) -> tuple[str, ...] | None:
+        """The versions the staleness window lets generated rows have; None: any (no window)."""
+        if not self.bounded:
+            return None
+        return allowed_versions(str(self.current_version), self.min_staleness, self.max_staleness)
 
     @classmethod
     def coerce(cls, value: "Filters | Mapping[str, Any] | None") -> "Filters":
@@ -80,7 +110,7 @@ class Filters:
                                   ("source", self.sources)) if used is not None]
         if self.iteration_min is not None or self.iteration_max is not None:
             cols += ["iteration", "source"]
-        if self.policy_versions is not None:
+        if self.policy_versions is not None or self.bounded:
             cols += ["policy_version", "source"]
         if self.require_logprobs:
             cols.append("logprobs")
@@ -104,6 +134,10 @@ class Filters:
         if self.policy_versions is not None:
             parts.append((pc.field("source") == "generated")
                          & pc.field("policy_version").isin(pa.array(self.policy_versions, pa.string())))
+        window = self.generated_versions()
+        if window is not None:  # human programs have no lag: the window selects generated rows only
+            parts.append((pc.field("source") == "human")
+                         | pc.field("policy_version").isin(pa.array(window, pa.string())))
         if self.tokenizer_hash is not None:
             parts.append(pc.field("tokenizer_hash") == self.tokenizer_hash)
         if self.require_logprobs:
@@ -131,6 +165,10 @@ class Filters:
             parts.append(pc.and_(pc.equal(table["source"], "generated"),
                                  pc.is_in(table["policy_version"],
                                           value_set=pa.array(self.policy_versions, pa.string()))))
+        window = self.generated_versions()
+        if window is not None:
+            parts.append(pc.or_(pc.equal(table["source"], "human"),
+                                pc.is_in(table["policy_version"], value_set=pa.array(window, pa.string()))))
         if self.tokenizer_hash is not None:
             parts.append(pc.equal(table["tokenizer_hash"], self.tokenizer_hash))
         if self.require_logprobs:
@@ -166,6 +204,10 @@ class Filters:
                 return False
             if excluded("policy_version", self.policy_versions):
                 return False
+        window = self.generated_versions()
+        only_generated = source == "generated" or (source is None and excluded("source", ("human",)))
+        if window is not None and only_generated and excluded("policy_version", window):
+            return False
         # the window selects generated rows only: a group that may hold human rows is not ruled out by it
         if "iteration" in stats and (source == "generated" or (source is None and excluded("source", ("human",)))):
             lo, hi = stats["iteration"]

@@ -54,6 +54,8 @@ from bcoder_ray.loop.run_folder import (CONFIG_FILE, CONTAMINATION_FILE, TABLE_F
                                         prepare_run as _prepare_run, version_name, write_metrics_lines)
 from bcoder_ray.evaluation.plots import plot_budget_curve
 from bcoder_ray.loop.run_table import final_table, probe_points
+from bcoder_ray.loop.staleness import bounded, human_rows_while_none_is_old_enough, window_text, write_lags
+from bcoder_ray.buffer.staleness import LagCounts
 from bcoder_ray.util.atomic import atomic_write_text
 from bcoder_ray.util.storage import is_dir, is_local_path, join_uri, upload_dir
 from bcoder_ray.loop.storage_probe import check_every_node_sees
@@ -374,13 +376,14 @@ class Run:
         self.state.save(self.run_dir)
         job = StageJob(algorithm=cfg.algorithm.name, algorithm_config=cfg.algorithm, context=self.ctx, plan=plan,
                        optim=st, imports=tuple(cfg.imports), seed=cfg.run.seed + it, progress=cfg.run.progress,
-                       step_offset=it * st.steps)
+                       step_offset=it * st.steps, policy_version=self.state.policy_version)
         rows = plan.rows
         dataset = self.buffer.ray_dataset(
             st.batch_size_per_worker, job.batches_needed(st.num_workers), rho_real=rows.rho_real,
             filters=rows.filters, seed=cfg.run.seed * 1000 + it,
             targets_fingerprint=plan.targets.fingerprint if plan.targets else None,
-            extra_columns=(*rows.extra_columns, "sample_id"), num_cpus=cfg.buffer.dataset_cpus)
+            # sample_id: the read counts; policy_version: the lags of the generated rows read
+            extra_columns=(*rows.extra_columns, "sample_id", "policy_version"), num_cpus=cfg.buffer.dataset_cpus)
         scaling = ScalingSpec(num_workers=st.num_workers, use_gpu=st.use_gpu, cpus_per_worker=st.cpus_per_worker,
                               gpus_per_worker=st.gpus_per_worker)
         workers = max(1, st.num_workers)  # 0: Ray Train's local mode, one process
@@ -461,7 +464,7 @@ class Run:
         if self.schedule.release_actors:
             self.stop_pool()  # their GPUs go to the learners (bcoder_ray.loop.resources)
         for plan in algo.plan_iteration(it, copy.deepcopy(progress["algorithm"]), st.policy_version):
-            plan = self.scoped(algo.prepare_stage(plan, st.algorithm))
+            plan = bounded(self.scoped(algo.prepare_stage(plan, st.algorithm)), cfg.algorithm, st.policy_version)
             label = plan.label or plan.name
             if label in progress["stages"]:
                 self.log(f"stage {label}: finished before the interruption; not redone")
@@ -472,13 +475,18 @@ class Run:
                 progress["stages"][label] = {"skipped": True}
                 st.save(self.run_dir)
                 continue
+            plan, human_only = human_rows_while_none_is_old_enough(plan, self.buffer)
+            if human_only:
+                self.log(f"stage {label}: no generated row is {window_text(plan.rows.filters)} yet: its batches "
+                         f"are human rows only")
             # 2. targets
             filled = self.fill_targets(plan)
             # 3. learn
             result = self.learn(plan, it, progress["running"])
             algo.after_stage(plan, result.checkpoint_dir, it, st.algorithm)
             progress["stages"][label] = {"checkpoint": result.checkpoint_dir, "wall_s": result.wall_s,
-                                         "targets_filled": filled,
+                                         "targets_filled": filled, "staleness": result.lags.to_json(),
+                                         **({"human_rows_only": True} if human_only else {}),
                                          **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
             st.save(self.run_dir)  # a resume continues after this stage
         # 4. publish: the actors load the new policy by path on their next task
@@ -511,6 +519,9 @@ class Run:
                 self.scalar(f"eval/pass@{k}", _get(o, "pass", k), it)
                 self.scalar(f"eval/ranked_pass@{k}", _get(o, "ranked_pass", k), it)
         self.scalar("time/iteration_s", record["wall_s"], it)
+        for label, stage in record["stages"].items():
+            if stage.get("staleness"):
+                write_lags(self.scalar, self.writer, label, LagCounts.from_json(stage["staleness"]), it)
 
     # ------------------------------------------------------------------------------------------ the loop
     def train_loop(self) -> None:

@@ -18,7 +18,9 @@ out with `ray.train.report` every `report_every` steps; the last report carries 
 and the whole metric history. Ray Train's storage is `storage_path`, a local path or a URI every node reaches (with
 its pyarrow filesystem: `bcoder_ray.util.storage.resolve`), and the checkpoint comes back as a location of the same
 kind. The workers write nothing else: the progress bar, live TensorBoard scalars and the per-rank read counts go
-through a `bcoder_ray.loop.stage_channel.StageChannel` actor, and the driver writes those files.
+through a `bcoder_ray.loop.stage_channel.StageChannel` actor, and the driver writes those files. Each rank also
+counts the policy-version lag of every generated row it reads (against `StageJob.policy_version`, when the batches
+carry the `policy_version` column): `StageResult.lags`, and `lag_mean` in the metric entries.
 
 Every call gets its own Ray Train run name: a reused `RunConfig(name, storage_path)` would silently resume an
 old run, so the driver names runs by stage, iteration and attempt.
@@ -44,6 +46,7 @@ from bcoder_ray.algorithms.base import AlgorithmConfig, RunContext, StagePlan
 from bcoder_ray.config import StageConfig
 from bcoder_ray.model.batch import collate
 from bcoder_ray.buffer import rows_from_batch
+from bcoder_ray.buffer.staleness import LagCounts, PolicyVersion
 from bcoder_ray.loop.metric_sinks import MetricSinks
 from bcoder_ray.util.quiet import quiet_libraries, quiet_ray_logs
 from bcoder_ray.util.storage import is_uri, join_uri, resolve, upload_dir, uri_of
@@ -69,6 +72,7 @@ class StageJob:
     seed: int = 0
     progress: bool = True
     step_offset: int = 0  # the TensorBoard step of this stage's step 0 (stages of earlier iterations before it)
+    policy_version: str = ""  # the current policy version, the generated rows' lags are counted from ("": none)
 
     @property
     def steps(self) -> int:
@@ -98,6 +102,7 @@ class StageResult:
     metrics: dict[str, Any]  # the last report
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per report (step, metrics...)
     wall_s: float = 0.0
+    lags: LagCounts = field(default_factory=LagCounts)  # of the generated rows every rank read
 
 
 # ------------------------------------------------------------------------------------------ worker side
@@ -167,10 +172,18 @@ def train_loop_per_worker(config: dict) -> None:
     channel = config["channel"]  # to the driver: steps and metric entries (rank 0), read counts (every rank)
     rank0 = ctx.get_world_rank() == 0
     reads: collections.Counter[str] = collections.Counter()  # off-policy reuse: reads of each buffer row
-    for _ in range(start_step * o.grad_accum):  # the data position: the batches the steps before consumed
-        table = next(batches)
+    current = PolicyVersion.parse(job.policy_version)
+    lags, window_lags = LagCounts(), LagCounts()  # the stage's, and those since the last report
+
+    def count(table) -> None:
         if "sample_id" in table.column_names:
             reads.update(table["sample_id"].to_pylist())
+        if current is not None and "policy_version" in table.column_names:
+            window_lags.add(table["policy_version"].to_pylist(), table["is_human"].to_pylist(), current)
+
+    for _ in range(start_step * o.grad_accum):  # the data position: the batches the steps before consumed
+        count(next(batches))
+    lags, window_lags = window_lags, LagCounts()
     window: dict[str, float] = {}
     n_window = 0
     started = last_report = time.time()
@@ -178,8 +191,7 @@ def train_loop_per_worker(config: dict) -> None:
         step_metrics: dict[str, float] = {}
         for micro in range(o.grad_accum):
             table = next(batches)
-            if "sample_id" in table.column_names:
-                reads.update(table["sample_id"].to_pylist())
+            count(table)
             batch = collate(rows_from_batch(table), pad, token_columns=token_columns,
                             info_columns=info_columns).to(device)
             with gradient_sync(loss_module, sync=micro == o.grad_accum - 1):
@@ -213,6 +225,9 @@ def train_loop_per_worker(config: dict) -> None:
             entry.update(step=step + 1, steps_per_s=n_window / max(now - last_report, 1e-9),
                          programs_per_s=n_window * o.grad_accum * o.batch_size_per_worker * world
                          / max(now - last_report, 1e-9))
+            if window_lags.rows:
+                entry["lag_mean"] = window_lags.summary().mean
+            lags, window_lags = lags.merge(window_lags), LagCounts()
             history.append(entry)
             if rank0:  # live: the driver writes it to TensorBoard while the stage runs
                 channel.add_entry.remote(entry)
@@ -224,6 +239,7 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report({**history[-1], "stage": job.stage})
     if reads:
         ray.get(channel.add_reads.remote(ctx.get_world_rank(), dict(reads)))
+    ray.get(channel.add_lags.remote(ctx.get_world_rank(), lags.merge(window_lags)))
     final = {**(history[-1] if history else {}), "stage": job.stage, "history": history,
              "train_s": time.time() - started, "model_setup_s": model_ready - entered,
              "worker_entered_at": entered}
@@ -334,6 +350,7 @@ def train_stage(job: StageJob, dataset, scaling: ScalingSpec, *, storage_path: s
     `tensorboard_dir` (and to `sinks`: MLflow, W&B) while the stage runs and every rank's read counts under
     `reads_dir`. `name` must be new unless `resume`: then an interrupted run of that name continues from its last
     checkpoint (Ray Train restores it; `checkpoint_every` steps apart)."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -370,6 +387,7 @@ def train_stage(job: StageJob, dataset, scaling: ScalingSpec, *, storage_path: s
             dataset_config=in_order_data_config(),
         )
         result = trainer.fit()
+        lags = ray.get(channel.get_lags.remote())
     finished = time.time()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint")
@@ -382,4 +400,5 @@ def train_stage(job: StageJob, dataset, scaling: ScalingSpec, *, storage_path: s
     history = metrics.pop("history", [])
     if "worker_entered_at" in metrics:  # how long Ray Train took to start the workers
         metrics["worker_start_s"] = metrics.pop("worker_entered_at") - started
-    return StageResult(checkpoint_dir=checkpoint, metrics=metrics, history=history, wall_s=finished - started)
+    return StageResult(checkpoint_dir=checkpoint, metrics=metrics, history=history, wall_s=finished - started,
+                       lags=lags)

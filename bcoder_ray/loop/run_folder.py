@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bcoder_ray.algorithms.base import RunContext
+from bcoder_ray.buffer.staleness import version_name  # noqa: F401 (the driver's import path; the order lives there)
 from bcoder_ray.config import Config, ConfigError, config_from_data, load_config, read_yaml
 from bcoder_ray.loop.components import run_context
 from bcoder_ray.util.atomic import atomic_write_text
@@ -84,9 +85,6 @@ class RunState:
         atomic_write_text(run_dir / STATE_FILE, json.dumps(dataclasses.asdict(self), indent=2, default=str) + "\n")
 
 
-def version_name(run_id: str, k: int) -> str:
-    """The buffer's `policy_version` of a run's k-th policy (0: θ_ckpt): unique across runs sharing a buffer."""
-    return f"{run_id}/{k}"
 
 
 @dataclass

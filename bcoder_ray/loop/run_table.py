@@ -1,11 +1,12 @@
 """The run's final table (`table.md`): one row per iteration (buffer, budget, rollout and probe pass rates,
-validation pass@1 unranked and ranked), the test split once (warm start and last policy), and the paired
+validation pass@1 unranked and ranked, the lag of the generated rows its stages read), the test split once (warm start and last policy), and the paired
 comparisons of the last policy against the warm start on the test split with bootstrap intervals."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from bcoder_ray.buffer.staleness import merged
 from bcoder_ray.util.formatting import pct
 from bcoder_ray.config import Config
 from bcoder_ray.evaluation.metrics import CANDIDATES_FILE, bootstrap_ci, group_by_problem, problem_variant_value, read_candidates
@@ -47,19 +48,19 @@ def final_table(state: RunState, cfg: Config) -> str:
     lines = [f"# {cfg.run.name}: {cfg.algorithm.name} on {su.name} ({su.train_split} → validation {val}, "
              f"test {su.test_split})", "",
              "| iteration | buffer rows | programs sampled (total) | programs executed (total) | rollout pass rate "
-             "| probe pass rate | validation pass@1 | validation ranked pass@1 |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| probe pass rate | validation pass@1 | validation ranked pass@1 | lag read (mean / p90 / max) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     probe = {p["iteration"]: p["pass_rate"] for p in state.probe}
     if state.baseline or state.baseline_test:
         o = (state.baseline or {}).get("overall") or {}
         lines.append(f"| warm start (θ_ckpt) | {state.human_rows} | 0 | 0 | – | {_rate(probe.get(-1))} | "
-                     f"{pct(_get(o, 'pass', 1))} | – |")
+                     f"{pct(_get(o, 'pass', 1))} | – | – |")
     for rec in state.iterations:
         o = (rec.get("eval") or {}).get("overall") or {}
         lines.append(f"| {rec['iteration']} | {rec.get('buffer_rows', '–')} | {rec['programs_sampled_total']} | "
                      f"{rec['programs_executed_total']} | {rec['rollout']['pass_rate']:.3f} | "
                      f"{_rate(probe.get(rec['iteration']))} | {pct(_get(o, 'pass', 1))} | "
-                     f"{pct(_get(o, 'ranked_pass', 1))} |")
+                     f"{pct(_get(o, 'ranked_pass', 1))} | {_lag(rec)} |")
     base, last = state.baseline_test, state.final_test
     if base and last:
         o_last, o_base = last["overall"], base["overall"]
@@ -104,6 +105,12 @@ def probe_points(state: RunState) -> list[dict]:
     sampled = {-1: 0, **{r["iteration"]: r["programs_sampled_total"] for r in state.iterations}}
     return [{"programs": sampled[p["iteration"]], "pass_rate": p["pass_rate"]}
             for p in sorted(state.probe, key=lambda p: p["iteration"]) if p["iteration"] in sampled]
+
+
+def _lag(record: dict) -> str:
+    """The policy-version lag of the generated rows an iteration's stages read (all stages together)."""
+    s = merged(stage.get("staleness") for stage in (record.get("stages") or {}).values()).summary()
+    return "–" if not s.rows else f"{s.mean:.2f} / {s.p90} / {s.max}"
 
 
 def _rate(x: float | None) -> str:

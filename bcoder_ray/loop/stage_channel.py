@@ -7,7 +7,8 @@
 The workers may run on any node of a cluster, so they write nothing into the driver's run folder: rank 0 sends its
 optimiser steps (the progress bar) and its metric entries (TensorBoard, live: the driver's thread writes them
 every second while the stage trains), and every rank sends, at its end, how often it read each buffer row
-(`reads/<stage run>/reads-rank<r>.json`, what `bcoder_ray.evaluation.reuse` sums). The channel is a Ray actor with no CPU;
+(`reads/<stage run>/reads-rank<r>.json`, what `bcoder_ray.evaluation.reuse` sums) and the policy-version lags of
+the generated rows it read (`bcoder_ray.buffer.staleness.LagCounts`; the driver sums the ranks' with `lags`). The channel is a Ray actor with no CPU;
 the driver kills it when the stage ends.
 """
 
@@ -22,6 +23,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+from bcoder_ray.buffer.staleness import LagCounts
 from bcoder_ray.util.atomic import atomic_write_text
 from bcoder_ray.loop.metric_sinks import MetricSinks
 
@@ -29,12 +31,13 @@ READS_FILE = "reads-rank{rank}.json"  # {sample_id: reads}: the buffer rows one 
 
 
 class StageChannel:
-    """The actor: rank 0's step count and metric entries, every rank's read counts."""
+    """The actor: rank 0's step count and metric entries, every rank's read counts and lags."""
 
     def __init__(self) -> None:
         self.steps = 0
         self.entries: list[dict] = []
         self.reads: dict[int, dict[str, int]] = {}
+        self.lags: dict[int, LagCounts] = {}
 
     def set_steps(self, steps: int) -> None:
         self.steps = steps
@@ -44,6 +47,13 @@ class StageChannel:
 
     def add_reads(self, rank: int, reads: dict[str, int]) -> None:
         self.reads[rank] = reads  # a rank restarted by Ray Train replaces what its failed attempt sent
+
+    def add_lags(self, rank: int, lags: LagCounts) -> None:
+        self.lags[rank] = lags  # as add_reads: a restarted rank's count replaces its failed attempt's
+
+    def get_lags(self) -> LagCounts:
+        """The lags of every rank's reads, summed."""
+        return LagCounts().merge(*self.lags.values())
 
     def drain(self) -> tuple[int, list[dict]]:
         """The step count and the entries sent since the last drain."""
