@@ -136,9 +136,21 @@ def test_tiny_run_killed_resumed_and_checked(tmp_path):
         assert rec["stages"]["theta"]["train_s"] > 0 and rec["buffer_rows"] > 0
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["iteration"] for x in lines] == [0, 1]
+    # staleness: the lag of every generated row a stage read behind the version the rollout sampled with; half of
+    # each batch is generated (ρ_real 0.5): φ 4 steps × 8 rows, θ 4 steps × 8 rows × 2 workers
+    lags = [{label: s["staleness"] for label, s in json.loads(x)["stages"].items()} for x in lines]
+    assert lags[0]["phi"]["counts"] == {"0": 4 * 8 // 2} and lags[0]["theta"]["counts"] == {"0": 4 * 8 * 2 // 2}
+    assert lags[1]["theta"]["rows"] == 4 * 8 * 2 // 2 and set(lags[1]["theta"]["counts"]) <= {"0", "1"}
+    assert lags[0]["theta"]["unknown"] == lags[1]["theta"]["unknown"] == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))  # the driver's scalars (iteration 0's may be lost
+    events.Reload()                                           # with the killed driver's unflushed writer)
+    assert 1 in [e.step for e in events.Scalars("staleness/theta/mean")]
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())
     for stage in ("phi", "theta"):  # streamed by rank 0 while each stage ran
         assert list((run_dir / "tensorboard" / stage).glob("events.out.tfevents*")), stage
     table_md = (run_dir / "table.md").read_text()
     assert summary.table == table_md
     assert "ranked (last) vs unranked (warm start)" in table_md and "unranked (last) vs unranked" in table_md
+    assert "lag read (mean / p90 / max)" in table_md and "| 0.00 / 0 / 0 |" in table_md  # iteration 0: all lag 0

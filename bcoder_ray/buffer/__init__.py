@@ -8,8 +8,9 @@ Parts, one job each; every part works on the storage layer (Store, Ledger, Catal
 
 - schema: the columns (schema versions), building rows (`make_row`, `prompt_rows`), validating caller rows
   into Arrow tables, reading rows of older versions as the current one (`conform`)
-- filters: which rows a reader wants (suite, split, outcome, iteration window, tokenizer, policy versions,
-  decoding, source, log-probabilities present)
+- filters: which rows a reader wants (suite, split, outcome, iteration window, tokenizer, policy versions, a
+  staleness window, decoding, source, log-probabilities present)
+- staleness: policy versions in order, the lag of the generated rows a reader reads and its distribution
 - storage: files on any pyarrow filesystem: atomic, durable (exclusive when asked) whole-file writes, listing,
   reads that retry transient errors and tell them from damage, footer checks, quarantine, the compaction lock
 - ledger: which files a compaction replaced (reader hiding, retry detection, targets relocation)

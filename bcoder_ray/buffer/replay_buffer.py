@@ -54,7 +54,8 @@ epoch re-lists the files (new appends appear; one epoch of draws visits every ma
 Filters (`Filters` or a dict): suite(s), split(s), outcome(s), iterations=(lo, hi) inclusive (it selects
 generated rows; human rows belong to no iteration and always pass), tokenizer_hash (pass the current
 tokenizer's fingerprint and rows with stale token ids are left out), policy_versions (generated rows of those
-versions; human rows left out), decoding (e.g. ("sample",) leaves out greedy baselines), sources (("human",) or
+versions; human rows left out), current_version with min_staleness / max_staleness (generated rows that many
+versions behind it, `bcoder_ray.buffer.staleness`; human rows kept), decoding (e.g. ("sample",) leaves out greedy baselines), sources (("human",) or
 ("generated",)), require_logprobs. Row groups whose statistics rule them out are not read.
 
 Ray Train. `TorchTrainer(datasets={"train": buf.ray_dataset(B, steps, ...)})`; in the loop
