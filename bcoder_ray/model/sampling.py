@@ -120,7 +120,7 @@ class Decoding:
             for i, (t, done) in enumerate(zip(tokens.tolist(), self.finished.tolist())):
                 if not done:
                     self.texts[i].append(t)
-                    if self.stop_strings.completed(self.texts[i]):  # this token completes a stop string: it ends the row
+                    if self.stop_strings.completed(self.texts[i]):  # it completes a stop string: the row ends
                         self.finished[i] = True
                         self.string_end[i] = self.steps
         return tokens
@@ -165,6 +165,19 @@ class Decoding:
         return programs, program_logps
 
 
+def check_warp(temperature: float, top_p: float, where: str) -> None:
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"{where}: temperature={temperature} must be ≥ 0 and top_p={top_p} in (0, 1]")
+
+
+def stop_id_list(eos_id: int | Sequence[int], where: str) -> list[int]:
+    """The ids that end a program, from one id or several (refused when there are none)."""
+    stop_list = [int(eos_id)] if isinstance(eos_id, numbers.Integral) else [int(t) for t in eos_id]
+    if not stop_list:
+        raise ValueError(f"{where}: eos_id names no token that ends a program")
+    return stop_list
+
+
 @torch.no_grad()
 def _sample_rows(policy: PolicyLM, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
                  stop: torch.Tensor, pad_id: int, temperature: float, top_p: float,
@@ -192,15 +205,12 @@ def sample_programs(policy: PolicyLM, prompts: Sequence[Sequence[int]], n: int, 
     ``stop_strings``: a program also ends at the token that completes the first of them."""
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"sample_programs: n={n} and max_new_tokens={max_new_tokens} must be ≥ 1")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"sample_programs: temperature={temperature} must be ≥ 0 and top_p={top_p} in (0, 1]")
+    check_warp(temperature, top_p, "sample_programs")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"sample_programs: prompt {i} is empty")
     prefix = [int(t) for t in prefix]
-    stop_list = [int(eos_id)] if isinstance(eos_id, numbers.Integral) else [int(t) for t in eos_id]
-    if not stop_list:
-        raise ValueError("sample_programs: eos_id names no token that ends a program")
+    stop_list = stop_id_list(eos_id, "sample_programs")
     if prefix and (return_logprobs or len(prefix) >= max_new_tokens or set(stop_list) & set(prefix)):
         raise ValueError(f"sample_programs: a prefix ({len(prefix)} tokens) must be shorter than max_new_tokens="
                          f"{max_new_tokens}, hold no EOS, and comes without log-probabilities")
