@@ -79,3 +79,46 @@ def tiny_context(root):
     ckpt = tiny_checkpoint("decoder-only", str(root / "ckpt"))
     train_tokenizer(["def f(x):\n    return x\n"] * 20, 60).save_pretrained(str(root / "tok"))
     return RunContext(theta_ckpt=ckpt, tokenizer_path=str(root / "tok"), source_len=16, target_len=16)
+
+
+def tiny_run_folders(root, problems, names=("bcoder", "coderl")) -> dict:
+    """θ_ckpt (a tiny GPT-2 with a BPE tokenizer trained on `problems`' prompts and first references) and a run
+    folder of the ci_tiny config per algorithm in `names`: `bcoder` with θ and φ moved off their initialisation (a
+    trained stand-in), `coderl` with a fresh critic, any other with no checkpoint of its own. Returns {"ckpt",
+    "tokenizer", name: run folder}."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bcoder_ray.algorithms.bcoder.q_model import QModel
+    from bcoder_ray.algorithms.coderl.critic import Critic
+    from bcoder_ray.config import load_config
+    from bcoder_ray.loop.run_folder import CONFIG_FILE, RunState
+    from bcoder_ray.model.warm_start import train_tokenizer
+
+    tokenizer = train_tokenizer([p.prompt + p.references[0] for p in problems], vocab_size=300)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    ckpt = str(root / "ckpt")
+    GPT2LMHeadModel(config).save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    states = {}
+    if "bcoder" in names:
+        trained = QModel.create(ckpt, parts=("phi", "theta"))
+        perturb(trained.freeze_for_stage("theta"), scale=0.5, seed=7)
+        perturb(trained.freeze_for_stage("phi"), scale=0.5, seed=8)
+        trained.freeze_for_stage("none")
+        trained.save_theta(str(root / "theta"), tokenizer)
+        trained.save_phi(str(root / "phi"), tokenizer)
+        states["bcoder"] = {"theta": str(root / "theta"), "phi": str(root / "phi")}
+    if "coderl" in names:
+        Critic.create(ckpt, seed=2).save(str(root / "critic"))
+        states["coderl"] = {"critic": str(root / "critic")}
+    runs = {}
+    for name in names:
+        folder = root / f"run_{name}"
+        folder.mkdir()
+        (folder / CONFIG_FILE).write_text(load_config("ci_tiny", ["--algorithm.name", name]).to_yaml())
+        RunState(theta_ckpt=ckpt, algorithm=states.get(name, {}), policy=ckpt, policy_version="1").save(folder)
+        runs[name] = str(folder)
+    return {"ckpt": ckpt, "tokenizer": tokenizer, **runs}

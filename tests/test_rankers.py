@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import envs  # noqa: F401  (registers the suites)
 from bcoder_ray.evaluation.metrics import CandidateRecord
@@ -129,40 +128,11 @@ def test_sum_and_mean_loglik_differ_on_lengths():
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
     """θ_ckpt (a tiny GPT-2 with its own tokenizer), a B-Coder run folder (θ, φ perturbed) and a CodeRL one."""
-    from bcoder_ray.algorithms.bcoder.q_model import QModel
-    from bcoder_ray.algorithms.coderl.critic import Critic
-    from bcoder_ray.config import load_config
-    from bcoder_ray.loop.run_folder import CONFIG_FILE, RunState
-    from bcoder_ray.model.warm_start import train_tokenizer
     from envs.registry import load_suite
-    from learner_fixtures import perturb
+    from learner_fixtures import tiny_run_folders
 
-    root = tmp_path_factory.mktemp("rankers")
     problems = load_suite("embedded", "test", limit=3)
-    tokenizer = train_tokenizer([p.prompt + p.references[0] for p in problems], vocab_size=300)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=256,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    ckpt = str(root / "ckpt")
-    GPT2LMHeadModel(config).save_pretrained(ckpt)
-    tokenizer.save_pretrained(ckpt)
-    trained = QModel.create(ckpt, parts=("phi", "theta"))
-    perturb(trained.freeze_for_stage("theta"), scale=0.5, seed=7)
-    perturb(trained.freeze_for_stage("phi"), scale=0.5, seed=8)
-    trained.freeze_for_stage("none")
-    trained.save_theta(str(root / "theta"), tokenizer)
-    trained.save_phi(str(root / "phi"), tokenizer)
-    Critic.create(ckpt, seed=2).save(str(root / "critic"))
-    runs = {}
-    for name, algorithm in (("bcoder", {"theta": str(root / "theta"), "phi": str(root / "phi")}),
-                            ("coderl", {"critic": str(root / "critic")})):
-        folder = root / f"run_{name}"
-        folder.mkdir()
-        (folder / CONFIG_FILE).write_text(load_config("ci_tiny", ["--algorithm.name", name]).to_yaml())
-        RunState(theta_ckpt=ckpt, algorithm=algorithm, policy=ckpt, policy_version="1").save(folder)
-        runs[name] = str(folder)
-    return {"ckpt": ckpt, "tokenizer": tokenizer, "problems": problems, **runs}
+    return {"problems": problems, **tiny_run_folders(tmp_path_factory.mktemp("rankers"), problems)}
 
 
 def test_token_logprobs_are_the_lms_own(system):

@@ -18,12 +18,12 @@ from bcoder_ray.algorithms.coderl import algorithm as coderl
 from bcoder_ray.algorithms.policy_gradient import algorithm as policy_gradient
 from bcoder_ray.algorithms.rest_em import algorithm as rest_em
 from bcoder_ray.algorithms.sft import algorithm as sft
-from bcoder_ray.algorithms.registry import (algorithm_class, algorithm_names, import_modules, load_ranker,
-                                            make_algorithm, parse_algorithm_config, register_algorithm)
+from bcoder_ray.algorithms.registry import (algorithm_class, algorithm_names, import_modules, load_prefix_value,
+                                            load_ranker, make_algorithm, parse_algorithm_config, register_algorithm)
 
 for _cls in (bcoder.BCoder, bcoder.BCoderOptimality, bcoder.DuelingDQN, coderl.CodeRL, policy_gradient.PPO,
              policy_gradient.GRPO, rest_em.RestEM, sft.SFT):
     register_algorithm(_cls)
 
-__all__ = ["algorithm_class", "algorithm_names", "import_modules", "load_ranker", "make_algorithm",
-           "parse_algorithm_config", "register_algorithm"]
+__all__ = ["algorithm_class", "algorithm_names", "import_modules", "load_prefix_value", "load_ranker",
+           "make_algorithm", "parse_algorithm_config", "register_algorithm"]

@@ -32,6 +32,7 @@ from torch import nn
 from bcoder_ray.buffer.filters import Filters
 from bcoder_ray.model.batch import Batch
 from bcoder_ray.model.lm import LoadOptions
+from bcoder_ray.model.prefix_value import PrefixValue  # part of the interface: `load_prefix_value` returns one
 from bcoder_ray.model.ranker import Ranker  # part of the interface: `load_ranker` returns one
 from bcoder_ray.model.tokenization import TextFormat, load_tokenizer
 from bcoder_ray.util.storage import local_dir
@@ -249,6 +250,12 @@ class Algorithm(ABC):
         added to it (`experiments/evaluate.py --rankers run_untrained`). None: the algorithm offers none."""
         return None
 
+    def prefix_value(self, state: dict) -> RankerRef | None:
+        """The learned value of program prefixes that guides search at inference (`experiments/value_search.py`,
+        `bcoder_ray.model.value_search`), by reference like a ranker; None: the algorithm learns none (or has not
+        trained it yet)."""
+        return None
+
     # -- the workers' side
     @abstractmethod
     def build_stage(self, plan: StagePlan, device: torch.device | str | None = None) -> StageModule:
@@ -260,3 +267,7 @@ class Algorithm(ABC):
 
     def load_ranker(self, spec: Mapping[str, Any], label: str, device: torch.device | str | None = None) -> Ranker:
         raise NotImplementedError(f"algorithm {self.name!r} has no ranker")
+
+    def load_prefix_value(self, spec: Mapping[str, Any], label: str,
+                          device: torch.device | str | None = None) -> PrefixValue:
+        raise NotImplementedError(f"algorithm {self.name!r} learns no value of program prefixes")

@@ -28,7 +28,7 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any, Iterable, Mapping
 
-from bcoder_ray.algorithms.base import Algorithm, AlgorithmConfig, Ranker, RankerRef, RunContext
+from bcoder_ray.algorithms.base import Algorithm, AlgorithmConfig, PrefixValue, Ranker, RankerRef, RunContext
 
 ENTRY_POINT_GROUP = "bcoder_ray.algorithms"
 _ALGORITHMS: dict[str, type[Algorithm]] = {}
@@ -92,3 +92,9 @@ def make_algorithm(name: str, config: Mapping[str, Any] | AlgorithmConfig, ctx: 
 def load_ranker(ref: RankerRef, ctx: RunContext, modules: Iterable[str] = (), device: Any = None) -> Ranker:
     """The ranker `ref` names, loaded in this process (an actor, `experiments/evaluate.py --rank-with`)."""
     return make_algorithm(ref.algorithm, ref.config, ctx, modules).load_ranker(ref.spec, ref.label, device)
+
+
+def load_prefix_value(ref: RankerRef, ctx: RunContext, modules: Iterable[str] = (),
+                      device: Any = None) -> PrefixValue:
+    """The value of program prefixes `ref` names (`Algorithm.prefix_value`), loaded in this process."""
+    return make_algorithm(ref.algorithm, ref.config, ctx, modules).load_prefix_value(ref.spec, ref.label, device)

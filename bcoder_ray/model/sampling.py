@@ -19,6 +19,8 @@ Public API
   the same inputs, settings and ``batch_size``.
 - ``warp_scores(scores, temperature, top_p) -> scores``: the sampler's processing of one step's scores
   (temperature, then top-p), the same operations and order as ``transformers``' ``generate``.
+- ``Decoding(policy, rows, *, stop, pad_id, ...)``: the sampler's step-by-step state (KV cache, tokens, ends) with
+  ``draw``, ``feed``, ``reorder`` (rows copied from others: value-guided search) and ``programs``.
 
 Why θ alone: Q_θ(s, ·)/α = ℓ_θ(s, ·) - max_a ℓ_θ(s, a) + V_θ(s)/α is ℓ_θ plus a per-state constant, and
 temperature, top-p and softmax are all invariant to such a constant. So Algorithm 2's distribution is exactly the
@@ -62,30 +64,46 @@ def _pad_left(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
     return ids.to(device), mask.to(device)
 
 
-@torch.no_grad()
-def _sample_rows(policy: PolicyLM, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
-                 stop: torch.Tensor, pad_id: int, temperature: float, top_p: float,
-                 generator: torch.Generator, decoder_prefix: Sequence[int] = (), prefix: Sequence[int] = (),
-                 stop_strings: StopStrings | None = None) -> tuple[list[list[int]], list[list[float]]]:
-    device = policy.lm.get_output_embeddings().weight.device
-    ids, mask = _pad_left(rows, pad_id, device)
-    encoded = None
-    if policy.kind == ENCODER_DECODER:
-        encoded = policy.encode(ids, mask)
-        step_ids = torch.tensor([[policy.decoder_start_id, *decoder_prefix]] * len(rows), dtype=torch.long,
-                                device=device)
-        hidden, cache = policy.decode(step_ids, encoded=encoded, use_cache=True)
-    else:
-        positions = positions_from_mask(mask)
-        hidden, cache = policy.decode(ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        last_position = positions[:, -1:]
-    out = torch.empty((len(rows), 0), dtype=torch.long, device=device)
-    logps = torch.empty((len(rows), 0), dtype=torch.float32, device=device)
-    finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    texts = [list(prefix) for _ in rows] if stop_strings is not None else None  # each row's program so far
-    string_end: dict[int, int] = {}  # row -> its length where a stop string ended it
-    for _ in range(max_new_tokens):
-        scores = policy.logits(hidden[:, -1]).float()          # ℓ_θ(s, ·): Q_θ(s, ·)/α up to a per-state shift
+class Decoding:
+    """Rows of token ids decoded one token at a time with the KV cache: the sampler's loop (`sample_programs`) and
+    value-guided search (`bcoder_ray.model.value_search`, which also reorders the rows) share it.
+
+    ``draw`` samples each row's next token (a finished row gets ``pad_id``) and records where a row ends (its
+    first stop id, or the token that completes a stop string); ``feed`` runs the body one step on those tokens;
+    ``reorder`` makes row i a copy of row ``index[i]`` (its tokens, cache and end state); ``programs`` cuts each
+    row at its end (stop token included). ``out`` [rows, steps] holds the tokens drawn, ``finished`` which rows
+    have ended."""
+
+    def __init__(self, policy: PolicyLM, rows: Sequence[Sequence[int]], *, stop: torch.Tensor, pad_id: int,
+                 decoder_prefix: Sequence[int] = (), prefix: Sequence[int] = (),
+                 stop_strings: StopStrings | None = None):
+        self.policy, self.stop, self.pad_id, self.stop_strings = policy, stop, pad_id, stop_strings
+        device = policy.lm.get_output_embeddings().weight.device
+        ids, self.mask = _pad_left(rows, pad_id, device)
+        self.encoded = None
+        if policy.kind == ENCODER_DECODER:
+            self.encoded = policy.encode(ids, self.mask)
+            step_ids = torch.tensor([[policy.decoder_start_id, *decoder_prefix]] * len(rows), dtype=torch.long,
+                                    device=device)
+            self.hidden, self.cache = policy.decode(step_ids, encoded=self.encoded, use_cache=True)
+        else:
+            positions = positions_from_mask(self.mask)
+            self.hidden, self.cache = policy.decode(ids, attention_mask=self.mask, position_ids=positions,
+                                                    use_cache=True)
+            self.last_position = positions[:, -1:]
+        self.out = torch.empty((len(rows), 0), dtype=torch.long, device=device)
+        self.logps = torch.empty((len(rows), 0), dtype=torch.float32, device=device)
+        self.finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        self.texts = [list(prefix) for _ in rows] if stop_strings is not None else None  # each row's program so far
+        self.string_end: dict[int, int] = {}  # row -> its length where a stop string ended it
+
+    @property
+    def steps(self) -> int:
+        return self.out.shape[1]
+
+    def draw(self, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+        """Each row's next token (``pad_id`` for a row that has ended), recorded with its log-probability."""
+        scores = self.policy.logits(self.hidden[:, -1]).float()  # ℓ_θ(s, ·): Q_θ(s, ·)/α up to a per-state shift
         if temperature == 0:
             log_probs = scores.log_softmax(dim=-1)
             tokens = scores.argmax(dim=-1)
@@ -93,33 +111,86 @@ def _sample_rows(policy: PolicyLM, rows: Sequence[Sequence[int]], *, max_new_tok
             warped = warp_scores(scores, temperature, top_p)
             log_probs = warped.log_softmax(dim=-1)
             tokens = torch.multinomial(warped.softmax(dim=-1), 1, generator=generator).squeeze(1)
-        logps = torch.cat([logps, log_probs.gather(1, tokens[:, None])], dim=1)  # of the distribution sampled
-        tokens = tokens.masked_fill(finished, pad_id)
-        out = torch.cat([out, tokens[:, None]], dim=1)
-        finished |= torch.isin(tokens, stop)
-        if texts is not None:
-            for i, (t, done) in enumerate(zip(tokens.tolist(), finished.tolist())):
+        # the log-probability of the distribution sampled
+        self.logps = torch.cat([self.logps, log_probs.gather(1, tokens[:, None])], dim=1)
+        tokens = tokens.masked_fill(self.finished, self.pad_id)
+        self.out = torch.cat([self.out, tokens[:, None]], dim=1)
+        self.finished |= torch.isin(tokens, self.stop)
+        if self.texts is not None:
+            for i, (t, done) in enumerate(zip(tokens.tolist(), self.finished.tolist())):
                 if not done:
-                    texts[i].append(t)
-                    if stop_strings.completed(texts[i]):  # this token completes a stop string: it ends the row
-                        finished[i] = True
-                        string_end[i] = out.shape[1]
-        if bool(finished.all()) or out.shape[1] == max_new_tokens:
-            break
-        if policy.kind == ENCODER_DECODER:
-            hidden, cache = policy.decode(tokens[:, None], encoded=encoded, cache=cache, use_cache=True)
+                    self.texts[i].append(t)
+                    if self.stop_strings.completed(self.texts[i]):  # it completes a stop string: the row ends
+                        self.finished[i] = True
+                        self.string_end[i] = self.steps
+        return tokens
+
+    def feed(self, tokens: torch.Tensor) -> None:
+        """One step of the body on the tokens just drawn (the cache grows by one position)."""
+        if self.policy.kind == ENCODER_DECODER:
+            self.hidden, self.cache = self.policy.decode(tokens[:, None], encoded=self.encoded, cache=self.cache,
+                                                         use_cache=True)
         else:
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            last_position = last_position + 1
-            hidden, cache = policy.decode(tokens[:, None], attention_mask=mask, position_ids=last_position,
-                                          cache=cache, use_cache=True)
-    programs, program_logps = [], []
-    stop_set = set(stop.tolist())
-    for r, (row, lp) in enumerate(zip(out.tolist(), logps.tolist())):
-        keep = min(next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row)), string_end.get(r, len(row)))
-        programs.append(row[:keep])
-        program_logps.append(lp[:keep])
-    return programs, program_logps
+            self.mask = torch.cat([self.mask, self.mask.new_ones((len(tokens), 1))], dim=1)
+            self.last_position = self.last_position + 1
+            self.hidden, self.cache = self.policy.decode(tokens[:, None], attention_mask=self.mask,
+                                                         position_ids=self.last_position, cache=self.cache,
+                                                         use_cache=True)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row i becomes a copy of row ``index[i]``: its tokens so far, its KV cache and whether it ended."""
+        index = index.to(self.out.device)
+        self.cache.reorder_cache(index)
+        self.hidden, self.mask = self.hidden[index], self.mask[index]
+        self.out, self.logps, self.finished = self.out[index], self.logps[index], self.finished[index]
+        if self.encoded is not None:
+            self.encoded = self.encoded.select(index)
+        else:
+            self.last_position = self.last_position[index]
+        source = index.tolist()
+        if self.texts is not None:
+            self.texts = [list(self.texts[j]) for j in source]
+        self.string_end = {i: self.string_end[j] for i, j in enumerate(source) if j in self.string_end}
+
+    def programs(self) -> tuple[list[list[int]], list[list[float]]]:
+        """Each row's tokens up to its end (the stop token or the stop string's last token included), or all of
+        them for a row cut at the length limit, with their log-probabilities."""
+        programs, program_logps = [], []
+        stop_set = set(self.stop.tolist())
+        for r, (row, lp) in enumerate(zip(self.out.tolist(), self.logps.tolist())):
+            keep = min(next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row)),
+                       self.string_end.get(r, len(row)))
+            programs.append(row[:keep])
+            program_logps.append(lp[:keep])
+        return programs, program_logps
+
+
+def check_warp(temperature: float, top_p: float, where: str) -> None:
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"{where}: temperature={temperature} must be ≥ 0 and top_p={top_p} in (0, 1]")
+
+
+def stop_id_list(eos_id: int | Sequence[int], where: str) -> list[int]:
+    """The ids that end a program, from one id or several (refused when there are none)."""
+    stop_list = [int(eos_id)] if isinstance(eos_id, numbers.Integral) else [int(t) for t in eos_id]
+    if not stop_list:
+        raise ValueError(f"{where}: eos_id names no token that ends a program")
+    return stop_list
+
+
+@torch.no_grad()
+def _sample_rows(policy: PolicyLM, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 stop: torch.Tensor, pad_id: int, temperature: float, top_p: float,
+                 generator: torch.Generator, decoder_prefix: Sequence[int] = (), prefix: Sequence[int] = (),
+                 stop_strings: StopStrings | None = None) -> tuple[list[list[int]], list[list[float]]]:
+    decoding = Decoding(policy, rows, stop=stop, pad_id=pad_id, decoder_prefix=decoder_prefix, prefix=prefix,
+                        stop_strings=stop_strings)
+    for _ in range(max_new_tokens):
+        tokens = decoding.draw(temperature, top_p, generator)
+        if bool(decoding.finished.all()) or decoding.steps == max_new_tokens:
+            break
+        decoding.feed(tokens)
+    return decoding.programs()
 
 
 def sample_programs(policy: PolicyLM, prompts: Sequence[Sequence[int]], n: int, *, max_new_tokens: int,
@@ -134,15 +205,12 @@ def sample_programs(policy: PolicyLM, prompts: Sequence[Sequence[int]], n: int, 
     ``stop_strings``: a program also ends at the token that completes the first of them."""
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"sample_programs: n={n} and max_new_tokens={max_new_tokens} must be ≥ 1")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"sample_programs: temperature={temperature} must be ≥ 0 and top_p={top_p} in (0, 1]")
+    check_warp(temperature, top_p, "sample_programs")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"sample_programs: prompt {i} is empty")
     prefix = [int(t) for t in prefix]
-    stop_list = [int(eos_id)] if isinstance(eos_id, numbers.Integral) else [int(t) for t in eos_id]
-    if not stop_list:
-        raise ValueError("sample_programs: eos_id names no token that ends a program")
+    stop_list = stop_id_list(eos_id, "sample_programs")
     if prefix and (return_logprobs or len(prefix) >= max_new_tokens or set(stop_list) & set(prefix)):
         raise ValueError(f"sample_programs: a prefix ({len(prefix)} tokens) must be shorter than max_new_tokens="
                          f"{max_new_tokens}, hold no EOS, and comes without log-probabilities")

@@ -5,7 +5,7 @@ advantage, then stage θ (eq. 17 = β_td·eq. 15 + β_adv·eq. 8 + β_ce·CE, β
 dueling Q initialised from the LM (eq. 9-11, 16). Both read ρ_real-mixed batches of human and generated rows with
 the frozen targets cached (â_{t+1} = argmax p_ckpt(·|s_{t+1}), A_ckpt, V_φ: `bcoder_ray.algorithms.bcoder.targets`).
 The published policy is θ's LM (Q-sampling from Q_θ/α is sampling from ℓ_θ); the ranker is R̃ (eq. 19-20) from θ
-and φ.
+and φ, and the same θ and φ value program prefixes for value-guided search (`QValue`: Q_θ of the last token).
 
 - `bcoder`: the paper (conservative operator, eq. 14).
 - `bcoder_optimality`: the optimality operator, eq. 13 (Figure 1: "without the conservative operator").
@@ -32,6 +32,7 @@ from bcoder_ray.algorithms.bcoder.q_model import META_FILE, QModel
 from bcoder_ray.algorithms.bcoder.targets import TARGET_COLUMNS, compute_frozen_targets, targets_fingerprint
 from bcoder_ray.model.batch import Batch
 from bcoder_ray.model.lm import checkpoint_label
+from bcoder_ray.model.prefix_value import PrefixValue
 from bcoder_ray.util.storage import local_dir
 
 
@@ -40,6 +41,10 @@ from bcoder_ray.util.storage import local_dir
 UNTRAINED_RTILDE = ("R̃ of the Q initialised from θ_ckpt (no training) = α·[Σ_t log p_ckpt(w_t|s_t) − Σ_t max_a "
                     "log p_ckpt(a|s_t)] + V(s_0) + (1−γ)·Σ_{t≥1} V(s_t): θ_ckpt's sum log-likelihood, less each "
                     "step's best-token log-prob, plus value terms of a fresh V_φ head (≈ R_max each)")
+
+
+PREFIX_VALUE = ("Q_θ(s_{τ-1}, w_{τ-1}) of a prefix's last token: the return expected after it, from the trained θ "
+                "and φ (value-guided search)")
 
 
 class BCoderConfig(AlgorithmConfig):
@@ -132,6 +137,17 @@ class RTildeRanker(Ranker):
                                       pad_id=self.model.pad_id, batch_size=self.batch_size)
 
 
+class QValue(RTildeRanker, PrefixValue):
+    """One QModel, two uses: R̃ of whole programs (`score`, as `RTildeRanker`) and the value of prefixes while
+    they are sampled (`values`: Q_θ(s_{τ-1}, w_{τ-1}) of the last token, `ranking.prefix_values`)."""
+
+    def values(self, prompt_ids: Sequence[int], prefixes: Sequence[Sequence[int]]) -> list[float]:
+        if not prefixes:
+            return []
+        return ranking.prefix_values(self.model, prompt_ids, prefixes, pad_id=self.model.pad_id,
+                                     batch_size=self.batch_size)
+
+
 class BCoder(Algorithm):
     name = "bcoder"
     Config = BCoderConfig
@@ -190,6 +206,11 @@ class BCoder(Algorithm):
         return RankerRef(self.name, self.config.model_dump(), {"theta_dir": theta, "phi_dir": state.get("phi")},
                          label, description="R̃ (eq. 19-20) of the trained θ and φ")
 
+    def prefix_value(self, state: dict) -> RankerRef | None:
+        """Q_θ of the trained θ and φ (the ranker's checkpoints); None before stage θ has run."""
+        ref = self.ranker(state)
+        return None if ref is None else dataclasses.replace(ref, description=PREFIX_VALUE)
+
     def untrained_ranker(self) -> RankerRef | None:
         """R̃ of the Q the run starts from: θ and φ initialised from θ_ckpt with the run's seed, no step taken."""
         return RankerRef(self.name, self.config.model_dump(), {"theta_dir": None, "phi_dir": None},
@@ -221,25 +242,31 @@ class BCoder(Algorithm):
         return compute
 
     def load_ranker(self, spec: Mapping[str, Any], label: str, device=None) -> Ranker:
+        return RTildeRanker(self._value_model(spec, device), self.config.gamma, label)
+
+    def load_prefix_value(self, spec: Mapping[str, Any], label: str, device=None) -> QValue:
+        """A `QValue` (also R̃'s ranker) from the checkpoints of `prefix_value` (or `ranker`: the same spec)."""
+        return QValue(self._value_model(spec, device), self.config.gamma, label)
+
+    def _value_model(self, spec: Mapping[str, Any], device=None) -> QModel:
+        """θ (and φ when θ uses it) as `spec` names them; no θ: the untrained Q the run starts from."""
         if spec.get("theta_dir") is None:
-            return self._untrained_ranker(label, device)
+            return self._untrained_model(device)
         theta_dir, phi_dir = local_dir(spec["theta_dir"], "theta checkpoint"), spec.get("phi_dir")
         with open(os.path.join(theta_dir, META_FILE), encoding="utf-8") as f:
             uses_phi = bool(json.load(f).get("uses_phi", True))
         if uses_phi and phi_dir is None:
-            raise ValueError(f"{theta_dir}: θ uses φ but no φ checkpoint was given; R̃ needs V_θ")
-        model = QModel.create(self.ctx.theta_ckpt, parts=("theta", "phi") if uses_phi else ("theta",),
-                              theta_dir=theta_dir, phi_dir=phi_dir if uses_phi else None,
-                              dtype=getattr(torch, self.ctx.dtype), device=device, options=self.ctx.options_for())
-        return RTildeRanker(model, self.config.gamma, label)
+            raise ValueError(f"{theta_dir}: θ uses φ but no φ checkpoint was given; R̃ and Q_θ need V_θ")
+        return QModel.create(self.ctx.theta_ckpt, parts=("theta", "phi") if uses_phi else ("theta",),
+                             theta_dir=theta_dir, phi_dir=phi_dir if uses_phi else None,
+                             dtype=getattr(torch, self.ctx.dtype), device=device, options=self.ctx.options_for())
 
-    def _untrained_ranker(self, label: str, device=None) -> Ranker:
+    def _untrained_model(self, device=None) -> QModel:
         # seeded as build_stage seeds the first φ and θ stages (seed + 0), so this is the run's own starting Q
         c, x = self.config, self.ctx
-        model = QModel.create(x.theta_ckpt, parts=("theta", "phi") if c.init_from_lm else ("theta",),
-                              alpha=c.alpha, r_max=c.r_max, init_from_lm=c.init_from_lm, seed=x.seed,
-                              dtype=getattr(torch, x.dtype), device=device, options=x.options_for())
-        return RTildeRanker(model, c.gamma, label)
+        return QModel.create(x.theta_ckpt, parts=("theta", "phi") if c.init_from_lm else ("theta",),
+                             alpha=c.alpha, r_max=c.r_max, init_from_lm=c.init_from_lm, seed=x.seed,
+                             dtype=getattr(torch, x.dtype), device=device, options=x.options_for())
 
 
 class BCoderOptimality(BCoder):

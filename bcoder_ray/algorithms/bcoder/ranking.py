@@ -9,11 +9,20 @@ Public API
 - ``rank(model, prompt, candidates, *, gamma, pad_id, batch_size=16) -> Ranking``: the m candidates of one prompt,
   ``Ranking.order`` (candidate indices, best R̃ first; ties keep the candidates' order) and ``Ranking.scores``
   (R̃ per candidate, in the candidates' order).
+- ``prefix_values(model, prompt, prefixes, *, pad_id, batch_size=16) -> list[float]``: the value of each program
+  prefix w_0 … w_{τ-1} for value-guided search, Q_θ(s_{τ-1}, w_{τ-1}) of its last token (below).
 
 Definitions (program w_0 … w_{T-1}, s_t = (prompt, w_<t)):
   r̃_t = Q_θ(s_t, a_t) - γ·V_θ(s_{t+1}) for t < T-1, and r̃_{T-1} = Q_θ(s_{T-1}, a_{T-1}) (V := 0 after the last
   token) — eq. 20 in its approximate form; R̃ = Σ_t r̃_t (eq. 19).
   Identity: R̃ = V(s_0) + Σ_t A_θ(s_t, a_t) + (1-γ)·Σ_{t=1..T-1} V(s_t); all candidates of a prompt share V(s_0).
+The value of a prefix is Q_θ(s_{τ-1}, w_{τ-1}), the Q of the token just sampled: the return expected after it
+(Bellman: r_{τ-1} + γ·V_θ(s_τ), with r = 0 before the end), so in the units of eq. 2's reward. It is one scale for
+prefixes that go on and programs that just ended (their last Q estimates the reward r_T itself, where V(s_T) is
+not defined: V := 0 after the last token), and it comes from the same teacher-forced pass as R̃. Not V_φ alone: φ
+values θ_ckpt's greedy continuation (the conservative operator, eq. 12, 14), θ's own value is V_θ = V_φ + V^r_θ.
+Not the prefix's partial R̃: by the identity above it is V(s_0) + Σ A + a (1-γ) term, a likelihood-like sum that
+says little of where the prefix is heading.
 The pass runs without gradient; encoder-decoder prompts are encoded once per distinct prompt.
 """
 
@@ -113,3 +122,13 @@ def rank(model: QModel, prompt: Sequence[int], candidates: Sequence[Sequence[int
                             batch_size=batch_size)
     order = sorted(range(len(candidates)), key=lambda i: -scores[i])
     return Ranking(order=order, scores=scores)
+
+
+def prefix_values(model: QModel, prompt: Sequence[int], prefixes: Sequence[Sequence[int]], *, pad_id: int,
+                  batch_size: int = 16) -> list[float]:
+    """Q_θ(s_{τ-1}, w_{τ-1}) of each prefix's last token (see the module docstring), one teacher-forced pass."""
+    if any(len(w) == 0 for w in prefixes):
+        raise ValueError("prefix_values: an empty prefix has no last token to value")
+    scores = token_scores(model, [prompt] * len(prefixes), prefixes, gamma=1.0,  # Q does not depend on γ
+                          pad_id=pad_id, batch_size=batch_size)
+    return [s.q[-1] for s in scores]
