@@ -33,6 +33,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationEr
 from bcoder_ray.algorithms import algorithm_class, import_modules, parse_algorithm_config
 from bcoder_ray.algorithms.base import AlgorithmConfig
 from bcoder_ray.algorithms.registry import UnknownAlgorithmError, all_stage_names
+from bcoder_ray.buffer.draws import PRIORITIZED_KINDS, SamplerSpec
 from bcoder_ray.model.gguf import PACKAGED, is_gguf_path, is_packaged
 from bcoder_ray.model.lm import LoadOptions
 from bcoder_ray.util.storage import is_local_path
@@ -285,6 +286,42 @@ class ExecutorConfig(Section):
     """Other keyword arguments of envs.execute.Executor (checked before work)."""
 
 
+class SamplerConfig(Section):
+    """How learners draw the generated rows of their ρ_real-mixed batches (`buffer.sampler`;
+    `bcoder_ray.buffer.draws` has the formulas). The human rows (the ρ_real share) are always read uniformly, and
+    stages that read unmixed rows (on-policy readers, ReST-EM: `Rows.rho_real` null) always read uniformly."""
+
+    kind: Literal["uniform", "prioritized", "fresh_prioritized", "balanced"] = "uniform"
+    """uniform: every row alike (the shuffled window; batches carry no weights). prioritized: P(i) ∝ (|δ_i| +
+    epsilon)^priority_exponent, δ_i the row's last |TD error| in this stage, recorded by the learner; rows without
+    one get the largest recorded; importance weights (N·P(i))^−is_exponent, normalised by their max, multiply
+    each row's loss. fresh_prioritized: the same with each score times exp(−age/tau), age in loop iterations since
+    the rollout that wrote the row. balanced: per problem, passing programs make pass_share of its draws and the
+    others the rest (problems keep their share of rows; weights 1). The prioritized kinds need an algorithm whose
+    stages report TD errors (`td_error_stages`: bcoder, bcoder_optimality, dueling_dqn); others are refused."""
+    priority_exponent: float = Field(0.6, ge=0)
+    """a: how strongly priorities skew the draw (0: uniform draws)."""
+    is_exponent: float = Field(0.4, ge=0)
+    """b: the importance-weight correction (0: every weight 1; 1: the full correction)."""
+    epsilon: float = Field(0.01, gt=0)
+    """ε added to each |TD error|, so no row's probability is 0."""
+    tau: float = Field(2.0, gt=0)
+    """fresh_prioritized: the decay time of a row's priority, in iterations (exp(−age/tau))."""
+    pass_share: float = Field(0.5, gt=0, lt=1)
+    """balanced: the share of a problem's draws that are passing programs (when it has both kinds)."""
+    refresh_batches: int = Field(16, ge=0)
+    """Each read task re-reads the buffer's files and the priority table every N batches it makes (new rows, the
+    learner's newest priorities); 0: once per stage. Ray Data reads ahead of the learner, so a stage sees the
+    priorities its own first steps wrote only late, or (small stages) not at all: the next stage does."""
+
+    def spec(self, table: str, iteration: int) -> SamplerSpec:
+        """The buffer's `SamplerSpec` for one stage (`table`: the stage's name, whose priorities it reads) of
+        loop iteration `iteration` (the age of fresh_prioritized counts from it)."""
+        return SamplerSpec(kind=self.kind, priority_exponent=self.priority_exponent, is_exponent=self.is_exponent,
+                           epsilon=self.epsilon, tau=self.tau, now_iteration=iteration, pass_share=self.pass_share,
+                           table=table, refresh_batches=self.refresh_batches)
+
+
 class BufferConfig(Section):
     uri: str | None = None
     """null: <run.storage_uri>/<run folder name>/buffer, or <run_dir>/buffer without run.storage_uri; any URI the
@@ -308,6 +345,8 @@ class BufferConfig(Section):
     targets_cpus: float = Field(1.0, ge=0)
     """CPUs per target-filling task."""
     targets_gpus: float = Field(0.0, ge=0)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    """How learners draw generated rows: uniform (default), prioritized, fresh_prioritized or balanced."""
 
 
 class StageConfig(Section):
@@ -612,6 +651,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     algo = algorithm_class(cfg.algorithm.name)
     for stage in algo.stage_names:
         cfg.stage(stage)
+    if cfg.buffer.sampler.kind in PRIORITIZED_KINDS and not algo.td_error_stages:
+        raise ConfigError(f"buffer.sampler.kind: {cfg.buffer.sampler.kind} draws rows by the TD errors the learner "
+                          f"records, and algorithm {algo.name!r} reports none (its stages have no TD error): use "
+                          f"uniform or balanced, or an algorithm with td_error_stages (bcoder, bcoder_optimality, "
+                          f"dueling_dqn)")
     rollout = cfg.rollout
     if algo.on_policy and (rollout.temperature != 1.0 or rollout.top_p != 1.0):
         raise ConfigError(f"algorithm.name: algorithm {algo.name!r} is on-policy: it learns from the policy's own "

@@ -113,3 +113,28 @@ def test_bcoder_with_the_whole_train_splits_human_programs(ray_instance, warm_ca
     assert {r["problem_id"] for r in human} == {p.problem_id for p in train}
     generated = {r["problem_id"] for r in rows.to_pylist() if r["source"] == "generated"}
     assert generated and generated <= loop
+
+
+def test_bcoder_with_prioritized_replay_records_its_td_errors_and_reads_them(ray_instance, warm_cache, tmp_path):
+    """`buffer.sampler.kind: fresh_prioritized` through the real loop: each stage's learner writes the |TD errors|
+    of the generated rows it trained on to the buffer's priority side table (its own table per stage), the
+    batches carry importance weights, and the data files are never rewritten."""
+    import math
+
+    from bcoder_ray.buffer import ReplayBuffer
+    from bcoder_ray.loop.driver import prepare_run, run
+
+    extra = ["--buffer.sampler.kind", "fresh_prioritized", "--buffer.sampler.refresh_batches", "1"]
+    plan = prepare_run(config="ci_tiny", overrides=overrides("bcoder", warm_cache) + extra,
+                       run_dir=str(tmp_path / "run"))
+    state = run(plan).state
+    assert state.completed_iterations == 1 and set(state.iterations[0]["stages"]) == {"phi", "theta"}
+    buf = ReplayBuffer(str(tmp_path / "run" / "buffer"))
+    rows = buf.read(columns=["sample_id", "source"]).to_pylist()
+    generated = {r["sample_id"] for r in rows if r["source"] == "generated"}
+    for stage in ("phi", "theta"):
+        ids, values = buf.priorities(stage).read()
+        # 2 steps × 4 rows, half of them generated (ρ_real 0.5), drawn with replacement: 1 to 4 distinct rows
+        assert 1 <= len(ids) <= 4 and set(ids.to_pylist()) <= generated
+        assert all(math.isfinite(v) and v >= 0 for v in values)
+    assert len(list((tmp_path / "run" / "buffer" / "priorities" / "theta").iterdir())) == 1  # one report: 1 file

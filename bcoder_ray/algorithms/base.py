@@ -191,6 +191,12 @@ class StageModule(nn.Module):
     def save(self, directory: str, tokenizer: Any = None) -> None:
         raise NotImplementedError
 
+    def row_td_errors(self) -> torch.Tensor | None:
+        """Optional: the |TD error| of each row of the last `forward`'s batch ([B], detached, batch order), which
+        the learner records as the rows' priorities for prioritized replay (`buffer.sampler`). None: this stage
+        has none (an algorithm whose stages all say None lists no `Algorithm.td_error_stages`)."""
+        return None
+
 
 TargetComputer = Callable[[Batch], Mapping[str, list]]
 """Per-token target columns for a batch: {column: one list per row, as long as the row's program}. The batch's
@@ -206,6 +212,10 @@ class Algorithm(ABC):
     """Every stage name it may plan (each has optimiser settings under `stages.<name>`)."""
     stage_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     """Per-stage defaults that differ from `StageConfig`'s (e.g. B-Coder's θ: linear decay)."""
+    td_error_stages: ClassVar[tuple[str, ...]] = ()
+    """Stages whose `StageModule.row_td_errors` gives per-row TD errors: prioritized replay
+    (`buffer.sampler.kind` prioritized or fresh_prioritized) needs them, and the config refuses it for an algorithm
+    that lists none."""
     on_policy: ClassVar[bool] = False
     """Learns only from the current policy's samples, so the rollout must sample the policy itself
     (temperature 1, top-p 1: the config's validation refuses other rollout settings, `bcoder_ray.config.validate`)

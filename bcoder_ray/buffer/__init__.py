@@ -16,6 +16,8 @@ Parts, one job each; every part works on the storage layer (Store, Ledger, Catal
 - ledger: which files a compaction replaced (reader hiding, retry detection, targets relocation)
 - catalog: the live, validated files of each area and reading them (the layer readers work on)
 - targets: an algorithm's cached-target sidecar files (any per-token columns) and joining them onto rows
+- priorities: the side table of each row's last |TD error| per learner stage (prioritized replay)
+- draws: the sampler kinds (uniform, prioritized, fresh_prioritized, balanced): probabilities, importance weights
 - sampler: ρ_real-mixed (or unmixed) mini-batches streamed with bounded memory; `rows_from_batch` for collate
 - ray_data: the same batches as a Ray Data dataset for Ray Train (imports Ray; not imported here)
 - compaction: merging small files without changing what readers see
@@ -26,6 +28,7 @@ Parts, one job each; every part works on the storage layer (Store, Ledger, Catal
 """
 
 from bcoder_ray.buffer.compaction import CompactionReport
+from bcoder_ray.buffer.draws import SAMPLER_KINDS, SamplerSpec
 from bcoder_ray.buffer.filters import Filters
 from bcoder_ray.buffer.replay_buffer import ReplayBuffer, exec_result, part_name
 from bcoder_ray.buffer.sampler import MixedSampler, rows_from_batch
@@ -36,4 +39,4 @@ from bcoder_ray.buffer.storage import BufferWarning
 
 __all__ = ["ReplayBuffer", "Filters", "make_row", "prompt_rows", "rows_from_batch", "exec_result", "BufferError",
            "BufferWarning", "LEARNER_COLUMNS", "SCHEMA_VERSION", "BufferStats", "MixedSampler",
-           "CompactionReport", "SAMPLE_SCHEMA", "PROMPT_SCHEMA", "part_name"]
+           "CompactionReport", "SAMPLE_SCHEMA", "PROMPT_SCHEMA", "part_name", "SamplerSpec", "SAMPLER_KINDS"]

@@ -15,9 +15,11 @@ Public API (`bcoder_ray.buffer`; this module is its facade, the parts live besid
     buf.missing_targets(fingerprint, filters=None, max_rows=4096, columns=()) -> Iterator[pa.Table]
     buf.write_targets(table, fingerprint, batch_key) -> int
     buf.sampler(batch_size, rho_real=0.5, filters=None, seed=0, targets_fingerprint=None,
-                require_targets=True, num_batches=None, extra_columns=()) -> MixedSampler (iterable of pa.Table)
+                require_targets=True, num_batches=None, extra_columns=(), sampler=None) -> MixedSampler (iterable of pa.Table)
     buf.ray_dataset(batch_size, num_batches, rho_real=0.5, filters=None, seed=0, targets_fingerprint=None,
-                    require_targets=True, parallelism=None, num_cpus=None, extra_columns=()) -> ray.data.Dataset
+                    require_targets=True, parallelism=None, num_cpus=None, extra_columns=(),
+                    sampler=None) -> ray.data.Dataset   # sampler: a draws.SamplerSpec (None: uniform)
+    buf.priorities(table) -> PriorityTable        # a learner stage's |TD error| per sample_id, beside the data
     buf.compact(target_rows=65536, min_files=2, lock_timeout_s=600) -> [CompactionReport, ...]
     buf.stats() -> BufferStats;  buf.read(area, columns, filters) / buf.scan(...) for small buffers and tools
     python -m bcoder_ray.buffer stats PATH [--json];  python -m bcoder_ray.buffer compact PATH
@@ -82,6 +84,7 @@ versions needs a reader that unifies schemas, e.g. DuckDB's `union_by_name=true`
     eval/...                                    rows of other splits (evaluation candidates), same schema
     prompts/part-<hash>.parquet                 one row per (suite, problem_id, tokenizer_hash)
     targets/fp=<fingerprint>/<sample-file-stem>--<key>.parquet   targets (row_index, sample_id, the fp's columns)
+    priorities/<stage>/part-<time_ns>-<key>.parquet   |TD errors| by sample_id (prioritized replay; append-only)
     quarantine/<area>/<name>                    damaged files moved aside
     _meta/compactions/<area>--<merged>.json     what each compaction replaced (kept for ever)
 
@@ -106,7 +109,7 @@ Costs: `lookup_results` scans the two hash columns of the whole buffer (about a 
 `stats` scans four small columns.
 
 Parts (each works on the storage layer, `Store` / `Ledger` / `Catalog`, never on this facade): schema, filters,
-storage, ledger, catalog, targets, sampler, ray_data, compaction, stats, recheck, synthetic.
+storage, ledger, catalog, targets, priorities, draws, sampler, ray_data, compaction, stats, recheck, synthetic.
 """
 
 from __future__ import annotations
@@ -122,8 +125,10 @@ import pyarrow.parquet as pq
 
 from bcoder_ray.buffer.catalog import EVAL, PROMPTS, SAMPLES, Catalog
 from bcoder_ray.buffer.compaction import CompactionReport, compact
+from bcoder_ray.buffer.draws import SamplerSpec
 from bcoder_ray.buffer.filters import Filters
 from bcoder_ray.buffer.ledger import Ledger
+from bcoder_ray.buffer.priorities import PRIORITIES_DIR, PriorityTable
 from bcoder_ray.buffer.sampler import MixedSampler, PromptIndex
 from bcoder_ray.buffer.schema import (PROMPT_SCHEMA, SAMPLE_SCHEMA, TRAIN_SPLIT, BufferError, prompt_keys,
                                       prompts_to_table, rows_to_table)
@@ -200,6 +205,7 @@ class ReplayBuffer:
         """Delete temporary files of killed writers older than `older_than_s` (they are never visible)."""
         dirs = [SAMPLES, EVAL, PROMPTS, "_meta/compactions"]
         dirs += [f"{TARGETS_DIR}/{d}" for d in self.store.list_dirs(TARGETS_DIR)]
+        dirs += [f"{PRIORITIES_DIR}/{d}" for d in self.store.list_dirs(PRIORITIES_DIR)]
         return self.store.clean_tmp(dirs, older_than_s)
 
     # ---- writing --------------------------------------------------------------------------------------------
@@ -419,21 +425,28 @@ class ReplayBuffer:
             written += side.num_rows
         return written
 
+    # ---- priorities (prioritized replay) -----------------------------------------------------------------------
+    def priorities(self, table: str) -> PriorityTable:
+        """A learner stage's priority side table (`bcoder_ray.buffer.priorities`): `write(sample_ids, values,
+        writer_key)`, `read()`, `lookup(sample_ids)`."""
+        return PriorityTable(self.store, table)
+
     # ---- reading for learners -------------------------------------------------------------------------------
     def sampler(self, batch_size: int, rho_real: float | None = 0.5, filters: Filters | dict | None = None,
                 seed: int = 0, targets_fingerprint: str | None = None, require_targets: bool = True,
                 num_batches: int | None = None, extra_columns: Sequence[str] = (),
-                window_rows: int = 8192) -> MixedSampler:
+                window_rows: int = 8192, sampler: SamplerSpec | None = None) -> MixedSampler:
         """Endless (or `num_batches`) mini-batches as pyarrow Tables, ρ_real-mixed (`rho_real=None`: drawn
-        from all matching rows, no split); see MixedSampler."""
+        from all matching rows, no split); `sampler`: how the generated rows are drawn (None: uniformly); see
+        MixedSampler."""
         return MixedSampler(self.catalog, batch_size, rho_real, filters, seed, targets_fingerprint,
-                            require_targets, num_batches, extra_columns, window_rows)
+                            require_targets, num_batches, extra_columns, window_rows, sampler)
 
     def ray_dataset(self, batch_size: int, num_batches: int, rho_real: float | None = 0.5,
                     filters: Filters | dict | None = None, seed: int = 0,
                     targets_fingerprint: str | None = None, require_targets: bool = True,
                     parallelism: int | None = None, num_cpus: float | None = None,
-                    extra_columns: Sequence[str] = ()):
+                    extra_columns: Sequence[str] = (), sampler: SamplerSpec | None = None):
         """A `ray.data.Dataset` of `num_batches` blocks of `batch_size` rows (the sampler's batches, with its
         columns), produced by `parallelism` (default 4) read tasks with distinct seeds
         (bcoder_ray.buffer.ray_data). Iterate it with `iter_batches(batch_size=batch_size)` and no local
@@ -444,7 +457,7 @@ class ReplayBuffer:
 
         source = MixedBatchDatasource(self.uri, self.filesystem, batch_size, num_batches, seed, {
             "rho_real": rho_real, "filters": Filters.coerce(filters), "targets_fingerprint": targets_fingerprint,
-            "require_targets": require_targets, "extra_columns": tuple(extra_columns)})
+            "require_targets": require_targets, "extra_columns": tuple(extra_columns), "sampler": sampler})
         # As many read tasks as blocks requested, so Ray never splits a block (a mixed batch) in pieces.
         tasks = min(parallelism or 4, num_batches)
         # num_cpus: the CPU share of each read task (Ray's default is 1; less lets the reads fit beside

@@ -374,16 +374,22 @@ class Run:
         resume = label in running
         name = running.setdefault(label, f"{label}-iter{it}-{uuid.uuid4().hex[:6]}")
         self.state.save(self.run_dir)
+        rows = plan.rows
+        # the configured sampler draws the generated rows of ρ_real-mixed stages; unmixed ones (on-policy
+        # readers, ReST-EM) read uniformly whatever it says. A stage's priorities are its own TD errors.
+        sampler = cfg.buffer.sampler.spec(plan.name, it) if rows.rho_real is not None else None
+        prioritized = sampler is not None and sampler.prioritized
         job = StageJob(algorithm=cfg.algorithm.name, algorithm_config=cfg.algorithm, context=self.ctx, plan=plan,
                        optim=st, imports=tuple(cfg.imports), seed=cfg.run.seed + it, progress=cfg.run.progress,
-                       step_offset=it * st.steps, policy_version=self.state.policy_version)
-        rows = plan.rows
+                       step_offset=it * st.steps, policy_version=self.state.policy_version,
+                       priority_table=plan.name if prioritized else None)
         dataset = self.buffer.ray_dataset(
             st.batch_size_per_worker, job.batches_needed(st.num_workers), rho_real=rows.rho_real,
             filters=rows.filters, seed=cfg.run.seed * 1000 + it,
             targets_fingerprint=plan.targets.fingerprint if plan.targets else None,
             # sample_id: the read counts; policy_version: the lags of the generated rows read
-            extra_columns=(*rows.extra_columns, "sample_id", "policy_version"), num_cpus=cfg.buffer.dataset_cpus)
+            extra_columns=(*rows.extra_columns, "sample_id", "policy_version"), num_cpus=cfg.buffer.dataset_cpus,
+            sampler=sampler)
         scaling = ScalingSpec(num_workers=st.num_workers, use_gpu=st.use_gpu, cpus_per_worker=st.cpus_per_worker,
                               gpus_per_worker=st.gpus_per_worker)
         workers = max(1, st.num_workers)  # 0: Ray Train's local mode, one process

@@ -17,10 +17,12 @@ optimises with AdamW under the configured schedule, gradient accumulation, mixed
 out with `ray.train.report` every `report_every` steps; the last report carries the checkpoint (rank 0 writes it)
 and the whole metric history. Ray Train's storage is `storage_path`, a local path or a URI every node reaches (with
 its pyarrow filesystem: `bcoder_ray.util.storage.resolve`), and the checkpoint comes back as a location of the same
-kind. The workers write nothing else: the progress bar, live TensorBoard scalars and the per-rank read counts go
-through a `bcoder_ray.loop.stage_channel.StageChannel` actor, and the driver writes those files. Each rank also
-counts the policy-version lag of every generated row it reads (against `StageJob.policy_version`, when the batches
-carry the `policy_version` column): `StageResult.lags`, and `lag_mean` in the metric entries.
+kind. The workers write nothing else but, under prioritized replay (`StageJob.priority_table`), the generated
+rows' |TD errors| into the buffer's priority side table (`PriorityRecorder`): the progress bar, live TensorBoard
+scalars and the per-rank read counts go through a `bcoder_ray.loop.stage_channel.StageChannel` actor, and the
+driver writes those files. Each rank also counts the policy-version lag of every generated row it reads (against
+`StageJob.policy_version`, when the batches carry the `policy_version` column): `StageResult.lags`, and
+`lag_mean` in the metric entries.
 
 Every call gets its own Ray Train run name: a reused `RunConfig(name, storage_path)` would silently resume an
 old run, so the driver names runs by stage, iteration and attempt.
@@ -38,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
@@ -45,7 +48,8 @@ from bcoder_ray.algorithms import make_algorithm
 from bcoder_ray.algorithms.base import AlgorithmConfig, RunContext, StagePlan
 from bcoder_ray.config import StageConfig
 from bcoder_ray.model.batch import collate
-from bcoder_ray.buffer import rows_from_batch
+from bcoder_ray.buffer import ReplayBuffer, rows_from_batch
+from bcoder_ray.buffer.priorities import PriorityTable
 from bcoder_ray.buffer.staleness import LagCounts, PolicyVersion
 from bcoder_ray.loop.metric_sinks import MetricSinks
 from bcoder_ray.util.quiet import quiet_libraries, quiet_ray_logs
@@ -73,6 +77,9 @@ class StageJob:
     progress: bool = True
     step_offset: int = 0  # the TensorBoard step of this stage's step 0 (stages of earlier iterations before it)
     policy_version: str = ""  # the current policy version, the generated rows' lags are counted from ("": none)
+    priority_table: str | None = None
+    """Prioritized replay: the buffer's priority table (`bcoder_ray.buffer.priorities`, the stage's name) that
+    each worker writes its rows' |TD errors| to (`StageModule.row_td_errors`), at every report; None: nothing."""
 
     @property
     def steps(self) -> int:
@@ -132,6 +139,34 @@ def _batches(shard, batch_size: int):
             raise RuntimeError("learner: the training dataset shard is empty (no buffer rows with targets?)")
 
 
+class PriorityRecorder:
+    """Collects the |TD error| of each generated row a worker trains on and writes them to the buffer's priority
+    table (one small file per `flush`): the learner's own TD errors become the rows' priorities."""
+
+    def __init__(self, table: PriorityTable, writer: str):
+        self.table, self.writer = table, writer
+        self.ids: list[str] = []
+        self.values: list[float] = []
+
+    def add(self, rows: pa.Table, td_errors: torch.Tensor | None, where: str) -> None:
+        """`rows`: the batch as read (with sample_id and is_human); `td_errors`: [B], in the same order."""
+        if td_errors is None:
+            raise RuntimeError(f"{where}: prioritized replay needs per-row TD errors, and this stage's module "
+                               f"returned none (StageModule.row_td_errors)")
+        if "sample_id" not in rows.column_names:
+            raise RuntimeError(f"{where}: prioritized replay needs the batches' sample_id column")
+        generated = ~rows["is_human"].to_numpy(zero_copy_only=False)
+        values = td_errors.detach().float().cpu().numpy()
+        self.ids += [sid for sid, g in zip(rows["sample_id"].to_pylist(), generated) if g]
+        self.values += values[generated].tolist()
+
+    def flush(self, step: int) -> int:
+        """Write what was collected (one file); the rows written."""
+        written = self.table.write(self.ids, self.values, f"{self.writer}-step{step}")
+        self.ids, self.values = [], []
+        return written
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's per-worker function: one stage, `steps` optimiser steps, then a checkpoint."""
     import ray.train
@@ -172,6 +207,13 @@ def train_loop_per_worker(config: dict) -> None:
     channel = config["channel"]  # to the driver: steps and metric entries (rank 0), read counts (every rank)
     rank0 = ctx.get_world_rank() == 0
     reads: collections.Counter[str] = collections.Counter()  # off-policy reuse: reads of each buffer row
+    recorder = None
+    if job.priority_table is not None:
+        if not job.context.buffer_uri:
+            raise RuntimeError(f"stage {job.stage!r}: prioritized replay needs the run's buffer "
+                               f"(RunContext.buffer_uri is not set)")
+        table = ReplayBuffer(job.context.buffer_uri, validate=False).priorities(job.priority_table)
+        recorder = PriorityRecorder(table, f"{job.stage}-rank{ctx.get_world_rank()}")
     current = PolicyVersion.parse(job.policy_version)
     lags, window_lags = LagCounts(), LagCounts()  # the stage's, and those since the last report
 
@@ -197,6 +239,8 @@ def train_loop_per_worker(config: dict) -> None:
             with gradient_sync(loss_module, sync=micro == o.grad_accum - 1):
                 with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                     loss, metrics = loss_module(batch)
+                if recorder is not None:
+                    recorder.add(table, stage.row_td_errors(), f"stage {job.stage!r} ({job.algorithm})")
                 loss = loss / o.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
             for k, v in metrics.items():
@@ -219,6 +263,8 @@ def train_loop_per_worker(config: dict) -> None:
         if rank0:
             channel.set_steps.remote(step + 1)
         last = step == o.steps - 1
+        if recorder is not None and ((step + 1) % o.report_every == 0 or last):
+            recorder.flush(step + 1)
         if (step + 1) % o.report_every == 0 or last:
             now = time.time()
             entry = {k: v / n_window for k, v in window.items()}

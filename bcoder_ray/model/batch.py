@@ -10,7 +10,11 @@ Public API
     - ``tokens``: per-token columns by name, each [B, T] aligned with ``program_ids`` and 0 at padding: an
       algorithm's cached targets (B-Coder's, read through ``bcoder_ray.algorithms.bcoder.targets.FrozenTargets``),
       the sampling log-probabilities, ...; ``info``: per-row values by name, as lists.
-  ``Batch.lengths`` [B]: program lengths T_b. ``Batch.size``: B.
+    - ``weight`` [B] float32: each row's importance weight from the replay sampler (a batch's ``weight`` column:
+      prioritized replay's w_i, ``bcoder_ray.buffer.draws``); 1 for every row when the batch has none. Losses
+      that honour it multiply each row's loss by it (B-Coder's).
+  ``Batch.lengths`` [B]: program lengths T_b. ``Batch.size``: B. A row's ``weight`` key, when present, fills
+  ``Batch.weight``.
 - ``collate(examples: list[dict], pad_id: int, *, token_columns=(), info_columns=()) -> Batch``: each example has
   the replay buffer's columns ``prompt_ids``, ``program_ids`` (list[int], as made by
   ``bcoder_ray.model.tokenization``: program ids + EOS, or cut at the length limit without EOS), ``reward``
@@ -48,6 +52,11 @@ class Batch:
     is_human: torch.Tensor
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict[str, list] = field(default_factory=dict)
+    weight: torch.Tensor | None = None  # None: 1 for every row (set so in __post_init__)
+
+    def __post_init__(self):
+        if self.weight is None:
+            self.weight = torch.ones(self.reward.shape[0], dtype=torch.float32, device=self.reward.device)
 
     @property
     def ground_truth(self) -> torch.Tensor:
@@ -130,13 +139,27 @@ def collate(examples: Sequence[Mapping[str, Any]], pad_id: int, *, token_columns
             raise KeyError(f"{_where(examples[missing[0]], missing[0])}: missing per-token column '{key}'")
         tokens[key] = _per_token(examples, key, t)
     info = {key: [ex.get(key) for ex in examples] for key in info_columns}
-    return Batch(prompt_ids, prompt_mask, program_ids, program_mask, reward, is_human, tokens=tokens, info=info)
+    weight = None
+    if any(ex.get("weight") is not None for ex in examples):
+        weight = torch.tensor([1.0 if ex.get("weight") is None else float(ex["weight"]) for ex in examples],
+                              dtype=torch.float32)
+    return Batch(prompt_ids, prompt_mask, program_ids, program_mask, reward, is_human, tokens=tokens, info=info,
+                 weight=weight)
 
 
-def per_program_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over each program's valid tokens, then over the programs (the 1/T of eq. 12 and 15)."""
+def per_program_means(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B]: the mean of each program's values over its valid tokens (the 1/T of eq. 12 and 15)."""
     mask = mask.to(values.dtype)
-    return ((values * mask).sum(1) / mask.sum(1).clamp_min(1.0)).mean()
+    return (values * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def per_program_mean(values: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over each program's valid tokens, then over the programs, each program's mean times its `weight`
+    (importance weights; None: 1, the plain mean)."""
+    per_program = per_program_means(values, mask)
+    if weight is not None:
+        per_program = per_program * weight.to(per_program.dtype)
+    return per_program.mean()
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:

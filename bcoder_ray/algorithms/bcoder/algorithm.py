@@ -107,18 +107,24 @@ class QStage(StageModule):
         super().__init__()
         self.model, self.stage, self.cfg = model, stage, config
         self._params = model.freeze_for_stage(stage)
+        self._rows: dict[str, torch.Tensor] = {}
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return self._params
 
     def forward(self, batch: Batch):
         c = self.cfg
+        self._rows = {}
         if self.stage == "phi":
-            return phi_loss(self.model, batch, gamma=c.gamma,
-                            dropout_free_targets=c.dropout_free_targets)                   # eq. 12
+            return phi_loss(self.model, batch, gamma=c.gamma, dropout_free_targets=c.dropout_free_targets,
+                            rows=self._rows)                                                # eq. 12
         return theta_loss(self.model, batch, gamma=c.gamma, beta_adv=c.beta_adv, beta_ce=c.beta_ce,
                           beta_td=c.beta_td, operator=c.operator, aux_reduction=c.aux_reduction,
-                          dropout_free_targets=c.dropout_free_targets)                     # eq. 17
+                          dropout_free_targets=c.dropout_free_targets, rows=self._rows)     # eq. 17
+
+    def row_td_errors(self) -> torch.Tensor | None:
+        """Mean |δ_t| over each program's tokens in the last batch (V_φ's TD error in stage φ, Q_θ's in θ)."""
+        return self._rows.get("td_error")
 
     def save(self, directory: str, tokenizer: Any = None) -> None:
         (self.model.save_phi if self.stage == "phi" else self.model.save_theta)(directory, tokenizer)
@@ -152,6 +158,7 @@ class BCoder(Algorithm):
     name = "bcoder"
     Config = BCoderConfig
     stage_names = ("phi", "theta")
+    td_error_stages = ("phi", "theta")
     stage_defaults = {"phi": {"lr": 1e-5, "schedule": "constant"}, "theta": {"lr": 3e-5, "schedule": "linear"}}
     config: BCoderConfig
 

@@ -3,9 +3,13 @@ in the paper).
 
 Public API
 ----------
-- ``phi_loss(model, batch, *, gamma, dropout_free_targets=True, encoded=None) -> (loss, metrics)``: L_V of eq. 12.
+- ``phi_loss(model, batch, *, gamma, dropout_free_targets=True, encoded=None, rows=None) -> (loss, metrics)``:
+  L_V of eq. 12.
 - ``theta_loss(model, batch, *, gamma, beta_adv=0.1, beta_ce=0.5, beta_td=1.0, operator="conservative",
-  aux_reduction="sum", dropout_free_targets=True, encoded=None) -> (loss, metrics)``: L_ft of eq. 17 for θ.
+  aux_reduction="sum", dropout_free_targets=True, encoded=None, rows=None) -> (loss, metrics)``: L_ft of eq. 17
+  for θ.
+``rows``, a dict when given, receives per-row tensors [B] (detached): ``td_error``, the mean |δ_t| over the
+program's valid tokens (the priority prioritized replay records, `bcoder_ray.buffer.priorities`).
 - ``OPERATORS = ("conservative", "optimality")``; ``AUX_REDUCTIONS = ("sum", "mean")``.
 ``loss`` is a scalar tensor (backward it); ``metrics`` is a dict of floats: phi — ``l_v``, ``td_error`` (mean |TD|
 over valid tokens), ``v_mean``, ``q_mean``, ``target_mean`` (mean TD target y); theta — ``l_q``, ``l_adv``, ``l_ce``,
@@ -28,7 +32,9 @@ Conventions (program w_0 … w_{T-1}, state s_t, action a_t = w_t, reward r at t
   read from a second, no-grad forward in eval mode, while the prediction Q(s_t, a_t) keeps the training forward's
   dropout. Without dropout, or with ``dropout_free_targets=False``, it is read from the training forward itself.
 - Normalisation of L_V and L_Q (the 1/T of eq. 12, 15): mean of the squared TD error over a program's valid
-  (non-padding) tokens, then mean over the programs of the batch.
+  (non-padding) tokens, then mean over the programs of the batch, each program's term times its importance
+  weight `Batch.weight` (1 unless the replay sampler is prioritized); L_adv and L_ce weigh their rows alike
+  (human rows are read uniformly: weight 1).
 - L_adv (eq. 8) and L_ce (π_θ = softmax(Q_θ/α) = softmax(ℓ_θ), since Q_θ/α is ℓ_θ shifted per state) on ground-truth
   programs only (`Batch.ground_truth`: human programs that pass their tests), averaged over them of the batch (0 when there are none). Per program,
   ``aux_reduction="sum"`` sums over its tokens (eq. 8 and eq. 1 as written); ``"mean"`` averages over its tokens.
@@ -46,7 +52,7 @@ import torch
 from torch import nn
 
 from bcoder_ray.algorithms.common import AUX_REDUCTIONS
-from bcoder_ray.model.batch import Batch, masked_mean, per_program_mean
+from bcoder_ray.model.batch import Batch, masked_mean, per_program_mean, per_program_means
 from bcoder_ray.algorithms.bcoder.q_model import Encoded, QModel, capped_value
 from bcoder_ray.model.lm import eval_mode, has_dropout
 from bcoder_ray.algorithms.bcoder.targets import FrozenTargets, frozen_target_tensors
@@ -76,7 +82,8 @@ def own_target_pass(net: nn.Module, dropout_free_targets: bool) -> bool:
 
 
 def phi_loss(model: QModel, batch: Batch, *, gamma: float, dropout_free_targets: bool = True,
-             encoded: Encoded | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             encoded: Encoded | None = None,
+             rows: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """L_V (eq. 12): only φ's decoder and V head receive gradient."""
     if encoded is None:
         encoded = model.encode(batch)
@@ -92,7 +99,9 @@ def phi_loss(model: QModel, batch: Batch, *, gamma: float, dropout_free_targets:
     target = td_targets(next_value, batch, gamma)                     # r + γ·SG(Q_φ(s', â')) = γ·V_φ(s')
     td = target - q
     mask = batch.program_mask.bool()
-    loss = per_program_mean(td.pow(2), mask)
+    loss = per_program_mean(td.pow(2), mask, batch.weight)
+    if rows is not None:
+        rows["td_error"] = per_program_means(td.detach().abs(), mask)
     metrics = {"l_v": float(loss.detach()), "td_error": masked_mean(td.detach().abs(), mask),
                "v_mean": masked_mean(value.detach(), mask), "q_mean": masked_mean(q.detach(), mask),
                "target_mean": masked_mean(target, mask)}
@@ -101,8 +110,8 @@ def phi_loss(model: QModel, batch: Batch, *, gamma: float, dropout_free_targets:
 
 def theta_loss(model: QModel, batch: Batch, *, gamma: float, beta_adv: float = 0.1, beta_ce: float = 0.5,
                beta_td: float = 1.0, operator: str = "conservative", aux_reduction: str = "sum",
-               dropout_free_targets: bool = True,
-               encoded: Encoded | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+               dropout_free_targets: bool = True, encoded: Encoded | None = None,
+               rows: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """L_ft (eq. 17) = β_td·L_Q (eq. 15) + β_adv·L_adv (eq. 8) + β_ce·L_ce; only θ (decoder, LM head, h1) is
     trained."""
     if operator not in OPERATORS:
@@ -138,7 +147,9 @@ def theta_loss(model: QModel, batch: Batch, *, gamma: float, beta_adv: float = 0
         bootstrap = target_out.value                                        # max_a Q_θ(s', a) = V_θ(s'), eq. 13
     target = td_targets(bootstrap, batch, gamma)
     td = target - out.q
-    l_q = per_program_mean(td.pow(2), mask)                               # eq. 15
+    l_q = per_program_mean(td.pow(2), mask, batch.weight)                 # eq. 15
+    if rows is not None:
+        rows["td_error"] = per_program_means(td.detach().abs(), mask)
 
     n_human = int(human.sum())
     l_adv = l_ce = out.q.new_zeros(())
@@ -147,8 +158,9 @@ def theta_loss(model: QModel, batch: Batch, *, gamma: float, beta_adv: float = 0
         per_token_adv = out.advantage[human].abs()                          # eq. 8: |A_θ(s*_t, a*_t)|
         per_token_ce = (out.log_z - out.taken_logit).float()[human]         # -log π_θ(a*_t | s*_t)
         norm = h_mask.sum(1).clamp_min(1.0) if aux_reduction == "mean" else torch.ones_like(h_mask[:, 0])
-        l_adv = ((per_token_adv * h_mask).sum(1) / norm).mean()
-        l_ce = ((per_token_ce * h_mask).sum(1) / norm).mean()
+        h_weight = batch.weight[human]
+        l_adv = ((per_token_adv * h_mask).sum(1) / norm * h_weight).mean()
+        l_ce = ((per_token_ce * h_mask).sum(1) / norm * h_weight).mean()
     loss = beta_td * l_q + beta_adv * l_adv + beta_ce * l_ce                # eq. 17 (β_td = 1 in the paper)
     metrics = {"loss": float(loss.detach()), "l_q": float(l_q.detach()), "l_adv": float(l_adv.detach()),
                "l_ce": float(l_ce.detach()),
