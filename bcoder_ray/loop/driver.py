@@ -44,6 +44,7 @@ from bcoder_ray.config import Config, ConfigError
 from bcoder_ray.evaluation.evaluate import write_evaluation
 from bcoder_ray.buffer.human_seed import human_rows, prompted_problems, seeded_problems, stopped_references
 from bcoder_ray.loop.learner import ScalingSpec, StageJob, train_stage
+from bcoder_ray.loop.learner_group import LearnerGroup
 from bcoder_ray.loop.metric_sinks import MetricSinks, metric_sinks
 from bcoder_ray.evaluation.reuse import READS_DIR, reuse_stats
 from bcoder_ray.loop.ray_session import ray_session
@@ -112,6 +113,7 @@ class Run:
         # what every node reads: Ray Train's runs, θ_ckpt, the buffer (bcoder_ray.util.storage)
         storage = self.cfg.run.storage_uri
         self.storage = join_uri(storage, self.run_dir.name) if storage else str(self.run_dir.resolve())
+        self.learners: dict[str, LearnerGroup] = {}  # run.learner: persistent, by stage name
 
     # ------------------------------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
@@ -178,6 +180,7 @@ class Run:
             self.log(line)
         self.pool = None
         stack.callback(self.stop_pool)
+        stack.callback(self.stop_learners)
         self.start_pool()
 
     def start_pool(self) -> None:
@@ -386,14 +389,32 @@ class Run:
         workers = max(1, st.num_workers)  # 0: Ray Train's local mode, one process
         self.log(f"stage {label}: {st.steps} steps × {st.batch_size_per_worker}×{workers}×{st.grad_accum} "
                  f"programs ({name}{', continued from its last checkpoint' if resume else ''})")
-        result = train_stage(job, dataset, scaling, storage_path=join_uri(self.storage, "train"), name=name,
-                             tensorboard_dir=self.run_dir / "tensorboard" / label if cfg.run.tensorboard else None,
-                             reads_dir=self.run_dir / READS_DIR / name, resume=resume, sinks=self.sinks)
+        files = dict(storage_path=join_uri(self.storage, "train"), name=name, reads_dir=self.run_dir / READS_DIR / name,
+                     tensorboard_dir=self.run_dir / "tensorboard" / label if cfg.run.tensorboard else None,
+                     sinks=self.sinks)
+        if cfg.run.learner_kind() == "persistent":  # an interrupted stage is run again from its start
+            result = self.learner(plan.name).run_stage(job, dataset, **files)
+        else:
+            result = train_stage(job, dataset, scaling, resume=resume, **files)
         del running[label]
         last = result.history[-1] if result.history else {}
         self.log(f"stage {label} done in {result.wall_s:.0f}s: " +
                  ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
         return result
+
+    def learner(self, stage: str) -> LearnerGroup:
+        """The persistent learner of `stage` (`run.learner: persistent`), started on first use, kept to the end."""
+        if stage not in self.learners:
+            st = self.cfg.stage(stage)
+            self.learners[stage] = LearnerGroup(stage, ScalingSpec(
+                num_workers=st.num_workers, use_gpu=st.use_gpu, cpus_per_worker=st.cpus_per_worker,
+                gpus_per_worker=st.gpus_per_worker), tuple(self.cfg.imports))
+        return self.learners[stage]
+
+    def stop_learners(self) -> None:
+        for group in self.learners.values():
+            group.shutdown()
+        self.learners = {}
 
     def evaluate(self, split: str, label: str, rank: bool) -> dict:
         """Candidates of the published policy on an evaluation split (ranked by the algorithm's ranker when it
