@@ -209,10 +209,14 @@ class LearnerGroup:
     def world(self) -> int:
         return len(self.workers)
 
+    def begin_async(self, job: StageJob) -> list:
+        """Bind `job` on every rank; the refs (rank 0's first) of their {"kept", "setup_s"}."""
+        return [w.begin.remote(job) for w in self.workers]
+
     def begin(self, job: StageJob) -> dict:
         import ray
 
-        return ray.get([w.begin.remote(job) for w in self.workers])[0]
+        return ray.get(self.begin_async(job))[0]
 
     def train_async(self, steps: int, data: Any = None, channel: Any = None) -> list:
         """Start `steps` optimiser steps on every rank; the object refs (rank 0's first) to wait on. `data`: a
