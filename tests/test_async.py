@@ -7,24 +7,35 @@ from __future__ import annotations
 
 import collections
 import json
-import os
+import time
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_instance():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
+def waiting_worker(state_file: Path):
+    """A policy actor whose second rollout task, once written, waits for the first published policy before it
+    replies: its next task is then handed out with a newer policy, whatever the machine's load (the learner
+    starts once the first task landed, so nothing deadlocks)."""
+    from bcoder_ray.loop.rollout import PolicyWorker
 
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 ** 2, include_dashboard=False)
-    yield
-    ray.shutdown()
+    class WaitsForAPolicy(PolicyWorker):
+        tasks_done = 0
+
+        def _after_write(self, task):
+            self.tasks_done += 1
+            deadline = time.time() + 600
+            while self.tasks_done == 2 and time.time() < deadline:
+                if not json.loads(state_file.read_text())["policy_version"].endswith("/0"):
+                    return
+                time.sleep(0.2)
+
+    return WaitsForAPolicy
 
 
-def test_an_async_run_appends_every_row_once_while_the_policy_advances(ray_instance, tmp_path):
+def test_an_async_run_appends_every_row_once_while_the_policy_advances(ray_local, tmp_path):
     import pyarrow.dataset as ds
 
     from bcoder_ray.loop.driver import prepare_run, run
@@ -32,10 +43,11 @@ def test_an_async_run_appends_every_row_once_while_the_policy_advances(ray_insta
     from bcoder_ray.loop.run_folder import version_name
 
     run_dir = tmp_path / "run"
+    # 4 tasks of 8 problems × 2 samples; the learner keeps training on them after the actors stop
     plan = prepare_run(config="ci_tiny", run_dir=str(run_dir), overrides=[
         "--run.mode", "async", "--run.publish_every", "2", "--run.tensorboard", "false",
-        "--model.warm_start.cache_dir", str(tmp_path / "warm")])
-    summary = run(plan)
+        "--run.budget_programs", "64", "--model.warm_start.cache_dir", str(tmp_path / "warm")])
+    summary = run(plan, worker_cls=waiting_worker(run_dir / "state.json"))
     st, cfg = summary.state, plan.cfg
     assert st.completed_iterations == 2 and st.in_progress is None
 
@@ -62,7 +74,7 @@ def test_an_async_run_appends_every_row_once_while_the_policy_advances(ray_insta
                 for i in task.problem_indices:
                     expected[(rnd, train[i])] += m
     assert collections.Counter((r["iteration"], r["problem_id"]) for r in generated) == expected
-    assert st.programs_sampled == len(generated)
+    assert st.programs_sampled == len(generated) == 64
     # the actors picked up published policies between tasks
     versions = {r["policy_version"] for r in generated}
     assert versions <= {version_name(st.run_id, k) for k in range(5)}

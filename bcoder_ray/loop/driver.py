@@ -397,12 +397,14 @@ class Run:
         scaling = ScalingSpec(num_workers=st.num_workers, use_gpu=st.use_gpu, cpus_per_worker=st.cpus_per_worker,
                               gpus_per_worker=st.gpus_per_worker)
         workers = max(1, st.num_workers)  # 0: Ray Train's local mode, one process
+        persistent = cfg.run.learner_kind() == "persistent"  # it runs an interrupted stage again from its start
+        again = ", run again from its start" if persistent else ", continued from its last checkpoint"
         self.log(f"stage {label}: {st.steps} steps × {st.batch_size_per_worker}×{workers}×{st.grad_accum} "
-                 f"programs ({name}{', continued from its last checkpoint' if resume else ''})")
+                 f"programs ({name}{again if resume else ''})")
         files = dict(storage_path=join_uri(self.storage, "train"), name=name, reads_dir=self.run_dir / READS_DIR / name,
                      tensorboard_dir=self.run_dir / "tensorboard" / label if cfg.run.tensorboard else None,
                      sinks=self.sinks)
-        if cfg.run.learner_kind() == "persistent":  # an interrupted stage is run again from its start
+        if persistent:
             result = self.learner(plan.name).run_stage(job, dataset, **files)
         else:
             result = train_stage(job, dataset, scaling, resume=resume, **files)

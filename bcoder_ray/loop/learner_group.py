@@ -89,6 +89,8 @@ class LearnerWorker:
         torch.set_num_threads(max(1, num_threads))
         self.rank, self.world, self.imports = rank, world, imports
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")  # Ray sets the visible GPU
+        if use_gpu:
+            torch.cuda.set_device(self.device)  # nccl's collectives and DDP use the current device
         self.held: _Held | None = None
         self.targets: tuple[TargetJob, TargetComputer] | None = None
         self.tokenizer = None
