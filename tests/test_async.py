@@ -46,7 +46,8 @@ def test_an_async_run_appends_every_row_once_while_the_policy_advances(ray_local
     # 4 tasks of 8 problems × 2 samples; the learner keeps training on them after the actors stop
     plan = prepare_run(config="ci_tiny", run_dir=str(run_dir), overrides=[
         "--run.mode", "async", "--run.publish_every", "2", "--run.tensorboard", "false",
-        "--run.budget_programs", "64", "--model.warm_start.cache_dir", str(tmp_path / "warm")])
+        "--run.budget_programs", "64", "--evaluation.warm_start_baseline", "false",
+        "--model.warm_start.cache_dir", str(tmp_path / "warm")])
     summary = run(plan, worker_cls=waiting_worker(run_dir / "state.json"))
     st, cfg = summary.state, plan.cfg
     assert st.completed_iterations == 2 and st.in_progress is None
