@@ -15,6 +15,8 @@ each iteration (until `run.iterations` or `run.budget_programs`):
     # 6. record    state.json (atomic), metrics, TensorBoard
 end: the last policy on the test split (once), the final table
 
+`run.mode: async` (the actors sample while the learner trains): `bcoder_ray.loop.async_driver`, with the same
+setup and records; `run.learner: persistent` (learners kept through the run): `bcoder_ray.loop.learner_group`.
 The run folder and the resume rules: `bcoder_ray.loop.run_folder`; the Ray session: `bcoder_ray.loop.ray_session`; the
 table: `bcoder_ray.loop.run_table`.
 """
