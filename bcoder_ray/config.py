@@ -97,6 +97,33 @@ class RunConfig(Section):
     the Figure 1 curve; 0: none."""
     probe_samples: int = Field(4, ge=1)
     """Samples per probe problem (at the rollout's temperature)."""
+    mode: Literal["sync", "async"] = "sync"
+    """sync: each iteration samples, then learns, then evaluates, one phase at a time (`bcoder_ray.loop.driver`).
+    async: the actors sample without stopping, with the newest published policy, while the learner trains from
+    the buffer and publishes its policy every `publish_every` optimiser steps; evaluations run on the actors
+    between their rollout tasks (`bcoder_ray.loop.async_driver`). Only algorithms that declare
+    `supports_async` (B-Coder and its ablations, SFT); `iterations` counts the learner's rounds of stages, and
+    the actors stop at `budget_programs` or when the learner's last round ends."""
+    learner: Literal["per_stage", "persistent"] | None = None
+    """per_stage: each stage is a new Ray Train run (its workers started and its networks loaded each time).
+    persistent: one group of learner actors per stage name lives through the run and keeps its networks
+    (`bcoder_ray.loop.learner_group`), so a stage pays no start-up and, when it continues from the checkpoint
+    it saved last (`Algorithm.resumes_from`), no model loading. null: per_stage in sync mode (it alone continues
+    an interrupted stage from `checkpoint_every`), persistent in async mode (the only learner it runs)."""
+    publish_every: int = Field(10, ge=1)
+    """Async mode: optimiser steps between two published policies (each a new policy version the actors load
+    on their next task); a stage also publishes when it ends."""
+
+    def learner_kind(self) -> str:
+        """The learner this run uses: `learner`, or the mode's default."""
+        return self.learner or ("persistent" if self.mode == "async" else "per_stage")
+
+    @model_validator(mode="after")
+    def _async_learner(self) -> "RunConfig":
+        if self.mode == "async" and self.learner == "per_stage":
+            raise ValueError("mode: async trains with the persistent learner (learner: persistent or null); "
+                             "learner: per_stage runs in mode: sync only")
+        return self
 
 
 class RayConfig(Section):
@@ -656,6 +683,20 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                           f"records, and algorithm {algo.name!r} reports none (its stages have no TD error): use "
                           f"uniform or balanced, or an algorithm with td_error_stages (bcoder, bcoder_optimality, "
                           f"dueling_dqn)")
+    if cfg.run.mode == "async" and cfg.buffer.sampler.kind != "uniform":
+        raise ConfigError(f"buffer.sampler.kind: {cfg.buffer.sampler.kind}: the asynchronous loop's learner reads "
+                          f"its rows uniformly (it opens its own sampler per chunk of steps); use run.mode: sync "
+                          f"for a prioritized or balanced sampler, or buffer.sampler.kind: uniform")
+    if cfg.run.mode == "async" and not algo.supports_async:
+        raise ConfigError(f"run.mode: async: algorithm {algo.name!r} cannot learn while the actors keep sampling "
+                          f"with newer policies (it needs its rows' own policy version: on-policy, or a stage that "
+                          f"reads one iteration's rollout); use run.mode: sync, or an algorithm that declares "
+                          f"supports_async (bcoder, bcoder_optimality, dueling_dqn, sft)")
+    if cfg.run.learner_kind() == "persistent":
+        held = [s for s in algo.stage_names if cfg.stage(s).checkpoint_every]
+        if held:
+            raise ConfigError(f"stages.{held[0]}.checkpoint_every: the persistent learner (run.learner, run.mode: "
+                              f"async) keeps no mid-stage checkpoints; set it to 0, or run.learner: per_stage")
     rollout = cfg.rollout
     if algo.on_policy and (rollout.temperature != 1.0 or rollout.top_p != 1.0):
         raise ConfigError(f"algorithm.name: algorithm {algo.name!r} is on-policy: it learns from the policy's own "

@@ -59,7 +59,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runnable from a checkout without install
 
 from bcoder_ray.config import ConfigError  # noqa: E402
-from bcoder_ray.loop.run_table import probe_points  # noqa: E402
+from bcoder_ray.loop.run_table import probe_points, throughput  # noqa: E402
+
+THROUGHPUT_KEYS = ("actors_busy", "learner_busy", "programs_per_s", "optimizer_steps_per_s")
 
 PACKAGES = ("torch", "transformers", "ray", "pyarrow", "numpy")
 KEY_FILE = "compare_key.json"
@@ -259,7 +261,9 @@ class Job:
 
 
 def comparable_view(cfg_dict: dict) -> dict:
-    """The parts of a resolved config every compared run must share."""
+    """The parts of a resolved config every compared run must share. `run.mode` and `run.learner` are not among
+    them: sync and async runs of one algorithm compare (`"sync=bcoder" "async=bcoder:--run.mode async"`), at the
+    same budget, and the throughput table sets their wall time, busy fractions and rates side by side."""
     run = {k: v for k, v in cfg_dict["run"].items() if k in ("budget_programs", "probe_problems", "probe_samples",
                                                                 "seed")}
     return {"run": run, **{k: cfg_dict[k] for k in ("suite", "model", "executor", "evaluation")}}
@@ -366,7 +370,8 @@ def run_result(job: Job, ks: list[int]) -> dict:
            "validation": None if val is None else {
                "iteration": val["iteration"], "is_last_iteration": val["iteration"] == last_it,
                **{f"{v}@{k}": _get(val["eval"]["overall"], v, k) for v in ("pass", "ranked_pass") for k in ks}},
-           "probe": probe_points(st), "reuse": st.reuse or {}}
+           "probe": probe_points(st), "reuse": st.reuse or {},
+           "mode": cfg["run"].get("mode", "sync"), "throughput": throughput(st) or {}}
     out["has_ranker"] = any(out["test"][f"ranked_pass@{k}"] is not None for k in ks)
     return out
 
@@ -428,6 +433,9 @@ def summarise(labels: list[str], chosen: dict[str, dict], results: list[dict], k
             row[f"test_{key}"] = _mean_std([r["test"][key] for r in mine])
         for key in ("reads_mean", "reads_max", "never_read_share"):
             row[f"reuse_{key}"] = _mean_std([r["reuse"].get(key) for r in mine])
+        row["mode"] = mine[0].get("mode", "sync")
+        for key in THROUGHPUT_KEYS:
+            row[key] = _mean_std([(r.get("throughput") or {}).get(key) for r in mine])
         row["warm_start_test_pass@1"] = _mean_std([r["warm_start_test"]["pass@1"] for r in mine])
         comps = {}
         for r in mine:
@@ -498,6 +506,13 @@ def markdown(summary: list[dict], sweeps_out: dict, info: dict, ks: list[int]) -
                      f"{_fig(r[f'test_ranked_pass@{k_hi}']) if ranked else '–'} | {used} | "
                      f"{_fig(r['programs_executed'], pct=False)} | {_fig(r['train_wall_s'], pct=False)} | "
                      f"{', '.join(r['status'])} |")
+    if any(r["actors_busy"]["mean"] is not None for r in summary):
+        lines += ["", "Throughput over the iterations (async mode: the learner's rounds while the actors sample):", "",
+                  "| algorithm | mode | iterations wall (s) | actors busy | learner busy | programs sampled/s | "
+                  "optimiser steps/s |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in summary:
+            lines.append(f"| {r['label']} | {r['mode']} | {_fig(r['train_wall_s'], pct=False)} | " +
+                         " | ".join(_fig(r[k], pct=False, digits=2) for k in THROUGHPUT_KEYS) + " |")
     ws = summary[0]["warm_start_test_pass@1"] if summary else None
     lines += ["", f"Warm start (θ_ckpt) test pass@1: {_fig(ws) if ws else '–'}.", "",
               f"Paired differences of test pass@1 in points, {int(LEVEL * 100)}% percentile bootstrap interval over "

@@ -220,6 +220,10 @@ class Algorithm(ABC):
     """Learns only from the current policy's samples, so the rollout must sample the policy itself
     (temperature 1, top-p 1: the config's validation refuses other rollout settings, `bcoder_ray.config.validate`)
     and record log-probabilities."""
+    supports_async: ClassVar[bool] = False
+    """Can learn from rows sampled by any earlier policy while the actors keep sampling (`run.mode: async`): its
+    stages read whatever generated rows the buffer holds, of whichever policy version, and need nothing of the
+    current iteration's rollout in particular (value-based and supervised learners; not on-policy ones)."""
 
     def __init__(self, config: AlgorithmConfig, ctx: RunContext):
         self.config = config
@@ -246,6 +250,12 @@ class Algorithm(ABC):
         """`plan` bound to the state just before it runs (after the iteration's earlier stages recorded theirs),
         e.g. targets that depend on a checkpoint an earlier stage of the same iteration wrote."""
         return plan
+
+    def resumes_from(self, plan: StagePlan) -> str | None:
+        """The checkpoint `build_stage(plan)` loads the trained networks from, when nothing else it builds changes
+        from one iteration to the next: a persistent learner that holds the module it saved there keeps training
+        that module instead of building it again (`run.learner: persistent`). None (default): always built."""
+        return None
 
     @abstractmethod
     def policy(self, state: dict) -> str | None:

@@ -15,6 +15,8 @@ each iteration (until `run.iterations` or `run.budget_programs`):
     # 6. record    state.json (atomic), metrics, TensorBoard
 end: the last policy on the test split (once), the final table
 
+`run.mode: async` (the actors sample while the learner trains): `bcoder_ray.loop.async_driver`, with the same
+setup and records; `run.learner: persistent` (learners kept through the run): `bcoder_ray.loop.learner_group`.
 The run folder and the resume rules: `bcoder_ray.loop.run_folder`; the Ray session: `bcoder_ray.loop.ray_session`; the
 table: `bcoder_ray.loop.run_table`.
 """
@@ -44,6 +46,8 @@ from bcoder_ray.config import Config, ConfigError
 from bcoder_ray.evaluation.evaluate import write_evaluation
 from bcoder_ray.buffer.human_seed import human_rows, prompted_problems, seeded_problems, stopped_references
 from bcoder_ray.loop.learner import ScalingSpec, StageJob, train_stage
+from bcoder_ray.loop.async_driver import AsyncLoop
+from bcoder_ray.loop.learner_group import LearnerGroup
 from bcoder_ray.loop.metric_sinks import MetricSinks, metric_sinks
 from bcoder_ray.evaluation.reuse import READS_DIR, reuse_stats
 from bcoder_ray.loop.ray_session import ray_session
@@ -53,7 +57,7 @@ from bcoder_ray.loop.rollout import (ActorPool, ActorSettings, PolicyRef, Policy
 from bcoder_ray.loop.run_folder import (CONFIG_FILE, CONTAMINATION_FILE, TABLE_FILE, RunPlan, RunState,
                                         prepare_run as _prepare_run, version_name, write_metrics_lines)
 from bcoder_ray.evaluation.plots import plot_budget_curve
-from bcoder_ray.loop.run_table import final_table, probe_points
+from bcoder_ray.loop.run_table import busy_record, final_table, probe_points
 from bcoder_ray.loop.staleness import bounded, human_rows_while_none_is_old_enough, window_text, write_lags
 from bcoder_ray.buffer.staleness import LagCounts
 from bcoder_ray.util.atomic import atomic_write_text
@@ -114,6 +118,8 @@ class Run:
         # what every node reads: Ray Train's runs, θ_ckpt, the buffer (bcoder_ray.util.storage)
         storage = self.cfg.run.storage_uri
         self.storage = join_uri(storage, self.run_dir.name) if storage else str(self.run_dir.resolve())
+        self.learners: dict[str, LearnerGroup] = {}  # run.learner: persistent, by stage name
+        self.human_rows_only: set[str] = set()  # this iteration's stages with no generated row old enough
 
     # ------------------------------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
@@ -180,6 +186,7 @@ class Run:
             self.log(line)
         self.pool = None
         stack.callback(self.stop_pool)
+        stack.callback(self.stop_learners)
         self.start_pool()
 
     def start_pool(self) -> None:
@@ -330,6 +337,7 @@ class Run:
                  for k in ("programs", "written", "passed", "executed", "greedy", "infra")}
         out = {**total, "reward_mean": sum(s["reward_sum"] for s in summaries) / max(1, total["programs"]),
                "exec_s": sum(s["exec_s"] for s in summaries), "wall_s": wall,
+               "tasks_wall_s": sum(s["wall_s"] for s in summaries),
                "pass_rate": total["passed"] / max(1, total["programs"]),
                "programs_per_s": total["programs"] / max(wall, 1e-9), "policy_version": st.policy_version}
         self.log(f"rollout it{it}: {out['programs']} programs ({out['written']} new rows), pass rate "
@@ -354,16 +362,33 @@ class Run:
     def fill_targets(self, plan: StagePlan) -> int:
         if plan.targets is None:
             return 0
-        b, cfg = self.cfg.buffer, self.cfg
-        job = TargetJob(AlgorithmRef(cfg.algorithm.name, cfg.algorithm, self.ctx, tuple(cfg.imports)), plan.targets,
-                        pad_id(self.tokenizer), batch_size=b.targets_batch_size,
-                        threads=max(1, math.ceil(b.targets_cpus)))
+        b = self.cfg.buffer
+        job = self.target_job(plan)
         started = time.time()
         n = fill_targets(self.buffer, job, num_cpus=b.targets_cpus, num_gpus=b.targets_gpus,
                          pool=self.pool if b.targets_via == "actors" else None)
         self.log(f"targets for {plan.label or plan.name}: {n} rows filled ({', '.join(plan.targets.columns)}) in "
                  f"{time.time() - started:.0f}s")
         return n
+
+    def target_job(self, plan: StagePlan) -> TargetJob:
+        b, cfg = self.cfg.buffer, self.cfg
+        return TargetJob(AlgorithmRef(cfg.algorithm.name, cfg.algorithm, self.ctx, tuple(cfg.imports)), plan.targets,
+                         pad_id(self.tokenizer), batch_size=b.targets_batch_size,
+                         threads=max(1, math.ceil(b.targets_cpus)))
+
+    def sampler_spec(self, plan: StagePlan, it: int):
+        """The configured sampler draws the generated rows of ρ_real-mixed stages; unmixed ones (on-policy readers,
+        ReST-EM) read uniformly whatever it says (None)."""
+        return self.cfg.buffer.sampler.spec(plan.name, it) if plan.rows.rho_real is not None else None
+
+    def stage_job(self, plan: StagePlan, it: int, prioritized: bool = False) -> StageJob:
+        cfg, st = self.cfg, self.cfg.stage(plan.name)
+        return StageJob(algorithm=cfg.algorithm.name, algorithm_config=cfg.algorithm, context=self.ctx, plan=plan,
+                        optim=st, imports=tuple(cfg.imports), seed=cfg.run.seed + it, progress=cfg.run.progress,
+                        step_offset=it * st.steps, policy_version=self.state.policy_version,
+                        # a stage's priorities are its own TD errors
+                        priority_table=plan.name if prioritized else None)
 
     def learn(self, plan: StagePlan, it: int, running: dict[str, str]):
         """Train one stage; `running` ({label: Ray Train run name}, saved in state.json before the stage starts)
@@ -375,14 +400,8 @@ class Run:
         name = running.setdefault(label, f"{label}-iter{it}-{uuid.uuid4().hex[:6]}")
         self.state.save(self.run_dir)
         rows = plan.rows
-        # the configured sampler draws the generated rows of ρ_real-mixed stages; unmixed ones (on-policy
-        # readers, ReST-EM) read uniformly whatever it says. A stage's priorities are its own TD errors.
-        sampler = cfg.buffer.sampler.spec(plan.name, it) if rows.rho_real is not None else None
-        prioritized = sampler is not None and sampler.prioritized
-        job = StageJob(algorithm=cfg.algorithm.name, algorithm_config=cfg.algorithm, context=self.ctx, plan=plan,
-                       optim=st, imports=tuple(cfg.imports), seed=cfg.run.seed + it, progress=cfg.run.progress,
-                       step_offset=it * st.steps, policy_version=self.state.policy_version,
-                       priority_table=plan.name if prioritized else None)
+        sampler = self.sampler_spec(plan, it)
+        job = self.stage_job(plan, it, prioritized=sampler is not None and sampler.prioritized)
         dataset = self.buffer.ray_dataset(
             st.batch_size_per_worker, job.batches_needed(st.num_workers), rho_real=rows.rho_real,
             filters=rows.filters, seed=cfg.run.seed * 1000 + it,
@@ -393,36 +412,66 @@ class Run:
         scaling = ScalingSpec(num_workers=st.num_workers, use_gpu=st.use_gpu, cpus_per_worker=st.cpus_per_worker,
                               gpus_per_worker=st.gpus_per_worker)
         workers = max(1, st.num_workers)  # 0: Ray Train's local mode, one process
+        persistent = cfg.run.learner_kind() == "persistent"  # it runs an interrupted stage again from its start
+        again = ", run again from its start" if persistent else ", continued from its last checkpoint"
         self.log(f"stage {label}: {st.steps} steps × {st.batch_size_per_worker}×{workers}×{st.grad_accum} "
-                 f"programs ({name}{', continued from its last checkpoint' if resume else ''})")
-        result = train_stage(job, dataset, scaling, storage_path=join_uri(self.storage, "train"), name=name,
-                             tensorboard_dir=self.run_dir / "tensorboard" / label if cfg.run.tensorboard else None,
-                             reads_dir=self.run_dir / READS_DIR / name, resume=resume, sinks=self.sinks)
+                 f"programs ({name}{again if resume else ''})")
+        files = dict(storage_path=join_uri(self.storage, "train"), name=name, reads_dir=self.run_dir / READS_DIR / name,
+                     tensorboard_dir=self.run_dir / "tensorboard" / label if cfg.run.tensorboard else None,
+                     sinks=self.sinks)
+        if persistent:
+            result = self.learner(plan.name).run_stage(job, dataset, **files)
+        else:
+            result = train_stage(job, dataset, scaling, resume=resume, **files)
         del running[label]
         last = result.history[-1] if result.history else {}
         self.log(f"stage {label} done in {result.wall_s:.0f}s: " +
                  ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
         return result
 
+    def learner(self, stage: str) -> LearnerGroup:
+        """The persistent learner of `stage` (`run.learner: persistent`), started on first use, kept to the end."""
+        if stage not in self.learners:
+            st = self.cfg.stage(stage)
+            self.learners[stage] = LearnerGroup(stage, ScalingSpec(
+                num_workers=st.num_workers, use_gpu=st.use_gpu, cpus_per_worker=st.cpus_per_worker,
+                gpus_per_worker=st.gpus_per_worker), tuple(self.cfg.imports))
+        return self.learners[stage]
+
+    def stop_learners(self) -> None:
+        for group in self.learners.values():
+            group.shutdown()
+        self.learners = {}
+
     def evaluate(self, split: str, label: str, rank: bool) -> dict:
         """Candidates of the published policy on an evaluation split (ranked by the algorithm's ranker when it
         has one and `rank`), written under eval/<label>/; never appended to the learners' buffer."""
+        tasks, sampling, ranker = self.evaluation_tasks(split, rank)
+        policy, started = self.policy_ref(), time.time()
+        bar = self.bar(len(self.eval_sets[split]) * sampling.m, f"evaluate {label}")
+        parts = self.pool.candidates(tasks, policy, sampling, split, ranker=ranker,
+                                     examples=self.cfg.evaluation.filtered,
+                                     on_result=lambda task, out: bar.update(len(out["records"])))
+        bar.close()
+        return self.write_evaluation(parts, split, label, policy, ranker, sampling, started)
+
+    def evaluation_tasks(self, split: str, rank: bool):
+        """(tasks, sampling settings, ranker or None) of an evaluation of `split`."""
         ev, problems = self.cfg.evaluation, self.eval_sets[split]
-        sampling = ev.settings(self.cfg.model)
         ranker = self.algorithm.ranker(self.state.algorithm) if rank and ev.rank else None
         # the same task keys and seeds for every evaluation of a split (common random numbers: the policies
         # compared in the final table draw their candidates with the same sampler seeds, problem by problem)
         tasks = make_tasks(f"eval-{split}", range(len(problems)), self.cfg.rollout.problems_per_task, -1,
                            self.cfg.run.seed)
-        started = time.time()
-        bar = self.bar(len(problems) * sampling.m, f"evaluate {label}")
-        parts = self.pool.candidates(tasks, self.policy_ref(), sampling, split, ranker=ranker,
-                                     examples=ev.filtered, on_result=lambda task, out: bar.update(len(out["records"])))
-        bar.close()
+        return tasks, ev.settings(self.cfg.model), ranker
+
+    def write_evaluation(self, parts: list[dict], split: str, label: str, policy: PolicyRef, ranker, sampling,
+                         started: float) -> dict:
+        """eval/<label>/ from the actors' candidate parts of `policy`; the record the run keeps."""
+        ev = self.cfg.evaluation
         infra = sum(part["infra"] for part in parts)
         self.state.infra_failures += infra
         folder = self.run_dir / "eval" / label
-        policy = self.policy_ref()
         metrics = write_evaluation(folder, [r for part in parts for r in part["records"]], ks=ev.ks,
                                    ci_level=ev.confidence, seed=self.cfg.run.seed,
                                    meta={"label": label, "split": split, "policy": dataclasses.asdict(policy),
@@ -439,18 +488,27 @@ class Run:
     def probe(self, it: int) -> None:
         """Pass rate of the published policy on a fixed probe set of train problems (Figure 1), outside the
         budget and never written to the buffer; iteration -1 is the warm start."""
+        job = self.probe_tasks(it)
+        if job is not None:
+            tasks, sampling = job
+            self.record_probe(it, self.pool.candidates(tasks, self.policy_ref(), sampling, "train"))
+
+    def probe_tasks(self, it: int):
+        """(tasks, sampling) of the probe after iteration `it`, or None (no probe set, or probed already)."""
         n = min(self.cfg.run.probe_problems, len(self.train))
         if n == 0 or any(p["iteration"] == it for p in self.state.probe):
-            return
+            return None
         r = self.cfg.rollout
         sampling = dataclasses.replace(r.settings(self.cfg.model), m=self.cfg.run.probe_samples)
-        tasks = make_tasks("probe", range(n), r.problems_per_task, -1, self.cfg.run.seed)
-        records = [x for part in self.pool.candidates(tasks, self.policy_ref(), sampling, "train")
-                   for x in part["records"]]
+        return make_tasks("probe", range(n), r.problems_per_task, -1, self.cfg.run.seed), sampling
+
+    def record_probe(self, it: int, parts: list[dict]) -> None:
+        records = [x for part in parts for x in part["records"]]
         rate = sum(x.passed for x in records) / max(1, len(records))
         self.state.probe.append({"iteration": it, "pass_rate": rate, "programs": len(records)})
         self.scalar("probe/pass_rate", rate, it + 1)
-        self.log(f"probe set ({n} train problems × {sampling.m}): pass rate {rate:.3f}")
+        self.log(f"probe set ({min(self.cfg.run.probe_problems, len(self.train))} train problems × "
+                 f"{self.cfg.run.probe_samples}): pass rate {rate:.3f}")
 
     def iteration(self, it: int) -> dict | None:
         cfg, st, algo = self.cfg, self.state, self.algorithm
@@ -469,8 +527,40 @@ class Run:
         record: dict[str, Any] = {"iteration": it, "rollout": roll, "stages": progress["stages"]}
         if self.schedule.release_actors:
             self.stop_pool()  # their GPUs go to the learners (bcoder_ray.loop.resources)
+        learner_s = steps = 0.0
+        for plan in self.pending_stages(it, progress):
+            # 2. targets
+            filled = self.fill_targets(plan)
+            # 3. learn
+            result = self.learn(plan, it, progress["running"])
+            self.stage_done(plan, it, result.checkpoint_dir, {"wall_s": result.wall_s, "targets_filled": filled,
+                                                             "staleness": result.lags.to_json(),
+                                                             **result.metrics})
+            learner_s += result.wall_s
+            steps += cfg.stage(plan.name).steps
+        # 4. publish: the actors load the new policy by path on their next task
+        st.policy, st.policy_version = algo.policy(st.algorithm), version_name(st.run_id, it + 1)
+        if self.pool is None:
+            self.start_pool()
+        # 5. evaluate
+        split = cfg.suite.validation_split
+        if split and (it == cfg.run.iterations - 1 or (it + 1) % cfg.evaluation.every == 0):
+            record["eval"] = self.evaluate(split, f"iter{it}", rank=True)
+        self.probe(it)
+        # 6. record (the actors are busy through the rollout's tasks and the evaluations; the learner through
+        # its stages)
+        wall = time.time() - started
+        actors_s = roll["tasks_wall_s"] + cfg.rollout.num_actors * (record.get("eval") or {}).get("wall_s", 0.0)
+        record["busy"] = busy_record(wall, actors_s, cfg.rollout.num_actors, learner_s, roll["programs"], steps)
+        self.record_totals(it, record, wall)
+        return record
+
+    def pending_stages(self, it: int, progress: dict):
+        """The stages of iteration `it` still to run, bound (`prepare_stage`) and scoped; a stage finished before
+        an interruption is not redone, and a `skip_if_empty` stage with no rows is recorded as skipped."""
+        algo, st = self.algorithm, self.state
         for plan in algo.plan_iteration(it, copy.deepcopy(progress["algorithm"]), st.policy_version):
-            plan = bounded(self.scoped(algo.prepare_stage(plan, st.algorithm)), cfg.algorithm, st.policy_version)
+            plan = bounded(self.scoped(algo.prepare_stage(plan, st.algorithm)), self.cfg.algorithm, st.policy_version)
             label = plan.label or plan.name
             if label in progress["stages"]:
                 self.log(f"stage {label}: finished before the interruption; not redone")
@@ -485,32 +575,28 @@ class Run:
             if human_only:
                 self.log(f"stage {label}: no generated row is {window_text(plan.rows.filters)} yet: its batches "
                          f"are human rows only")
-            # 2. targets
-            filled = self.fill_targets(plan)
-            # 3. learn
-            result = self.learn(plan, it, progress["running"])
-            algo.after_stage(plan, result.checkpoint_dir, it, st.algorithm)
-            progress["stages"][label] = {"checkpoint": result.checkpoint_dir, "wall_s": result.wall_s,
-                                         "targets_filled": filled, "staleness": result.lags.to_json(),
-                                         **({"human_rows_only": True} if human_only else {}),
-                                         **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
-            st.save(self.run_dir)  # a resume continues after this stage
-        # 4. publish: the actors load the new policy by path on their next task
-        st.policy, st.policy_version = algo.policy(st.algorithm), version_name(st.run_id, it + 1)
-        if self.pool is None:
-            self.start_pool()
-        # 5. evaluate
-        split = cfg.suite.validation_split
-        if split and (it == cfg.run.iterations - 1 or (it + 1) % cfg.evaluation.every == 0):
-            record["eval"] = self.evaluate(split, f"iter{it}", rank=True)
-        self.probe(it)
-        # 6. record
+                self.human_rows_only.add(label)
+            else:
+                self.human_rows_only.discard(label)  # (an earlier iteration's stage of the same label may have been)
+            yield plan
+
+    def stage_done(self, plan: StagePlan, it: int, checkpoint: str, metrics: dict) -> None:
+        """Record a finished stage: its checkpoint in the algorithm's state, its numbers in the iteration's."""
+        st = self.state
+        self.algorithm.after_stage(plan, checkpoint, it, st.algorithm)
+        st.in_progress["stages"][plan.label or plan.name] = {
+            "checkpoint": checkpoint,
+            **({"human_rows_only": True} if (plan.label or plan.name) in self.human_rows_only else {}),
+            **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) or k == "staleness"}}
+        st.save(self.run_dir)  # a resume continues after this stage
+
+    def record_totals(self, it: int, record: dict, wall: float) -> None:
+        st = self.state
         record["buffer_rows"] = int(self.buffer.stats().samples.rows)
         record["programs_sampled_total"] = st.programs_sampled
         record["programs_executed_total"] = st.programs_executed
-        record["wall_s"] = time.time() - started
+        record["wall_s"] = wall
         self.record_scalars(it, record)
-        return record
 
     def record_scalars(self, it: int, record: dict) -> None:
         roll = record["rollout"]
@@ -520,17 +606,37 @@ class Run:
         self.scalar("rollout/programs_sampled_total", record["programs_sampled_total"], it)
         self.scalar("rollout/programs_executed_total", record["programs_executed_total"], it)
         if "eval" in record:
-            o = record["eval"]["overall"]
-            for k in self.cfg.evaluation.ks:
-                self.scalar(f"eval/pass@{k}", _get(o, "pass", k), it)
-                self.scalar(f"eval/ranked_pass@{k}", _get(o, "ranked_pass", k), it)
+            self.eval_scalars(it, record["eval"])
+        for key in ("actors_busy", "learner_busy", "programs_per_s", "optimizer_steps_per_s"):
+            self.scalar(f"throughput/{key}", record["busy"].get(key), it)
         self.scalar("time/iteration_s", record["wall_s"], it)
         for label, stage in record["stages"].items():
             if stage.get("staleness"):
                 write_lags(self.scalar, self.writer, label, LagCounts.from_json(stage["staleness"]), it)
 
+    def eval_scalars(self, it: int, result: dict) -> None:
+        o = result["overall"]
+        for k in self.cfg.evaluation.ks:
+            self.scalar(f"eval/pass@{k}", _get(o, "pass", k), it)
+            self.scalar(f"eval/ranked_pass@{k}", _get(o, "ranked_pass", k), it)
+
     # ------------------------------------------------------------------------------------------ the loop
     def train_loop(self) -> None:
+        cfg, st = self.cfg, self.state
+        if cfg.run.mode == "async":  # the actors never wait for the learner: bcoder_ray.loop.async_driver
+            AsyncLoop(self).train_loop()
+            return
+        self.baselines()
+        for it in range(st.completed_iterations, cfg.run.iterations):
+            self.log(f"iteration {it + 1}/{cfg.run.iterations} ({cfg.algorithm.name})")
+            record = self.iteration(it)
+            if record is None:
+                break
+            self.completed(it, record)
+        self.finish()
+
+    def baselines(self) -> None:
+        """θ_ckpt on the validation and test splits and the probe set, once, before the first iteration."""
         cfg, st = self.cfg, self.state
         su, ev = cfg.suite, cfg.evaluation
         if ev.warm_start_baseline and st.completed_iterations == 0 and st.policy is None:
@@ -540,18 +646,20 @@ class Run:
                 st.baseline_test = self.evaluate(su.test_split, "warm-start-test", rank=False)
             self.probe(-1)
             st.save(self.run_dir)
-        for it in range(st.completed_iterations, cfg.run.iterations):
-            self.log(f"iteration {it + 1}/{cfg.run.iterations} ({cfg.algorithm.name})")
-            record = self.iteration(it)
-            if record is None:
-                break
-            st.iterations.append(record)
-            st.completed_iterations = it + 1
-            st.in_progress = None
-            st.save(self.run_dir)
-            write_metrics_lines(self.run_dir, st)
+
+    def completed(self, it: int, record: dict) -> None:
+        st = self.state
+        st.iterations.append(record)
+        st.completed_iterations = it + 1
+        st.in_progress = None
+        st.save(self.run_dir)
+        write_metrics_lines(self.run_dir, st)
+
+    def finish(self) -> None:
+        """The last policy on the test split (once) and the read counts of the run's rows."""
+        st = self.state
         if st.final_test is None and st.iterations:
-            st.final_test = self.evaluate(su.test_split, "final-test", rank=True)
+            st.final_test = self.evaluate(self.cfg.suite.test_split, "final-test", rank=True)
             st.save(self.run_dir)
         if st.iterations:
             st.reuse = reuse_stats(self.run_dir, self.buffer, st.run_id)

@@ -45,7 +45,7 @@ import pyarrow.fs as pafs
 import torch
 
 from bcoder_ray.algorithms import make_algorithm
-from bcoder_ray.algorithms.base import AlgorithmConfig, RunContext, StagePlan
+from bcoder_ray.algorithms.base import AlgorithmConfig, RunContext, StageModule, StagePlan
 from bcoder_ray.config import StageConfig
 from bcoder_ray.model.batch import collate
 from bcoder_ray.buffer import ReplayBuffer, rows_from_batch
@@ -167,6 +167,149 @@ class PriorityRecorder:
         return written
 
 
+class StageTrainer:
+    """One stage's optimisation in this process: the `StageModule` spread over the workers (`distribute`), AdamW
+    under the stage's schedule, mixed precision and clipping. `step(batches)` takes one optimiser step over
+    `grad_accum` mini-batches drawn from `batches` (pyarrow tables) and counts the buffer rows it read. The
+    per-stage Ray Train loop below and the persistent learner (`bcoder_ray.loop.learner_group`) both run it, so
+    a stage's steps are the same code whichever learner runs them."""
+
+    def __init__(self, job: StageJob, built: "BuiltStage", device: torch.device, pad: int, rank: int = 0):
+        o = job.optim
+        params = built.params
+        self.job, self.stage, self.loss_module, self.params, self.device, self.pad = \
+            job, built.stage, built.loss_module, params, device, pad
+        self.token_columns = job.plan.rows.token_columns
+        self.info_columns = tuple(c for c in job.plan.rows.extra_columns if c not in self.token_columns)
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.adam_betas))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: learning_rate_factor(s, o.steps, o.schedule, o.warmup_steps))
+        self.use_amp = o.mixed_precision != "no"
+        self.amp_dtype = torch.bfloat16 if o.mixed_precision == "bf16" else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if o.mixed_precision == "fp16" else None
+        self.resumable = [*params, self.optimizer, self.scheduler, self.scaler]
+        self.reads: collections.Counter[str] = collections.Counter()  # off-policy reuse: reads of each buffer row
+        self.current = PolicyVersion.parse(job.policy_version)
+        self.lags, self.window_lags = LagCounts(), LagCounts()  # the stage's, and those since the last report
+        self.recorder = None
+        if job.priority_table is not None:
+            if not job.context.buffer_uri:
+                raise RuntimeError(f"stage {job.stage!r}: prioritized replay needs the run's buffer "
+                                   f"(RunContext.buffer_uri is not set)")
+            table = ReplayBuffer(job.context.buffer_uri, validate=False).priorities(job.priority_table)
+            self.recorder = PriorityRecorder(table, f"{job.stage}-rank{rank}")
+
+    def _next(self, batches) -> pa.Table:
+        table = next(batches)
+        if "sample_id" in table.column_names:
+            self.reads.update(table["sample_id"].to_pylist())
+        if self.current is not None and "policy_version" in table.column_names:
+            self.window_lags.add(table["policy_version"].to_pylist(), table["is_human"].to_pylist(), self.current)
+        return table
+
+    def skip(self, batches, steps: int) -> None:
+        """Consume the batches `steps` optimiser steps read (a resumed stage's data position)."""
+        for _ in range(steps * self.job.optim.grad_accum):
+            self._next(batches)
+        self.lags, self.window_lags = self.lags.merge(self.window_lags), LagCounts()
+
+    def report(self, entry: dict[str, float] | None, step: int) -> dict[str, float] | None:
+        """At a report (`entry` not None): the lags read since the last one (`lag_mean`) and, under prioritized
+        replay, the TD errors recorded since then written to the priority table."""
+        if entry is None:
+            return None
+        if self.window_lags.rows:
+            entry["lag_mean"] = self.window_lags.summary().mean
+        self.lags, self.window_lags = self.lags.merge(self.window_lags), LagCounts()
+        if self.recorder is not None:
+            self.recorder.flush(step + 1)
+        return entry
+
+    def all_lags(self) -> LagCounts:
+        """The lags of every generated row this trainer read."""
+        return self.lags.merge(self.window_lags)
+
+    def step(self, batches) -> dict[str, float]:
+        """One optimiser step; its metrics averaged over the micro-batches, with grad_norm and lr."""
+        o, scaler, optimizer = self.job.optim, self.scaler, self.optimizer
+        step_metrics: dict[str, float] = {}
+        for micro in range(o.grad_accum):
+            table = self._next(batches)
+            batch = collate(rows_from_batch(table), self.pad, token_columns=self.token_columns,
+                            info_columns=self.info_columns).to(self.device)
+            with gradient_sync(self.loss_module, sync=micro == o.grad_accum - 1):
+                with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                    loss, metrics = self.loss_module(batch)
+                if self.recorder is not None:
+                    self.recorder.add(table, self.stage.row_td_errors(),
+                                      f"stage {self.job.stage!r} ({self.job.algorithm})")
+                loss = loss / o.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0.0) + v / o.grad_accum
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, o.grad_clip if o.grad_clip else math.inf)
+        step_metrics["grad_norm"] = global_grad_norm(grad_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        step_metrics["lr"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return step_metrics
+
+
+class ReportWindow:
+    """The metric entries of a stage's history: each optimiser step's metrics averaged over `report_every` steps,
+    with steps/s and programs/s over the window."""
+
+    def __init__(self, optim: StageConfig, world: int):
+        self.optim, self.world = optim, world
+        self.window: dict[str, float] = {}
+        self.n = 0
+        self.since = time.time()
+
+    def add(self, step: int, metrics: dict[str, float]) -> dict[str, float] | None:
+        """Add optimiser step `step`'s (0-based) metrics; the window's entry when a report is due, else None."""
+        for k, v in metrics.items():
+            self.window[k] = self.window.get(k, 0.0) + v
+        self.n += 1
+        o = self.optim
+        if (step + 1) % o.report_every and step != o.steps - 1:
+            return None
+        now = time.time()
+        elapsed = max(now - self.since, 1e-9)
+        entry = {k: v / self.n for k, v in self.window.items()}
+        entry.update(step=step + 1, steps_per_s=self.n / elapsed,
+                     programs_per_s=self.n * o.grad_accum * o.batch_size_per_worker * self.world / elapsed)
+        self.window, self.n, self.since = {}, 0, now
+        return entry
+
+
+@dataclass
+class BuiltStage:
+    """A stage's module on this worker, spread over the workers: what its steps call and what they train."""
+
+    stage: StageModule
+    loss_module: torch.nn.Module  # the stage itself, or its DDP wrapper
+    params: list[torch.nn.Parameter]  # the trained parameters, in the order of `trainable_parameters()`
+
+
+def build_stage_here(algorithm, job: StageJob, device: torch.device, *, in_ray_train: bool = True) -> BuiltStage:
+    """The algorithm's `StageModule` for `job`, built with the global RNG seeded by `job.seed` and distributed
+    (DDP or FSDP, `bcoder_ray.loop.sharding.distribute`). The caller seeds the RNG again before the first step
+    (`torch.manual_seed(job.seed)`), so the steps draw the same random numbers whether the module was built
+    now or kept by a persistent learner from an earlier stage."""
+    torch.manual_seed(job.seed)
+    stage = algorithm.build_stage(job.plan)
+    stage.train()
+    loss_module, params = distribute(stage, job.optim.parallel, device, in_ray_train=in_ray_train)
+    return BuiltStage(stage, loss_module, params)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's per-worker function: one stage, `steps` optimiser steps, then a checkpoint."""
     import ray.train
@@ -178,27 +321,16 @@ def train_loop_per_worker(config: dict) -> None:
     quiet_libraries()
     quiet_ray_logs()
     torch.set_num_threads(max(1, math.ceil(o.cpus_per_worker)))
-    torch.manual_seed(job.seed)
     ctx = ray.train.get_context()
     world = ctx.get_world_size()
     device = ray.train.torch.get_device()
-    algorithm = make_algorithm(job.algorithm, job.algorithm_config, job.context, job.imports)
-    plan = job.plan
     tokenizer = job.context.load_tokenizer()
-    pad = pad_id(tokenizer)
-    token_columns = plan.rows.token_columns
-    info_columns = tuple(c for c in plan.rows.extra_columns if c not in token_columns)
-
-    stage = algorithm.build_stage(plan)
-    stage.train()
-    loss_module, params = distribute(stage, o.parallel, device)  # DDP or FSDP over the trained parameters
-    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.adam_betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: learning_rate_factor(s, o.steps, o.schedule, o.warmup_steps))
-    use_amp = o.mixed_precision != "no"
-    amp_dtype = torch.bfloat16 if o.mixed_precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if o.mixed_precision == "fp16" else None
-    resumable = [*params, optimizer, scheduler, scaler]
+    algorithm = make_algorithm(job.algorithm, job.algorithm_config, job.context, job.imports)
+    built = build_stage_here(algorithm, job, device)
+    stage = built.stage
+    torch.manual_seed(job.seed)
+    trainer = StageTrainer(job, built, device, pad_id(tokenizer), rank=ctx.get_world_rank())
+    resumable = trainer.resumable
     # a worker-group restart (Ray Train's max_failures) or a resumed run continues from the last checkpoint
     start_step, history = load_resume_state(ray.train.get_checkpoint(), job, resumable, device, stage)
 
@@ -206,86 +338,26 @@ def train_loop_per_worker(config: dict) -> None:
     batches = _batches(ray.train.get_dataset_shard("train"), o.batch_size_per_worker)
     channel = config["channel"]  # to the driver: steps and metric entries (rank 0), read counts (every rank)
     rank0 = ctx.get_world_rank() == 0
-    reads: collections.Counter[str] = collections.Counter()  # off-policy reuse: reads of each buffer row
-    recorder = None
-    if job.priority_table is not None:
-        if not job.context.buffer_uri:
-            raise RuntimeError(f"stage {job.stage!r}: prioritized replay needs the run's buffer "
-                               f"(RunContext.buffer_uri is not set)")
-        table = ReplayBuffer(job.context.buffer_uri, validate=False).priorities(job.priority_table)
-        recorder = PriorityRecorder(table, f"{job.stage}-rank{ctx.get_world_rank()}")
-    current = PolicyVersion.parse(job.policy_version)
-    lags, window_lags = LagCounts(), LagCounts()  # the stage's, and those since the last report
-
-    def count(table) -> None:
-        if "sample_id" in table.column_names:
-            reads.update(table["sample_id"].to_pylist())
-        if current is not None and "policy_version" in table.column_names:
-            window_lags.add(table["policy_version"].to_pylist(), table["is_human"].to_pylist(), current)
-
-    for _ in range(start_step * o.grad_accum):  # the data position: the batches the steps before consumed
-        count(next(batches))
-    lags, window_lags = window_lags, LagCounts()
-    window: dict[str, float] = {}
-    n_window = 0
-    started = last_report = time.time()
+    trainer.skip(batches, start_step)  # the data position: the batches the steps before consumed
+    window = ReportWindow(o, world)
+    started = time.time()
     for step in range(start_step, o.steps):
-        step_metrics: dict[str, float] = {}
-        for micro in range(o.grad_accum):
-            table = next(batches)
-            count(table)
-            batch = collate(rows_from_batch(table), pad, token_columns=token_columns,
-                            info_columns=info_columns).to(device)
-            with gradient_sync(loss_module, sync=micro == o.grad_accum - 1):
-                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss, metrics = loss_module(batch)
-                if recorder is not None:
-                    recorder.add(table, stage.row_td_errors(), f"stage {job.stage!r} ({job.algorithm})")
-                loss = loss / o.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
-            for k, v in metrics.items():
-                step_metrics[k] = step_metrics.get(k, 0.0) + v / o.grad_accum
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip else math.inf)
-        step_metrics["grad_norm"] = global_grad_norm(grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        step_metrics["lr"] = scheduler.get_last_lr()[0]
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        for k, v in step_metrics.items():
-            window[k] = window.get(k, 0.0) + v
-        n_window += 1
+        entry = trainer.report(window.add(step, trainer.step(batches)), step)
         if rank0:
             channel.set_steps.remote(step + 1)
-        last = step == o.steps - 1
-        if recorder is not None and ((step + 1) % o.report_every == 0 or last):
-            recorder.flush(step + 1)
-        if (step + 1) % o.report_every == 0 or last:
-            now = time.time()
-            entry = {k: v / n_window for k, v in window.items()}
-            entry.update(step=step + 1, steps_per_s=n_window / max(now - last_report, 1e-9),
-                         programs_per_s=n_window * o.grad_accum * o.batch_size_per_worker * world
-                         / max(now - last_report, 1e-9))
-            if window_lags.rows:
-                entry["lag_mean"] = window_lags.summary().mean
-            lags, window_lags = lags.merge(window_lags), LagCounts()
+        if entry is not None:
             history.append(entry)
             if rank0:  # live: the driver writes it to TensorBoard while the stage runs
                 channel.add_entry.remote(entry)
-            window, n_window, last_report = {}, 0, now
+        last = step == o.steps - 1
         if not last and o.checkpoint_every and (step + 1) % o.checkpoint_every == 0:
             report_resumable(rank0, job, step + 1, resumable, history, {**(history[-1] if history else {}),
                                                                          "stage": job.stage}, stage)
         elif not last and ((step + 1) % o.report_every == 0):
             ray.train.report({**history[-1], "stage": job.stage})
-    if reads:
-        ray.get(channel.add_reads.remote(ctx.get_world_rank(), dict(reads)))
-    ray.get(channel.add_lags.remote(ctx.get_world_rank(), lags.merge(window_lags)))
+    if trainer.reads:
+        ray.get(channel.add_reads.remote(ctx.get_world_rank(), dict(trainer.reads)))
+    ray.get(channel.add_lags.remote(ctx.get_world_rank(), trainer.all_lags()))
     final = {**(history[-1] if history else {}), "stage": job.stage, "history": history,
              "train_s": time.time() - started, "model_setup_s": model_ready - entered,
              "worker_entered_at": entered}
@@ -293,7 +365,7 @@ def train_loop_per_worker(config: dict) -> None:
         stage.save(config["local_checkpoint_dir"], tokenizer)
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(config["local_checkpoint_dir"]))
         return
-    to_save = saveable(stage, rebuild=lambda: algorithm.build_stage(plan), rank0=rank0)  # every rank calls
+    to_save = saveable(stage, rebuild=lambda: algorithm.build_stage(job.plan), rank0=rank0)  # every rank calls
     # a run resumed after its last report finds a finished stage
     state = gathered_resume_state(rank0, job, o.steps, resumable, history, stage) if o.checkpoint_every else None
     with tempfile.TemporaryDirectory() as tmp:
@@ -372,19 +444,33 @@ def report_resumable(rank0: bool, job: StageJob, step: int, resumable: list, his
 # ------------------------------------------------------------------------------------------ driver side
 
 
-def in_order_data_config():
-    """Ray Train's ingest defaults, read in order and split without regard to locality: each rank's shard yields
-    the same batches in the same order on every attempt, so a resumed stage's data position is its step. (The
-    batches are token ids, small beside a step's compute: locality saves little.)"""
+def in_order_options():
+    """Ray Data's execution options as they are, reading in order (`in_order_data_config`)."""
     from ray.data import DataContext
-    from ray.train import DataConfig
 
     # DataContext's options as they are, as `DataConfig.default_ingest_options()` would carry them over; not by
     # calling it, since it passes `exclude_resources` to ExecutionOptions, which warns (deprecated) even when
     # unset. A copy keeps them all (label_selector, its replacement, included) and sets none through the setter.
     options = copy.deepcopy(DataContext.get_current().execution_options)
     options.preserve_order = True
-    return DataConfig(execution_options=options, enable_shard_locality=False)
+    return options
+
+
+def in_order_data_config():
+    """Ray Train's ingest defaults, read in order and split without regard to locality: each rank's shard yields
+    the same batches in the same order on every attempt, so a resumed stage's data position is its step. (The
+    batches are token ids, small beside a step's compute: locality saves little.)"""
+    from ray.train import DataConfig
+
+    return DataConfig(execution_options=in_order_options(), enable_shard_locality=False)
+
+
+def in_order_shards(dataset, world: int) -> list:
+    """`dataset` split into one in-order `DataIterator` per rank, as Ray Train's `in_order_data_config` splits
+    it for its workers (the persistent learner's ranks read the same batches a per-stage run's would)."""
+    dataset = dataset.copy(dataset)
+    dataset.context.execution_options = in_order_options()
+    return dataset.streaming_split(world, equal=True)
 
 
 def train_stage(job: StageJob, dataset, scaling: ScalingSpec, *, storage_path: str, name: str,

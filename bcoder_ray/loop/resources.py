@@ -68,6 +68,8 @@ def plan_schedule(cfg: Config, stages: tuple[str, ...], cluster: Need) -> Schedu
         raise ConfigError(f"the rollout actors need {actors} but the Ray cluster has {cluster}: lower "
                           f"rollout.num_actors / cpus_per_actor / gpus_per_actor (fractions are fine) or "
                           f"executor.num_actors / cpus_per_actor")
+    if cfg.run.learner_kind() == "persistent":
+        return persistent_schedule(cfg, stages, cluster, actors)
     alone = learning_needs(cfg, stages)
     for phase, need in alone.items():
         if not need.fits(cluster):
@@ -83,6 +85,32 @@ def plan_schedule(cfg: Config, stages: tuple[str, ...], cluster: Need) -> Schedu
                           f"cannot be released while they fill the targets: set buffer.targets_via: ray_data, or "
                           f"lower the actors' or the stage's resources")
     return Schedule(True, {"rollout actors": actors, **alone})
+
+
+def persistent_schedule(cfg: Config, stages: tuple[str, ...], cluster: Need, actors: Need) -> Schedule:
+    """The persistent learner's groups (one per stage name) live through the run beside the actors: everything
+    must fit at once (in async mode the learner reads the buffer and fills the targets itself; in sync mode a
+    Ray Data read task feeds a stage, and the target job runs between stages)."""
+    b = cfg.buffer
+    need, parts = actors, ["the rollout actors"]
+    for name in stages:
+        s = cfg.stage(name)
+        if s.num_workers:  # local mode's one actor holds no Ray resource, as the driver process did not
+            need = need + Need(s.num_workers * s.cpus_per_worker,
+                               s.num_workers * ((s.gpus_per_worker or 1.0) if s.use_gpu else 0.0))
+            parts.append(f"stage {name}'s {s.num_workers} learners")
+    if cfg.run.mode == "sync":
+        extra = Need(b.dataset_cpus) + (Need(b.targets_cpus, b.targets_gpus) if b.targets_via == "ray_data"
+                                        else Need())
+        need = need + extra
+        parts.append("a Ray Data read task" + (" and the target-filling actor" if b.targets_via == "ray_data"
+                                               else ""))
+    if not need.fits(cluster):
+        raise ConfigError(f"{' + '.join(parts)} need {need} at once (the persistent learner keeps every stage's "
+                          f"workers up beside the actors) but the Ray cluster has {cluster}: lower "
+                          f"stages.<stage>.num_workers / cpus_per_worker / gpus_per_worker or the actors', or set "
+                          f"run.learner: per_stage (sync mode)")
+    return Schedule(False, {"rollout actors + persistent learners": need})
 
 
 def cluster_need(resources: dict) -> Need:

@@ -67,6 +67,7 @@ class RunState:
     # its finished stages), "running" ({stage label: Ray Train run name})}; None between iterations
     in_progress: dict | None = None
     iterations: list[dict] = field(default_factory=list)
+    rollout_done: list[str] = field(default_factory=list)  # async mode: the keys of the rollout tasks that landed
 
     @classmethod
     def load(cls, run_dir: Path) -> "RunState":

@@ -61,6 +61,12 @@ def final_table(state: RunState, cfg: Config) -> str:
                      f"{rec['programs_executed_total']} | {rec['rollout']['pass_rate']:.3f} | "
                      f"{_rate(probe.get(rec['iteration']))} | {pct(_get(o, 'pass', 1))} | "
                      f"{pct(_get(o, 'ranked_pass', 1))} | {_lag(rec)} |")
+    t = throughput(state)
+    if t is not None:
+        lines += ["", f"Throughput ({cfg.run.mode} mode, {cfg.run.learner_kind()} learner): {t['wall_s']:.0f}s of "
+                  f"iterations; actors busy {t['actors_busy']:.2f} and learner busy {t['learner_busy']:.2f} of the "
+                  f"wall time; {t['programs_per_s']:.2f} programs sampled/s; {t['optimizer_steps_per_s']:.2f} "
+                  f"optimiser steps/s."]
     base, last = state.baseline_test, state.final_test
     if base and last:
         o_last, o_base = last["overall"], base["overall"]
@@ -97,6 +103,28 @@ def final_table(state: RunState, cfg: Config) -> str:
         lines += ["", "Per difficulty on the test split (percent; the layout of the paper's Table 1):", "",
                   _difficulty_tables(base, last, ks)]
     return "\n".join(lines) + "\n"
+
+
+def busy_record(wall_s: float, actors_busy_s: float, actors: int, learner_busy_s: float, programs: int,
+                steps: float) -> dict:
+    """An iteration's (or a whole run's) use of its actors and learner: busy seconds and fractions of the wall
+    time (the actors' over `actors` × wall), programs sampled and optimiser steps per second."""
+    wall = max(wall_s, 1e-9)
+    return {"wall_s": wall_s, "actors": actors, "actors_busy_s": actors_busy_s, "learner_busy_s": learner_busy_s,
+            "programs": programs, "optimizer_steps": steps,
+            "actors_busy": actors_busy_s / (max(1, actors) * wall), "learner_busy": learner_busy_s / wall,
+            "programs_per_s": programs / wall, "optimizer_steps_per_s": steps / wall}
+
+
+def throughput(state: RunState) -> dict | None:
+    """`busy_record` summed over the run's iterations (None before any iteration recorded one)."""
+    recs = [r["busy"] for r in state.iterations if r.get("busy")]
+    if not recs:
+        return None
+    total = {k: sum(r[k] for r in recs) for k in ("wall_s", "actors_busy_s", "learner_busy_s", "programs",
+                                                  "optimizer_steps")}
+    return busy_record(total["wall_s"], total["actors_busy_s"], recs[-1]["actors"], total["learner_busy_s"],
+                       total["programs"], total["optimizer_steps"])
 
 
 def probe_points(state: RunState) -> list[dict]:

@@ -54,17 +54,26 @@ def shard_fully(module: nn.Module, device: torch.device) -> nn.Module:
     return module
 
 
-def distribute(stage: nn.Module, parallel: str, device: torch.device) -> tuple[nn.Module, list[nn.Parameter]]:
+def distribute(stage: nn.Module, parallel: str, device: torch.device,
+               in_ray_train: bool = True) -> tuple[nn.Module, list[nn.Parameter]]:
     """(the module to call, the trained parameters in the order of `stage.trainable_parameters()`) for a stage
     built on this worker. DDP: Ray Train's `prepare_model` (moved to `device`, DDP over the trained parameters
-    when there is more than one worker). FSDP: `shard_fully`, whose parameters replace the stage's own."""
-    import ray.train.torch
-
+    when there is more than one worker), or, outside a Ray Train worker (`in_ray_train=False`: a persistent
+    learner's actors, `bcoder_ray.loop.learner_group`), the same done here over torch.distributed's default
+    group. FSDP: `shard_fully`, whose parameters replace the stage's own."""
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     trained = stage.trainable_parameters()
     if parallel == "ddp":
-        return ray.train.torch.prepare_model(stage), trained
+        if in_ray_train:
+            import ray.train.torch
+
+            return ray.train.torch.prepare_model(stage), trained
+        stage.to(device)
+        if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+            return stage, trained
+        ids = [device.index] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(stage, device_ids=ids), trained
     names = {id(p): n for n, p in stage.named_parameters(remove_duplicate=False)}
     order = [names[id(p)] for p in trained]
     shard_fully(stage, device)

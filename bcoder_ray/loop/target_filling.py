@@ -178,6 +178,17 @@ def fill_targets(buffer, job: TargetJob, *, num_cpus: float = 1.0, num_gpus: flo
     return filled
 
 
+def fill_targets_here(buffer, job: TargetJob, computer: TargetComputer) -> int:
+    """`fill_targets` in this process, with a `TargetComputer` this process holds (the persistent learner fills
+    the targets of the rows that arrived since its last fill before it reads them: `run.mode: async`)."""
+    filled = 0
+    for table in _missing(buffer, job, job.batch_size):
+        out = computer.table(table)
+        buffer.write_targets(out, job.targets.fingerprint, batch_key=targets_batch_key(out))
+        filled += out.num_rows
+    return filled
+
+
 def _missing(buffer, job: TargetJob, group_rows: int) -> list[pa.Table]:
     """The rows lacking `job.targets` (with the columns the computer sees), in whole groups of at most
     `group_rows` rows when the targets are grouped."""

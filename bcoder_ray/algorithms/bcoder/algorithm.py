@@ -160,6 +160,7 @@ class BCoder(Algorithm):
     stage_names = ("phi", "theta")
     td_error_stages = ("phi", "theta")
     stage_defaults = {"phi": {"lr": 1e-5, "schedule": "constant"}, "theta": {"lr": 3e-5, "schedule": "linear"}}
+    supports_async = True  # off-policy: any generated row is a transition, whichever policy sampled it
     config: BCoderConfig
 
     @cached_property
@@ -201,6 +202,10 @@ class BCoder(Algorithm):
         phi = state.get("phi") if self.config.init_from_lm else None
         targets = self._targets(phi, needs_actions=self.config.operator == "conservative")
         return dataclasses.replace(plan, rows=self._rows(targets), targets=targets)
+
+    def resumes_from(self, plan: StagePlan) -> str | None:
+        # θ continues from the previous θ (its targets come cached); φ is built from θ_ckpt each time it runs
+        return plan.spec.get("theta_dir") if plan.name == "theta" else None
 
     def policy(self, state: dict) -> str | None:
         return state.get("theta")

@@ -71,7 +71,11 @@ class SFT(LMPolicyAlgorithm):
     Config = SFTConfig
     stage_names = ("sft",)
     stage_defaults = {"sft": {"lr": 3e-5, "schedule": "linear"}}   # B-Coder's stage θ's (BCoder.stage_defaults)
+    supports_async = True  # supervised on human (and, with include_generated, passed) rows of any policy
     config: SFTConfig
+
+    def resumes_from(self, plan: StagePlan) -> str | None:
+        return plan.spec.get("start")
 
     def start_of(self, state: dict) -> str | None:
         return None if self.config.restart_from_ckpt else state.get(self.stage)
