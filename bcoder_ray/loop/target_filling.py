@@ -17,7 +17,7 @@ a group's targets are written by one sidecar write (all or none); rows lost to f
 
 Batches and chunks. The driver cuts the rows lacking targets into the computer's batches once (`plan_chunks`:
 each sample file's rows in slices of `batch_size`, or whole groups), then packs consecutive batches into chunks,
-the unit of a task and of a sidecar write: with actors, at least `TASKS_PER_WORKER` chunks per actor (the actors
+the unit of a task and of a sidecar write: with actors, about `TASKS_PER_WORKER` chunks per actor (the actors
 share a fill evenly, whatever the files' sizes; the human seed is one large file); with Ray Data, chunks of about
 `RAY_DATA_CHUNK_ROWS` rows (one block each, written while the actor computes the next). A chunk numbers its rows'
 batches (`BATCH_COLUMN`), so how batches are packed never changes what the computer sees, nor its targets.
@@ -41,11 +41,12 @@ from bcoder_ray.buffer import rows_from_batch
 from bcoder_ray.util.quiet import quiet_libraries
 
 GROUPED_CHUNK_ROWS = 4096  # rows per actor chunk at most (grouped targets: their batches are cut within such pieces)
-TASKS_PER_WORKER = 4  # chunks per policy actor at least: the actors finish together, and a lost task redoes little
-RAY_DATA_CHUNK_ROWS = 512  # rows per Ray Data block and per sidecar write (not per batch: a write costs two fsyncs)
+TASKS_PER_WORKER = 4  # chunks per policy actor (about): the actors finish together, and a lost task redoes little
+RAY_DATA_CHUNK_ROWS = 512  # rows per Ray Data block and per write (not per batch: each write lists, checks, fsyncs)
 RAY_DATA_ATTEMPTS = 3  # Ray Data jobs per fill: one whose actor died is followed by one over the rows still missing
 BATCH_COLUMN = "_targets_batch"
-"""A chunk's column numbering the computer batch of each row (consecutive rows, from 0), dropped before computing."""
+"""A chunk's column: the computer batch of each row (its position among the fill's batches), dropped before
+computing."""
 
 
 IDENTITY_COLUMNS = ("sample_id", "suite", "problem_id", "source")
