@@ -368,9 +368,11 @@ class BufferConfig(Section):
     dataset_cpus: float = Field(0.25, ge=0)
     """CPUs per Ray Data read task feeding the learners (Ray's default would be 1)."""
     targets_batch_size: int = Field(16, ge=1)
-    """Rows per target-filling batch."""
+    """Rows per call of the algorithm's target computer (each sample file's rows in slices of this; grouped targets
+    in whole groups). Tasks and sidecar writes carry several batches (`bcoder_ray/loop/target_filling.py`)."""
     targets_cpus: float = Field(1.0, ge=0)
-    """CPUs per target-filling task."""
+    """CPUs of the Ray Data target-filling actor (its torch threads: this rounded up). With `targets_via: actors`
+    the policy actors compute with their own `rollout.cpus_per_actor`."""
     targets_gpus: float = Field(0.0, ge=0)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     """How learners draw generated rows: uniform (default), prioritized, fresh_prioritized or balanced."""

@@ -163,6 +163,24 @@ def plain_forward(model: QModel, batch: Batch) -> None:
         model.phi_raw_values(batch, encoded)
 
 
+def cached_targets_batch(frozen: QModel, examples: list[dict], device: str | None = None) -> Batch:
+    """`examples` collated with their cached targets (θ_ckpt's and φ's, by `frozen`) as per-token columns, as a
+    learner reads them from the buffer."""
+    rows = compute_frozen_targets(frozen, collate(examples, PAD))  # on the frozen networks' device
+    batch = collate([{**ex, **row} for ex, row in zip(examples, rows)], PAD, token_columns=TARGET_COLUMNS)
+    return batch.to(device) if device else batch
+
+
+def theta_learner(checkpoint: str, device: str | None = None
+                  ) -> tuple[QModel, torch.optim.Optimizer, torch.optim.Optimizer]:
+    """Stage θ's model (θ alone, its stage's parameters trainable, train mode) and two AdamW over them: one for
+    the θ steps, one for the CE steps it is compared with."""
+    model = QModel.create(checkpoint, parts=("theta",), device=device)
+    params = model.freeze_for_stage("theta")
+    model.train()
+    return model, torch.optim.AdamW(params, lr=1e-5), torch.optim.AdamW(params, lr=1e-5)
+
+
 def bench_kind(checkpoint: str, args) -> dict[str, float]:
     config = AutoConfig.from_pretrained(checkpoint)
     kind, vocab = lm_kind(config), int(config.vocab_size)
@@ -172,18 +190,14 @@ def bench_kind(checkpoint: str, args) -> dict[str, float]:
 
     frozen = QModel.create(checkpoint, parts=("ckpt", "phi"))              # the cache writer
     plain = collate(examples, PAD)
-    rows = compute_frozen_targets(frozen, plain)
+    batch = cached_targets_batch(frozen, examples)
     t_targets, t_forward = side_by_side(lambda: compute_frozen_targets(frozen, plain),
                                         lambda: plain_forward(frozen, plain), args.repeats)
     results["targets_vs_forward"] = t_forward / t_targets  # rows/s over rows/s: the same rows on both sides
     results["peak_mb"]["targets"] = peak_mb(reset=True)
     del frozen
-    batch = collate([{**ex, **row} for ex, row in zip(examples, rows)], PAD, token_columns=TARGET_COLUMNS)
 
-    theta_model = QModel.create(checkpoint, parts=("theta",))             # stage θ holds θ alone
-    theta_params = theta_model.freeze_for_stage("theta")
-    theta_model.train()
-    opt_q, opt_ce = torch.optim.AdamW(theta_params, lr=1e-5), torch.optim.AdamW(theta_params, lr=1e-5)
+    theta_model, opt_q, opt_ce = theta_learner(checkpoint)                 # stage θ holds θ alone
     t_theta, t_ce = side_by_side(
         lambda: learner_step(lambda m, b: theta_loss(m, b, gamma=0.999), theta_model, batch, opt_q),
         lambda: ce_step(theta_model, batch, opt_ce), args.repeats)

@@ -54,21 +54,16 @@ def step_times(checkpoint: str, batch_size: int = 16, repeats: int = 5) -> dict[
 
     from bcoder_ray.algorithms.bcoder.losses import theta_loss
     from bcoder_ray.algorithms.bcoder.q_model import QModel
-    from bcoder_ray.algorithms.bcoder.targets import TARGET_COLUMNS, compute_frozen_targets
-    from bcoder_ray.model.batch import collate
-    from experiments.bench_learner import PAD, ce_step, learner_step, make_examples, side_by_side
+    from experiments.bench_learner import (cached_targets_batch, ce_step, learner_step, make_examples, side_by_side,
+                                           theta_learner)
 
     vocab = AutoConfig.from_pretrained(checkpoint).vocab_size
     examples = make_examples(batch_size, 256, 160, vocab, seed=0)
     frozen = QModel.create(checkpoint, parts=("ckpt", "phi"), device="cuda")
-    rows = compute_frozen_targets(frozen, collate(examples, PAD).to("cuda"))
+    batch = cached_targets_batch(frozen, examples, "cuda")
     del frozen
     torch.cuda.empty_cache()
-    batch = collate([{**ex, **row} for ex, row in zip(examples, rows)], PAD, token_columns=TARGET_COLUMNS).to("cuda")
-    model = QModel.create(checkpoint, parts=("theta",), device="cuda")
-    params = model.freeze_for_stage("theta")
-    model.train()
-    opt_q, opt_ce = torch.optim.AdamW(params, lr=1e-5), torch.optim.AdamW(params, lr=1e-5)
+    model, opt_q, opt_ce = theta_learner(checkpoint, "cuda")
     out: dict[str, float] = {}
     for name, fn in (("theta", lambda: learner_step(lambda m, b: theta_loss(m, b, gamma=0.999), model, batch, opt_q)),
                      ("ce", lambda: ce_step(model, batch, opt_ce))):

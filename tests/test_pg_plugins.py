@@ -188,6 +188,8 @@ def test_group_slices_keep_groups_whole():
 class _InProcessPool:
     """What `rollout.ActorPool.fill_targets` does on its actors, here in the test process."""
 
+    size = 1
+
     def __init__(self, buf: ReplayBuffer):
         self.buf = buf
 
@@ -195,7 +197,7 @@ class _InProcessPool:
         computer = TargetComputer(job)
         out = []
         for chunk in chunks:
-            table = computer.table(chunk.table)
+            table = computer(chunk.table)
             self.buf.write_targets(table, job.targets.fingerprint, batch_key=chunk.key)
             out.append(table.num_rows)
         return out

@@ -316,9 +316,11 @@ class PolicyWorker:
         return {"records": [CandidateRecord.of(c) for c in scored if not c.infra], "infra": sum(c.infra for c in scored)}
 
     def fill_targets(self, chunk: TargetChunk, job: TargetJob) -> int:
-        """Cached targets for `chunk.table` (rows from `ReplayBuffer.missing_targets`), written under `chunk.key`."""
-        computer = self._cached("targets", job, lambda: TargetComputer(job))
-        out = computer.table(chunk.table)
+        """Cached targets for `chunk.table` (rows from `ReplayBuffer.missing_targets`, in the computer's batches),
+        written under `chunk.key`, with this actor's torch threads (`rollout.cpus_per_actor`, not the Ray Data
+        job's `buffer.targets_cpus`: more threads than the actor's CPUs would slow it and its neighbours)."""
+        computer = self._cached("targets", job, lambda: TargetComputer(replace(job, threads=self.args.num_threads)))
+        out = computer(chunk.table)
         self._get_buffer().write_targets(out, job.targets.fingerprint, batch_key=chunk.key)
         return out.num_rows
 
@@ -371,6 +373,11 @@ class ActorPool:
                    on_result: Callable[[Task, dict], None] | None = None) -> list[dict]:
         return self._map(lambda a, t: a.candidates.remote(t, policy, sampling, split, ranker, examples), tasks,
                          on_result)
+
+    @property
+    def size(self) -> int:
+        """The policy actors (a fill's work is cut for them: `target_filling.plan_chunks`)."""
+        return len(self.actors)
 
     def fill_targets(self, chunks: Iterable[TargetChunk], job: TargetJob) -> list[int]:
         return self._map(lambda a, c: a.fill_targets.remote(c, job), chunks, None)

@@ -14,14 +14,23 @@ its batches hold whole groups (rows sharing those columns' values, e.g. one prob
 version) of the rows lacking targets, whatever the batch size: a group is never split, so targets that depend on
 a group's other rows (GRPO's advantages) see all of it. The rollout writes each problem's samples in one file, so
 a group's targets are written by one sidecar write (all or none); rows lost to failures are simply absent.
+
+Batches and chunks. The driver cuts the rows lacking targets into the computer's batches once (`plan_chunks`:
+each sample file's rows in slices of `batch_size`, or whole groups), then packs consecutive batches into chunks,
+the unit of a task and of a sidecar write: with actors, about `TASKS_PER_WORKER` chunks per actor (the actors
+share a fill evenly, whatever the files' sizes; the human seed is one large file); with Ray Data, chunks of about
+`RAY_DATA_CHUNK_ROWS` rows (one block each, written while the actor computes the next). A chunk numbers its rows'
+batches (`BATCH_COLUMN`), so how batches are packed never changes what the computer sees, nor its targets.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -31,8 +40,13 @@ from bcoder_ray.model.batch import collate
 from bcoder_ray.buffer import rows_from_batch
 from bcoder_ray.util.quiet import quiet_libraries
 
-GROUPED_CHUNK_ROWS = 4096  # rows per actor task when targets are filled by groups (as missing_targets' tables)
+GROUPED_CHUNK_ROWS = 4096  # rows per actor chunk at most (grouped targets: their batches are cut within such pieces)
+TASKS_PER_WORKER = 4  # chunks per policy actor (about): the actors finish together, and a lost task redoes little
+RAY_DATA_CHUNK_ROWS = 512  # rows per Ray Data block and per write (not per batch: each write lists, checks, fsyncs)
 RAY_DATA_ATTEMPTS = 3  # Ray Data jobs per fill: one whose actor died is followed by one over the rows still missing
+BATCH_COLUMN = "_targets_batch"
+"""A chunk's column: the computer batch of each row (its position among the fill's batches), dropped before
+computing."""
 
 
 IDENTITY_COLUMNS = ("sample_id", "suite", "problem_id", "source")
@@ -65,7 +79,8 @@ class TargetJob:
 
 
 class TargetComputer:
-    """Rows lacking targets in (pyarrow), the same rows' target columns out; a Ray Data `map_batches` class."""
+    """A chunk of rows lacking targets in (pyarrow), the same rows' target columns out; a Ray Data `map_batches`
+    class, and what a policy actor calls."""
 
     def __init__(self, job: TargetJob):
         import torch
@@ -75,7 +90,13 @@ class TargetComputer:
         self.job = job
         self.compute = job.algorithm.build().target_computer(job.targets)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, chunk: pa.Table) -> pa.Table:
+        """The computer over each batch of `chunk` (as `BATCH_COLUMN` numbers them; without it, `chunk` is one
+        batch), concatenated."""
+        return pa.concat_tables([self.batch(b) for b in chunk_batches(chunk)])
+
+    def batch(self, batch: pa.Table) -> pa.Table:
+        """One call of the algorithm's computer: the rows' identity columns and their target columns."""
         rows = rows_from_batch(batch)
         for row in rows:
             row.setdefault("reward", 0.0)  # collate wants one; frozen targets do not depend on it
@@ -93,12 +114,30 @@ class TargetComputer:
             columns[name] = pa.array(values[name], type=_list_type(values[name]))
         return pa.table(columns)
 
-    def table(self, table: pa.Table) -> pa.Table:
-        """`self` over `table` in slices of the job's batch size (whole groups with `group_by`), concatenated."""
-        step, group_by = self.job.batch_size, self.job.targets.group_by
-        pieces = (group_slices(table, group_by, step) if group_by else
-                  [table.slice(start, step) for start in range(0, table.num_rows, step)])
-        return pa.concat_tables([self(piece) for piece in pieces])
+
+def chunk_batches(chunk: pa.Table) -> list[pa.Table]:
+    """The batches of a chunk (`BATCH_COLUMN` dropped); a table without the column is one batch."""
+    if BATCH_COLUMN not in chunk.column_names:
+        return [chunk]
+    numbers = chunk[BATCH_COLUMN].to_numpy()
+    bounds = [0, *(np.flatnonzero(numbers[1:] != numbers[:-1]) + 1).tolist(), chunk.num_rows]
+    chunk = chunk.drop_columns([BATCH_COLUMN])
+    return [chunk.slice(start, stop - start) for start, stop in zip(bounds, bounds[1:])]
+
+
+def pack_chunks(batches: list[pa.Table], chunk_rows: int) -> list[pa.Table]:
+    """Consecutive `batches` in chunks of at least `chunk_rows` rows (the last may have fewer), numbering each
+    batch in `BATCH_COLUMN` by its position in `batches` (so chunks that Ray Data joins still split right)."""
+    chunks, current, rows = [], [], 0
+    for i, b in enumerate(batches):
+        current.append(b.append_column(BATCH_COLUMN, pa.array(np.full(b.num_rows, i, np.int32))))
+        rows += b.num_rows
+        if rows >= chunk_rows:
+            chunks.append(pa.concat_tables(current, promote_options="default"))
+            current, rows = [], 0
+    if current:
+        chunks.append(pa.concat_tables(current, promote_options="default"))
+    return chunks
 
 
 def group_slices(table: pa.Table, group_by: tuple[str, ...], max_rows: int) -> list[pa.Table]:
@@ -151,29 +190,29 @@ def fill_targets(buffer, job: TargetJob, *, num_cpus: float = 1.0, num_gpus: flo
     The Ray Data job's actor is not restarted by Ray (`max_restarts=0`): Ray Data hands its actors their
     constructor arguments through the object store, which a restart cannot count on (ray-project/ray#53727, and
     Ray's error line at every run). A job whose actor died is followed by a new one, with a new actor, over the
-    rows that still lack targets (the buffer is what survives; a batch written before the death is not redone).
+    rows that still lack targets (the buffer is what survives; a chunk written before the death is not redone).
     """
     import ray.exceptions
 
     t = job.targets
-    tables = _missing(buffer, job, GROUPED_CHUNK_ROWS if pool is not None else job.batch_size)
-    if not tables:
+    chunks = plan_chunks(buffer, job, actors=pool.size if pool is not None else 0)
+    if not chunks:
         return 0
     if pool is not None:
-        return sum(pool.fill_targets([TargetChunk(targets_batch_key(x), x) for x in tables], job))
+        return sum(pool.fill_targets(chunks, job))
     filled = 0
     for attempt in range(1, RAY_DATA_ATTEMPTS + 1):
         try:
-            for out in _ray_data_job(tables, job, num_cpus, num_gpus).iter_batches(batch_size=None,
-                                                                                    batch_format="pyarrow"):
+            for out in _ray_data_job([c.table for c in chunks], job, num_cpus, num_gpus).iter_batches(
+                    batch_size=None, batch_format="pyarrow"):
                 buffer.write_targets(out, t.fingerprint, batch_key=targets_batch_key(out))
                 filled += out.num_rows
             return filled
         except ray.exceptions.RayActorError:  # the actor died (a bug in the computer raises RayTaskError)
             if attempt == RAY_DATA_ATTEMPTS:
                 raise
-            tables = _missing(buffer, job, job.batch_size)
-            if not tables:
+            chunks = plan_chunks(buffer, job, actors=0)
+            if not chunks:
                 return filled
     return filled
 
@@ -182,30 +221,43 @@ def fill_targets_here(buffer, job: TargetJob, computer: TargetComputer) -> int:
     """`fill_targets` in this process, with a `TargetComputer` this process holds (the persistent learner fills
     the targets of the rows that arrived since its last fill before it reads them: `run.mode: async`)."""
     filled = 0
-    for table in _missing(buffer, job, job.batch_size):
-        out = computer.table(table)
-        buffer.write_targets(out, job.targets.fingerprint, batch_key=targets_batch_key(out))
+    for chunk in plan_chunks(buffer, job, actors=1):
+        out = computer(chunk.table)
+        buffer.write_targets(out, job.targets.fingerprint, batch_key=chunk.key)
         filled += out.num_rows
     return filled
 
 
-def _missing(buffer, job: TargetJob, group_rows: int) -> list[pa.Table]:
-    """The rows lacking `job.targets` (with the columns the computer sees), in whole groups of at most
-    `group_rows` rows when the targets are grouped."""
+def plan_chunks(buffer, job: TargetJob, *, actors: int) -> list[TargetChunk]:
+    """The rows lacking `job.targets` (with the columns the computer sees), cut into the computer's batches and
+    packed into chunks: for `actors` policy actors, or (0) for a Ray Data job. The batches are those the
+    chunks' tasks computed before chunks existed: each sample file's rows (`missing_targets`' tables) in slices
+    of the batch size; grouped targets in whole groups, cut by `group_slices` (per `GROUPED_CHUNK_ROWS` piece on
+    the actors)."""
     t = job.targets
     context = tuple(dict.fromkeys((*t.rows.extra_columns, *t.group_by)))
     tables = [x for x in buffer.missing_targets(t.fingerprint, filters=t.rows.filters, columns=context)
               if x.num_rows]
-    if tables and t.group_by:  # whole groups per chunk (actors slice them further by group) or per Ray Data batch
-        tables = group_slices(pa.concat_tables(tables, promote_options="default"), t.group_by, group_rows)
-    return tables
+    if not tables:
+        return []
+    size = job.batch_size
+    if t.group_by:
+        whole = pa.concat_tables(tables, promote_options="default")
+        pieces = group_slices(whole, t.group_by, GROUPED_CHUNK_ROWS) if actors else [whole]
+        batches = [b for piece in pieces for b in group_slices(piece, t.group_by, size)]
+    else:
+        batches = [x.slice(start, size) for x in tables for start in range(0, x.num_rows, size)]
+    total = sum(b.num_rows for b in batches)
+    chunk_rows = (min(GROUPED_CHUNK_ROWS, math.ceil(total / (TASKS_PER_WORKER * actors))) if actors
+                  else RAY_DATA_CHUNK_ROWS)
+    return [TargetChunk(targets_batch_key(c), c) for c in pack_chunks(batches, chunk_rows)]
 
 
 def _ray_data_job(tables: list[pa.Table], job: TargetJob, num_cpus: float, num_gpus: float) -> "ray.data.Dataset":
     import ray.data
 
+    # one block per chunk and one call per block: the computer splits it into its batches (`BATCH_COLUMN`)
     return ray.data.from_arrow(tables).map_batches(
-        TargetComputer, fn_constructor_args=(job,), batch_size=None if job.targets.group_by else job.batch_size,
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=num_cpus, num_gpus=num_gpus,
+        TargetComputer, fn_constructor_args=(job,), batch_size=None, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=num_cpus, num_gpus=num_gpus,
         max_restarts=0)  # no restart from arguments Ray Data keeps in the object store: `fill_targets` starts anew
-
