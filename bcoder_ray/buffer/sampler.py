@@ -102,20 +102,23 @@ class SourceStream:
         self._epoch_started = False
         self._join: TargetsJoin | None = None
 
-    def _new_epoch(self) -> None:
-        if self._epoch_started and self._epoch_rows == 0:
-            raise BufferError(f"replay buffer {self.catalog.uri}: no {self.source or 'buffer'} rows match "
-                              f"{self.filters}"
-                              + (f" with targets fp={self.fp}" if self.fp and self.require_targets else ""))
-        units = []
+    def _matching_units(self) -> Iterator[Unit]:
+        """The row groups of the buffer's sample files whose statistics may match the filters, in file order."""
         for entry in self.catalog.files(SAMPLES):
             meta = self.catalog.metadata(entry)
             start = 0
             for g in range(meta.num_row_groups):
                 rg = meta.row_group(g)
                 if self.filters.row_group_may_match(_stats(rg), self.source):
-                    units.append(Unit(entry, g, start))
+                    yield Unit(entry, g, start)
                 start += rg.num_rows
+
+    def _new_epoch(self) -> None:
+        if self._epoch_started and self._epoch_rows == 0:
+            raise BufferError(f"replay buffer {self.catalog.uri}: no {self.source or 'buffer'} rows match "
+                              f"{self.filters}"
+                              + (f" with targets fp={self.fp}" if self.fp and self.require_targets else ""))
+        units = list(self._matching_units())
         order = self.rng.permutation(len(units))
         self._epoch = iter([units[i] for i in order])
         self._epoch_rows = 0
@@ -218,20 +221,13 @@ class WeightedStream(SourceStream):
                       if self.fp is not None else None)
         self._units, self._cache, self._cached_rows = [], OrderedDict(), 0
         parts, unit_of = [], []
-        for entry in self.catalog.files(SAMPLES):
-            meta = self.catalog.metadata(entry)
-            start = 0
-            for g in range(meta.num_row_groups):
-                rg = meta.row_group(g)
-                if self.filters.row_group_may_match(_stats(rg), self.source):
-                    unit = Unit(entry, g, start)
-                    t = self._read_unit(unit, index_columns=True)
-                    if t is not None:
-                        self._remember(len(self._units), t)
-                        parts.append(t.select(list(PRIVATE_COLUMNS)))
-                        unit_of.append(np.full(t.num_rows, len(self._units), np.int64))
-                        self._units.append(unit)
-                start += rg.num_rows
+        for unit in self._matching_units():
+            t = self._read_unit(unit, index_columns=True)
+            if t is not None:
+                self._remember(len(self._units), t)
+                parts.append(t.select(list(PRIVATE_COLUMNS)))
+                unit_of.append(np.full(t.num_rows, len(self._units), np.int64))
+                self._units.append(unit)
         if not parts:
             raise BufferError(f"replay buffer {self.catalog.uri}: no {self.source or 'buffer'} rows match "
                               f"{self.filters}"

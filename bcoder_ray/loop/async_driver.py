@@ -123,7 +123,9 @@ class AsyncLoop:
                              "executed": c.executed, "infra": c.infra, "tasks": c.tasks,
                              "pass_rate": c.passed / max(1, c.programs), "reward_mean": c.reward_sum / max(1, c.programs),
                              "programs_per_s": c.programs / max(wall, 1e-9), "policy_version": st.policy_version}
-        record["busy"] = busy_record(wall, c.busy_s, cfg.rollout.num_actors, learner_s, c.programs, steps)
+        # the fractions over the stream's window (since its last take), which holds every second counted busy
+        record["busy"] = busy_record(time.time() - c.since, c.busy_s, cfg.rollout.num_actors, learner_s, c.programs,
+                                     steps)
         run.record_totals(it, record, wall)
         b = record["busy"]
         run.log(f"round {it + 1}: {c.programs} programs sampled beside {steps:.0f} optimiser steps in {wall:.0f}s; "

@@ -50,6 +50,7 @@ class StreamCounts:
     reward_sum: float = 0.0
     tasks: int = 0
     busy_s: float = 0.0  # actor-seconds between handing out a task and its reply (one task per actor at a time)
+    since: float = field(default_factory=time.time)  # when these counts began (the last `take`)
     done_keys: list[str] = field(default_factory=list)
 
 
@@ -157,6 +158,11 @@ class RolloutStream:
             self.pump(1.0)
 
     def take(self) -> StreamCounts:
-        """The counts since the last `take`."""
-        counts, self.counts = self.counts, StreamCounts()
+        """The counts since the last `take`. A task still in flight counts its time up to now here and the rest
+        in the next counts, so busy time never exceeds the actors' time since the last `take`."""
+        now = time.time()
+        for ref, (actor, kind, item, handed) in self.in_flight.items():
+            self.counts.busy_s += now - handed
+            self.in_flight[ref] = (actor, kind, item, now)
+        counts, self.counts = self.counts, StreamCounts(since=now)
         return counts
