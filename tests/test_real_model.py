@@ -19,6 +19,8 @@ FENCE = "```"
 class InlinePool:
     """`rollout.ActorPool.fill_targets` served by one `PolicyWorker` in this process (buffer.targets_via: actors)."""
 
+    size = 1  # one actor: `fill_targets` packs its chunks for it
+
     def __init__(self, worker):
         self.worker = worker
 
