@@ -32,8 +32,10 @@ validation evaluation; the test split is read only for the chosen setting. The r
 A run folder whose `compare_key.json` matches (the resolved config minus run_dir, and the code version: commit,
 dirty flag, hash of the uncommitted changes) and whose run completed is reused, not rerun; one that matches but
 stopped early is resumed (`--report-only` writes the report from completed folders without running). Output in
-`--out`: compare.md, compare.json, figure1.png (probe pass rate against programs sampled), and provenance.json
-in every run folder made here.
+`--out`: compare.md, compare.json, figure1.png (probe pass rate against programs sampled), wall_curve.png
+(validation pass@1 against wall time, where runs evaluated the validation split; with `--evaluation.every 1`
+after every iteration: how sync and async mode compare at equal wall time), and provenance.json in every run
+folder made here.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runnable from a checkout without install
 
 from bcoder_ray.config import ConfigError  # noqa: E402
-from bcoder_ray.loop.run_table import probe_points, throughput  # noqa: E402
+from bcoder_ray.loop.run_table import probe_points, throughput, validation_points  # noqa: E402
 
 THROUGHPUT_KEYS = ("actors_busy", "learner_busy", "programs_per_s", "optimizer_steps_per_s")
 
@@ -371,6 +373,7 @@ def run_result(job: Job, ks: list[int]) -> dict:
                "iteration": val["iteration"], "is_last_iteration": val["iteration"] == last_it,
                **{f"{v}@{k}": _get(val["eval"]["overall"], v, k) for v in ("pass", "ranked_pass") for k in ks}},
            "probe": probe_points(st), "reuse": st.reuse or {},
+           "validation_curve": validation_points(st, cfg["suite"].get("validation_split")),
            "mode": cfg["run"].get("mode", "sync"), "throughput": throughput(st) or {}}
     out["has_ranker"] = any(out["test"][f"ranked_pass@{k}"] is not None for k in ks)
     return out
@@ -437,6 +440,7 @@ def summarise(labels: list[str], chosen: dict[str, dict], results: list[dict], k
         for key in THROUGHPUT_KEYS:
             row[key] = _mean_std([(r.get("throughput") or {}).get(key) for r in mine])
         row["warm_start_test_pass@1"] = _mean_std([r["warm_start_test"]["pass@1"] for r in mine])
+        row["validation_curve"] = {r["seed"]: r.get("validation_curve") or [] for r in mine}
         comps = {}
         for r in mine:
             c = {"vs_warm_start": paired(r["test_dir"], "pass", r["warm_start_test_dir"], "pass", r["seed"])}
@@ -452,7 +456,32 @@ def summarise(labels: list[str], chosen: dict[str, dict], results: list[dict], k
             comps[str(r["seed"])] = c
         row["paired"] = comps
         rows.append(row)
+    against_wall(rows)
     return rows
+
+
+def against_wall(rows: list[dict]) -> None:
+    """Validation pass@1 against wall time, per seed, each row against a reference row (the first sync-mode row
+    when the modes differ, else the first row): the reference's final validation pass@1 and the wall time at it;
+    this row's wall time to reach it (its first validation point at or above it; None if never) and the ratio
+    to the reference's, and this row's validation pass@1 at the reference's wall time (its last point no later).
+    Written into each row as row["wall"] (None without validation points)."""
+    modes = {r["mode"] for r in rows}
+    ref = next((r for r in rows if r["mode"] == "sync"), rows[0]) if len(modes) > 1 else (rows[0] if rows else None)
+    for row in rows:
+        per_seed = {}
+        for seed, pts in row["validation_curve"].items():
+            ref_pts = ref["validation_curve"].get(seed) or []
+            if not pts or not ref_pts:
+                continue
+            goal, ref_wall = ref_pts[-1]["pass@1"], ref_pts[-1]["wall_s"]
+            reach = next((p["wall_s"] for p in pts if p["pass@1"] >= goal), None)
+            at_ref = [p for p in pts if p["wall_s"] <= ref_wall]
+            per_seed[seed] = {"final": pts[-1], "reference": ref["label"], "reference_final": goal,
+                              "reference_wall_s": ref_wall, "reach_s": reach,
+                              "reach_ratio": None if reach is None or ref_wall <= 0 else reach / ref_wall,
+                              "at_reference_wall": at_ref[-1]["pass@1"] if at_ref else None}
+        row["wall"] = per_seed or None
 
 
 def _fig(ms: dict, pct: bool = True, digits: int = 0) -> str:
@@ -513,6 +542,23 @@ def markdown(summary: list[dict], sweeps_out: dict, info: dict, ks: list[int]) -
         for r in summary:
             lines.append(f"| {r['label']} | {r['mode']} | {_fig(r['train_wall_s'], pct=False)} | " +
                          " | ".join(_fig(r[k], pct=False, digits=2) for k in THROUGHPUT_KEYS) + " |")
+    if any(r.get("wall") for r in summary):
+        ref = next(w for r in summary if r.get("wall") for w in r["wall"].values())["reference"]
+        lines += ["", f"Validation pass@1 against wall time (wall_curve.png; each point at the end of the iteration "
+                  f"that evaluated it, the warm start at 0 s; {int(LEVEL * 100)}% bootstrap interval over problems), "
+                  f"against `{ref}`'s final validation pass@1 and its wall time, per seed:", "",
+                  "| algorithm | seed | mode | final validation pass@1 | at wall (s) | wall to reach "
+                  f"{ref}'s final (s) | × {ref}'s wall | validation pass@1 at {ref}'s wall |",
+                  "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in summary:
+            for seed, w in (r.get("wall") or {}).items():
+                f = w["final"]
+                ci = f" [{100 * f['low']:.1f}, {100 * f['high']:.1f}]" if f.get("low") is not None else ""
+                reach = "never" if w["reach_s"] is None else f"{w['reach_s']:.0f}"
+                ratio = "–" if w["reach_ratio"] is None else f"{w['reach_ratio']:.2f}"
+                at = "–" if w["at_reference_wall"] is None else f"{100 * w['at_reference_wall']:.1f}%"
+                lines.append(f"| {r['label']} | {seed} | {r['mode']} | {100 * f['pass@1']:.1f}%{ci} | "
+                             f"{f['wall_s']:.0f} | {reach} | {ratio} | {at} |")
     ws = summary[0]["warm_start_test_pass@1"] if summary else None
     lines += ["", f"Warm start (θ_ckpt) test pass@1: {_fig(ws) if ws else '–'}.", "",
               f"Paired differences of test pass@1 in points, {int(LEVEL * 100)}% percentile bootstrap interval over "
@@ -672,6 +718,10 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(summary, sweeps_out, info, ks)
     (out / "compare.md").write_text(md)
     figure1(summary, results, out / "figure1.png")
+    if any(r.get("wall") for r in summary):
+        from bcoder_ray.evaluation.plots import plot_wall_curve
+
+        plot_wall_curve({r["label"]: list(r["validation_curve"].values()) for r in summary}, out / "wall_curve.png")
     report = {"info": info, "provenance": prov, "algorithms": summary, "sweeps": sweeps_out, "runs": results,
               "reused": all(r["status"] == "reused" for r in results), "wall_s": time.time() - started,
               "no_validation": c0.suite.validation_split is None}

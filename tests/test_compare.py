@@ -91,3 +91,43 @@ def test_compare_writes_a_row_per_algorithm_respects_the_budget_and_reuses_runs(
     assert after == before
     assert [a["test_pass@1"]["mean"] for a in again["algorithms"]] == \
         [a["test_pass@1"]["mean"] for a in report["algorithms"]]
+
+
+def test_validation_against_wall_time_points_reach_and_figure(tmp_path):
+    """Validation points lie at the cumulative wall time of the iterations that evaluated the validation split;
+    a row reaches the reference's final pass@1 at its first point at or above it; the figure is written."""
+    from bcoder_ray.evaluation.plots import plot_wall_curve
+    from bcoder_ray.loop.run_folder import RunState
+    from bcoder_ray.loop.run_table import validation_points
+
+    compare = load_compare()
+
+    def ev(split: str, p: float) -> dict:
+        return {"split": split, "overall": {"pass@k": {"1": p}, "pass@1_ci": {"low": p - 0.05, "high": p + 0.05}}}
+
+    def state(walls: list[float], evals: list[dict | None]) -> RunState:
+        return RunState(baseline=ev("validation", 0.30), iterations=[
+            {"iteration": i, "wall_s": w, **({"eval": e} if e else {})} for i, (w, e) in enumerate(zip(walls, evals))])
+
+    sync = validation_points(state([100.0, 50.0, 60.0], [ev("validation", 0.32), None, ev("validation", 0.40)]),
+                             "validation")
+    assert [(p["wall_s"], p["pass@1"]) for p in sync] == [(0.0, 0.30), (100.0, 0.32), (210.0, 0.40)]
+    fast = validation_points(state([70.0, 60.0, 80.0], [ev("validation", 0.35), ev("validation", 0.41),
+                                                         ev("test", 0.99)]), "validation")
+    assert [(p["wall_s"], p["pass@1"]) for p in fast] == [(0.0, 0.30), (70.0, 0.35), (130.0, 0.41)]  # test skipped
+    assert validation_points(state([1.0], [ev("validation", 0.5)]), None) == []
+
+    rows = [{"label": "sync", "mode": "sync", "validation_curve": {0: sync}},
+            {"label": "async", "mode": "async", "validation_curve": {0: fast}},
+            {"label": "none", "mode": "async", "validation_curve": {0: []}}]
+    compare.against_wall(rows)
+    w = rows[1]["wall"][0]
+    assert w["reference"] == "sync" and w["reference_final"] == 0.40 and w["reference_wall_s"] == 210.0
+    assert w["reach_s"] == 130.0 and abs(w["reach_ratio"] - 130.0 / 210.0) < 1e-12
+    assert w["at_reference_wall"] == 0.41  # its last point no later than 210 s
+    assert rows[0]["wall"][0]["reach_ratio"] == 1.0 and rows[2]["wall"] is None
+    rows[1]["validation_curve"][0][-1]["pass@1"] = 0.39  # never reaches 0.40
+    compare.against_wall(rows)
+    assert rows[1]["wall"][0]["reach_s"] is None and rows[1]["wall"][0]["reach_ratio"] is None
+    assert plot_wall_curve({r["label"]: list(r["validation_curve"].values()) for r in rows},
+                           tmp_path / "wall.png").stat().st_size > 0

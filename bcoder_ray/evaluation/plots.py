@@ -8,6 +8,8 @@
 - Figure 5, `plot_ranking_gain`: the pass@k gained by ranking with R̃ against the number m of candidates.
 - Figure 1 at an equal budget, `plot_budget_curve`: the probe pass rate against programs sampled, one line per
   algorithm (`experiments/compare.py`).
+- Validation against wall time, `plot_wall_curve`: validation pass@1 against the run's wall time, one line per
+  algorithm and seed (`experiments/compare.py`: sync against async mode).
 
 Each function takes data (or a candidates file) and a path, writes the PNG and returns the path.
 """
@@ -197,6 +199,33 @@ def plot_budget_curve(runs: Mapping[str, Sequence[Sequence[Mapping]]], path: str
                             linewidth=0)
     ax.set_xlabel("programs sampled for training (cumulative)")
     ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_wall_curve(runs: Mapping[str, Sequence[Sequence[Mapping]]], path: str | os.PathLike,
+                    title: str = "Validation pass@1 against wall time") -> Path:
+    """One line per algorithm and seed: points {"wall_s", "pass@1", "low", "high"} (`run_table.validation_points`),
+    the intervals as error bars. Seeds are not averaged: their evaluations fall at different times."""
+    if not runs:
+        raise ValueError("plot_wall_curve: no runs given")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, seeds in runs.items():
+        colour = None
+        for i, pts in enumerate(s for s in seeds if s):
+            pts = sorted(pts, key=lambda p: p["wall_s"])
+            x = np.array([p["wall_s"] for p in pts], dtype=float)
+            y = 100.0 * np.array([p["pass@1"] for p in pts], dtype=float)
+            has_ci = all(p.get("low") is not None and p.get("high") is not None for p in pts)
+            err = (np.array([[100.0 * p["pass@1"] - 100.0 * p["low"] for p in pts],
+                             [100.0 * p["high"] - 100.0 * p["pass@1"] for p in pts]]) if has_ci else None)
+            bars = ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=colour,
+                               label=label if i == 0 else None, alpha=1.0 if i == 0 else 0.6)
+            colour = bars.lines[0].get_color()
+    ax.set_xlabel("wall time of the iterations (s)")
+    ax.set_ylabel("validation pass@1 (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -135,6 +135,29 @@ def probe_points(state: RunState) -> list[dict]:
             for p in sorted(state.probe, key=lambda p: p["iteration"]) if p["iteration"] in sampled]
 
 
+def validation_points(state: RunState, split: str | None) -> list[dict]:
+    """Validation pass@1 against the wall time of the iterations so far: the warm start at 0 s, then each
+    iteration that evaluated the split `split` (the config's validation split; none gives no points), at the end
+    of that iteration (sync: its evaluation included; async: the round's end, when the evaluated policy was
+    published). Points {"wall_s", "iteration", "pass@1", "low", "high"}: fractions, the interval the
+    evaluation's bootstrap over problems."""
+    def point(wall: float, iteration: int, ev: dict) -> dict | None:
+        o = ev.get("overall") or {}
+        value, ci = (o.get("pass@k") or {}).get("1"), o.get("pass@1_ci") or {}
+        return None if value is None else {"wall_s": wall, "iteration": iteration, "pass@1": value,
+                                           "low": ci.get("low"), "high": ci.get("high")}
+
+    if not split:
+        return []
+    base = state.baseline if (state.baseline or {}).get("split") == split else None
+    points, wall = ([point(0.0, -1, base)] if base else []), 0.0
+    for r in state.iterations:
+        wall += r.get("wall_s", 0.0)
+        if (r.get("eval") or {}).get("split") == split:
+            points.append(point(wall, r["iteration"], r["eval"]))
+    return [p for p in points if p is not None]
+
+
 def _lag(record: dict) -> str:
     """The policy-version lag of the generated rows an iteration's stages read (all stages together)."""
     s = merged(stage.get("staleness") for stage in (record.get("stages") or {}).values()).summary()
