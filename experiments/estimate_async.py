@@ -225,7 +225,8 @@ def report(costs: RoundCosts, node: Node, rollout_gpus: int | None, rollout_grid
     rows = splits(costs, node)
     chosen = best(rows) if rollout_gpus is None else split(costs, node, rollout_gpus)
     lines = ["Measured per-round costs (seconds on the measured machine, each phase with all of it):", "",
-             "| phase | side in async mode | seconds | speed-up of one GPU | source |", "| --- | --- | ---: | ---: | --- |"]
+             "| phase | side in async mode | seconds | speed-up of one GPU | source |",
+             "| --- | --- | ---: | ---: | --- |"]
     for p in PHASES:
         side = "actors (rollout GPUs)" if p in ACTOR_PHASES else "learner (learner GPUs)"
         f, s = costs.phases[p], node.speedup[p]
