@@ -530,10 +530,13 @@ class Run:
         learner_s = steps = 0.0
         for plan in self.pending_stages(it, progress):
             # 2. targets
+            targets_started = time.time()
             filled = self.fill_targets(plan)
+            targets_s = time.time() - targets_started  # a phase of its own (experiments/estimate_async.py)
             # 3. learn
             result = self.learn(plan, it, progress["running"])
             self.stage_done(plan, it, result.checkpoint_dir, {"wall_s": result.wall_s, "targets_filled": filled,
+                                                             "targets_s": targets_s,
                                                              "staleness": result.lags.to_json(),
                                                              **result.metrics})
             learner_s += result.wall_s
