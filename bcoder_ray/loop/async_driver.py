@@ -102,9 +102,9 @@ class AsyncLoop:
             st.in_progress = {"iteration": it, "algorithm": copy.deepcopy(st.algorithm), "stages": {}, "running": {}}
         record: dict[str, Any] = {"iteration": it, "stages": st.in_progress["stages"]}
         learner_s = steps = 0.0
-        for plan in run.pending_stages(it, st.in_progress):
-            checkpoint, metrics = self.learn(plan, it)
-            run.stage_done(plan, it, checkpoint, metrics)
+        for stage in run.pending_stages(it, st.in_progress):
+            checkpoint, metrics = self.learn(stage.plan, it)
+            run.stage_done(stage, it, checkpoint, metrics)
             self.publish(st.algorithm)
             learner_s += metrics["learner_busy_s"]
             steps += metrics["step"]
