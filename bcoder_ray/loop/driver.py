@@ -377,10 +377,12 @@ class Run:
                          pad_id(self.tokenizer), batch_size=b.targets_batch_size,
                          threads=max(1, math.ceil(b.targets_cpus)))
 
-    def sampler_spec(self, plan: StagePlan, it: int):
-        """The configured sampler draws the generated rows of ρ_real-mixed stages; unmixed ones (on-policy readers,
-        ReST-EM) read uniformly whatever it says (None)."""
-        return self.cfg.buffer.sampler.spec(plan.name, it) if plan.rows.rho_real is not None else None
+    def sampler_spec(self, plan: StagePlan):
+        """The configured sampler draws the generated rows of ρ_real-mixed stages (ages counted from the policy
+        version being learned from); unmixed ones (on-policy readers, ReST-EM) read uniformly whatever it says
+        (None)."""
+        mixed = plan.rows.rho_real is not None
+        return self.cfg.buffer.sampler.spec(plan.name, self.state.policy_version) if mixed else None
 
     def stage_job(self, plan: StagePlan, it: int, prioritized: bool = False) -> StageJob:
         cfg, st = self.cfg, self.cfg.stage(plan.name)
@@ -400,7 +402,7 @@ class Run:
         name = running.setdefault(label, f"{label}-iter{it}-{uuid.uuid4().hex[:6]}")
         self.state.save(self.run_dir)
         rows = plan.rows
-        sampler = self.sampler_spec(plan, it)
+        sampler = self.sampler_spec(plan)
         job = self.stage_job(plan, it, prioritized=sampler is not None and sampler.prioritized)
         dataset = self.buffer.ray_dataset(
             st.batch_size_per_worker, job.batches_needed(st.num_workers), rho_real=rows.rho_real,
