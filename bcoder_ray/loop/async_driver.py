@@ -20,6 +20,11 @@ mode (the networks are kept: `bcoder_ray.loop.learner_group`). Resume: completed
 interrupted round's stages restart (finished ones are not redone), and the rollout tasks that landed
 (`RunState.rollout_done`) are not handed out again; a task in flight at the interruption is redone under its key
 (the buffer writes nothing twice).
+
+Each chunk opens a new sampler so that it sees the rows that arrived; its first batch fills a fresh shuffle
+window (up to 8192 rows a stream, with their targets), about 1-2 ms of CPU a part file read (measured on a
+synthetic buffer: 10, 100, 1000 parts of 16 rows 0.02, 0.25, 2.0 s; of 64 rows 0.02, 0.17, 0.8 s). The learner
+keeps its `ReplayBuffer`, so the footers (0.3 ms a part, read again by every new one) are read once a file.
 """
 
 from __future__ import annotations
