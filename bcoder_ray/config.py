@@ -322,10 +322,11 @@ class SamplerConfig(Section):
     """uniform: every row alike (the shuffled window; batches carry no weights). prioritized: P(i) ∝ (|δ_i| +
     epsilon)^priority_exponent, δ_i the row's last |TD error| in this stage, recorded by the learner; rows without
     one get the largest recorded; importance weights (N·P(i))^−is_exponent, normalised by their max, multiply
-    each row's loss. fresh_prioritized: the same with each score times exp(−age/tau), age in loop iterations since
-    the rollout that wrote the row. balanced: per problem, passing programs make pass_share of its draws and the
-    others the rest (problems keep their share of rows; weights 1). The prioritized kinds need an algorithm whose
-    stages report TD errors (`td_error_stages`: bcoder, bcoder_optimality, dueling_dqn); others are refused."""
+    each row's loss. fresh_prioritized: the same with each score times exp(−age/tau), age the row's lag in policy
+    versions (the current version − the one that sampled it, as `algorithm.max_staleness` counts it). balanced:
+    per problem, passing programs make pass_share of its draws and the others the rest (problems keep their share
+    of rows; weights 1). The prioritized kinds need an algorithm whose stages report TD errors (`td_error_stages`:
+    bcoder, bcoder_optimality, dueling_dqn); others are refused."""
     priority_exponent: float = Field(0.6, ge=0)
     """a: how strongly priorities skew the draw (0: uniform draws)."""
     is_exponent: float = Field(0.4, ge=0)
@@ -333,7 +334,8 @@ class SamplerConfig(Section):
     epsilon: float = Field(0.01, gt=0)
     """ε added to each |TD error|, so no row's probability is 0."""
     tau: float = Field(2.0, gt=0)
-    """fresh_prioritized: the decay time of a row's priority, in iterations (exp(−age/tau))."""
+    """fresh_prioritized: the decay time of a row's priority, in policy versions (exp(−lag/tau)); sync mode
+    publishes one version an iteration, so there it is also in iterations."""
     pass_share: float = Field(0.5, gt=0, lt=1)
     """balanced: the share of a problem's draws that are passing programs (when it has both kinds)."""
     refresh_batches: int = Field(16, ge=0)
@@ -341,12 +343,12 @@ class SamplerConfig(Section):
     learner's newest priorities); 0: once per stage. Ray Data reads ahead of the learner, so a stage sees the
     priorities its own first steps wrote only late, or (small stages) not at all: the next stage does."""
 
-    def spec(self, table: str, iteration: int) -> SamplerSpec:
-        """The buffer's `SamplerSpec` for one stage (`table`: the stage's name, whose priorities it reads) of
-        loop iteration `iteration` (the age of fresh_prioritized counts from it)."""
+    def spec(self, table: str, current_version: str) -> SamplerSpec:
+        """The buffer's `SamplerSpec` for one stage (`table`: the stage's name, whose priorities it reads) learning
+        while `current_version` is the published policy (the lags of fresh_prioritized count from it)."""
         return SamplerSpec(kind=self.kind, priority_exponent=self.priority_exponent, is_exponent=self.is_exponent,
-                           epsilon=self.epsilon, tau=self.tau, now_iteration=iteration, pass_share=self.pass_share,
-                           table=table, refresh_batches=self.refresh_batches)
+                           epsilon=self.epsilon, tau=self.tau, current_version=current_version,
+                           pass_share=self.pass_share, table=table, refresh_batches=self.refresh_batches)
 
 
 class BufferConfig(Section):

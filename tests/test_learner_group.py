@@ -93,6 +93,42 @@ def test_a_stage_that_does_not_continue_from_the_groups_checkpoint_is_built_agai
     assert restart.resumes_from(restart.plan_iteration(1, {"phi": "/p", "theta": "/t0"}, "1")[0]) is None
 
 
+def test_a_sampler_source_reopened_on_a_kept_buffer_reads_only_the_new_files_footers_and_sees_their_rows(tmp_path):
+    """Async mode opens a `SamplerSource` per chunk of steps on the learner's kept `ReplayBuffer`: the rows
+    appended since the last chunk are drawn, and only their file's footer is read."""
+    import numpy as np
+
+    from bcoder_ray.buffer import Filters, ReplayBuffer, part_name
+    from bcoder_ray.buffer.synthetic import synthetic_prompts, synthetic_rows
+    from bcoder_ray.loop.learner_group import LearnerWorker, SamplerSource
+
+    rng = np.random.default_rng(0)
+    writer = ReplayBuffer(str(tmp_path / "buf"))  # the actors' side
+    writer.put_prompts(synthetic_prompts(rng, 5, mean_tokens=6, max_tokens=12))
+
+    def append(part: int) -> None:
+        writer.append(synthetic_rows(rng, 6, start=6 * part, n_problems=5, mean_tokens=5, max_tokens=9), f"p{part}")
+
+    for part in range(3):
+        append(part)
+    worker = LearnerWorker.__new__(LearnerWorker)  # its buffer only: no process group, no module
+    worker._buffer = None
+    kept = worker.replay_buffer(writer.uri)  # the learner's side: every footer validated once, here
+    assert worker.replay_buffer(writer.uri) is kept
+    footers = []
+    store_footer = kept.store.footer
+    kept.store.footer = lambda path, required: footers.append(path) or store_footer(path, required)
+
+    def drawn_ids(rows: int) -> set:  # one batch of every row present: the shuffle window holds them all
+        source = SamplerSource(kept.uri, rows, None, Filters(), seed=1, extra_columns=("sample_id",))
+        return set(next(source.open(0, kept))["sample_id"].to_pylist())
+
+    assert len(drawn_ids(18)) == 18 and footers == []
+    append(3)
+    assert drawn_ids(24) == set(writer.read(columns=["sample_id"])["sample_id"].to_pylist())
+    assert [f.rpartition("/")[2] for f in footers] == [part_name("p3")]
+
+
 @pytest.mark.parametrize("name", ["ppo", "grpo"])
 def test_on_policy_algorithms_are_refused_in_async_mode(name):
     from bcoder_ray.config import ConfigError, load_config

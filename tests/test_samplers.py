@@ -117,25 +117,38 @@ def test_a_priority_write_changes_what_is_drawn(tmp_path):
     assert after[gen[0]] > 0.9 * 10 * BATCH > before[gen[0]]
 
 
-def test_fresh_prioritized_decays_with_age_in_iterations(tmp_path):
-    buf = _buffer(tmp_path, iterations=(0, 1, 2), per_iteration=20)
-    gen = _generated(buf)
-    ids, its = gen["sample_id"].to_pylist(), gen["iteration"].to_pylist()
+def test_fresh_prioritized_decays_with_age_in_policy_versions(tmp_path):
+    """Async-like rows: several policy versions within one rollout iteration, so an age in iterations and a lag in
+    versions disagree; the draws follow the lag. Another run's rows (no lag) age as the oldest of this run's."""
+    rng = np.random.default_rng(7)
+    buf = ReplayBuffer(str(tmp_path / "buffer"))
+    buf.put_prompts(synthetic_prompts(rng, N_PROBLEMS, mean_tokens=6, max_tokens=12))
+    # (rollout iteration, policy version, rows): versions 0-1 sampled in iteration 0, versions 2-4 in iteration 1
+    groups = [(0, "r/0", 10), (0, "r/1", 10), (1, "r/2", 10), (1, "r/3", 10), (1, "r/4", 10), (3, "other/9", 10)]
+    for i, (it, version, n) in enumerate(groups):
+        t = synthetic_rows(rng, n, start=100 * i, n_problems=N_PROBLEMS, iteration=it, mean_tokens=5, max_tokens=9)
+        buf.append(t.set_column(t.schema.get_field_index("policy_version"), "policy_version",
+                                pa.array([version] * n)), f"gen-{i}")
+    gen = buf.read(columns=["sample_id", "policy_version"])
+    ids, versions = gen["sample_id"].to_pylist(), gen["policy_version"].to_pylist()
     prio = {sid: 0.5 + (i % 3) for i, sid in enumerate(ids)}
     buf.priorities("theta").write(list(prio), list(prio.values()), "test")
     spec = SamplerSpec(kind="fresh_prioritized", table="theta", priority_exponent=1.0, is_exponent=1.0,
-                       epsilon=0.01, tau=1.5, now_iteration=3, refresh_batches=0)
-    score = {sid: (prio[sid] + spec.epsilon) * math.exp(-(3 - it) / spec.tau) for sid, it in zip(ids, its)}
+                       epsilon=0.01, tau=1.5, current_version="r/5", refresh_batches=0)
+    lag = {"r/0": 5, "r/1": 4, "r/2": 3, "r/3": 2, "r/4": 1, "other/9": 5}  # another run's: the oldest known lag
+    score = {sid: (prio[sid] + spec.epsilon) * math.exp(-lag[v] / spec.tau) for sid, v in zip(ids, versions)}
     total = sum(score.values())
     p = {sid: s / total for sid, s in score.items()}
     counts, weights, _ = _draw(buf, spec)
     _assert_counts_follow(counts, p, DRAWS)
     expected = _is_weights(p, 1.0)
     assert all(w == pytest.approx(expected[sid], rel=1e-6) for sid, w in weights.items())
-    by_iteration = collections.Counter()
-    for sid, it in zip(ids, its):
-        by_iteration[it] += counts[sid]
-    assert by_iteration[2] > by_iteration[1] > by_iteration[0]
+    by_version = collections.Counter()
+    for sid, v in zip(ids, versions):
+        by_version[v] += counts[sid]
+    assert by_version["r/4"] > by_version["r/2"] > by_version["r/0"]
+    with pytest.raises(ValueError, match="current_version"):
+        SamplerSpec(kind="fresh_prioritized", table="theta")
 
 
 # --------------------------------------------------------------------------------------------- balanced
@@ -262,7 +275,8 @@ def test_prioritized_replay_needs_an_algorithm_with_td_errors():
     from bcoder_ray.config import ConfigError, load_config
 
     cfg = load_config("ci_tiny", ["--buffer.sampler.kind", "prioritized"], check_paths=False)
-    assert cfg.buffer.sampler.spec("theta", 2) == SamplerSpec(kind="prioritized", table="theta", now_iteration=2)
+    assert cfg.buffer.sampler.spec("theta", "r/2") == SamplerSpec(kind="prioritized", table="theta",
+                                                                  current_version="r/2")
     for algorithm in ("sft", "grpo"):
         with pytest.raises(ConfigError, match=f"'{algorithm}' reports none"):
             load_config("ci_tiny", ["--algorithm.name", algorithm, "--buffer.sampler.kind", "fresh_prioritized"],

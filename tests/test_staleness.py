@@ -194,6 +194,41 @@ def test_a_stage_plan_is_bounded_by_the_algorithm_config_and_falls_back_to_human
     assert fallback == dataclasses.replace(too_old, rows=dataclasses.replace(too_old.rows, rho_real=1.0))
 
 
+def test_the_driver_records_human_rows_only_from_the_stage_it_ran_not_from_an_earlier_iteration(buffer, tmp_path):
+    """The flag travels with the stage `pending_stages` yields to `stage_done` (the async loop takes the same
+    path): a stage that fell back says so, and the same label in a later iteration with old enough rows does not."""
+    from bcoder_ray.algorithms.base import Rows, StagePlan
+    from bcoder_ray.config import load_config
+    from bcoder_ray.loop.driver import Run
+    from bcoder_ray.loop.run_folder import RunState
+
+    class OneStage:  # the algorithm interface's driver side, one θ stage mixing human and generated rows
+        def plan_iteration(self, it, state, version):
+            return [StagePlan("theta", Rows(rho_real=0.5, filters=Filters(suites=("apps",))))]
+
+        def prepare_stage(self, plan, state):
+            return plan
+
+        def after_stage(self, plan, checkpoint, it, state):
+            state["theta"] = checkpoint
+
+    run = Run.__new__(Run)                                               # the driver's records only: no Ray
+    run.run_dir, run.buffer, run.algorithm = tmp_path, buffer, OneStage()
+    run.tokenizer_hash = "synthetic-tok"
+    run.state = RunState(policy_version=CURRENT)
+    records = []
+    for it, min_staleness in enumerate((6, 4)):  # lag 6: no row of RUN yet (its oldest is 5 behind); lag 4: some
+        run.cfg = load_config("ci_tiny", ["--algorithm.min_staleness", str(min_staleness)], check_paths=False)
+        run.state.in_progress = {"iteration": it, "algorithm": {}, "stages": {}, "running": {}}
+        [stage] = run.pending_stages(it, run.state.in_progress)
+        assert stage.plan.rows.rho_real == (1.0 if min_staleness == 6 else 0.5)
+        run.stage_done(stage, it, f"ckpt{it}", {"wall_s": 1.0})
+        records.append(run.state.in_progress["stages"]["theta"])
+    assert records == [{"checkpoint": "ckpt0", "human_rows_only": True, "wall_s": 1.0},
+                       {"checkpoint": "ckpt1", "wall_s": 1.0}]
+    assert RunState.load(tmp_path).in_progress["stages"]["theta"] == records[1]  # saved for a resume
+
+
 def test_config_refuses_an_empty_window_and_a_window_for_an_on_policy_algorithm():
     from bcoder_ray.config import ConfigError, load_config
 

@@ -29,12 +29,13 @@ from bcoder_ray.buffer.draws import RowIndex, SamplerSpec, draw_distribution
 from bcoder_ray.buffer.filters import Filters
 from bcoder_ray.buffer.priorities import PriorityTable
 from bcoder_ray.buffer.schema import LEARNER_COLUMNS, PROMPT_KEY, SAMPLE_SCHEMA, BufferError, prompt_keys
+from bcoder_ray.buffer.staleness import lag_array
 from bcoder_ray.buffer.storage import FileEntry
 from bcoder_ray.buffer.targets import TargetsJoin, stored_target_fields
 
 
 # What a weighted stream's index reads of each row (the draw rules' inputs), carried as private `_<name>` columns.
-INDEX_COLUMNS = ("sample_id", "suite", "problem_id", "iteration", "outcome")
+INDEX_COLUMNS = ("sample_id", "suite", "problem_id", "policy_version", "outcome")
 PRIVATE_COLUMNS = ("_row", *(f"_{c}" for c in INDEX_COLUMNS))
 WEIGHT_COLUMN = "weight"
 
@@ -201,7 +202,7 @@ class WeightedStream(SourceStream):
     `bcoder_ray.buffer.draws`), each with its importance weight in a `weight` column.
 
     It keeps an index of the stream's rows (where each sits and what the draw rules read: sample_id, problem,
-    iteration, outcome, some tens of bytes a row), built by reading the stream's row groups once, and built again
+    policy version, outcome, some tens of bytes a row), built by reading the stream's row groups once, and built again
     every `spec.refresh_batches` batches (new rows, new priorities; reading the files costs what one epoch of the
     uniform stream costs). Draws are with replacement, as in prioritized replay. A drawn row is read from its row
     group; the groups are cached, about `window_rows` rows of them, least recently used out."""
@@ -239,7 +240,8 @@ class WeightedStream(SourceStream):
         priority = (self.priorities.lookup(index["_sample_id"]) if self.priorities is not None
                     else np.full(index.num_rows, np.nan))
         self._p, self._w = draw_distribution(self.spec, RowIndex(
-            priority=priority, iteration=index["_iteration"].to_numpy(),
+            priority=priority, lag=(lag_array(index["_policy_version"], self.spec.current_version)
+                                    if self.spec.current_version else np.full(index.num_rows, np.nan)),
             passed=pc.equal(index["_outcome"], "passed").to_numpy(zero_copy_only=False),
             problem=pc.dictionary_encode(problem).combine_chunks().indices.to_numpy()))
         self._batches = 0

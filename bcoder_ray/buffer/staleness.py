@@ -16,12 +16,17 @@ any bound leaves them out (how old they are is not known).
     lags = LagCounts()
     lags.add(["ab12/7", "ab12/4", "human"], [False, False, True], current)
     lags.summary()                    # rows 2, mean 1.5, p50 0, p90 3, max 3, counts {0: 1, 3: 1}
+    lag_array(table["policy_version"], "ab12/7")   # per row, float64, NaN without a lag (the freshness sampler)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 @dataclass(frozen=True, order=True)
@@ -60,16 +65,34 @@ def version_name(run_id: str, k: int) -> str:
     return PolicyVersion(run_id, k).name
 
 
-def allowed_versions(current: str, min_staleness: int = 0, max_staleness: int | None = None) -> tuple[str, ...]:
-    """The version names whose lag against `current` lies in [min_staleness, max_staleness] (None: unbounded),
-    oldest first: a finite set, since a run's versions start at 0. Empty when `current` is younger than
-    `min_staleness` versions. ValueError when `current` names no version."""
+def _current(current: str) -> PolicyVersion:
     now = PolicyVersion.parse(current)
     if now is None:
         raise ValueError(f"current policy version {current!r} is not of the form '<run_id>/<k>': no lag can be "
                          f"measured against it")
+    return now
+
+
+def allowed_versions(current: str, min_staleness: int = 0, max_staleness: int | None = None) -> tuple[str, ...]:
+    """The version names whose lag against `current` lies in [min_staleness, max_staleness] (None: unbounded),
+    oldest first: a finite set, since a run's versions start at 0. Empty when `current` is younger than
+    `min_staleness` versions. ValueError when `current` names no version."""
+    now = _current(current)
     oldest = 0 if max_staleness is None else max(0, now.step - max_staleness)
     return tuple(PolicyVersion(now.run_id, k).name for k in range(oldest, now.step - min_staleness + 1))
+
+
+def lag_array(names: pa.Array | pa.ChunkedArray, current: str) -> np.ndarray:
+    """Each row's lag against `current` (float64; NaN where a row has none: human rows, another run's versions,
+    names of no version), from a `policy_version` column: one parse per distinct name, not per row."""
+    now = _current(current)
+    if isinstance(names, pa.ChunkedArray):
+        names = names.combine_chunks()
+    encoded = pc.dictionary_encode(names)
+    per_name = np.array([np.nan if (lag := now.lag_of(n)) is None else float(lag)
+                         for n in encoded.dictionary.to_pylist()] + [np.nan])
+    # a null name takes the appended NaN
+    return per_name[encoded.indices.fill_null(len(per_name) - 1).to_numpy(zero_copy_only=False)]
 
 
 @dataclass

@@ -20,6 +20,11 @@ mode (the networks are kept: `bcoder_ray.loop.learner_group`). Resume: completed
 interrupted round's stages restart (finished ones are not redone), and the rollout tasks that landed
 (`RunState.rollout_done`) are not handed out again; a task in flight at the interruption is redone under its key
 (the buffer writes nothing twice).
+
+Each chunk opens a new sampler so that it sees the rows that arrived; its first batch fills a fresh shuffle
+window (up to 8192 rows a stream, with their targets), about 1-2 ms of CPU a part file read (measured on a
+synthetic buffer: 10, 100, 1000 parts of 16 rows 0.02, 0.25, 2.0 s; of 64 rows 0.02, 0.17, 0.8 s). The learner
+keeps its `ReplayBuffer`, so the footers (0.3 ms a part, read again by every new one) are read once a file.
 """
 
 from __future__ import annotations
@@ -102,9 +107,9 @@ class AsyncLoop:
             st.in_progress = {"iteration": it, "algorithm": copy.deepcopy(st.algorithm), "stages": {}, "running": {}}
         record: dict[str, Any] = {"iteration": it, "stages": st.in_progress["stages"]}
         learner_s = steps = 0.0
-        for plan in run.pending_stages(it, st.in_progress):
-            checkpoint, metrics = self.learn(plan, it)
-            run.stage_done(plan, it, checkpoint, metrics)
+        for stage in run.pending_stages(it, st.in_progress):
+            checkpoint, metrics = self.learn(stage.plan, it)
+            run.stage_done(stage, it, checkpoint, metrics)
             self.publish(st.algorithm)
             learner_s += metrics["learner_busy_s"]
             steps += metrics["step"]

@@ -33,7 +33,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from bcoder_ray.util.formatting import pct
 from bcoder_ray.algorithms import make_algorithm
@@ -58,7 +58,8 @@ from bcoder_ray.loop.run_folder import (CONFIG_FILE, CONTAMINATION_FILE, TABLE_F
                                         prepare_run as _prepare_run, version_name, write_metrics_lines)
 from bcoder_ray.evaluation.plots import plot_budget_curve
 from bcoder_ray.loop.run_table import busy_record, final_table, probe_points
-from bcoder_ray.loop.staleness import bounded, human_rows_while_none_is_old_enough, window_text, write_lags
+from bcoder_ray.loop.staleness import (WindowedStage, bounded, human_rows_while_none_is_old_enough, window_text,
+                                       write_lags)
 from bcoder_ray.buffer.staleness import LagCounts
 from bcoder_ray.util.atomic import atomic_write_text
 from bcoder_ray.util.storage import is_dir, is_local_path, join_uri, upload_dir
@@ -119,7 +120,6 @@ class Run:
         storage = self.cfg.run.storage_uri
         self.storage = join_uri(storage, self.run_dir.name) if storage else str(self.run_dir.resolve())
         self.learners: dict[str, LearnerGroup] = {}  # run.learner: persistent, by stage name
-        self.human_rows_only: set[str] = set()  # this iteration's stages with no generated row old enough
 
     # ------------------------------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
@@ -377,10 +377,12 @@ class Run:
                          pad_id(self.tokenizer), batch_size=b.targets_batch_size,
                          threads=max(1, math.ceil(b.targets_cpus)))
 
-    def sampler_spec(self, plan: StagePlan, it: int):
-        """The configured sampler draws the generated rows of ρ_real-mixed stages; unmixed ones (on-policy readers,
-        ReST-EM) read uniformly whatever it says (None)."""
-        return self.cfg.buffer.sampler.spec(plan.name, it) if plan.rows.rho_real is not None else None
+    def sampler_spec(self, plan: StagePlan):
+        """The configured sampler draws the generated rows of ρ_real-mixed stages (ages counted from the policy
+        version being learned from); unmixed ones (on-policy readers, ReST-EM) read uniformly whatever it says
+        (None)."""
+        mixed = plan.rows.rho_real is not None
+        return self.cfg.buffer.sampler.spec(plan.name, self.state.policy_version) if mixed else None
 
     def stage_job(self, plan: StagePlan, it: int, prioritized: bool = False) -> StageJob:
         cfg, st = self.cfg, self.cfg.stage(plan.name)
@@ -400,7 +402,7 @@ class Run:
         name = running.setdefault(label, f"{label}-iter{it}-{uuid.uuid4().hex[:6]}")
         self.state.save(self.run_dir)
         rows = plan.rows
-        sampler = self.sampler_spec(plan, it)
+        sampler = self.sampler_spec(plan)
         job = self.stage_job(plan, it, prioritized=sampler is not None and sampler.prioritized)
         dataset = self.buffer.ray_dataset(
             st.batch_size_per_worker, job.batches_needed(st.num_workers), rho_real=rows.rho_real,
@@ -528,15 +530,16 @@ class Run:
         if self.schedule.release_actors:
             self.stop_pool()  # their GPUs go to the learners (bcoder_ray.loop.resources)
         learner_s = steps = 0.0
-        for plan in self.pending_stages(it, progress):
+        for stage in self.pending_stages(it, progress):
+            plan = stage.plan
             # 2. targets
             targets_started = time.time()
             filled = self.fill_targets(plan)
             targets_s = time.time() - targets_started  # a phase of its own (experiments/estimate_async.py)
             # 3. learn
             result = self.learn(plan, it, progress["running"])
-            self.stage_done(plan, it, result.checkpoint_dir, {"wall_s": result.wall_s, "targets_filled": filled,
-                                                             "targets_s": targets_s,
+            self.stage_done(stage, it, result.checkpoint_dir, {"wall_s": result.wall_s, "targets_filled": filled,
+                                                              "targets_s": targets_s,
                                                              "staleness": result.lags.to_json(),
                                                              **result.metrics})
             learner_s += result.wall_s
@@ -558,9 +561,10 @@ class Run:
         self.record_totals(it, record, wall)
         return record
 
-    def pending_stages(self, it: int, progress: dict):
-        """The stages of iteration `it` still to run, bound (`prepare_stage`) and scoped; a stage finished before
-        an interruption is not redone, and a `skip_if_empty` stage with no rows is recorded as skipped."""
+    def pending_stages(self, it: int, progress: dict) -> Iterator[WindowedStage]:
+        """The stages of iteration `it` still to run, bound (`prepare_stage`), scoped and within the staleness
+        window (human rows only while no generated row is old enough); a stage finished before an interruption is
+        not redone, and a `skip_if_empty` stage with no rows is recorded as skipped."""
         algo, st = self.algorithm, self.state
         for plan in algo.plan_iteration(it, copy.deepcopy(progress["algorithm"]), st.policy_version):
             plan = bounded(self.scoped(algo.prepare_stage(plan, st.algorithm)), self.cfg.algorithm, st.policy_version)
@@ -574,22 +578,19 @@ class Run:
                 progress["stages"][label] = {"skipped": True}
                 st.save(self.run_dir)
                 continue
-            plan, human_only = human_rows_while_none_is_old_enough(plan, self.buffer)
-            if human_only:
+            stage = human_rows_while_none_is_old_enough(plan, self.buffer)
+            if stage.human_rows_only:
                 self.log(f"stage {label}: no generated row is {window_text(plan.rows.filters)} yet: its batches "
                          f"are human rows only")
-                self.human_rows_only.add(label)
-            else:
-                self.human_rows_only.discard(label)  # (an earlier iteration's stage of the same label may have been)
-            yield plan
+            yield stage
 
-    def stage_done(self, plan: StagePlan, it: int, checkpoint: str, metrics: dict) -> None:
+    def stage_done(self, stage: WindowedStage, it: int, checkpoint: str, metrics: dict) -> None:
         """Record a finished stage: its checkpoint in the algorithm's state, its numbers in the iteration's."""
-        st = self.state
+        st, plan = self.state, stage.plan
         self.algorithm.after_stage(plan, checkpoint, it, st.algorithm)
         st.in_progress["stages"][plan.label or plan.name] = {
             "checkpoint": checkpoint,
-            **({"human_rows_only": True} if (plan.label or plan.name) in self.human_rows_only else {}),
+            **({"human_rows_only": True} if stage.human_rows_only else {}),
             **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) or k == "staleness"}}
         st.save(self.run_dir)  # a resume continues after this stage
 

@@ -2,7 +2,7 @@
 `algorithm.max_staleness`), and the lags the learners read written to TensorBoard and the trackers.
 
     plan = bounded(plan, cfg.algorithm, state.policy_version)     # the window as buffer filters
-    plan, human_only = human_rows_while_none_is_old_enough(plan, buffer)
+    stage = human_rows_while_none_is_old_enough(plan, buffer)       # a WindowedStage: (plan, human_rows_only)
     ...
     write_lags(scalar, writer, "theta", result.lags, step=it)     # staleness/theta/{mean,p50,p90,max,...}
 
@@ -12,7 +12,7 @@ The version order and the lag itself: `bcoder_ray.buffer.staleness`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -32,17 +32,25 @@ def bounded(plan: StagePlan, algorithm: AlgorithmConfig, current_version: str) -
     return dataclasses.replace(plan, rows=dataclasses.replace(plan.rows, filters=filters))
 
 
-def human_rows_while_none_is_old_enough(plan: StagePlan, buffer: ReplayBuffer) -> tuple[StagePlan, bool]:
+class WindowedStage(NamedTuple):
+    """A stage's plan as the driver runs it, and whether its staleness window left it human rows only (the plan's
+    ρ_real set to 1 for this stage alone; its record says `human_rows_only`)."""
+
+    plan: StagePlan
+    human_rows_only: bool = False
+
+
+def human_rows_while_none_is_old_enough(plan: StagePlan, buffer: ReplayBuffer) -> WindowedStage:
     """(plan, False), or (plan with ρ_real = 1, True) when its ρ_real-mixed batches would need generated rows and
     its staleness window leaves none (`min_staleness` k before any row is k versions old): the stage then reads
     human rows only, as many per batch as it reads in all, rather than failing on an empty generated stream."""
     f, rho = plan.rows.filters, plan.rows.rho_real
     if not f.bounded or rho is None or rho >= 1.0 or (f.sources is not None and "generated" not in f.sources):
-        return plan, False
+        return WindowedStage(plan)
     generated = dataclasses.replace(f, sources=("generated",))
     if buffer.read(columns=["source"], filters=generated).num_rows:
-        return plan, False
-    return dataclasses.replace(plan, rows=dataclasses.replace(plan.rows, rho_real=1.0)), True
+        return WindowedStage(plan)
+    return WindowedStage(dataclasses.replace(plan, rows=dataclasses.replace(plan.rows, rho_real=1.0)), True)
 
 
 def window_text(filters: Filters) -> str:
