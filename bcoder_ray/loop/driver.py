@@ -540,8 +540,8 @@ class Run:
             result = self.learn(plan, it, progress["running"])
             self.stage_done(stage, it, result.checkpoint_dir, {"wall_s": result.wall_s, "targets_filled": filled,
                                                               "targets_s": targets_s,
-                                                             "staleness": result.lags.to_json(),
-                                                             **result.metrics})
+                                                              "staleness": result.lags.to_json(),
+                                                              **result.metrics})
             learner_s += result.wall_s
             steps += cfg.stage(plan.name).steps
         # 4. publish: the actors load the new policy by path on their next task
