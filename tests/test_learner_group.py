@@ -106,3 +106,6 @@ def test_on_policy_algorithms_are_refused_in_async_mode(name):
         load_config("ci_tiny", ["--run.mode", "async", "--run.learner", "per_stage"])
     with pytest.raises(ConfigError, match="keeps no mid-stage checkpoints"):
         load_config("ci_tiny", ["--run.learner", "persistent", "--stages.theta.checkpoint_every", "2"])
+    # the async loop's persistent learner writes resumable checkpoints (bcoder_ray.loop.async_driver)
+    assert load_config("ci_tiny", ["--run.mode", "async", "--stages.theta.checkpoint_every", "2"]) \
+        .stage("theta").checkpoint_every == 2

@@ -27,6 +27,10 @@ from bcoder_ray.loop.rollout import PolicyRef, Task
 from bcoder_ray.model.candidates import SamplingSettings
 
 
+class CallFailed(RuntimeError):
+    """A call `RolloutStream.wait` waited on failed (its actor died, or it raised); the cause is chained."""
+
+
 @dataclass
 class CandidateJob:
     """A finite set of candidates tasks (an evaluation) and what to do with their parts once all are back."""
@@ -138,11 +142,17 @@ class RolloutStream:
             self.on_rollout(task, summary)
 
     def wait(self, refs: list) -> list:
-        """The values of `refs` (the learner's calls), keeping the actors busy until they are all ready."""
+        """The values of `refs` (the learner's calls), keeping the actors busy until they are all ready. The first
+        of them to fail raises `CallFailed` at once: the others may never return (a DDP rank whose peer died waits
+        in a collective)."""
         pending = list(refs)
         while pending:
             self.pump(0.5, also=pending)
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            try:
+                ray.get(ready)
+            except ray.exceptions.RayError as e:
+                raise CallFailed(str(e)) from e
         return ray.get(list(refs))
 
     def wait_until(self, condition: Callable[[], bool]) -> None:
