@@ -100,10 +100,10 @@ class AsyncLoop:
         st.programs_executed += summary["executed"]
         st.infra_failures += summary["infra"]
         st.rollout_done.append(task.key)
-        st.save(self.run.run_dir)
         if summary.get("landed"):
             self.run.log(f"rollout task {task.key}: its {summary['programs']} rows had landed before the "
                          f"interruption; counted, not sampled again")
+        st.save(self.run.run_dir)
 
     # ------------------------------------------------------------------------------------------ a round
     def round(self, it: int) -> dict:
@@ -146,9 +146,9 @@ class AsyncLoop:
     def learn(self, plan: StagePlan, it: int) -> tuple[str, dict]:
         """One stage on the persistent learner, `publish_every` steps at a time, the actors sampling meanwhile. A
         learner worker that dies (or a call that fails) loses its group: a new one is built and the stage continues
-        from its last resumable checkpoint (`checkpoint_every`; from its start without one), up to the stage's
-        `max_failures` times (Ray Train's default for a per-stage run); then the run stops, and `--resume`
-        continues the stage from that checkpoint too."""
+        from its last resumable checkpoint (`checkpoint_every`; from its start without one), up to its group's
+        `ScalingSpec.max_failures` times (1, as Ray Train restarts a per-stage run's workers); then the run stops,
+        and `--resume` continues the stage from that checkpoint too."""
         run, st = self.run, self.state
         label = plan.label or plan.name
         # the stage's folder under train/ (its published steps, resumable checkpoints, final checkpoint), kept in
