@@ -189,5 +189,6 @@ def test_sigkills_of_the_driver_an_actor_and_a_learner_lose_no_row_and_write_non
                                            rf"interruption; counted, not sampled again", later), key
     reused = sum(p.read_text().count("counted, not sampled again") for p in logs)
     print(f"kills {dict(kills)}; {len(unrecorded)} task(s) landed while the driver was stopped; {len(landed)} "
-          f"tasks, {rows_compared} generated rows and {len(ids)} rows in all compared; {reused} redone tasks counted from the buffer; learner killed in stage {killed_stage}, "
+          f"tasks, {rows_compared} generated rows and {len(ids)} rows in all compared; {reused} redone tasks "
+          f"counted from the buffer; learner killed in stage {killed_stage}, "
           f"failed stage {failed[0][1]} of round {failed[0][0]} resumed from step {failed[0][2]['resumed_from_step']}")

@@ -10,7 +10,8 @@ Candidate jobs (evaluation, the probe set) go before rollout tasks, one task at 
 rollout tasks: an evaluation runs beside the sampling on the policy it was handed. A rollout task samples with
 the policy `policy()` returns when it is handed out (the actors load a new one by path between tasks), under its
 stable key (`rollout.make_tasks`): a task redone after a failure writes nothing twice. Fault tolerance is the
-pool's (`max_restarts`, `max_task_retries`): a call on a restarted actor is retried by Ray.
+pool's (`max_restarts`, `max_task_retries`): a call on a restarted actor is retried by Ray. A learner call that
+`wait` waits on and that fails raises `CallFailed` at once (the async loop builds the learner again).
 """
 
 from __future__ import annotations
