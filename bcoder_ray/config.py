@@ -414,7 +414,9 @@ class StageConfig(Section):
     """Also report a checkpoint the stage can continue from every N optimiser steps (trained parameters,
     optimiser, scheduler, RNG and step; the data position is the step): a worker failure restarts the workers
     from it (Ray Train's max_failures), and `--resume` of an interrupted run continues the stage from it. 0: a
-    checkpoint at the end only (a failure restarts the stage from step 0). Needs num_workers >= 1."""
+    checkpoint at the end only (a failure restarts the stage from step 0). Needs num_workers >= 1. In run.mode:
+    async the persistent learner writes the same state at the end of the first chunk of `publish_every` steps at
+    or past every N steps; a learner that dies is built again and continues from it, so does `--resume`."""
 
     @model_validator(mode="after")
     def _checkpoints_need_workers(self) -> "StageConfig":
@@ -696,11 +698,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                           f"with newer policies (it needs its rows' own policy version: on-policy, or a stage that "
                           f"reads one iteration's rollout); use run.mode: sync, or an algorithm that declares "
                           f"supports_async (bcoder, bcoder_optimality, dueling_dqn, sft)")
-    if cfg.run.learner_kind() == "persistent":
+    if cfg.run.learner_kind() == "persistent" and cfg.run.mode == "sync":
         held = [s for s in algo.stage_names if cfg.stage(s).checkpoint_every]
         if held:
-            raise ConfigError(f"stages.{held[0]}.checkpoint_every: the persistent learner (run.learner, run.mode: "
-                              f"async) keeps no mid-stage checkpoints; set it to 0, or run.learner: per_stage")
+            raise ConfigError(f"stages.{held[0]}.checkpoint_every: the persistent learner in run.mode: sync keeps "
+                              f"no mid-stage checkpoints; set it to 0, run.learner: per_stage, or run.mode: async")
     rollout = cfg.rollout
     if algo.on_policy and (rollout.temperature != 1.0 or rollout.top_p != 1.0):
         raise ConfigError(f"algorithm.name: algorithm {algo.name!r} is on-policy: it learns from the policy's own "

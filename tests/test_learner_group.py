@@ -142,3 +142,60 @@ def test_on_policy_algorithms_are_refused_in_async_mode(name):
         load_config("ci_tiny", ["--run.mode", "async", "--run.learner", "per_stage"])
     with pytest.raises(ConfigError, match="keeps no mid-stage checkpoints"):
         load_config("ci_tiny", ["--run.learner", "persistent", "--stages.theta.checkpoint_every", "2"])
+    # the async loop's persistent learner writes resumable checkpoints (bcoder_ray.loop.async_driver)
+    assert load_config("ci_tiny", ["--run.mode", "async", "--stages.theta.checkpoint_every", "2"]) \
+        .stage("theta").checkpoint_every == 2
+
+
+def test_a_persistent_learner_continued_from_its_resumable_checkpoint_ends_as_the_uninterrupted_one(tmp_path):
+    """`LearnerWorker.save_resumable` then `begin(job, resume_from)` in a new worker (as the async loop does after a
+    learner died, or after `--resume`): the same parameters as the run that never stopped, bit for bit, when the
+    chunk after the checkpoint reads the sampler its step seeds."""
+    import envs  # noqa: F401
+    from envs.registry import load_suite
+
+    from bcoder_ray.algorithms import make_algorithm
+    from bcoder_ray.algorithms.base import RunContext
+    from bcoder_ray.config import StageConfig
+    from bcoder_ray.loop.learner import StageJob
+    from bcoder_ray.loop.learner_group import LearnerWorker, SamplerSource
+
+    problems = load_suite("embedded", "train")[:6]
+    ckpt = tiny_t5_checkpoint(tmp_path / "t5", problems)
+    seeded_buffer(tmp_path / "buffer", ckpt, problems)
+    ctx = RunContext(theta_ckpt=ckpt, tokenizer_path=ckpt, source_len=64, target_len=24)
+    algo = make_algorithm("dueling_dqn", {"name": "dueling_dqn"}, ctx)
+    (plan,) = algo.plan_iteration(0, {}, "0")
+    optim = StageConfig(steps=4, lr=1e-3, schedule="linear", batch_size_per_worker=4, report_every=1, num_workers=0,
+                        cpus_per_worker=1)
+    job = StageJob("dueling_dqn", algo.config, ctx, plan, optim, seed=7, progress=False)
+
+    def chunk(worker: LearnerWorker, done: int) -> dict:  # as the async loop: a sampler seeded by the step
+        source = SamplerSource(str(tmp_path / "buffer"), 4, 0.5, plan.rows.filters, seed=100 + done,
+                               extra_columns=("sample_id",))
+        return worker.train(2, source)
+
+    def params(worker: LearnerWorker) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in worker.trainer.params]
+
+    through = LearnerWorker(0, 1, 1, False)
+    through.begin(job)
+    chunk(through, 0)
+    after_two = params(through)
+    chunk(through, 2)
+
+    first = LearnerWorker(0, 1, 1, False)
+    first.begin(job)
+    chunk(first, 0)
+    folder = first.save_resumable(str(tmp_path / "resume-000002"))
+    continued = LearnerWorker(0, 1, 1, False)  # a new process's worker: the module built again from θ_ckpt
+    info = continued.begin(job, resume_from=folder)
+    assert info["step"] == 2 and [h["step"] for h in info["history"]] == [1, 2]
+    assert all(torch.equal(a, b) for a, b in zip(params(continued), after_two))
+    chunk(continued, 2)
+    assert continued.step == through.step == 4
+    assert [h["loss"] for h in continued.history] == [h["loss"] for h in through.history]
+    assert [h["lr"] for h in continued.history] == [h["lr"] for h in through.history]  # the schedule went on
+    assert any(not torch.equal(a, b) for a, b in zip(params(through), after_two))  # the last chunk did train
+    for a, b in zip(params(continued), params(through)):
+        assert torch.equal(a, b)

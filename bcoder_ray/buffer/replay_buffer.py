@@ -10,6 +10,7 @@ Public API (`bcoder_ray.buffer`; this module is its facade, the parts live besid
     buf.prompts(suite=None, tokenizer_hash=None) -> pa.Table
     buf.append(rows, batch_key: str) -> int       # train-split rows only; rows written (0 for a retried batch)
     buf.append_eval(rows, batch_key: str) -> int  # any split: kept apart in eval/, never read by learners
+    buf.batch_rows(batch_key, columns=None) -> pa.Table | None   # what a batch wrote (None: it never landed)
     buf.lookup_results([(program_hash, tests_hash), ...]) -> {(program_hash, tests_hash): {outcome, reward,
         tests_passed, tests_total, error, timeout, exec_time}}     # exec_result(row) -> a cached ExecResult
     buf.missing_targets(fingerprint, filters=None, max_rows=4096, columns=()) -> Iterator[pa.Table]
@@ -253,6 +254,24 @@ class ReplayBuffer:
                               f"{table['split'][i].as_py()!r}: only train-split rows enter the learners' buffer; "
                               f"use append_eval() for evaluation candidates")
         return self._write_batch(SAMPLES, table, batch_key)
+
+    def batch_rows(self, batch_key: str, columns: Sequence[str] | None = None,
+                   area: str = SAMPLES) -> pa.Table | None:
+        """The rows batch `batch_key` wrote, read back (its own file, or its slice of the file a compaction merged
+        it into); None when it never landed. A rollout task redone after its actor or the driver died finds its
+        rows here instead of sampling them again."""
+        name = part_name(batch_key)
+        self.ledger.refresh()
+        entries = {e.name: e for e in self.catalog.files(area)}  # (a source a merged file holds is hidden)
+        where = self.ledger.resolve(area, name, set(entries))
+        if where is None:
+            return None
+        file, offset = where
+        table = self.catalog.read_samples(entries[file], columns)
+        if file == name:
+            return table
+        rows = next(n for c in self.ledger.records(area) for src, _, n in c.sources if src == name)
+        return table.slice(offset, rows)
 
     def append_eval(self, rows: Any, batch_key: str) -> int:
         """Append rows of any split to eval/, which no learner-facing reader (sampler, ray_dataset) reads."""

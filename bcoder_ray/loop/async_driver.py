@@ -16,10 +16,18 @@ end: no new rollout task, the ones in flight land; the last policy on the test s
 What differs from sync mode: an iteration is the learner's round, not a rollout; a stage reads whatever rows
 (with targets) the buffer holds when each chunk starts, of any policy version; the policy changes every
 `publish_every` steps of the policy's stage. A stage's optimiser and schedule are still per round, as in sync
-mode (the networks are kept: `bcoder_ray.loop.learner_group`). Resume: completed rounds are skipped, the
-interrupted round's stages restart (finished ones are not redone), and the rollout tasks that landed
-(`RunState.rollout_done`) are not handed out again; a task in flight at the interruption is redone under its key
-(the buffer writes nothing twice).
+mode (the networks are kept: `bcoder_ray.loop.learner_group`).
+
+Faults (docs/architecture.md, "The asynchronous loop", has the guarantees). A rollout actor that dies is restarted
+by Ray and its task retried under its key (`rollout.max_restarts`); a retried task whose rows landed is counted
+from them, not sampled again (`ReplayBuffer.batch_rows`). A learner worker that dies loses its group: a new one
+continues the stage from its last resumable checkpoint (`stages.<stage>.checkpoint_every`: parameters, optimiser,
+schedule, RNG, step; the step is the data position, since each chunk's sampler is seeded by it). Resume
+(`--resume` after the driver died): completed rounds are skipped, the interrupted round's finished stages are not
+redone and the running one continues from its last resumable checkpoint (`in_progress["resumable"]`); the rollout
+tasks recorded as landed (`RunState.rollout_done`) are not handed out again, and one in flight at the
+interruption is redone under its key: the buffer writes nothing twice and a task whose rows landed is not
+sampled again.
 
 Each chunk opens a new sampler so that it sees the rows that arrived; its first batch fills a fresh shuffle
 window (up to 8192 rows a stream, with their targets), about 1-2 ms of CPU a part file read (measured on a
@@ -39,7 +47,7 @@ from typing import Any, Iterator
 from bcoder_ray.algorithms.base import StagePlan
 from bcoder_ray.loop.learner_group import SamplerSource
 from bcoder_ray.loop.rollout import Task, iteration_slice, make_tasks
-from bcoder_ray.loop.rollout_stream import RolloutStream
+from bcoder_ray.loop.rollout_stream import CallFailed, RolloutStream
 from bcoder_ray.loop.run_folder import version_name, write_metrics_lines
 from bcoder_ray.loop.run_table import busy_record
 from bcoder_ray.loop.stage_channel import stage_channel
@@ -97,6 +105,9 @@ class AsyncLoop:
         st.programs_executed += summary["executed"]
         st.infra_failures += summary["infra"]
         st.rollout_done.append(task.key)
+        if summary.get("landed"):
+            self.run.log(f"rollout task {task.key}: its {summary['programs']} rows had landed before the "
+                         f"interruption; counted, not sampled again")
         st.save(self.run.run_dir)
 
     # ------------------------------------------------------------------------------------------ a round
@@ -112,7 +123,7 @@ class AsyncLoop:
             run.stage_done(stage, it, checkpoint, metrics)
             self.publish(st.algorithm)
             learner_s += metrics["learner_busy_s"]
-            steps += metrics["step"]
+            steps += metrics["step"] - metrics["resumed_from_step"]  # the steps this process saw taken
         # evaluate beside the actors, on the policy published now
         split = cfg.suite.validation_split
         if split and (it == cfg.run.iterations - 1 or (it + 1) % cfg.evaluation.every == 0):
@@ -138,21 +149,56 @@ class AsyncLoop:
         return record
 
     def learn(self, plan: StagePlan, it: int) -> tuple[str, dict]:
-        """One stage on the persistent learner, `publish_every` steps at a time, the actors sampling meanwhile."""
+        """One stage on the persistent learner, `publish_every` steps at a time, the actors sampling meanwhile. A
+        learner worker that dies (or a call that fails) loses its group: a new one is built and the stage continues
+        from its last resumable checkpoint (`checkpoint_every`; from its start without one), up to its group's
+        `ScalingSpec.max_failures` times (1, as Ray Train restarts a per-stage run's workers); then the run stops,
+        and `--resume` continues the stage from that checkpoint too."""
+        run, st = self.run, self.state
+        label = plan.label or plan.name
+        # the stage's folder under train/ (its published steps, resumable checkpoints, final checkpoint), kept in
+        # state.json so that a resumed run continues the same one
+        name = st.in_progress["running"].setdefault(label, f"{label}-iter{it}-{uuid.uuid4().hex[:6]}")
+        st.save(run.run_dir)
+        failures = 0
+        while True:
+            try:
+                checkpoint, metrics = self.learn_attempt(plan, it, name)
+                break
+            except CallFailed as e:
+                group = run.learner(plan.name)
+                if failures >= group.scaling.max_failures:
+                    raise RuntimeError(f"stage {label}: its learner failed {failures + 1} times, the last: {e}; "
+                                       f"`--resume {run.run_dir}` continues it from its last resumable checkpoint "
+                                       f"(stages.{plan.name}.checkpoint_every)") from e
+                failures += 1
+                resume = st.in_progress.get("resumable", {}).get(label)
+                run.log(f"stage {label}: a learner call failed ({str(e).splitlines()[0][:200]}); the learner is "
+                        f"built again and continues from " + (f"step {resume['step']}" if resume else "step 0"))
+                run.drop_learner(plan.name)
+        st.in_progress["running"].pop(label, None)
+        st.in_progress.get("resumable", {}).pop(label, None)
+        return checkpoint, {**metrics, "learner_failures": failures}
+
+    def learn_attempt(self, plan: StagePlan, it: int, name: str) -> tuple[str, dict]:
+        """The stage from its last resumable checkpoint (recorded in state.json), or from its start."""
         import ray
 
-        run, cfg, stream = self.run, self.cfg, self.stream
+        run, cfg, st, stream = self.run, self.cfg, self.state, self.stream
         o, label = cfg.stage(plan.name), plan.label or plan.name
-        name = f"{label}-iter{it}-{uuid.uuid4().hex[:6]}"
         job, group = run.stage_job(plan, it), run.learner(plan.name)
         targets = run.target_job(plan) if plan.targets is not None else None
         is_policy = self.is_policy(plan, it)
-        busy = filled = done = 0
-        history: list[dict] = []
+        resumable = st.in_progress.setdefault("resumable", {})
+        busy = filled = 0
         started = time.time()
-        info = stream.wait(group.begin_async(job))[0]
+        resume = resumable.get(label)
+        info = stream.wait(group.begin_async(job, resume["checkpoint"] if resume else None))[0]
+        done = checkpointed = info["step"]
+        history: list[dict] = info["history"]
         run.log(f"stage {label}: {o.steps} steps, publishing every {cfg.run.publish_every}"
-                f"{' (networks kept from the last round)' if info['kept'] else ''}")
+                f"{' (networks kept from the last round)' if info['kept'] else ''}"
+                f"{f', continued from step {done}' if done else ''}")
         with stage_channel(o.steps, f"train {label}", progress=cfg.run.progress, step_offset=job.step_offset,
                            tensorboard_dir=run.run_dir / "tensorboard" / label if cfg.run.tensorboard else None,
                            tag=label, reads_dir=run.run_dir / READS_DIR / name, sinks=run.sinks) as channel:
@@ -161,6 +207,7 @@ class AsyncLoop:
                 t0 = time.time()
                 if targets is not None:  # the rows that arrived since the last chunk get their targets first
                     filled += stream.wait(group.fill_targets_async(targets))[0]
+                # the data position is the step: a continued stage opens the sampler a chunk from there opens
                 source = SamplerSource(run.buffer_uri(), o.batch_size_per_worker, plan.rows.rho_real,
                                        plan.rows.filters, seed=cfg.run.seed * 1_000_003 + it * 10_007 + done,
                                        targets_fingerprint=plan.targets.fingerprint if plan.targets else None,
@@ -172,6 +219,14 @@ class AsyncLoop:
                     scratch = copy.deepcopy(self.state.algorithm)
                     self.algorithm.after_stage(plan, path, it, scratch)
                     self.publish(scratch)
+                every = o.checkpoint_every
+                if every and done < o.steps and done // every > checkpointed // every:
+                    # at the first chunk's end at or past each checkpoint_every steps; recorded once written whole
+                    folder = join_uri(run.storage, "train", name, f"resume-{done:06d}")
+                    resumable[label] = {"checkpoint": stream.wait(group.save_resumable_async(folder))[0],
+                                        "step": done}
+                    checkpointed = done
+                    st.save(run.run_dir)
                 busy += time.time() - t0
             t0 = time.time()
             checkpoint = stream.wait(group.save_async(join_uri(run.storage, "train", name, "final"), channel))[0]
@@ -182,8 +237,8 @@ class AsyncLoop:
         run.log(f"stage {label} done in {wall:.0f}s ({filled} rows' targets filled): " +
                 ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float)))
         return checkpoint, {**last, "wall_s": wall, "targets_filled": filled, "learner_busy_s": busy,
-                            "staleness": lags.to_json(),
-                            "model_kept": float(info["kept"]), "model_setup_s": info["setup_s"], "step": done}
+                            "staleness": lags.to_json(), "model_kept": float(info["kept"]),
+                            "model_setup_s": info["setup_s"], "step": done, "resumed_from_step": info["step"]}
 
     def is_policy(self, plan: StagePlan, it: int) -> bool:
         """Whether the stage's checkpoint becomes the published policy (B-Coder's θ, not φ)."""

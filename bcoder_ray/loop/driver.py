@@ -440,6 +440,12 @@ class Run:
                 gpus_per_worker=st.gpus_per_worker), tuple(self.cfg.imports))
         return self.learners[stage]
 
+    def drop_learner(self, stage: str) -> None:
+        """Kill the persistent learner of `stage` (one of its workers died): `learner(stage)` starts a new one."""
+        group = self.learners.pop(stage, None)
+        if group is not None:
+            group.shutdown()
+
     def stop_learners(self) -> None:
         for group in self.learners.values():
             group.shutdown()

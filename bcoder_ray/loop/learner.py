@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import io
 import math
 import os
 import shutil
@@ -53,7 +54,7 @@ from bcoder_ray.buffer.priorities import PriorityTable
 from bcoder_ray.buffer.staleness import LagCounts, PolicyVersion
 from bcoder_ray.loop.metric_sinks import MetricSinks
 from bcoder_ray.util.quiet import quiet_libraries, quiet_ray_logs
-from bcoder_ray.util.storage import is_uri, join_uri, resolve, upload_dir, uri_of
+from bcoder_ray.util.storage import is_uri, join_uri, read_bytes, resolve, upload_dir, uri_of, write_bytes
 from bcoder_ray.loop.sharding import (distribute, global_grad_norm, gradient_sync, is_sharded, portable_state,
                                  restore_state, saveable)
 from bcoder_ray.loop.stage_channel import stage_channel
@@ -397,8 +398,12 @@ def gathered_resume_state(rank0: bool, job: StageJob, step: int, resumable: list
     return resume_state(job, step, resumable, history, module) if rank0 or is_sharded(module) else None
 
 
-def write_resume_state(folder: str, state: dict) -> None:
-    torch.save(state, os.path.join(folder, RESUME_FILE))
+def write_resume_state(folder: str, state: dict) -> str:
+    """`state` as <folder>/RESUME_FILE, a local path or a URI, whole or not at all (`write_bytes`); `folder`."""
+    data = io.BytesIO()
+    torch.save(state, data)
+    write_bytes(join_uri(folder, RESUME_FILE), data.getvalue())
+    return folder
 
 
 def load_resume_state(checkpoint, job: StageJob, resumable: list, device,
@@ -413,8 +418,23 @@ def load_resume_state(checkpoint, job: StageJob, resumable: list, device,
             raise RuntimeError(f"Ray Train run of stage {job.stage!r}: its checkpoint {checkpoint.path} has no "
                                f"{RESUME_FILE} (written by another version, or checkpoint_every was 0)")
         saved = torch.load(path, map_location="cpu", weights_only=False)
+    return restore_resume_state(saved, f"{checkpoint.path}/{RESUME_FILE}", job, resumable, module)
+
+
+def load_resume_folder(folder: str, job: StageJob, resumable: list,
+                       module: torch.nn.Module | None = None) -> tuple[int, list[dict]]:
+    """`load_resume_state` from a folder `write_resume_state` wrote (a local path or a URI): the persistent
+    learner's resumable checkpoints."""
+    path = join_uri(folder, RESUME_FILE)
+    saved = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=False)
+    return restore_resume_state(saved, path, job, resumable, module)
+
+
+def restore_resume_state(saved: dict, where: str, job: StageJob, resumable: list,
+                         module: torch.nn.Module | None = None) -> tuple[int, list[dict]]:
+    """Restore what `resume_state` saved (read from `where`) into `resumable` and the RNG; (step, history)."""
     if (saved["stage"], saved["steps"], len(saved["state"])) != (job.stage, job.steps, len(resumable)):
-        raise RuntimeError(f"{checkpoint.path}/{RESUME_FILE}: stage {saved['stage']!r} of {saved['steps']} steps "
+        raise RuntimeError(f"{where}: stage {saved['stage']!r} of {saved['steps']} steps "
                            f"with {len(saved['state'])} states; this is {job.stage!r} of {job.steps} steps with "
                            f"{len(resumable)}")
     for target, state in zip(resumable, saved["state"]):

@@ -19,8 +19,10 @@ SFT), and built again otherwise. The steps are `bcoder_ray.loop.learner.StageTra
 Batches come from a Ray Dataset split in order over the ranks (sync mode: the dataset a per-stage run reads) or
 from a `SamplerSource`, a sampler over the buffer opened by the learner itself (async mode: the rows present
 when it opens, new ones included). Rank 0 reports steps and metric entries through the stage's
-`StageChannel`, every rank its read counts. Not kept: mid-stage checkpoints (`checkpoint_every`; an interrupted
-stage is run again from its start on `--resume`), and a group lost to a node failure is not restarted.
+`StageChannel`, every rank its read counts. Mid-stage checkpoints (`save_resumable`, `begin(job, resume_from)`:
+the per-stage loop's resume state, the step being the data position) are taken by the async loop
+(`checkpoint_every`), which rebuilds a group that lost a worker and continues it from the last one; a sync run
+with this learner runs an interrupted stage again from its start.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ import torch
 from bcoder_ray.algorithms import make_algorithm
 from bcoder_ray.buffer.filters import Filters
 from bcoder_ray.loop.learner import (CHECKPOINT_DIR_NAME, BuiltStage, ReportWindow, ScalingSpec, StageJob,
-                                     StageResult, StageTrainer, _batches, build_stage_here, in_order_shards)
+                                     StageResult, StageTrainer, _batches, build_stage_here, gathered_resume_state,
+                                     in_order_shards, load_resume_folder, write_resume_state)
 from bcoder_ray.loop.metric_sinks import MetricSinks
 from bcoder_ray.loop.sharding import saveable
 from bcoder_ray.loop.stage_channel import stage_channel
@@ -124,9 +127,11 @@ class LearnerWorker:
                                              world_size=self.world)
 
     # -- a stage run
-    def begin(self, job: StageJob) -> dict:
+    def begin(self, job: StageJob, resume_from: str | None = None) -> dict:
         """Bind `job`: keep the held module when the stage continues from the checkpoint it saved last, else
-        build it; a fresh optimiser and schedule either way. Returns {"kept", "setup_s"}."""
+        build it; a fresh optimiser and schedule either way, or, with `resume_from` (a folder `save_resumable`
+        wrote), the trained parameters, optimiser, schedule, RNG and step saved there. Returns {"kept",
+        "setup_s", "step", "history"} (the step and metric history continued from)."""
         started = time.time()
         if self.tokenizer is None:
             self.tokenizer = job.context.load_tokenizer()
@@ -142,8 +147,12 @@ class LearnerWorker:
         torch.manual_seed(job.seed)  # as the per-stage loop seeds after its build
         self.trainer = StageTrainer(job, self.held.built, self.device, pad_id(self.tokenizer), rank=self.rank)
         self.window = ReportWindow(job.optim, self.world)
-        self.step, self.batches = 0, None
-        return {"kept": kept, "setup_s": time.time() - started}
+        self.step, self.history, self.batches = 0, [], None
+        if resume_from is not None:  # every rank: an FSDP module takes its own shards back
+            self.step, self.history = load_resume_folder(resume_from, job, self.trainer.resumable,
+                                                         self.held.built.stage)
+            self.held.saved = None  # its parameters are no checkpoint's any more
+        return {"kept": kept, "setup_s": time.time() - started, "step": self.step, "history": list(self.history)}
 
     def train(self, steps: int, data: Any = None, channel: Any = None) -> dict:
         """`steps` optimiser steps of the bound stage, from `data` when given (a `DataIterator`, or a
@@ -164,7 +173,17 @@ class LearnerWorker:
                 if rank0 and channel is not None:
                     channel.add_entry.remote(entry)
         self.step += steps
+        self.history += entries
         return {"step": self.step, "entries": entries, "train_s": time.time() - started}
+
+    def save_resumable(self, folder: str) -> str | None:
+        """A checkpoint the bound stage can continue from at its current step (`begin(job, resume_from=folder)`):
+        the per-stage loop's `resume_state`, written under `folder` (a local path or a URI) by rank 0, whole or
+        not at all; every rank calls (FSDP gathers). The data position is the step: the caller opens its next
+        batches from it (async mode: a `SamplerSource` seeded by the step)."""
+        state = gathered_resume_state(self.rank == 0, self.job, self.step, self.trainer.resumable, self.history,
+                                      self.held.built.stage)
+        return write_resume_state(folder, state) if self.rank == 0 else None
 
     def save(self, folder: str, channel: Any = None) -> str | None:
         """Write the stage's checkpoint to `folder` (a local path or a URI; rank 0) and send every rank's read
@@ -223,9 +242,14 @@ class LearnerGroup:
     def world(self) -> int:
         return len(self.workers)
 
-    def begin_async(self, job: StageJob) -> list:
-        """Bind `job` on every rank; the refs (rank 0's first) of their {"kept", "setup_s"}."""
-        return [w.begin.remote(job) for w in self.workers]
+    def begin_async(self, job: StageJob, resume_from: str | None = None) -> list:
+        """Bind `job` on every rank (continued from `resume_from`, a `save_resumable` folder, when given); the refs
+        (rank 0's first) of their {"kept", "setup_s", "step", "history"}."""
+        return [w.begin.remote(job, resume_from) for w in self.workers]
+
+    def save_resumable_async(self, folder: str) -> list:
+        """A checkpoint the stage continues from (`LearnerWorker.save_resumable`); rank 0's ref first."""
+        return [w.save_resumable.remote(folder) for w in self.workers]
 
     def begin(self, job: StageJob) -> dict:
         import ray

@@ -16,7 +16,8 @@ What the actors are handed crosses to them as the typed objects themselves (Ray 
 
 - A task's sampling seed is a function of the task alone (it replaces `SamplingSettings.seed`), and the buffer's
   `append` writes nothing for a key it already holds, so a task that is redone (its actor died, or the driver was
-  restarted) adds no duplicate rows.
+  restarted) adds no duplicate rows; and a redone task whose rows landed is not sampled again: its reply is
+  counted from them (`ReplayBuffer.batch_rows`, `landed_summary`).
   A task's greedy baselines (CodeRL) are appended with its samples, under the same key.
 - Fault tolerance is Ray's: an actor that dies is restarted (`max_restarts`) and the call it was running is
   retried on it (`max_task_retries`); `ray.util.ActorPool` hands tasks to free actors as they finish. Ray
@@ -38,6 +39,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
+import pyarrow as pa
 import ray
 from ray.util import ActorPool as RayActorPool
 
@@ -51,6 +53,7 @@ from bcoder_ray.util.quiet import quiet_libraries
 from bcoder_ray.util.storage import join_uri, read_bytes, write_bytes
 from bcoder_ray.model.tokenization import tokenizer_fingerprint
 from envs.problem import Problem
+from envs.result import Outcome
 
 
 # ---------------------------------------------------------------------------------------------- what actors are handed
@@ -152,6 +155,19 @@ def iteration_slice(n_problems: int, per_iteration: int | None, iteration: int) 
         return list(range(n_problems))
     start = (iteration * per_iteration) % n_problems
     return [(start + j) % n_problems for j in range(per_iteration)]
+
+
+LANDED_COLUMNS = ("outcome", "reward", "decoding")  # what a landed task's summary is counted from
+
+
+def landed_summary(task: Task, rows: pa.Table, wall_s: float, actor: str) -> dict:
+    """The reply of a rollout task whose rows the buffer already holds, counted from them: nothing sampled,
+    executed or written now (`landed` marks it; the sandbox failures of the first attempt are not stored)."""
+    outcomes, decoding = rows["outcome"].to_pylist(), rows["decoding"].to_pylist()
+    return {"key": task.key, "programs": rows.num_rows, "written": 0, "infra": 0,
+            "greedy": sum(d == "greedy" for d in decoding), "passed": sum(o == Outcome.PASSED.value for o in outcomes),
+            "executed": 0, "reward_sum": float(sum(rows["reward"].to_pylist())), "exec_s": 0.0, "wall_s": wall_s,
+            "actor": actor, "landed": True}
 
 
 # ---------------------------------------------------------------------------------------------- executors
@@ -279,6 +295,9 @@ class PolicyWorker:
         """Sample (and, when asked, greedy-decode one program per problem), score and append one task's
         programs to the buffer under `task.key` (idempotent)."""
         t0 = time.time()
+        landed = self._get_buffer().batch_rows(task.key, LANDED_COLUMNS)
+        if landed is not None:  # a redone task whose rows landed before its actor or the driver died
+            return landed_summary(task, landed, time.time() - t0, self.actor_name)
         stop = self.args.first_failure  # the reward needs no test after the first failure (envs/first_failure.py)
         scored = self._score(split, task, policy, sampling, examples=False, logprobs=request.logprobs,
                              first_failure=stop)

@@ -10,7 +10,8 @@ Candidate jobs (evaluation, the probe set) go before rollout tasks, one task at 
 rollout tasks: an evaluation runs beside the sampling on the policy it was handed. A rollout task samples with
 the policy `policy()` returns when it is handed out (the actors load a new one by path between tasks), under its
 stable key (`rollout.make_tasks`): a task redone after a failure writes nothing twice. Fault tolerance is the
-pool's (`max_restarts`, `max_task_retries`): a call on a restarted actor is retried by Ray.
+pool's (`max_restarts`, `max_task_retries`): a call on a restarted actor is retried by Ray. A learner call that
+`wait` waits on and that fails raises `CallFailed` at once (the async loop builds the learner again).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ import ray
 from bcoder_ray.algorithms.base import RankerRef, RolloutRequest
 from bcoder_ray.loop.rollout import PolicyRef, Task
 from bcoder_ray.model.candidates import SamplingSettings
+
+
+class CallFailed(RuntimeError):
+    """A call `RolloutStream.wait` waited on failed (its actor died, or it raised); the cause is chained."""
 
 
 @dataclass
@@ -138,11 +143,17 @@ class RolloutStream:
             self.on_rollout(task, summary)
 
     def wait(self, refs: list) -> list:
-        """The values of `refs` (the learner's calls), keeping the actors busy until they are all ready."""
+        """The values of `refs` (the learner's calls), keeping the actors busy until they are all ready. The first
+        of them to fail raises `CallFailed` at once: the others may never return (a DDP rank whose peer died waits
+        in a collective)."""
         pending = list(refs)
         while pending:
             self.pump(0.5, also=pending)
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            try:
+                ray.get(ready)
+            except ray.exceptions.RayError as e:
+                raise CallFailed(str(e)) from e
         return ray.get(list(refs))
 
     def wait_until(self, condition: Callable[[], bool]) -> None:

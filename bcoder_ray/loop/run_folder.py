@@ -64,7 +64,9 @@ class RunState:
     probe: list[dict] = field(default_factory=list)  # pass rate on the fixed probe set, per iteration
     reuse: dict | None = None  # off-policy reuse of the run's generated rows (bcoder_ray.evaluation.reuse.reuse_stats)
     # the iteration in progress: {"iteration", "algorithm" (the state it planned from), "stages" (the records of
-    # its finished stages), "running" ({stage label: Ray Train run name})}; None between iterations
+    # its finished stages), "running" ({stage label: Ray Train run name; async mode: its folder under train/}),
+    # async mode: "resumable" ({stage label: {"checkpoint", "step"}}, its last resumable checkpoint)}; None between
+    # iterations
     in_progress: dict | None = None
     iterations: list[dict] = field(default_factory=list)
     rollout_done: list[str] = field(default_factory=list)  # async mode: the keys of the rollout tasks that landed
