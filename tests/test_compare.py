@@ -6,24 +6,18 @@ without a validation split. The warm start is trained once, under tmp."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from tests.experiment_scripts import load_experiment
 
-REPO = Path(__file__).resolve().parent.parent
 BUDGET = 12
 
 
 def load_compare():
-    spec = importlib.util.spec_from_file_location("bcoder_compare", REPO / "experiments" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("compare")
 
 
 def argv(out: Path, cache: Path, *extra: str) -> list[str]:

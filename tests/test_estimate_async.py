@@ -3,26 +3,19 @@ back from a run folder written by the loop's own writers (no Ray, no model)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 from bcoder_ray.loop.run_folder import METRICS_FILE, RunState, write_metrics_lines
 from bcoder_ray.loop.run_table import busy_record
+from tests.experiment_scripts import load_experiment
 
-REPO = Path(__file__).resolve().parent.parent
 # a handful of additions and divisions of numbers near 100: a few ulps
 REL = 1e-12
 
 
 def load_estimate():
-    spec = importlib.util.spec_from_file_location("bcoder_estimate_async", REPO / "experiments" / "estimate_async.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("estimate_async")
 
 
 est = load_estimate()

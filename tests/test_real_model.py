@@ -11,6 +11,7 @@ import sys
 
 import envs  # noqa: F401  (registers the suites)
 from envs.registry import load_suite
+from tests.experiment_scripts import load_experiment
 
 PROMPT_LEN, PROGRAM_LEN = 192, 40  # a longer MBPP prompt keeps its end (the asserts, the template)
 FENCE = "```"
@@ -123,17 +124,11 @@ def test_two_mbpp_problems_through_rollout_targets_phi_theta_and_the_published_p
 
 
 def test_the_gpu_check_refuses_without_cuda_and_its_overrides_make_a_valid_config(monkeypatch, capsys):
-    import importlib.util
-    from pathlib import Path
-
     import torch
 
     from bcoder_ray.config import load_config
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_experiment("gpu_check")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
     assert gpu_check.main() == 2 and "no CUDA device" in capsys.readouterr().err

@@ -11,9 +11,6 @@ the same forward, and the weighted sum formed from the same float32 values.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,10 +28,10 @@ from bcoder_ray.model.batch import collate
 from bcoder_ray.model.lm import PolicyLM, load_lm
 from envs.result import REWARD, Outcome
 from learner_fixtures import KINDS, PAD, direct_logits, example_rows, tiny_checkpoint, tiny_context
+from tests.experiment_scripts import load_experiment
 
 torch.set_num_threads(1)
 MODEL = dict(rtol=1e-5, atol=1e-5)
-REPO = Path(__file__).resolve().parent.parent
 TOK_HASH = "tok"
 
 
@@ -259,11 +256,7 @@ def test_warm_start_mode_needs_problems_the_loop_never_rolls_out_on(tmp_path):
 
 # ------------------------------------------------------------------------------------------ compare.py presets
 def load_compare():
-    spec = importlib.util.spec_from_file_location("bcoder_compare_sft", REPO / "experiments" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("compare")
 
 
 def test_compare_presets():

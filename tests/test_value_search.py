@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from bcoder_ray.model.prefix_value import PrefixValue
 from bcoder_ray.model.sampling import sample_programs, warp_scores
 from bcoder_ray.model.value_search import SearchSettings, select, value_guided_search
 from learner_fixtures import EOS, KINDS, PAD, tiny_checkpoint
+from tests.experiment_scripts import load_experiment
 
 torch.set_num_threads(1)
 PROMPT = [5, 6, 7, 8]
@@ -252,13 +252,7 @@ def test_the_table_reads_plain_sampling_at_equal_tokens_exactly():
 
 # ---------------------------------------------------------------------------------------------- the experiment
 def value_search_script():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "value_search.py"
-    spec = importlib.util.spec_from_file_location("value_search_experiment", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("value_search")
 
 
 def test_search_settings_parse_and_refuse_what_they_cannot_read():
