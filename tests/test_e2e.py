@@ -38,12 +38,16 @@ def make_crashing_worker(marker: Path):
     from bcoder_ray.loop.rollout import PolicyWorker
 
     class CrashAfterFirstWrite(PolicyWorker):
-        """Dies (hard exit, as a killed process would) after its first buffer write, before replying."""
+        """Dies (hard exit, as a killed process would) once its first task's rows are in the buffer, before
+        replying: written now, or found there (the task that landed before the driver was killed, which a resumed
+        run counts from the buffer instead of sampling it again). Ray restarts it and retries the call."""
 
-        def _after_write(self, task):
+        def rollout(self, task, *args, **kwargs):
+            reply = super().rollout(task, *args, **kwargs)
             if not marker.exists():
                 marker.write_text(task.key)
                 os._exit(1)
+            return reply
 
     return CrashAfterFirstWrite
 
@@ -75,6 +79,7 @@ def read_samples(buffer_dir: Path):
         columns=["sample_id", "source", "iteration", "policy_version", "split"])
 
 
+@pytest.mark.long  # about two minutes: CI's second step runs it (-m "cluster or long")
 def test_tiny_run_killed_resumed_and_checked(tmp_path):
     run_dir = tmp_path / "run"
     kill_in_second_iteration(run_dir, tmp_path, ["--model.warm_start.cache_dir", str(tmp_path / "warm")])

@@ -78,6 +78,7 @@ def run(rank: int, port: int, folder: str, at: int, resumed: bool) -> None:
     whole = [p.full_tensor() for p in net.parameters()]
     if rank == 0:
         torch.save(whole, os.path.join(folder, "resumed.pt" if resumed else "straight.pt"))
+    dist.barrier()  # no rank tears gloo down while another still talks to it (a rank aborted once without it)
     dist.destroy_process_group()
 
 
